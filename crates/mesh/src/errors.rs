@@ -1,0 +1,97 @@
+//! Helpers that build the gRPC statuses services return, so every service reports bad input
+//! the same way: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Collects field violations while validating a request.
+#[derive(Default, Debug)]
+pub struct Violations {
+    details: Vec<(String, String)>,
+}
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` is wrong, and why.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.details.push((field.into(), description.into()));
+    }
+
+    /// Records a violation when `bad` holds.
+    pub fn check(&mut self, bad: bool, field: &str, description: &str) {
+        if bad {
+            self.add(field, description);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.details.is_empty()
+    }
+
+    /// `Ok(())` when nothing was recorded, else INVALID_ARGUMENT listing every violation.
+    pub fn into_result(self) -> Result<(), Status> {
+        if self.details.is_empty() {
+            return Ok(());
+        }
+        let message = self
+            .details
+            .iter()
+            .map(|(f, d)| format!("{f}: {d}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::new();
+        for (field, description) in &self.details {
+            details.add_bad_request_violation(field.clone(), description.clone());
+        }
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            details,
+        ))
+    }
+}
+
+/// INVALID_ARGUMENT for a single field.
+pub fn invalid_field(field: &str, description: &str) -> Status {
+    let mut v = Violations::new();
+    v.add(field, description);
+    match v.into_result() {
+        Err(status) => status,
+        Ok(()) => Status::invalid_argument(description.to_owned()),
+    }
+}
+
+/// The fields named in a status's `BadRequest` details (tests use it to check which field
+/// was blamed).
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|br| br.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// An unexpected failure: the cause chain goes to the log, the caller sees an opaque INTERNAL.
+pub fn internal(err: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %err, "internal error");
+    Status::internal("internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_round_trip_through_status() {
+        let mut v = Violations::new();
+        v.check(true, "title", "must not be empty");
+        v.check(false, "body", "never");
+        v.add("tags", "at most 10");
+        let status = v.into_result().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&status), vec!["title", "tags"]);
+        assert!(Violations::new().into_result().is_ok());
+    }
+}

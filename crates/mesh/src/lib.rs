@@ -1,0 +1,17 @@
+//! The platform every Tessera service stands on.
+//!
+//! A service written against this crate only writes handlers: workload identity from mTLS
+//! certificates, access rules read from the contracts, end-user token checks, health on the
+//! service and admin ports, server reflection, tracing and metrics, deadlines, load shedding
+//! and graceful shutdown come from here, the same way for every service.
+//!
+//! Not for: typed downstream clients (`tessera-client`), storage (`tessera-store`), or
+//! anything a single service decides.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod context;
+pub mod errors;
+pub mod identity;
+pub mod token;
