@@ -14,4 +14,7 @@ pub mod auth;
 pub mod context;
 pub mod errors;
 pub mod identity;
+pub mod policy;
 pub mod token;
+pub mod certs;
+pub mod tls;

@@ -1,0 +1,335 @@
+//! mTLS for the mesh: rustls configurations built from certificate files, and rebuilt when
+//! the files change so rotation needs no restart.
+//!
+//! Live connections keep the configuration they were accepted or made with; only new
+//! handshakes see the new certificate. Workload identity is the SPIFFE URI SAN: servers take
+//! the caller's from its verified client certificate, and clients accept a server whose
+//! certificate chains to the trust bundle and names a SPIFFE id in the same trust domain
+//! (DNS names are not checked on internal hops: pods are addressed by IP).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::WebPkiClientVerifier,
+    sign::CertifiedKey,
+};
+
+use crate::identity::{SpiffeId, spiffe_id_from_der};
+
+/// Where a workload's certificate, key and trust bundle live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// `tls.crt`, `tls.key` and `ca.crt` in `dir`: the layout of a cert-manager Secret.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    Pem { path: PathBuf, what: String },
+    #[error("the certificate does not match the private key: {0}")]
+    KeyMismatch(rustls::Error),
+    #[error("invalid TLS material: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid trust bundle: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the certificate names no usable SPIFFE id: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+/// The one crypto provider of the process (ring), so rustls never guesses.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+struct Built {
+    mtls_server: Arc<ServerConfig>,
+    public_server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    identity: SpiffeId,
+    /// The raw file contents the configs were built from, to notice changes.
+    stamp: Vec<u8>,
+}
+
+/// A workload's TLS material, rebuilt from its files when they change.
+#[derive(Clone)]
+pub struct TlsSource {
+    files: Arc<TlsFiles>,
+    built: Arc<ArcSwap<Built>>,
+}
+
+impl TlsSource {
+    /// Reads and checks the files now; fails if they are missing, malformed, do not match, or
+    /// the certificate has no SPIFFE id.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let built = build(&files, read_all(&files)?)?;
+        Ok(Self {
+            files: Arc::new(files),
+            built: Arc::new(ArcSwap::from_pointee(built)),
+        })
+    }
+
+    /// Like [`TlsSource::load`], then polls the files every `interval` on a background task
+    /// (polling, because Kubernetes swaps Secret volumes through symlinks that file watchers
+    /// miss). The task ends when the last clone of the source is dropped.
+    pub fn watch(files: TlsFiles, interval: Duration) -> Result<Self, TlsError> {
+        let source = Self::load(files)?;
+        let weak: Weak<ArcSwap<Built>> = Arc::downgrade(&source.built);
+        let files = source.files.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(built) = weak.upgrade() else { return };
+                if let Err(err) = reload_into(&files, &built) {
+                    // Keep serving with the last good material; a half-written rotation is
+                    // picked up on a later tick.
+                    tracing::warn!(error = %err, "certificate reload failed; keeping the current one");
+                }
+            }
+        });
+        Ok(source)
+    }
+
+    /// Re-reads the files now. `Ok(true)` when something changed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        reload_into(&self.files, &self.built)
+    }
+
+    /// Server configuration that requires a client certificate from the trust bundle.
+    pub fn mtls_server_config(&self) -> Arc<ServerConfig> {
+        self.built.load().mtls_server.clone()
+    }
+
+    /// Server configuration without client authentication (the gateway's public port).
+    pub fn public_server_config(&self) -> Arc<ServerConfig> {
+        self.built.load().public_server.clone()
+    }
+
+    /// Client configuration that presents this workload's certificate.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.built.load().client.clone()
+    }
+
+    /// The SPIFFE id in this workload's certificate.
+    pub fn identity(&self) -> SpiffeId {
+        self.built.load().identity.clone()
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
+/// The client side of a workload's TLS material; see [`TlsSource`].
+#[derive(Clone)]
+pub struct ClientTls(TlsSource);
+
+impl ClientTls {
+    /// Loads the files and reloads them every `reload_interval` (needs a Tokio runtime).
+    pub fn load(files: TlsFiles, reload_interval: Duration) -> Result<Self, TlsError> {
+        TlsSource::watch(files, reload_interval).map(Self)
+    }
+
+    /// The freshest client configuration (TLS 1.3, ALPN h2, client certificate presented).
+    pub fn config(&self) -> Arc<ClientConfig> {
+        self.0.client_config()
+    }
+
+    pub fn identity(&self) -> SpiffeId {
+        self.0.identity()
+    }
+}
+
+impl From<TlsSource> for ClientTls {
+    fn from(source: TlsSource) -> Self {
+        Self(source)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_all(files: &TlsFiles) -> Result<[Vec<u8>; 3], TlsError> {
+    Ok([read(&files.cert)?, read(&files.key)?, read(&files.ca)?])
+}
+
+fn reload_into(files: &TlsFiles, built: &ArcSwap<Built>) -> Result<bool, TlsError> {
+    let raw = read_all(files)?;
+    if built.load().stamp == raw.concat() {
+        return Ok(false);
+    }
+    let new = build(files, raw)?;
+    tracing::info!(identity = %new.identity, "loaded a new workload certificate");
+    built.store(Arc::new(new));
+    Ok(true)
+}
+
+fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsError {
+    TlsError::Pem {
+        path: path.to_owned(),
+        what: what.to_string(),
+    }
+}
+
+fn build(files: &TlsFiles, raw: [Vec<u8>; 3]) -> Result<Built, TlsError> {
+    let [cert_pem, key_pem, ca_pem] = &raw;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(&files.cert, e))?;
+    let Some(leaf) = chain.first() else {
+        return Err(pem_err(&files.cert, "no certificate found"));
+    };
+    let identity = spiffe_id_from_der(leaf)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem_err(&files.key, e))?;
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(ca.map_err(|e| pem_err(&files.ca, e))?)
+            .map_err(|e| pem_err(&files.ca, e))?;
+    }
+    if roots.is_empty() {
+        return Err(pem_err(&files.ca, "no CA certificate found"));
+    }
+    let roots = Arc::new(roots);
+    let provider = provider();
+    let certified = Arc::new(CertifiedKey::from_der(
+        chain.clone(),
+        key.clone_key(),
+        &provider,
+    )?);
+    certified.keys_match().map_err(TlsError::KeyMismatch)?;
+
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let mut mtls_server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+            certified.clone(),
+        )));
+    mtls_server.alpn_protocols = vec![b"h2".to_vec()];
+
+    let mut public_server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+            certified.clone(),
+        )));
+    public_server.alpn_protocols = vec![b"h2".to_vec()];
+
+    let verifier = SpiffeServerVerifier {
+        roots,
+        trust_domain: identity.trust_domain().to_owned(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+
+    Ok(Built {
+        mtls_server: Arc::new(mtls_server),
+        public_server: Arc::new(public_server),
+        client: Arc::new(client),
+        identity,
+        stamp: raw.concat(),
+    })
+}
+
+/// Verifies a server by chain and SPIFFE trust domain instead of DNS name.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id = spiffe_id_from_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )
+        })?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
