@@ -11,10 +11,16 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod config;
 pub mod context;
 pub mod errors;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
+pub mod server;
+pub mod shutdown;
+pub mod stack;
+pub mod telemetry;
 pub mod token;
 pub mod certs;
 pub mod tls;

@@ -1,0 +1,232 @@
+//! Typed configuration of one workload, from `TESSERA_*` settings.
+//!
+//! Parsing takes a lookup function rather than reading the process environment, so tests
+//! drive it with a map and the binary layers flags over the environment. A bad value is an
+//! error naming the setting; the binary prints it and exits 64 (EX_USAGE).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use crate::{identity::DEFAULT_TRUST_DOMAIN, server::ServerOptions, telemetry::LogFormat};
+
+/// The services Tessera is made of, in start order (dependencies first).
+pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &str, message: impl Into<String>) -> Self {
+        Self {
+            setting: setting.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything `tessera serve <service>` needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub service: String,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The gateway's public port.
+    pub public_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `tls.crt`, `tls.key`, `ca.crt`.
+    pub tls_dir: PathBuf,
+    pub tls_reload_interval: Duration,
+    pub trust_domain: String,
+    pub namespace: String,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// PostgreSQL when set; SQLite under `data_dir` otherwise.
+    pub database_url: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
+    /// Upstream targets by service (`TESSERA_<SERVICE>_TARGET`), e.g. `dns:posts:8443`.
+    pub targets: BTreeMap<String, String>,
+    /// The username that becomes ADMIN when it signs up (users service).
+    pub bootstrap_admin: Option<String>,
+    pub server: ServerOptions,
+}
+
+fn parse<T: FromStr>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: T,
+    what: &str,
+) -> Result<T, ConfigError> {
+    match lookup(key) {
+        None => Ok(default),
+        Some(v) if v.trim().is_empty() => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(key, format!("expected {what}, got {v:?}"))),
+    }
+}
+
+fn millis(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    parse(lookup, key, default.as_millis() as u64, "milliseconds").map(Duration::from_millis)
+}
+
+fn non_empty(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Option<String> {
+    lookup(key).filter(|v| !v.trim().is_empty())
+}
+
+impl Settings {
+    /// Reads the settings of `service` through `lookup` (an environment-like map).
+    pub fn from_lookup(
+        service: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if !SERVICES.contains(&service) {
+            return Err(ConfigError::new(
+                "service",
+                format!("unknown service {service:?}; expected one of {}", SERVICES.join(", ")),
+            ));
+        }
+        let defaults = ServerOptions::default();
+        let addr = |key: &str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let default: SocketAddr = default
+                .parse()
+                .map_err(|_| ConfigError::new(key, "bad built-in default"))?;
+            parse(lookup, key, default, "a socket address such as 0.0.0.0:8443")
+        };
+        let mut targets = BTreeMap::new();
+        for s in SERVICES {
+            let key = format!("TESSERA_{}_TARGET", s.to_ascii_uppercase());
+            if let Some(t) = non_empty(lookup, &key) {
+                if !(t.starts_with("static:") || t.starts_with("dns:")) {
+                    return Err(ConfigError::new(
+                        &key,
+                        format!("expected static:host:port[,host:port] or dns:name:port, got {t:?}"),
+                    ));
+                }
+                targets.insert(s.to_owned(), t);
+            }
+        }
+        let trust_domain = non_empty(lookup, "TESSERA_TRUST_DOMAIN")
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        let namespace =
+            non_empty(lookup, "TESSERA_NAMESPACE").unwrap_or_else(|| "default".to_owned());
+        crate::identity::SpiffeId::new(&trust_domain, &namespace, service)
+            .map_err(|e| ConfigError::new("TESSERA_TRUST_DOMAIN/TESSERA_NAMESPACE", e.to_string()))?;
+        let settings = Self {
+            service: service.to_owned(),
+            grpc_addr: addr("TESSERA_GRPC_ADDR", "0.0.0.0:8443")?,
+            admin_addr: addr("TESSERA_ADMIN_ADDR", "0.0.0.0:9090")?,
+            public_addr: addr("TESSERA_PUBLIC_ADDR", "0.0.0.0:8080")?,
+            data_dir: non_empty(lookup, "TESSERA_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            tls_dir: non_empty(lookup, "TESSERA_TLS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/run/tessera/tls")),
+            tls_reload_interval: millis(
+                lookup,
+                "TESSERA_TLS_RELOAD_MS",
+                Duration::from_secs(10),
+            )?,
+            trust_domain,
+            namespace,
+            log_format: parse(lookup, "TESSERA_LOG_FORMAT", LogFormat::Pretty, "json or pretty")?,
+            log_filter: non_empty(lookup, "TESSERA_LOG").unwrap_or_else(|| "info".to_owned()),
+            database_url: non_empty(lookup, "DATABASE_URL"),
+            otlp_endpoint: non_empty(lookup, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            targets,
+            bootstrap_admin: non_empty(lookup, "TESSERA_BOOTSTRAP_ADMIN"),
+            server: ServerOptions {
+                max_concurrency: parse(
+                    lookup,
+                    "TESSERA_MAX_CONCURRENCY",
+                    defaults.max_concurrency,
+                    "a positive integer",
+                )?,
+                deadline_cap: millis(lookup, "TESSERA_DEADLINE_CAP_MS", defaults.deadline_cap)?,
+                max_message_size: parse(
+                    lookup,
+                    "TESSERA_MAX_MESSAGE_BYTES",
+                    defaults.max_message_size,
+                    "a byte count",
+                )?,
+                drain_delay: millis(lookup, "TESSERA_DRAIN_DELAY_MS", defaults.drain_delay)?,
+                drain_timeout: millis(lookup, "TESSERA_DRAIN_TIMEOUT_MS", defaults.drain_timeout)?,
+                allow_operator: parse(lookup, "TESSERA_ALLOW_OPERATOR", false, "true or false")?,
+            },
+        };
+        if settings.server.max_concurrency == 0 {
+            return Err(ConfigError::new("TESSERA_MAX_CONCURRENCY", "must be at least 1"));
+        }
+        if settings.server.max_message_size < 1024 {
+            return Err(ConfigError::new("TESSERA_MAX_MESSAGE_BYTES", "must be at least 1024"));
+        }
+        Ok(settings)
+    }
+
+    /// The upstream target of `service`, if configured.
+    pub fn target(&self, service: &str) -> Option<&str> {
+        self.targets.get(service).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = Settings::from_lookup("posts", &lookup(&[])).unwrap();
+        assert_eq!(s.grpc_addr.port(), 8443);
+        assert_eq!(s.trust_domain, "tessera.local");
+        assert!(!s.server.allow_operator);
+        let s = Settings::from_lookup(
+            "gateway",
+            &lookup(&[
+                ("TESSERA_GRPC_ADDR", "127.0.0.1:1234"),
+                ("TESSERA_POSTS_TARGET", "dns:posts.tessera.svc:8443"),
+                ("TESSERA_LOG_FORMAT", "json"),
+                ("TESSERA_DRAIN_DELAY_MS", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.grpc_addr.port(), 1234);
+        assert_eq!(s.target("posts"), Some("dns:posts.tessera.svc:8443"));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.server.drain_delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (key, value) in [
+            ("TESSERA_GRPC_ADDR", "nope"),
+            ("TESSERA_MAX_CONCURRENCY", "0"),
+            ("TESSERA_LOG_FORMAT", "xml"),
+            ("TESSERA_POSTS_TARGET", "http://x"),
+            ("TESSERA_ALLOW_OPERATOR", "maybe"),
+        ] {
+            let err = Settings::from_lookup("posts", &lookup(&[(key, value)])).unwrap_err();
+            assert_eq!(err.setting, key, "{err}");
+        }
+        let err = Settings::from_lookup("nope", &lookup(&[])).unwrap_err();
+        assert_eq!(err.setting, "service");
+    }
+}

@@ -1,0 +1,497 @@
+//! Serving a workload: the internal mTLS port, the plaintext admin port (health for kubelet,
+//! `/metrics` for Prometheus) and, for the gateway, a public server-TLS port; with graceful
+//! shutdown (readiness off, a delay for endpoints to update, then a bounded drain).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tonic::{Status, body::Body, service::Routes};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Service, ServiceBuilder, util::BoxCloneSyncService};
+
+use crate::{
+    auth::TokenKeys,
+    identity::{SpiffeId, spiffe_id_from_der},
+    metrics::Metrics,
+    policy::Policy,
+    shutdown::Shutdown,
+    stack::{
+        AuthorizeLayer, Authorizer, CatchPanicLayer, DeadlineLayer, MessageLimitLayer,
+        PeerInfo, ShedLayer, TelemetryLayer,
+    },
+    tls::TlsSource,
+};
+
+/// A boxed gRPC service, the unit every port serves.
+pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Tunables of the request path and of shutdown.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Calls in a handler at once before new ones are refused.
+    pub max_concurrency: usize,
+    /// Upper bound on any call's deadline.
+    pub deadline_cap: Duration,
+    /// Largest incoming message, in bytes.
+    pub max_message_size: usize,
+    /// After readiness goes NOT_SERVING, how long to keep accepting while endpoints update.
+    pub drain_delay: Duration,
+    /// How long in-flight calls get to finish once listeners close.
+    pub drain_timeout: Duration,
+    /// Let the `operator` identity call every method (development).
+    pub allow_operator: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 1024,
+            deadline_cap: Duration::from_secs(30),
+            max_message_size: 4 * 1024 * 1024,
+            drain_delay: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+            allow_operator: false,
+        }
+    }
+}
+
+/// The listeners a workload serves on; bind them first (port 0 in tests) so addresses are
+/// known before anything starts.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+    /// The gateway's public port.
+    pub public: Option<TcpListener>,
+}
+
+/// One service's platform: identity, policy, metrics, health, and the servers.
+#[derive(Clone)]
+pub struct Workload {
+    name: String,
+    tls: TlsSource,
+    policy: Arc<Policy>,
+    keys: Option<TokenKeys>,
+    options: ServerOptions,
+    metrics: Metrics,
+    health: HealthReporter,
+    admin_health: HealthReporter,
+}
+
+/// Service names reported on the admin port, for kubelet's probes.
+pub const LIVENESS: &str = "liveness";
+pub const READINESS: &str = "readiness";
+
+impl Workload {
+    pub fn new(
+        name: &str,
+        tls: TlsSource,
+        policy: Arc<Policy>,
+        keys: Option<TokenKeys>,
+        options: ServerOptions,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            tls,
+            policy,
+            keys,
+            options,
+            metrics: Metrics::new(),
+            health: HealthReporter::new(),
+            admin_health: HealthReporter::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn identity(&self) -> SpiffeId {
+        self.tls.identity()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// The health reporter of the service port (service names are the full gRPC names).
+    pub fn health(&self) -> &HealthReporter {
+        &self.health
+    }
+
+    /// The health reporter of the admin port (`liveness`, `readiness`, "").
+    pub fn admin_health(&self) -> &HealthReporter {
+        &self.admin_health
+    }
+
+    /// The internal port's whole request path around `routes`, plus health and reflection.
+    /// Exposed so tests can call it without sockets (insert a [`PeerInfo`] first).
+    pub fn internal_service(&self, routes: Routes) -> GrpcService {
+        let routes = with_health_and_reflection(routes, &self.health, None);
+        let authorizer = Authorizer {
+            policy: self.policy.clone(),
+            me: self.tls.identity(),
+            allow_operator: self.options.allow_operator,
+            keys: self.keys.clone(),
+        };
+        let svc = ServiceBuilder::new()
+            // Outermost, so the span and the metrics cover every outcome below, refusals too.
+            .layer(TelemetryLayer::new(self.metrics.clone()))
+            // Before anything that runs service code, so a panic anywhere becomes INTERNAL.
+            .layer(CatchPanicLayer)
+            // Identity and the contract's rule before spending anything on the call.
+            .layer(AuthorizeLayer::new(authorizer))
+            // The deadline covers the wait for a permit as well as the handler.
+            .layer(DeadlineLayer::new(self.options.deadline_cap))
+            // Shed only calls that are allowed in, so rejected callers cannot crowd out others.
+            .layer(ShedLayer::new(self.options.max_concurrency))
+            // Innermost: checks each message as the handler reads it.
+            .layer(MessageLimitLayer::new(self.options.max_message_size))
+            .service(routes.prepare());
+        BoxCloneSyncService::new(svc)
+    }
+
+    /// The gateway's public request path: no client certificate, so no caller identity or
+    /// access layer here; `service` itself routes only public methods and checks tokens.
+    pub fn public_service(&self, service: GrpcService) -> GrpcService {
+        let svc = ServiceBuilder::new()
+            .layer(TelemetryLayer::new(self.metrics.clone()))
+            .layer(CatchPanicLayer)
+            .layer(DeadlineLayer::new(self.options.deadline_cap))
+            .layer(ShedLayer::new(self.options.max_concurrency))
+            .layer(MessageLimitLayer::new(self.options.max_message_size))
+            .service(service);
+        BoxCloneSyncService::new(svc)
+    }
+
+    /// Serves until `shutdown` fires, then drains: readiness NOT_SERVING (liveness stays
+    /// SERVING, so kubelet does not restart a draining pod), `drain_delay`, listeners close,
+    /// in-flight calls get `drain_timeout`.
+    pub async fn run(
+        self,
+        routes: Routes,
+        served: &[&str],
+        listeners: Listeners,
+        public: Option<GrpcService>,
+        mut shutdown: Shutdown,
+    ) -> std::io::Result<()> {
+        for name in served {
+            self.health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        self.health.set_service_status("", ServingStatus::Serving).await;
+        for name in [LIVENESS, READINESS, ""] {
+            self.admin_health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let internal = self.internal_service(routes);
+        let mut tasks = tokio::task::JoinSet::new();
+        let grpc_addr = listeners.grpc.local_addr()?;
+        tasks.spawn(serve_tls(
+            listeners.grpc,
+            self.tls.clone(),
+            true,
+            internal,
+            stop_rx.clone(),
+            self.options.drain_timeout,
+        ));
+        if let (Some(listener), Some(public)) = (listeners.public, public) {
+            tasks.spawn(serve_tls(
+                listener,
+                self.tls.clone(),
+                false,
+                self.public_service(public),
+                stop_rx.clone(),
+                self.options.drain_timeout,
+            ));
+        }
+        let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
+        let admin = tokio::spawn(serve_admin(
+            listeners.admin,
+            self.admin_service(),
+            admin_stop_rx,
+        ));
+        tracing::info!(workload = %self.name, grpc = %grpc_addr, "serving");
+
+        shutdown.wait().await;
+        tracing::info!(workload = %self.name, "shutting down: readiness off");
+        self.admin_health
+            .set_service_status(READINESS, ServingStatus::NotServing)
+            .await;
+        self.admin_health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        for name in served.iter().copied().chain([""]) {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        tokio::time::sleep(self.options.drain_delay).await;
+        let _ = stop_tx.send(true);
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Err(err)) => result = Err(err),
+                Err(err) => result = Err(std::io::Error::other(err)),
+                Ok(Ok(())) => {}
+            }
+        }
+        let _ = admin_stop_tx.send(true);
+        let _ = admin.await;
+        tracing::info!(workload = %self.name, "stopped");
+        result
+    }
+
+    fn admin_service(&self) -> AdminService {
+        AdminService {
+            health: tonic_health::pb::health_server::HealthServer::new(
+                tonic_health::server::HealthService::from_health_reporter(
+                    self.admin_health.clone(),
+                ),
+            ),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Adds gRPC health (this reporter) and reflection v1 and v1alpha to `routes`. With
+/// `advertise`, reflection lists only those services (the public port lists what is public).
+pub fn with_health_and_reflection(
+    routes: Routes,
+    health: &HealthReporter,
+    advertise: Option<&[String]>,
+) -> Routes {
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+    );
+    let mut routes = routes.add_service(health);
+    let configure = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if let Some(names) = advertise {
+            for name in names {
+                builder = builder.with_service_name(name.clone());
+            }
+            builder = builder.with_service_name("grpc.health.v1.Health");
+        }
+        builder
+    };
+    // The descriptor sets are compiled in; failing to build from them is a build defect.
+    match configure().build_v1() {
+        Ok(v1) => routes = routes.add_service(v1),
+        Err(err) => tracing::error!(error = %err, "reflection v1 unavailable"),
+    }
+    match configure().build_v1alpha() {
+        Ok(v1alpha) => routes = routes.add_service(v1alpha),
+        Err(err) => tracing::error!(error = %err, "reflection v1alpha unavailable"),
+    }
+    routes
+}
+
+fn http2_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_header_list_size(64 * 1024);
+    builder
+}
+
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it here rather than across a select.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TLS connections (client certificates required when `mutual`) and serves HTTP/2
+/// gRPC on them until `stop` turns true; then stops accepting and gives open connections
+/// `drain` to finish their calls.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: TlsSource,
+    mutual: bool,
+    service: GrpcService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = Arc::new(http2_builder().http2_only());
+    let trust_domain = tls.identity().trust_domain().to_owned();
+    loop {
+        let (tcp, remote_addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let config = if mutual {
+            tls.mtls_server_config()
+        } else {
+            tls.public_server_config()
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let service = service.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let trust_domain = trust_domain.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| spiffe_id_from_der(leaf).ok())
+                .filter(|id| id.trust_domain() == trust_domain)
+                .map(Arc::new);
+            if mutual && identity.is_none() {
+                tracing::warn!(peer = %remote_addr, "client certificate has no SPIFFE id in our trust domain");
+                return;
+            }
+            let peer = PeerInfo {
+                remote_addr,
+                identity,
+            };
+            let hyper_service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(peer.clone());
+                let mut service = service.clone();
+                async move { service.call(req).await }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
+            if let Err(err) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(peer = %remote_addr, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout passed with calls still in flight; closing them");
+    }
+    Ok(())
+}
+
+/// The admin port: gRPC health over h2c and `GET /metrics` over HTTP/1.1, nothing else.
+#[derive(Clone)]
+struct AdminService {
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    metrics: Metrics,
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: AdminService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let builder = Arc::new(http2_builder());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let admin = admin.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+impl AdminService {
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        if path == "/metrics" && req.method() == http::Method::GET {
+            let mut resp = Response::new(Body::new(http_body_util::Full::new(
+                bytes::Bytes::from(self.metrics.render()),
+            )));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return resp;
+        }
+        if path.starts_with("/grpc.health.v1.Health/") {
+            let mut health = self.health.clone();
+            return match health.call(req.map(Body::new)).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+        }
+        if req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+        {
+            return Status::unimplemented("the admin port serves only grpc.health.v1.Health")
+                .into_http();
+        }
+        let mut resp = Response::new(Body::default());
+        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+        resp
+    }
+}
+
+/// Binds `addr`, naming it in the error (so "port in use" says which).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}

@@ -1,0 +1,749 @@
+//! The server-side request path, as tower layers, outermost first:
+//! telemetry (trace span + RED metrics) → panic guard → caller identity and access rule (and
+//! the end-user token) → deadline → load shedding → message size limit → handler.
+//!
+//! Every layer answers failures itself as a gRPC status, so the handler's router never sees
+//! a request that should not reach it and the caller always gets a proper code.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, Bytes};
+use futures::FutureExt;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame};
+use tokio::sync::Semaphore;
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::{
+    auth::TokenKeys,
+    context::{self, CallContext},
+    identity::{Caller, SpiffeId},
+    metrics::Metrics,
+    policy::Policy,
+    telemetry::extract_context,
+    token::EndUser,
+};
+
+/// Who is on the other end of a connection; put in every request's extensions by the
+/// connection handler. `identity` is set only from a verified client certificate.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    pub identity: Option<Arc<SpiffeId>>,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+fn status_response(status: Status) -> Response<Body> {
+    status.into_http::<Body>()
+}
+
+/// Clone-and-swap so the clone that was polled ready is the one called (tower's contract).
+fn take<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+// ---------------------------------------------------------------------------------------
+// Telemetry: one span per call (parented on the incoming traceparent) and RED metrics,
+// recorded when the response body ends so streaming calls are measured to their last byte.
+
+#[derive(Clone)]
+pub struct TelemetryLayer {
+    metrics: Metrics,
+}
+
+impl TelemetryLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Telemetry {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Telemetry<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> Service<Request<Body>> for Telemetry<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let method: Arc<str> = req.uri().path().into();
+        let caller: Arc<str> = match req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.identity.as_ref())
+        {
+            Some(id) => id.service().into(),
+            None => "anonymous".into(),
+        };
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            caller = %caller,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(extract_context(req.headers()));
+        let start = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = take(&mut self.inner).call(req).instrument(span.clone());
+        Box::pin(async move {
+            let Ok(resp) = fut.await;
+            let recorder = Recorder {
+                metrics,
+                method,
+                caller,
+                start,
+                span,
+                code: None,
+            };
+            // A trailers-only response (an error before any message) has its status in the
+            // headers; otherwise it comes in the trailers at the end of the body.
+            if let Some(status) = Status::from_header_map(resp.headers()) {
+                let mut recorder = recorder;
+                recorder.code = Some(status.code());
+                drop(recorder);
+                return Ok(resp);
+            }
+            Ok(resp.map(|body| {
+                Body::new(Observed {
+                    inner: body,
+                    recorder,
+                })
+            }))
+        })
+    }
+}
+
+struct Recorder {
+    metrics: Metrics,
+    method: Arc<str>,
+    caller: Arc<str>,
+    start: Instant,
+    span: tracing::Span,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A body dropped before its trailers means the client went away.
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        self.span
+            .record("rpc.grpc.status_code", code as i32);
+        self.metrics.record(
+            &self.method,
+            code,
+            &self.caller,
+            self.start.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Observed {
+        #[pin]
+        inner: Body,
+        recorder: Recorder,
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.recorder.code = Some(
+                        Status::from_header_map(trailers)
+                            .map(|s| s.code())
+                            .unwrap_or(tonic::Code::Ok),
+                    );
+                }
+            }
+            Poll::Ready(Some(Err(status))) => this.recorder.code = Some(status.code()),
+            Poll::Ready(None) => {
+                this.recorder.code.get_or_insert(tonic::Code::Unknown);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Panic guard: a panicking handler becomes an opaque INTERNAL, the process keeps serving.
+
+#[derive(Clone, Default)]
+pub struct CatchPanicLayer;
+
+impl<S> Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CatchPanic { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct CatchPanic<S> {
+    inner: S,
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    tracing::error!(panic = %what, "handler panicked");
+    status_response(Status::internal("internal error"))
+}
+
+impl<S> Service<Request<Body>> for CatchPanic<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let mut inner = take(&mut self.inner);
+        match std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(req))) {
+            Ok(fut) => Box::pin(async move {
+                match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(resp) => resp,
+                    Err(panic) => Ok(panic_response(panic)),
+                }
+            }),
+            Err(panic) => Box::pin(std::future::ready(Ok(panic_response(panic)))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Identity and access: the caller comes from the verified certificate (never metadata); the
+// contract's rule decides; then the end-user token, if any, is verified again here.
+
+/// Paths any verified peer may call: health and reflection.
+fn is_open_path(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+}
+
+/// Decides who may call what on an internal port.
+#[derive(Clone)]
+pub struct Authorizer {
+    pub policy: Arc<Policy>,
+    /// This workload: always allowed to call itself.
+    pub me: SpiffeId,
+    /// Let `spiffe://<td>/ns/<ns>/sa/operator` call everything (development only).
+    pub allow_operator: bool,
+    /// Verifies end-user tokens; without keys every token is rejected.
+    pub keys: Option<TokenKeys>,
+}
+
+impl Authorizer {
+    /// Whether `caller` may call `path`; the error is the PERMISSION_DENIED to return.
+    pub fn check_caller(&self, caller: &SpiffeId, path: &str) -> Result<(), Status> {
+        let denied = || {
+            Status::permission_denied(format!("caller {caller} may not call {path}"))
+        };
+        if caller.trust_domain() != self.me.trust_domain()
+            || caller.namespace() != self.me.namespace()
+        {
+            return Err(denied());
+        }
+        if is_open_path(path) || *caller == self.me {
+            return Ok(());
+        }
+        if self.allow_operator && caller.service() == "operator" {
+            return Ok(());
+        }
+        match self.policy.rule(path) {
+            Some(rule) if rule.has_rule && rule.callers.contains(caller.service()) => Ok(()),
+            _ => Err(denied()),
+        }
+    }
+
+    /// Verifies the bearer token if there is one; requires one where the rule says so.
+    pub async fn check_user(
+        &self,
+        headers: &http::HeaderMap,
+        path: &str,
+    ) -> Result<Option<EndUser>, Status> {
+        let required = self.policy.rule(path).is_some_and(|r| r.user);
+        let Some(token) = bearer_token(headers)? else {
+            return if required {
+                Err(Status::unauthenticated("an access token is required"))
+            } else {
+                Ok(None)
+            };
+        };
+        let Some(keys) = &self.keys else {
+            return Err(Status::unauthenticated("access tokens cannot be verified here"));
+        };
+        match keys.verify(token).await {
+            Ok(claims) => Ok(Some(EndUser {
+                claims,
+                token: token.into(),
+            })),
+            Err(err) => Err(Status::unauthenticated(format!("invalid access token: {err}"))),
+        }
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header; UNAUTHENTICATED if malformed.
+pub fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(Status::unauthenticated(
+            "the authorization header must be `Bearer <token>`",
+        )),
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    authorizer: Arc<Authorizer>,
+}
+
+impl AuthorizeLayer {
+    pub fn new(authorizer: Authorizer) -> Self {
+        Self {
+            authorizer: Arc::new(authorizer),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            authorizer: self.authorizer.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    authorizer: Arc<Authorizer>,
+}
+
+impl<S> Service<Request<Body>> for Authorize<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let mut inner = take(&mut self.inner);
+        let authorizer = self.authorizer.clone();
+        Box::pin(async move {
+            let Some(caller) = req
+                .extensions()
+                .get::<PeerInfo>()
+                .and_then(|p| p.identity.clone())
+            else {
+                return Ok(status_response(Status::unauthenticated(
+                    "a client certificate with a SPIFFE id is required",
+                )));
+            };
+            let path = req.uri().path().to_owned();
+            if let Err(status) = authorizer.check_caller(&caller, &path) {
+                tracing::warn!(caller = %caller, method = %path, "access denied");
+                return Ok(status_response(status));
+            }
+            match authorizer.check_user(req.headers(), &path).await {
+                Ok(Some(user)) => {
+                    req.extensions_mut().insert(user);
+                }
+                Ok(None) => {}
+                Err(status) => return Ok(status_response(status)),
+            }
+            req.extensions_mut().insert(Caller((*caller).clone()));
+            inner.call(req).await
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Deadline: the incoming `grpc-timeout`, capped, bounds the handler; the remaining time and
+// the end-user token become the call context that downstream clients inherit.
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, at most 8 digits).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[derive(Clone)]
+pub struct DeadlineLayer {
+    cap: Duration,
+}
+
+impl DeadlineLayer {
+    /// `cap` bounds every call, also those that carry no deadline or a longer one.
+    pub fn new(cap: Duration) -> Self {
+        Self { cap }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline {
+            inner,
+            cap: self.cap,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    cap: Duration,
+}
+
+impl<S> Service<Request<Body>> for Deadline<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let requested = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let timeout = requested.map_or(self.cap, |t| t.min(self.cap));
+        let ctx = CallContext {
+            deadline: Some(Instant::now() + timeout),
+            token: req.extensions().get::<EndUser>().map(|u| u.token.clone()),
+        };
+        let fut = context::scope(ctx, take(&mut self.inner).call(req));
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(resp) => resp,
+                Err(_) => Ok(status_response(Status::deadline_exceeded(format!(
+                    "deadline of {timeout:?} exceeded"
+                )))),
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Load shedding: a fixed number of calls in the handler at once; past it, refuse at once
+// (RESOURCE_EXHAUSTED) instead of queueing, so latency stays bounded under overload and the
+// caller can go elsewhere.
+
+#[derive(Clone)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ShedLayer {
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S> Service<Request<Body>> for Shed<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Box::pin(std::future::ready(Ok(status_response(
+                Status::resource_exhausted("server overloaded: too many calls in flight"),
+            ))));
+        };
+        let fut = take(&mut self.inner).call(req);
+        Box::pin(async move {
+            let resp = fut.await;
+            drop(permit);
+            resp
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Message size: an explicit limit on each incoming message, checked from the gRPC length
+// prefix before the message is buffered. tonic's own check answers OUT_OF_RANGE; the gRPC
+// spec wants RESOURCE_EXHAUSTED.
+
+#[derive(Clone)]
+pub struct MessageLimitLayer {
+    limit: usize,
+}
+
+impl MessageLimitLayer {
+    pub fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> Layer<S> for MessageLimitLayer {
+    type Service = MessageLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MessageLimit {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MessageLimit<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> Service<Request<Body>> for MessageLimit<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let limit = self.limit;
+        self.inner.call(req.map(|body| {
+            Body::new(Limited {
+                inner: body,
+                limit,
+                header: [0; 5],
+                header_len: 0,
+                remaining: 0,
+            })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Limited {
+        #[pin]
+        inner: Body,
+        limit: usize,
+        header: [u8; 5],
+        header_len: usize,
+        remaining: usize,
+    }
+}
+
+impl HttpBody for Limited {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let mut data = data.clone();
+                while data.has_remaining() {
+                    if *this.remaining > 0 {
+                        let n = (*this.remaining).min(data.remaining());
+                        data.advance(n);
+                        *this.remaining -= n;
+                        continue;
+                    }
+                    this.header[*this.header_len] = data.get_u8();
+                    *this.header_len += 1;
+                    if *this.header_len == 5 {
+                        *this.header_len = 0;
+                        let len = u32::from_be_bytes([
+                            this.header[1],
+                            this.header[2],
+                            this.header[3],
+                            this.header[4],
+                        ]) as usize;
+                        if len > *this.limit {
+                            return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                                "message of {len} bytes exceeds the limit of {} bytes",
+                                this.limit
+                            )))));
+                        }
+                        *this.remaining = len;
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_parsing() {
+        assert_eq!(parse_grpc_timeout("50m"), Some(Duration::from_millis(50)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("-5m"), None);
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer_token(&h).ok(), Some(None));
+        h.insert("authorization", http::HeaderValue::from_static("Bearer abc"));
+        assert_eq!(bearer_token(&h).ok(), Some(Some("abc")));
+        h.insert("authorization", http::HeaderValue::from_static("Basic abc"));
+        assert!(bearer_token(&h).is_err());
+    }
+}
