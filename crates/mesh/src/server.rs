@@ -141,7 +141,16 @@ impl Workload {
     /// The internal port's whole request path around `routes`, plus health and reflection.
     /// Exposed so tests can call it without sockets (insert a [`PeerInfo`] first).
     pub fn internal_service(&self, routes: Routes) -> GrpcService {
-        let routes = with_health_and_reflection(routes, &self.health, None);
+        self.internal_service_advertising(routes, None)
+    }
+
+    /// [`Workload::internal_service`] with reflection listing only `served` (plus health).
+    pub fn internal_service_advertising(
+        &self,
+        routes: Routes,
+        served: Option<&[String]>,
+    ) -> GrpcService {
+        let routes = with_health_and_reflection(routes, &self.health, served);
         let authorizer = Authorizer {
             policy: self.policy.clone(),
             me: self.tls.identity(),
@@ -202,7 +211,8 @@ impl Workload {
         }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let internal = self.internal_service(routes);
+        let advertised: Vec<String> = served.iter().map(|s| (*s).to_owned()).collect();
+        let internal = self.internal_service_advertising(routes, Some(&advertised));
         let mut tasks = tokio::task::JoinSet::new();
         let grpc_addr = listeners.grpc.local_addr()?;
         tasks.spawn(serve_tls(

@@ -22,6 +22,11 @@ impl Shutdown {
         let _ = self.0.wait_for(|fired| *fired).await;
     }
 
+    /// The underlying receiver, for components that take a `watch::Receiver<bool>`.
+    pub fn receiver(&self) -> watch::Receiver<bool> {
+        self.0.clone()
+    }
+
     pub fn is_triggered(&self) -> bool {
         *self.0.borrow()
     }

@@ -1,0 +1,78 @@
+//! `tessera certs`: a development CA and per-workload certificates, optionally printed as
+//! Kubernetes Secret manifests.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use tessera_mesh::{
+    certs::{Ca, Issued},
+    identity::SpiffeId,
+    tls::TlsFiles,
+};
+
+/// Where the certificates of a data dir live.
+pub fn certs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("certs")
+}
+
+/// Loads the CA in `dir`, or creates one if there is none yet.
+pub fn load_or_create_ca(dir: &Path) -> anyhow::Result<(Ca, bool)> {
+    if dir.join("ca.crt").exists() && dir.join("ca.key").exists() {
+        let ca = Ca::load(dir).with_context(|| format!("reading the CA in {}", dir.display()))?;
+        return Ok((ca, false));
+    }
+    let ca = Ca::generate("Tessera development CA")?;
+    ca.save(dir)
+        .with_context(|| format!("writing the CA to {}", dir.display()))?;
+    Ok((ca, true))
+}
+
+/// Issues a development certificate for `name` into `dir/<name>/` unless a valid one for
+/// the same identity is already there. Dev certificates also name localhost and 127.0.0.1.
+pub fn ensure_workload_cert(
+    ca: &Ca,
+    dir: &Path,
+    id: &SpiffeId,
+    fresh_ca: bool,
+) -> anyhow::Result<TlsFiles> {
+    let out = dir.join(id.service());
+    let files = TlsFiles::in_dir(&out);
+    if !fresh_ca && files.cert.exists() && files.key.exists() && files.ca.exists() {
+        if let Ok(source) = tessera_mesh::tls::TlsSource::load(files.clone()) {
+            if source.identity() == *id {
+                return Ok(files);
+            }
+        }
+    }
+    let issued = issue_dev(ca, id)?;
+    issued
+        .save(&out)
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+pub fn issue_dev(ca: &Ca, id: &SpiffeId) -> anyhow::Result<Issued> {
+    Ok(ca.issue(
+        id,
+        &["localhost", id.service()],
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+    )?)
+}
+
+/// A Kubernetes `kubernetes.io/tls` Secret named `<service>-tls` holding the files.
+pub fn secret_manifest(issued: &Issued, service: &str, namespace: &str) -> String {
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {service}-tls\n  namespace: {namespace}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n  ca.crt: |\n{}\n",
+        indent(&issued.cert_pem),
+        indent(&issued.key_pem),
+        indent(&issued.ca_pem),
+    )
+}

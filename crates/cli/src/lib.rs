@@ -1,0 +1,12 @@
+//! The library behind the `tessera` binary: starting one service or the whole mesh from
+//! settings, development certificates, and the health probe. The binary is a thin command
+//! line over it, and the end-to-end tests start the mesh through it in-process.
+//!
+//! Not for: service logic (that is `services/*`) or the platform (`tessera-mesh`).
+
+#![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod probe;
+pub mod up;
+pub mod wiring;

@@ -1,0 +1,290 @@
+//! Turning [`Settings`] into a running service: its TLS material, database, downstream
+//! clients, token keys, event consumers and the workload server around its handlers. The
+//! one place that knows how the services depend on each other.
+
+use std::{collections::HashMap, sync::Arc};
+
+use anyhow::Context;
+use tessera::{
+    comments::v1::comment_service_server::CommentServiceServer,
+    gateway::v1::feed_service_server::FeedServiceServer,
+    notifications::v1::notification_service_server::NotificationServiceServer,
+    posts::v1::post_service_server::PostServiceServer,
+    users::v1::{GetJwksRequest, user_service_server::UserServiceServer},
+};
+use tessera_client::{Channel, ClientBuilder, Clients};
+use tessera_mesh::{
+    auth::TokenKeys,
+    config::Settings,
+    policy::Policy,
+    server::{GrpcService, Listeners, Workload, bind, with_health_and_reflection},
+    shutdown::Shutdown,
+    stack::PeerInfo,
+    tls::{ClientTls, TlsFiles, TlsSource},
+    token::Verifier,
+};
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+use tower::ServiceExt;
+
+/// `tessera serve <service>`: telemetry, bind, start, wait for SIGTERM/SIGINT, drain.
+pub async fn serve_one(settings: Settings) -> anyhow::Result<()> {
+    let _telemetry = tessera_mesh::telemetry::init(
+        &settings.service,
+        &settings.log_filter,
+        settings.log_format,
+        settings.otlp_endpoint.as_deref(),
+    )?;
+    let listeners = Listeners {
+        grpc: bind(settings.grpc_addr).await?,
+        admin: bind(settings.admin_addr).await?,
+        public: if settings.service == "gateway" {
+            Some(bind(settings.public_addr).await?)
+        } else {
+            None
+        },
+    };
+    let (trigger, shutdown) = Shutdown::new();
+    let running = start(settings, listeners, shutdown).await?;
+    tessera_mesh::shutdown::signal().await;
+    trigger.trigger();
+    running.await.context("the service task failed")?
+}
+
+/// The database of a service: `DATABASE_URL` when set, else `<data_dir>/<service>.db`.
+fn database(settings: &Settings) -> anyhow::Result<String> {
+    if let Some(url) = &settings.database_url {
+        return Ok(url.clone());
+    }
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "TESSERA_DATA_DIR: cannot create {}",
+            settings.data_dir.display()
+        )
+    })?;
+    Ok(settings
+        .data_dir
+        .join(format!("{}.db", settings.service))
+        .display()
+        .to_string())
+}
+
+/// Token keys fetched from UserService.GetJwks (and again when a token names a new key).
+fn fetched_keys(clients: &Clients) -> TokenKeys {
+    let clients = clients.clone();
+    TokenKeys::fetched(move || {
+        let mut users = clients.users();
+        async move {
+            let jwks = users.get_jwks(GetJwksRequest {}).await?.into_inner();
+            let mut verifier = Verifier::new();
+            for key in jwks.keys {
+                verifier.add_jwk(&key.kid, &key.x)?;
+            }
+            Ok(verifier)
+        }
+    })
+}
+
+/// Starts `settings.service` on `listeners`; the task ends after `shutdown` fires and the
+/// service has drained.
+pub async fn start(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let tls = TlsSource::watch(
+        TlsFiles::in_dir(&settings.tls_dir),
+        settings.tls_reload_interval,
+    )
+    .with_context(|| format!("TESSERA_TLS_DIR {}", settings.tls_dir.display()))?;
+    let expected = tessera_mesh::identity::SpiffeId::new(
+        &settings.trust_domain,
+        &settings.namespace,
+        &settings.service,
+    )?;
+    if tls.identity() != expected {
+        anyhow::bail!(
+            "TESSERA_TLS_DIR: the certificate is for {}, but this is {expected}",
+            tls.identity()
+        );
+    }
+    // One balanced channel per upstream, shared by the typed clients and the gateway proxy.
+    let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));
+    let mut channels: HashMap<&str, Channel> = HashMap::new();
+    for upstream in ["users", "posts", "comments", "notifications"] {
+        if let Some(target) = settings.target(upstream) {
+            let channel = builder
+                .channel(target)
+                .with_context(|| format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()))?;
+            channels.insert(upstream, channel);
+        }
+    }
+    let clients = Clients::from_channels(
+        channels.get("users").cloned(),
+        channels.get("posts").cloned(),
+        channels.get("comments").cloned(),
+        channels.get("notifications").cloned(),
+    );
+    let policy = Arc::new(Policy::contracts());
+    let max = settings.server.max_message_size;
+    let stop = shutdown.receiver();
+
+    let (routes, served, keys, public): (Routes, Vec<&str>, TokenKeys, Option<GrpcService>) =
+        match settings.service.as_str() {
+            "users" => {
+                let config = tessera_users::UsersConfig {
+                    bootstrap_admin: settings.bootstrap_admin.clone(),
+                    ..Default::default()
+                };
+                let users = tessera_users::Users::open(&database(&settings)?, config).await?;
+                let keys = TokenKeys::fixed(users.verifier());
+                let server = UserServiceServer::new(users).max_decoding_message_size(max);
+                (
+                    Routes::new(server),
+                    vec!["tessera.users.v1.UserService"],
+                    keys,
+                    None,
+                )
+            }
+            "posts" => {
+                let posts = tessera_posts::Posts::open(&database(&settings)?).await?;
+                tokio::spawn(tessera_posts::follow_user_events(
+                    posts.clone(),
+                    clients.users(),
+                    stop.clone(),
+                ));
+                let server = PostServiceServer::new(posts).max_decoding_message_size(max);
+                (
+                    Routes::new(server),
+                    vec!["tessera.posts.v1.PostService"],
+                    fetched_keys(&clients),
+                    None,
+                )
+            }
+            "comments" => {
+                let comments =
+                    tessera_comments::Comments::open(&database(&settings)?, clients.posts())
+                        .await?;
+                tokio::spawn(tessera_comments::follow_post_events(
+                    comments.clone(),
+                    clients.posts(),
+                    stop.clone(),
+                ));
+                tokio::spawn(tessera_comments::follow_user_events(
+                    comments.clone(),
+                    clients.users(),
+                    stop.clone(),
+                ));
+                let server = CommentServiceServer::new(comments).max_decoding_message_size(max);
+                (
+                    Routes::new(server),
+                    vec!["tessera.comments.v1.CommentService"],
+                    fetched_keys(&clients),
+                    None,
+                )
+            }
+            "notifications" => {
+                let notifications =
+                    tessera_notifications::Notifications::open(&database(&settings)?).await?;
+                tokio::spawn(tessera_notifications::follow_comment_events(
+                    notifications.clone(),
+                    clients.comments(),
+                    stop.clone(),
+                ));
+                tokio::spawn(tessera_notifications::follow_user_events(
+                    notifications.clone(),
+                    clients.users(),
+                    stop.clone(),
+                ));
+                let server =
+                    NotificationServiceServer::new(notifications).max_decoding_message_size(max);
+                (
+                    Routes::new(server),
+                    vec!["tessera.notifications.v1.NotificationService"],
+                    fetched_keys(&clients),
+                    None,
+                )
+            }
+            "gateway" => {
+                let keys = fetched_keys(&clients);
+                let feed = tessera_gateway::Feed::new(
+                    clients.posts(),
+                    clients.comments(),
+                    clients.users(),
+                );
+                let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
+                let public = public_service(&channels, keys.clone(), feed_server.clone())?;
+                (
+                    Routes::new(feed_server),
+                    vec!["tessera.gateway.v1.FeedService"],
+                    keys,
+                    Some(public),
+                )
+            }
+            other => anyhow::bail!("unknown service {other:?}"),
+        };
+
+    let workload = Workload::new(
+        &settings.service,
+        tls,
+        policy,
+        Some(keys),
+        settings.server.clone(),
+    );
+    let served: Vec<String> = served.into_iter().map(str::to_owned).collect();
+    Ok(tokio::spawn(async move {
+        let served: Vec<&str> = served.iter().map(String::as_str).collect();
+        workload
+            .run(routes, &served, listeners, public, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    }))
+}
+
+/// The gateway's public port: FeedService, health and reflection (listing only what is
+/// public), and every other public method forwarded to its owner over mTLS.
+fn public_service(
+    channels: &HashMap<&str, Channel>,
+    keys: TokenKeys,
+    feed: FeedServiceServer<tessera_gateway::Feed>,
+) -> anyhow::Result<GrpcService> {
+    // `tessera.posts.v1.PostService` is owned by the `posts` workload.
+    let channel_of = |service: &str| -> Option<Channel> {
+        channels.get(service.split('.').nth(1)?).cloned()
+    };
+    let mut routes = HashMap::new();
+    let mut advertised: Vec<String> = vec!["tessera.gateway.v1.FeedService".into()];
+    for method in tessera_gateway::public_methods()? {
+        if let Some(channel) = channel_of(&method.service) {
+            if !advertised.contains(&method.service) {
+                advertised.push(method.service.clone());
+            }
+            routes.insert(method.path, channel);
+        }
+    }
+    let proxy = tessera_gateway::PublicProxy::new(
+        routes,
+        keys,
+        tessera_gateway::RateLimits::default(),
+    )?;
+    let health = tonic_health::server::HealthReporter::new();
+    let local = with_health_and_reflection(Routes::new(feed), &health, Some(&advertised));
+    let router = local
+        .prepare()
+        .into_axum_router()
+        .fallback_service(proxy.map_request(|mut req: http::Request<axum_body::Body>| {
+            // The proxy rate-limits per client address; the connection handler knows it.
+            if let Some(addr) = req.extensions().get::<PeerInfo>().map(|p| p.remote_addr.ip()) {
+                req.extensions_mut().insert(tessera_gateway::ClientAddr(addr));
+            }
+            req.map(tonic::body::Body::new)
+        }));
+    let svc = router
+        .map_request(|req: http::Request<tonic::body::Body>| req)
+        .map_response(|resp: http::Response<axum_body::Body>| resp.map(tonic::body::Body::new));
+    Ok(GrpcService::new(svc))
+}
+
+mod axum_body {
+    pub use axum::body::Body;
+}

@@ -1,0 +1,115 @@
+//! What the contracts say about each method, as far as the client cares: may it be retried,
+//! and is its request a single message (so it can be buffered and sent again).
+
+use std::{collections::HashMap, sync::OnceLock};
+
+use prost::Message;
+use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
+
+use crate::Error;
+
+/// The retry-relevant facts about one method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MethodInfo {
+    /// `idempotency_level` is NO_SIDE_EFFECTS or IDEMPOTENT.
+    pub(crate) idempotent: bool,
+    /// The request is a stream of messages (never buffered, never retried).
+    pub(crate) client_streaming: bool,
+}
+
+/// Methods by HTTP/2 path, `/tessera.posts.v1.PostService/GetPost`.
+#[derive(Debug, Default)]
+pub(crate) struct MethodTable {
+    by_path: HashMap<Box<str>, MethodInfo>,
+}
+
+impl MethodTable {
+    /// Reads every method of an encoded `FileDescriptorSet`.
+    pub(crate) fn from_descriptor_set(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        let set = FileDescriptorSet::decode(bytes)?;
+        let mut by_path = HashMap::new();
+        for file in &set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    let level = method
+                        .options
+                        .as_ref()
+                        .map_or(IdempotencyLevel::IdempotencyUnknown, |o| {
+                            o.idempotency_level()
+                        });
+                    let path = if package.is_empty() {
+                        format!("/{}/{}", service.name(), method.name())
+                    } else {
+                        format!("/{package}.{}/{}", service.name(), method.name())
+                    };
+                    by_path.insert(
+                        path.into_boxed_str(),
+                        MethodInfo {
+                            idempotent: matches!(
+                                level,
+                                IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
+                            ),
+                            client_streaming: method.client_streaming(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(Self { by_path })
+    }
+
+    /// The table for Tessera's own contracts, decoded once per process.
+    pub(crate) fn tessera() -> Result<&'static Self, Error> {
+        static TABLE: OnceLock<Result<MethodTable, prost::DecodeError>> = OnceLock::new();
+        TABLE
+            .get_or_init(|| Self::from_descriptor_set(tessera::FILE_DESCRIPTOR_SET))
+            .as_ref()
+            .map_err(|e| Error::Descriptor(e.clone()))
+    }
+
+    /// The method at `path`, if the contracts define it.
+    pub(crate) fn get(&self, path: &str) -> Option<MethodInfo> {
+        self.by_path.get(path).copied()
+    }
+
+    /// Paths of the methods that may be retried, sorted.
+    #[cfg(test)]
+    fn idempotent_paths(&self) -> Vec<&str> {
+        let mut paths: Vec<&str> = self
+            .by_path
+            .iter()
+            .filter(|(_, m)| m.idempotent)
+            .map(|(p, _)| &**p)
+            .collect();
+        paths.sort_unstable();
+        paths
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn reads_idempotency_from_the_contracts() {
+        let table = MethodTable::tessera().unwrap();
+        let get = table.get("/tessera.posts.v1.PostService/GetPost").unwrap();
+        assert!(get.idempotent && !get.client_streaming);
+        let create = table.get("/tessera.posts.v1.PostService/CreatePost").unwrap();
+        assert!(!create.idempotent);
+        assert!(
+            !table
+                .get("/tessera.users.v1.UserService/Login")
+                .unwrap()
+                .idempotent
+        );
+        assert!(table.get("/tessera.posts.v1.PostService/Nope").is_none());
+        let paths = table.idempotent_paths();
+        assert!(paths.contains(&"/tessera.users.v1.UserService/DeleteUser"));
+        assert!(paths.contains(&"/tessera.notifications.v1.NotificationService/SubscribeNotifications"));
+        assert!(!paths.iter().any(|p| p.ends_with("/CreateComment")));
+    }
+}

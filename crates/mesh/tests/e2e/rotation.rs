@@ -1,0 +1,51 @@
+//! Certificate rotation without a restart: new handshakes get the new certificate, open
+//! connections keep working.
+
+use tessera::posts::v1::{GetPostRequest, post_service_client::PostServiceClient};
+
+use crate::support::{Handshakes, connect, eventually, issue_server_cert, serial_of, spawn_app};
+
+fn get(id: &str) -> GetPostRequest {
+    GetPostRequest { post_id: id.into() }
+}
+
+#[tokio::test]
+async fn rotated_server_certificate_is_served_to_new_connections_only() {
+    let app = spawn_app().await;
+    let config = app.client_config("gateway");
+    let old_serial = serial_of(&app.server_cert);
+
+    let held_handshakes = Handshakes::default();
+    let mut held = PostServiceClient::new(
+        connect(app.grpc, config.clone(), &held_handshakes)
+            .await
+            .unwrap(),
+    );
+    held.get_post(get("before")).await.unwrap();
+    assert_eq!(held_handshakes.serials(), std::slice::from_ref(&old_serial));
+
+    // Rotate: a new certificate (new key, new serial) replaces the files in place.
+    let rotated = issue_server_cert(&app.ca);
+    let new_serial = serial_of(&rotated);
+    assert_ne!(new_serial, old_serial);
+    rotated.save(&app.server_dir).unwrap();
+
+    // A new connection is served with the new certificate once the watcher has seen it.
+    let fresh = Handshakes::default();
+    eventually!("a new handshake to present the rotated certificate", {
+        let mut client =
+            PostServiceClient::new(connect(app.grpc, config.clone(), &fresh).await.unwrap());
+        client.get_post(get("after")).await.unwrap();
+        fresh.serials().last() == Some(&new_serial)
+    });
+
+    // The connection made before the rotation is still the same one and still serves.
+    let got = held.get_post(get("still-here")).await.unwrap();
+    assert_eq!(got.into_inner().post.unwrap().post_id, "still-here");
+    assert_eq!(
+        held_handshakes.serials(),
+        [old_serial],
+        "the held channel reconnected instead of keeping its connection"
+    );
+    assert!(!app.done.is_finished(), "the server restarted or stopped");
+}

@@ -1,0 +1,564 @@
+//! The database handle, write transactions and migrations.
+
+use std::{
+    ops::{Deref, DerefMut},
+    path::Path,
+    sync::{Arc, Once},
+    time::Duration,
+};
+
+use sqlx::{
+    Any, AnyConnection, AnyPool, Connection, Transaction,
+    any::{AnyConnectOptions, AnyPoolOptions},
+};
+use tokio::sync::watch;
+
+use crate::{
+    error::{Result, StoreError},
+    now_micros,
+};
+
+/// Which database engine stands behind a [`Db`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One embedded migration. A service passes its migrations, in order, to [`Db::open`]; the
+/// position in that list (starting at 1) is the version recorded in `tessera_migrations`.
+/// Never edit or reorder a released migration: add a new one.
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    /// A short name, recorded with the version; a different name at the same version on an
+    /// existing database is an error.
+    pub name: &'static str,
+    /// The SQL run on SQLite (may hold several statements).
+    pub sqlite: &'static str,
+    /// The SQL run on PostgreSQL (may hold several statements).
+    pub postgres: &'static str,
+}
+
+impl Migration {
+    /// A migration whose SQL is the same on both engines (stick to TEXT and BIGINT columns,
+    /// and no auto-increment).
+    pub const fn portable(name: &'static str, sql: &'static str) -> Self {
+        Self {
+            name,
+            sqlite: sql,
+            postgres: sql,
+        }
+    }
+
+    /// A migration with engine-specific SQL (e.g. BLOB vs BYTEA).
+    pub const fn per_backend(
+        name: &'static str,
+        sqlite: &'static str,
+        postgres: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            sqlite,
+            postgres,
+        }
+    }
+
+    fn sql(&self, backend: Backend) -> &'static str {
+        match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        }
+    }
+}
+
+/// How to open a [`Db`] beyond its location.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    /// PostgreSQL only: keep every table in this schema (created if missing) by setting
+    /// `search_path` on each connection. Lets several services, or several tests, share one
+    /// PostgreSQL database without colliding. Must match `[a-z_][a-z0-9_]{0,62}`.
+    pub schema: Option<String>,
+    /// Pool size; `None` picks 8 for SQLite and 10 for PostgreSQL.
+    pub max_connections: Option<u32>,
+    /// How long SQLite waits on a locked database before failing a statement.
+    pub busy_timeout: Duration,
+    /// PostgreSQL only: how often an idle [`Db::events`] stream re-reads the outbox even
+    /// without a local notification, to see events committed by other replicas.
+    pub poll_interval: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            max_connections: None,
+            busy_timeout: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: AnyPool,
+    pub(crate) backend: Backend,
+    /// The highest outbox sequence committed through this handle.
+    pub(crate) committed: watch::Sender<i64>,
+    pub(crate) poll_interval: Duration,
+}
+
+/// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
+/// clones share the pool.
+#[derive(Clone)]
+pub struct Db {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tables the store itself needs, created before a service's migrations.
+const STORE_TABLES_SQLITE: &str = "
+CREATE TABLE IF NOT EXISTS tessera_migrations (
+    version BIGINT PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_outbox (
+    sequence INTEGER PRIMARY KEY,
+    create_time BIGINT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_cursors (
+    name TEXT PRIMARY KEY,
+    position BIGINT NOT NULL
+);
+";
+
+const STORE_TABLES_POSTGRES: &str = "
+CREATE TABLE IF NOT EXISTS tessera_migrations (
+    version BIGINT PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_outbox (
+    sequence BIGINT PRIMARY KEY,
+    create_time BIGINT NOT NULL,
+    payload BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_cursors (
+    name TEXT PRIMARY KEY,
+    position BIGINT NOT NULL
+);
+";
+
+/// Runs SQL without parameters, possibly several statements (simple query protocol).
+async fn script(conn: &mut AnyConnection, sql: &str) -> Result<()> {
+    sqlx::Executor::execute(conn, sql).await?;
+    Ok(())
+}
+
+fn install_drivers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(sqlx::any::install_default_drivers);
+}
+
+fn valid_schema(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && name.len() <= 63
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
+/// `sqlite://` URL for a file path; characters with a meaning in URLs are percent-encoded
+/// (the SQLite driver decodes them again).
+fn sqlite_url(path: &Path) -> Result<String> {
+    let absolute = std::path::absolute(path)
+        .map_err(|e| StoreError::Config(format!("database path {}: {e}", path.display())))?;
+    let text = absolute.to_str().ok_or_else(|| {
+        StoreError::Config(format!("database path {} is not UTF-8", path.display()))
+    })?;
+    let mut url = String::from("sqlite://");
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'-' | b'_' | b'~') {
+            url.push(b as char);
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url.push_str("?mode=rwc");
+    Ok(url)
+}
+
+impl Db {
+    /// Opens the database at `target` and applies `migrations`.
+    ///
+    /// `target` is a `postgres://` (or `postgresql://`) URL, or else a SQLite file path
+    /// (created if missing, with its parent directory); a `sqlite:` URL is accepted too
+    /// (add `?mode=rwc` to create the file). In-memory SQLite is refused: use a file in a
+    /// temporary directory.
+    /// SQLite connections use WAL, foreign keys and a busy timeout.
+    pub async fn open(target: &str, migrations: &[Migration]) -> Result<Db> {
+        Self::open_with(target, DbOptions::default(), migrations).await
+    }
+
+    /// [`Db::open`] with options.
+    pub async fn open_with(
+        target: &str,
+        options: DbOptions,
+        migrations: &[Migration],
+    ) -> Result<Db> {
+        let db = Self::connect(target, options).await?;
+        db.migrate(migrations).await?;
+        Ok(db)
+    }
+
+    /// Connects without running any migration (see [`Db::migrate`]).
+    pub async fn connect(target: &str, options: DbOptions) -> Result<Db> {
+        install_drivers();
+        let (backend, url) =
+            if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+                (Backend::Postgres, target.to_owned())
+            } else if target.contains(":memory:") || target.contains("mode=memory") {
+                // Through the Any driver every pooled connection would get its own empty
+                // in-memory database.
+                return Err(StoreError::Config(
+                    "in-memory SQLite is not supported; use a file in a temporary directory".into(),
+                ));
+            } else if target.starts_with("sqlite:") {
+                (Backend::Sqlite, target.to_owned())
+            } else {
+                if target.is_empty() {
+                    return Err(StoreError::Config("empty database location".into()));
+                }
+                let path = Path::new(target);
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        StoreError::Config(format!("creating {}: {e}", parent.display()))
+                    })?;
+                }
+                (Backend::Sqlite, sqlite_url(path)?)
+            };
+        let connect_options: AnyConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+
+        let schema = match (&options.schema, backend) {
+            (Some(s), Backend::Postgres) => {
+                if !valid_schema(s) {
+                    return Err(StoreError::Config(format!(
+                        "schema {s:?} must match [a-z_][a-z0-9_]{{0,62}}"
+                    )));
+                }
+                // Create it once, on a connection of its own, before the pool sets search_path.
+                let mut conn = AnyConnection::connect_with(&connect_options).await?;
+                match script(&mut conn, &format!("CREATE SCHEMA IF NOT EXISTS \"{s}\"")).await {
+                    // Two processes creating the same schema at once: one wins, both are fine.
+                    Ok(_) | Err(StoreError::UniqueViolation { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                conn.close().await?;
+                Some(s.clone())
+            }
+            _ => None,
+        };
+
+        let busy_ms = options.busy_timeout.as_millis();
+        let max = options.max_connections.unwrap_or(match backend {
+            Backend::Sqlite => 8,
+            Backend::Postgres => 10,
+        });
+        let pool = AnyPoolOptions::new()
+            .max_connections(max.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                let setup = match backend {
+                    Backend::Sqlite => format!(
+                        "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+                         PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL;"
+                    ),
+                    Backend::Postgres => match &schema {
+                        Some(s) => format!("SET search_path TO \"{s}\""),
+                        None => String::new(),
+                    },
+                };
+                Box::pin(async move {
+                    if !setup.is_empty() {
+                        sqlx::Executor::execute(&mut *conn, setup.as_str()).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(connect_options)
+            .await?;
+
+        let (committed, _) = watch::channel(0);
+        Ok(Db {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                committed,
+                poll_interval: options.poll_interval,
+            }),
+        })
+    }
+
+    /// Creates the store's own tables (outbox, cursors, migration log), then applies the
+    /// `migrations` not yet applied, each in its own transaction, in order. Safe to call on
+    /// every start and from several processes at once (PostgreSQL serializes them with a
+    /// table lock, SQLite with its write lock).
+    pub async fn migrate(&self, migrations: &[Migration]) -> Result<()> {
+        let backend = self.inner.backend;
+        let store_tables = match backend {
+            Backend::Sqlite => STORE_TABLES_SQLITE,
+            Backend::Postgres => STORE_TABLES_POSTGRES,
+        };
+        {
+            let mut tx = self.begin().await?;
+            if backend == Backend::Postgres {
+                // CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL.
+                script(&mut tx, "SELECT pg_advisory_xact_lock(7365735)::text").await?;
+            }
+            script(&mut tx, store_tables).await?;
+            tx.commit().await?;
+        }
+
+        for (i, migration) in migrations.iter().enumerate() {
+            let version = i as i64 + 1;
+            let mut tx = self.begin().await?;
+            if backend == Backend::Postgres {
+                script(&mut tx, "LOCK TABLE tessera_migrations IN EXCLUSIVE MODE").await?;
+            }
+            let applied: Option<String> =
+                sqlx::query_scalar("SELECT name FROM tessera_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match applied {
+                Some(name) if name == migration.name => {
+                    tx.rollback().await?;
+                    continue;
+                }
+                Some(name) => {
+                    return Err(StoreError::Migration {
+                        version,
+                        name: migration.name.to_owned(),
+                        reason: format!("the database recorded {name:?} at this version"),
+                    });
+                }
+                None => {}
+            }
+            script(&mut tx, migration.sql(backend))
+                .await
+                .map_err(|e| StoreError::Migration {
+                    version,
+                    name: migration.name.to_owned(),
+                    reason: match e {
+                        StoreError::Database(source)
+                        | StoreError::UniqueViolation { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    },
+                })?;
+            sqlx::query(
+                "INSERT INTO tessera_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(version)
+            .bind(migration.name)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(version, name = migration.name, "applied migration");
+        }
+        Ok(())
+    }
+
+    /// The engine behind this handle.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The pool, for reads outside a transaction: `sqlx::query(..).fetch_all(db.pool())`.
+    /// Placeholders are `$1, $2, ...` on both engines.
+    pub fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// Begins a write transaction. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`), so a transaction that reads and then writes never fails with a
+    /// stale snapshot; on PostgreSQL it is a plain READ COMMITTED transaction.
+    pub async fn begin(&self) -> Result<Tx> {
+        let inner = match self.inner.backend {
+            Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.inner.pool.begin().await?,
+        };
+        Ok(Tx {
+            inner,
+            db: self.clone(),
+            appended: None,
+        })
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+    }
+
+    /// The current committed cursor position of consumer `name` (0 if it never ran).
+    pub async fn cursor(&self, name: &str) -> Result<i64> {
+        let pos: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM tessera_cursors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(pos.unwrap_or(0))
+    }
+}
+
+/// A write transaction. Dereferences to the connection, so queries run on it with
+/// `.execute(&mut *tx)`. Dropping it without [`Tx::commit`] rolls back.
+pub struct Tx {
+    inner: Transaction<'static, Any>,
+    db: Db,
+    /// The highest outbox sequence appended in this transaction.
+    appended: Option<i64>,
+}
+
+impl Deref for Tx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.inner
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.inner
+    }
+}
+
+impl Tx {
+    /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
+    pub async fn commit(self) -> Result<()> {
+        self.inner.commit().await?;
+        if let Some(seq) = self.appended {
+            self.db.inner.committed.send_if_modified(|latest| {
+                if seq > *latest {
+                    *latest = seq;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Rolls back explicitly (dropping does the same, without waiting).
+    pub async fn rollback(self) -> Result<()> {
+        self.inner.rollback().await?;
+        Ok(())
+    }
+
+    /// The engine behind this transaction.
+    pub fn backend(&self) -> Backend {
+        self.db.inner.backend
+    }
+
+    /// Appends an event to the outbox in this transaction and returns its sequence.
+    ///
+    /// Sequences are strictly increasing, and commit in sequence order: the append takes
+    /// the outbox's write lock until the transaction ends (PostgreSQL `LOCK TABLE ... IN
+    /// EXCLUSIVE MODE`; SQLite's write lock is already held). So append events as the LAST
+    /// step of a transaction, after its other writes, to keep the lock short and to avoid
+    /// lock-order deadlocks.
+    pub async fn append_event(&mut self, payload: &[u8]) -> Result<i64> {
+        if self.backend() == Backend::Postgres {
+            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO tessera_outbox (sequence, create_time, payload) \
+             SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox \
+             RETURNING sequence",
+        )
+        .bind(now_micros())
+        .bind(payload)
+        .fetch_one(&mut **self)
+        .await?;
+        self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
+        Ok(seq)
+    }
+
+    /// Consumer `name`'s cursor as seen by this transaction (0 if it never ran).
+    pub async fn cursor(&mut self, name: &str) -> Result<i64> {
+        let pos: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM tessera_cursors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut **self)
+                .await?;
+        Ok(pos.unwrap_or(0))
+    }
+
+    /// Moves consumer `name`'s cursor forward to `position`, returning `false` (and changing
+    /// nothing) if it is already there or beyond, i.e. the event was applied before.
+    ///
+    /// Call it FIRST in the transaction that applies the event: on PostgreSQL the update
+    /// locks the cursor row, so two replicas of a consumer applying the same event serialize
+    /// here and the second sees `false` once the first commits.
+    pub async fn advance_cursor(&mut self, name: &str, position: i64) -> Result<bool> {
+        sqlx::query(
+            "INSERT INTO tessera_cursors (name, position) VALUES ($1, 0) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .execute(&mut **self)
+        .await?;
+        let moved = sqlx::query(
+            "UPDATE tessera_cursors SET position = $1 WHERE name = $2 AND position < $1",
+        )
+        .bind(position)
+        .bind(name)
+        .execute(&mut **self)
+        .await?
+        .rows_affected();
+        Ok(moved == 1)
+    }
+
+    /// Sets consumer `name`'s cursor to `position` unconditionally (e.g. to rewind).
+    pub async fn set_cursor(&mut self, name: &str, position: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tessera_cursors (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&mut **self)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        assert!(valid_schema("posts"));
+        assert!(valid_schema("_t1"));
+        assert!(!valid_schema("1abc"));
+        assert!(!valid_schema("a\"b"));
+        assert!(!valid_schema(""));
+        assert!(!valid_schema(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn sqlite_urls_escape_url_syntax() {
+        let url = sqlite_url(Path::new("/tmp/a b?c#d%e.db")).unwrap_or_default();
+        assert_eq!(url, "sqlite:///tmp/a%20b%3Fc%23d%25e.db?mode=rwc");
+    }
+}

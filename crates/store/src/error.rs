@@ -1,0 +1,57 @@
+use thiserror::Error;
+
+/// Everything that can go wrong in storage. Services map it to a `tonic::Status` in their own
+/// error type: [`StoreError::UniqueViolation`] usually becomes ALREADY_EXISTS (or, for a
+/// `request_id` race, a re-read of the first result); the rest become an opaque INTERNAL.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database location or an option is unusable (bad URL, bad schema name, ...).
+    #[error("bad database setting: {0}")]
+    Config(String),
+
+    /// An INSERT or UPDATE collided with a UNIQUE or PRIMARY KEY constraint.
+    #[error("unique constraint violated ({})", constraint.as_deref().unwrap_or("unnamed"))]
+    UniqueViolation {
+        /// The constraint's name, when the backend reports it (PostgreSQL does, SQLite does not).
+        constraint: Option<String>,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The migrations recorded in the database do not match the ones compiled in.
+    #[error("migration {version} ({name}): {reason}")]
+    Migration {
+        version: i64,
+        name: String,
+        reason: String,
+    },
+
+    /// Any other database failure.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether this is a UNIQUE / PRIMARY KEY collision.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::UniqueViolation { .. })
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && db.is_unique_violation()
+        {
+            let constraint = db.constraint().map(str::to_owned);
+            return StoreError::UniqueViolation {
+                constraint,
+                source: err,
+            };
+        }
+        StoreError::Database(err)
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,64 @@
+//! The comment service's one error type, mapped to `tonic::Status` in one place.
+
+use tessera_store::StoreError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommentsError {
+    /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
+    #[error("invalid argument: {}", .0.message())]
+    Invalid(Status),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
+    /// The token's user has been deleted.
+    #[error("the user no longer exists")]
+    UserGone,
+    /// A downstream service answered with an error; passed through as it is.
+    #[error("downstream: {}: {}", .0.code(), .0.message())]
+    Upstream(Status),
+    /// A stored event could not be decoded.
+    #[error("outbox event {sequence} is corrupt: {source}")]
+    CorruptEvent {
+        sequence: i64,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("storage")]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for CommentsError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl From<CommentsError> for Status {
+    fn from(err: CommentsError) -> Self {
+        match err {
+            CommentsError::Invalid(status) | CommentsError::Upstream(status) => status,
+            CommentsError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            CommentsError::PermissionDenied(why) => Status::permission_denied(why),
+            CommentsError::UserGone => Status::unauthenticated("the user no longer exists"),
+            e @ (CommentsError::CorruptEvent { .. } | CommentsError::Store(_)) => {
+                tessera_mesh::errors::internal(error_chain(&e))
+            }
+        }
+    }
+}
+
+/// `err: cause: cause ...`, for the log.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

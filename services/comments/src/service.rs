@@ -1,0 +1,400 @@
+//! The CommentService handlers and the SQL behind them.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use prost::Message;
+use sqlx::{Row, any::AnyRow};
+use tessera::{
+    comments::v1::{
+        Comment, CommentCreated, CommentDeleted, CreateCommentRequest, CreateCommentResponse,
+        DeleteCommentRequest, DeleteCommentResponse, ListCommentsRequest, ListCommentsResponse,
+        WatchEventsRequest, WatchEventsResponse, comment_service_server::CommentService,
+        watch_events_response::Event,
+    },
+    posts::v1::{GetPostRequest, post_service_client::PostServiceClient},
+};
+use tessera_client::Channel;
+use tessera_mesh::{auth::end_user, errors::Violations};
+use tessera_store::{Db, Tx, now_micros, timestamp};
+use tonic::{Request, Response, Status};
+
+use crate::{CommentsError, MIGRATIONS, page::PageToken};
+
+/// Longest comment body, in characters.
+pub const MAX_BODY_CHARS: usize = 10_000;
+/// Comments per page when the request does not say.
+pub const DEFAULT_PAGE_SIZE: i32 = 20;
+/// The largest page; larger requests are capped to it.
+pub const MAX_PAGE_SIZE: i32 = 100;
+/// Longest id accepted in a request (post, comment and request ids).
+const MAX_ID_LEN: usize = 128;
+
+/// The comment service: its database and the posts client it checks posts with.
+#[derive(Clone)]
+pub struct Comments {
+    pub(crate) db: Db,
+    posts: PostServiceClient<Channel>,
+}
+
+type Result<T, E = CommentsError> = std::result::Result<T, E>;
+
+const COLUMNS: &str = "comment_id, post_id, author_id, body, create_time";
+
+fn comment_from_row(row: &AnyRow) -> Result<Comment, sqlx::Error> {
+    Ok(Comment {
+        comment_id: row.try_get(0)?,
+        post_id: row.try_get(1)?,
+        author_id: row.try_get(2)?,
+        body: row.try_get(3)?,
+        create_time: Some(timestamp(row.try_get(4)?)),
+    })
+}
+
+/// Checks an id-like field: present (if `required`), short, without control characters
+/// (PostgreSQL cannot store NUL in TEXT).
+fn check_id(v: &mut Violations, value: &str, field: &str, required: bool) {
+    if value.is_empty() {
+        v.check(required, field, "must not be empty");
+    } else if value.len() > MAX_ID_LEN {
+        v.add(field, format!("must be at most {MAX_ID_LEN} bytes"));
+    } else if value.chars().any(char::is_control) {
+        v.add(field, "must not contain control characters");
+    }
+}
+
+/// 0 means the default; above the maximum is capped; negative is an error.
+fn page_size(v: &mut Violations, size: i32) -> i64 {
+    v.check(size < 0, "page_size", "must not be negative");
+    i64::from(match size {
+        n if n <= 0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    })
+}
+
+impl Comments {
+    /// Opens (creating and migrating) the database at `database` — a SQLite path or a
+    /// `postgres://` URL — and serves over it, checking posts with `posts`.
+    pub async fn open(database: &str, posts: PostServiceClient<Channel>) -> Result<Self> {
+        let db = Db::open(database, MIGRATIONS).await?;
+        Self::with_db(db, posts).await
+    }
+
+    /// Like [`Comments::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(db: Db, posts: PostServiceClient<Channel>) -> Result<Self> {
+        db.migrate(MIGRATIONS).await?;
+        Ok(Self { db, posts })
+    }
+
+    /// The database, for consumers and tests.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn create(&self, author: &str, req: CreateCommentRequest) -> Result<Comment> {
+        let mut v = Violations::new();
+        check_id(&mut v, &req.post_id, "post_id", true);
+        check_id(&mut v, &req.request_id, "request_id", false);
+        let chars = req.body.chars().count();
+        if req.body.trim().is_empty() {
+            v.add("body", "must not be empty");
+        } else if chars > MAX_BODY_CHARS {
+            v.add(
+                "body",
+                format!("must be at most {MAX_BODY_CHARS} characters"),
+            );
+        } else if req.body.contains('\0') {
+            v.add("body", "must not contain NUL characters");
+        }
+        v.into_result().map_err(CommentsError::Invalid)?;
+
+        let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
+        if let Some(rid) = request_id
+            && let Some(first) = self.by_request(author, rid).await?
+        {
+            return Ok(first);
+        }
+
+        let post = self
+            .posts
+            .clone()
+            .get_post(GetPostRequest {
+                post_id: req.post_id.clone(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => CommentsError::NotFound(format!("post {}", req.post_id)),
+                _ => CommentsError::Upstream(s),
+            })?
+            .into_inner()
+            .post
+            .ok_or_else(|| CommentsError::NotFound(format!("post {}", req.post_id)))?;
+
+        let comment = Comment {
+            comment_id: uuid::Uuid::now_v7().to_string(),
+            post_id: req.post_id,
+            author_id: author.to_owned(),
+            body: req.body,
+            create_time: None,
+        };
+        match self.insert(&comment, &post.author_id, request_id).await {
+            Err(CommentsError::Store(e)) if e.is_unique_violation() => {
+                // A concurrent retry with the same request_id won: return its comment.
+                match request_id {
+                    Some(rid) => self
+                        .by_request(author, rid)
+                        .await?
+                        .ok_or(CommentsError::Store(e)),
+                    None => Err(CommentsError::Store(e)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Inserts the comment and its CommentCreated event in one transaction.
+    async fn insert(
+        &self,
+        comment: &Comment,
+        post_author_id: &str,
+        request_id: Option<&str>,
+    ) -> Result<Comment> {
+        let now = now_micros();
+        let mut tx = self.db.begin().await?;
+        // The post may have been deleted, or the user, since their events were applied:
+        // the tombstones close that race (the GetPost above saw an older state).
+        let gone_post: Option<String> =
+            sqlx::query_scalar("SELECT post_id FROM deleted_posts WHERE post_id = $1")
+                .bind(&comment.post_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if gone_post.is_some() {
+            return Err(CommentsError::NotFound(format!("post {}", comment.post_id)));
+        }
+        let gone_user: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM deleted_users WHERE user_id = $1")
+                .bind(&comment.author_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if gone_user.is_some() {
+            return Err(CommentsError::UserGone);
+        }
+        sqlx::query(
+            "INSERT INTO comments \
+             (comment_id, post_id, author_id, post_author_id, body, create_time, request_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&comment.comment_id)
+        .bind(&comment.post_id)
+        .bind(&comment.author_id)
+        .bind(post_author_id)
+        .bind(&comment.body)
+        .bind(now)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
+        let stored = Comment {
+            create_time: Some(timestamp(now)),
+            ..comment.clone()
+        };
+        append(
+            &mut tx,
+            Event::CommentCreated(CommentCreated {
+                comment: Some(stored.clone()),
+                post_author_id: post_author_id.to_owned(),
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn by_request(&self, author: &str, request_id: &str) -> Result<Option<Comment>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM comments WHERE author_id = $1 AND request_id = $2"
+        ))
+        .bind(author)
+        .bind(request_id)
+        .fetch_optional(self.db.pool())
+        .await?;
+        Ok(row.as_ref().map(comment_from_row).transpose()?)
+    }
+
+    async fn list(&self, req: ListCommentsRequest) -> Result<ListCommentsResponse> {
+        let mut v = Violations::new();
+        check_id(&mut v, &req.post_id, "post_id", true);
+        let size = page_size(&mut v, req.page_size);
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            match PageToken::from_token(&req.page_token) {
+                Some(t) if t.post_id == req.post_id => Some(t),
+                Some(_) => {
+                    v.add("page_token", "belongs to another post");
+                    None
+                }
+                None => {
+                    v.add("page_token", "is not a page token this service issued");
+                    None
+                }
+            }
+        };
+        v.into_result().map_err(CommentsError::Invalid)?;
+
+        // Oldest first; (create_time, comment_id) is a total order, so a page boundary
+        // between two comments of the same microsecond is still exact.
+        let (after_time, after_id) = after
+            .map(|t| (t.create_time, t.comment_id))
+            .unwrap_or((i64::MIN, String::new()));
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM comments WHERE post_id = $1 \
+             AND (create_time > $2 OR (create_time = $2 AND comment_id > $3)) \
+             ORDER BY create_time, comment_id LIMIT $4"
+        ))
+        .bind(&req.post_id)
+        .bind(after_time)
+        .bind(after_id)
+        .bind(size + 1)
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut comments = Vec::with_capacity(rows.len());
+        let mut last_time = 0;
+        for row in rows.iter().take(usize::try_from(size).unwrap_or(0)) {
+            last_time = row.try_get(4)?;
+            comments.push(comment_from_row(row)?);
+        }
+        let next_page_token = match comments.last() {
+            Some(last) if rows.len() > comments.len() => PageToken {
+                post_id: req.post_id,
+                create_time: last_time,
+                comment_id: last.comment_id.clone(),
+            }
+            .to_token(),
+            _ => String::new(),
+        };
+        Ok(ListCommentsResponse {
+            comments,
+            next_page_token,
+        })
+    }
+
+    async fn delete(
+        &self,
+        caller: &tessera_mesh::auth::UserClaims,
+        req: DeleteCommentRequest,
+    ) -> Result<()> {
+        let mut v = Violations::new();
+        check_id(&mut v, &req.comment_id, "comment_id", true);
+        v.into_result().map_err(CommentsError::Invalid)?;
+
+        let mut tx = self.db.begin().await?;
+        let row = sqlx::query(
+            "SELECT post_id, author_id, post_author_id FROM comments WHERE comment_id = $1",
+        )
+        .bind(&req.comment_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| CommentsError::NotFound(format!("comment {}", req.comment_id)))?;
+        let post_id: String = row.try_get(0)?;
+        let author_id: String = row.try_get(1)?;
+        let post_author_id: String = row.try_get(2)?;
+        let allowed =
+            caller.sub == author_id || caller.sub == post_author_id || caller.is_moderator();
+        if !allowed {
+            return Err(CommentsError::PermissionDenied(
+                "only the comment's author, the post's author, a moderator or an admin may delete it",
+            ));
+        }
+        let deleted = sqlx::query("DELETE FROM comments WHERE comment_id = $1")
+            .bind(&req.comment_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            // A concurrent delete got there first (PostgreSQL, READ COMMITTED): it emitted
+            // the event.
+            return Err(CommentsError::NotFound(format!(
+                "comment {}",
+                req.comment_id
+            )));
+        }
+        append(
+            &mut tx,
+            Event::CommentDeleted(CommentDeleted {
+                comment_id: req.comment_id,
+                post_id,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Appends one event to the outbox, as the last write of `tx`.
+pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), tessera_store::StoreError> {
+    let payload = WatchEventsResponse {
+        event: Some(event),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    tx.append_event(&payload).await.map(drop)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CommentService for Comments {
+    async fn create_comment(
+        &self,
+        request: Request<CreateCommentRequest>,
+    ) -> Result<Response<CreateCommentResponse>, Status> {
+        let author = end_user(&request)?.claims.sub.clone();
+        let comment = self.create(&author, request.into_inner()).await?;
+        Ok(Response::new(CreateCommentResponse {
+            comment: Some(comment),
+        }))
+    }
+
+    async fn list_comments(
+        &self,
+        request: Request<ListCommentsRequest>,
+    ) -> Result<Response<ListCommentsResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn delete_comment(
+        &self,
+        request: Request<DeleteCommentRequest>,
+    ) -> Result<Response<DeleteCommentResponse>, Status> {
+        let caller = end_user(&request)?.claims.clone();
+        self.delete(&caller, request.into_inner()).await?;
+        Ok(Response::new(DeleteCommentResponse {}))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let after = request.into_inner().after_sequence;
+        let mut v = Violations::new();
+        v.check(after < 0, "after_sequence", "must not be negative");
+        v.into_result()?;
+        let stream = self.db.events(after).map(|item| -> Result<_, Status> {
+            let event = item.map_err(CommentsError::from)?;
+            let mut msg =
+                WatchEventsResponse::decode(event.payload.as_slice()).map_err(|source| {
+                    CommentsError::CorruptEvent {
+                        sequence: event.sequence,
+                        source,
+                    }
+                })?;
+            msg.sequence = event.sequence;
+            msg.create_time = Some(timestamp(event.create_time));
+            Ok(msg)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

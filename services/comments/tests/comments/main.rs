@@ -1,0 +1,8 @@
+//! The comment service over in-process channels, on SQLite and (when
+//! `TESSERA_TEST_DATABASE_URL` is set) PostgreSQL.
+
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod consumers;
+mod support;

@@ -1,0 +1,8 @@
+//! The gateway's tests over in-process channels: no sockets, fake downstream services that
+//! count their calls.
+
+#![allow(clippy::unwrap_used)]
+
+mod fakes;
+mod feed;
+mod proxy;

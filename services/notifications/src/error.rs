@@ -1,0 +1,48 @@
+//! The notification service's one error type, mapped to `tonic::Status` in one place.
+
+use tessera_store::StoreError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotificationsError {
+    /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
+    #[error("invalid argument: {}", .0.message())]
+    Invalid(Status),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("storage")]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for NotificationsError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl From<NotificationsError> for Status {
+    fn from(err: NotificationsError) -> Self {
+        match err {
+            NotificationsError::Invalid(status) => status,
+            NotificationsError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            NotificationsError::PermissionDenied(why) => Status::permission_denied(why),
+            e @ NotificationsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
+        }
+    }
+}
+
+/// `err: cause: cause ...`, for the log.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

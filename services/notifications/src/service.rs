@@ -1,0 +1,326 @@
+//! The NotificationService handlers and the SQL behind them.
+
+use std::{collections::HashSet, sync::Arc};
+
+use sqlx::{Row, any::AnyRow};
+use tessera::notifications::v1::{
+    ListNotificationsRequest, ListNotificationsResponse, MarkNotificationsReadRequest,
+    MarkNotificationsReadResponse, Notification, SubscribeNotificationsRequest,
+    notification_service_server::NotificationService,
+};
+use tessera_mesh::{auth::end_user, errors::Violations};
+use tessera_store::{Db, timestamp};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    MIGRATIONS, NotificationsError,
+    hub::{Hub, Subscription, fan_out},
+    page::PageToken,
+};
+
+/// Notifications per page when the request does not say.
+pub const DEFAULT_PAGE_SIZE: i32 = 20;
+/// The largest page; larger requests are capped to it.
+pub const MAX_PAGE_SIZE: i32 = 100;
+/// The most ids one MarkNotificationsRead may name.
+pub const MAX_MARK_IDS: usize = 1000;
+const MAX_ID_LEN: usize = 128;
+
+/// `is_read` values (a BIGINT column: see [`crate::MIGRATIONS`]).
+pub(crate) const READ: i64 = 1;
+pub(crate) const UNREAD: i64 = 0;
+
+type Result<T, E = NotificationsError> = std::result::Result<T, E>;
+
+/// The notification service. Cheap to clone (shared state).
+///
+/// Opening it starts this replica's fan-out task (see the `hub` module), which ends when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct Notifications {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    hub: Arc<Hub>,
+    /// Dropping it (with the last clone) stops the fan-out task.
+    _stop: watch::Sender<()>,
+}
+
+const COLUMNS: &str = "notification_id, post_id, comment_id, actor_id, is_read, create_time";
+
+fn notification_from_row(row: &AnyRow) -> Result<Notification, sqlx::Error> {
+    Ok(Notification {
+        notification_id: row.try_get(0)?,
+        post_id: row.try_get(1)?,
+        comment_id: row.try_get(2)?,
+        actor_id: row.try_get(3)?,
+        read: row.try_get::<i64, _>(4)? != 0,
+        create_time: Some(timestamp(row.try_get(5)?)),
+    })
+}
+
+fn bad_id(id: &str) -> bool {
+    id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control)
+}
+
+/// `$first, $first+1, ...`: `n` numbered placeholders.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn unread_count<'e, E>(executor: E, user_id: &str) -> Result<i64>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    Ok(
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM notifications WHERE user_id = $1 AND is_read = $2",
+        )
+        .bind(user_id)
+        .bind(UNREAD)
+        .fetch_one(executor)
+        .await?,
+    )
+}
+
+impl Notifications {
+    /// Opens (creating and migrating) the database at `database` — a SQLite path or a
+    /// `postgres://` URL — and starts the fan-out of live notifications.
+    pub async fn open(database: &str) -> Result<Self> {
+        let db = Db::open(database, MIGRATIONS).await?;
+        Self::with_db(db).await
+    }
+
+    /// Like [`Notifications::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(db: Db) -> Result<Self> {
+        db.migrate(MIGRATIONS).await?;
+        let hub = Arc::new(Hub::default());
+        let (stop, stopped) = watch::channel(());
+        // Live delivery starts from now: a subscriber gets what is created while it listens.
+        let after = db.last_sequence().await?;
+        tokio::spawn(fan_out(db.clone(), Arc::clone(&hub), after, stopped));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                hub,
+                _stop: stop,
+            }),
+        })
+    }
+
+    /// The database, for consumers and tests.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Users with an open SubscribeNotifications stream on this replica.
+    pub fn subscribed_users(&self) -> usize {
+        self.inner.hub.len()
+    }
+
+    /// Ends every open SubscribeNotifications stream on this replica (their clients see a
+    /// clean end of stream and may resubscribe elsewhere). Call it when draining, so
+    /// long-lived streams do not hold up a graceful shutdown.
+    pub fn close_subscriptions(&self) {
+        self.inner.hub.close_all();
+    }
+
+    /// A live stream of `user_id`'s new notifications.
+    pub fn subscribe(&self, user_id: &str) -> Subscription {
+        self.inner.hub.subscribe(user_id)
+    }
+
+    async fn list(
+        &self,
+        user_id: &str,
+        req: ListNotificationsRequest,
+    ) -> Result<ListNotificationsResponse> {
+        let mut v = Violations::new();
+        v.check(req.page_size < 0, "page_size", "must not be negative");
+        let size = i64::from(match req.page_size {
+            n if n <= 0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        });
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            match PageToken::from_token(&req.page_token) {
+                Some(t) if t.user_id == user_id && t.unread_only == req.unread_only => Some(t),
+                Some(t) if t.user_id == user_id => {
+                    v.add(
+                        "page_token",
+                        "was issued for a different unread_only filter",
+                    );
+                    None
+                }
+                _ => {
+                    v.add(
+                        "page_token",
+                        "is not a page token this service issued for you",
+                    );
+                    None
+                }
+            }
+        };
+        v.into_result().map_err(NotificationsError::Invalid)?;
+
+        // Newest first; (create_time, notification_id) is a total order.
+        let (before_time, before_id) = after
+            .map(|t| (t.create_time, t.notification_id))
+            .unwrap_or((i64::MAX, String::new()));
+        let unread_filter = if req.unread_only {
+            "AND is_read = $5"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM notifications WHERE user_id = $1 \
+             AND (create_time < $2 OR (create_time = $2 AND notification_id < $3)) {unread_filter} \
+             ORDER BY create_time DESC, notification_id DESC LIMIT $4"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(user_id)
+            .bind(before_time)
+            .bind(&before_id)
+            .bind(size + 1);
+        if req.unread_only {
+            query = query.bind(UNREAD);
+        }
+        let rows = query.fetch_all(self.db().pool()).await?;
+        let take = usize::try_from(size).unwrap_or(0);
+        let mut notifications = Vec::with_capacity(rows.len().min(take));
+        let mut last_time = 0;
+        for row in rows.iter().take(take) {
+            last_time = row.try_get(5)?;
+            notifications.push(notification_from_row(row)?);
+        }
+        let next_page_token = match notifications.last() {
+            Some(last) if rows.len() > notifications.len() => PageToken {
+                user_id: user_id.to_owned(),
+                unread_only: req.unread_only,
+                create_time: last_time,
+                notification_id: last.notification_id.clone(),
+            }
+            .to_token(),
+            _ => String::new(),
+        };
+        Ok(ListNotificationsResponse {
+            notifications,
+            next_page_token,
+            unread_count: unread_count(self.db().pool(), user_id).await?,
+        })
+    }
+
+    async fn mark_read(&self, user_id: &str, req: MarkNotificationsReadRequest) -> Result<i64> {
+        let mut v = Violations::new();
+        v.check(
+            req.notification_ids.len() > MAX_MARK_IDS,
+            "notification_ids",
+            "names too many notifications (at most 1000)",
+        );
+        v.check(
+            req.notification_ids.iter().any(|id| bad_id(id)),
+            "notification_ids",
+            "must hold non-empty ids of at most 128 bytes without control characters",
+        );
+        v.into_result().map_err(NotificationsError::Invalid)?;
+
+        let mut tx = self.db().begin().await?;
+        if req.notification_ids.is_empty() {
+            sqlx::query(
+                "UPDATE notifications SET is_read = $2 WHERE user_id = $1 AND is_read = $3",
+            )
+            .bind(user_id)
+            .bind(READ)
+            .bind(UNREAD)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            let mut seen = HashSet::new();
+            let ids: Vec<&str> = req
+                .notification_ids
+                .iter()
+                .map(String::as_str)
+                .filter(|id| seen.insert(*id))
+                .collect();
+            let list = placeholders(1, ids.len());
+            let sql = format!(
+                "SELECT notification_id, user_id FROM notifications WHERE notification_id IN ({list})"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in &ids {
+                query = query.bind(*id);
+            }
+            let rows = query.fetch_all(&mut *tx).await?;
+            let mut owners = std::collections::HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let id: String = row.try_get(0)?;
+                let owner: String = row.try_get(1)?;
+                owners.insert(id, owner);
+            }
+            for id in &ids {
+                match owners.get(*id) {
+                    None => return Err(NotificationsError::NotFound(format!("notification {id}"))),
+                    Some(owner) if owner != user_id => {
+                        return Err(NotificationsError::PermissionDenied(format!(
+                            "notification {id} is not yours"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let list = placeholders(3, ids.len());
+            let sql = format!(
+                "UPDATE notifications SET is_read = $2 WHERE user_id = $1 AND notification_id IN ({list})"
+            );
+            let mut update = sqlx::query(&sql).bind(user_id).bind(READ);
+            for id in &ids {
+                update = update.bind(*id);
+            }
+            update.execute(&mut *tx).await?;
+        }
+        let count = unread_count(&mut *tx, user_id).await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+}
+
+#[tonic::async_trait]
+impl NotificationService for Notifications {
+    async fn list_notifications(
+        &self,
+        request: Request<ListNotificationsRequest>,
+    ) -> Result<Response<ListNotificationsResponse>, Status> {
+        let user_id = end_user(&request)?.claims.sub.clone();
+        Ok(Response::new(
+            self.list(&user_id, request.into_inner()).await?,
+        ))
+    }
+
+    async fn mark_notifications_read(
+        &self,
+        request: Request<MarkNotificationsReadRequest>,
+    ) -> Result<Response<MarkNotificationsReadResponse>, Status> {
+        let user_id = end_user(&request)?.claims.sub.clone();
+        let unread_count = self.mark_read(&user_id, request.into_inner()).await?;
+        Ok(Response::new(MarkNotificationsReadResponse {
+            unread_count,
+        }))
+    }
+
+    type SubscribeNotificationsStream = Subscription;
+
+    async fn subscribe_notifications(
+        &self,
+        request: Request<SubscribeNotificationsRequest>,
+    ) -> Result<Response<Self::SubscribeNotificationsStream>, Status> {
+        let user_id = &end_user(&request)?.claims.sub;
+        Ok(Response::new(self.subscribe(user_id)))
+    }
+}

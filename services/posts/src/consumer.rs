@@ -1,0 +1,99 @@
+//! UserService events → posts: a deleted user's posts are deleted, each with a PostDeleted
+//! event, in the transaction that advances the cursor.
+
+use tessera::users::v1::{
+    WatchEventsRequest, WatchEventsResponse, user_service_client::UserServiceClient,
+    watch_events_response::Event,
+};
+use tessera_client::Channel;
+use tessera_store::{StoreError, Tx, now_micros};
+use tokio::sync::watch;
+
+use crate::{
+    Posts,
+    service::{append, post_deleted},
+};
+
+/// The cursor name in posts' database.
+pub const USER_EVENTS_CURSOR: &str = "users-events";
+
+/// Follows UserService.WatchEvents for posts; see [`follow_user_events`].
+pub struct UserEvents {
+    users: UserServiceClient<Channel>,
+}
+
+impl UserEvents {
+    pub fn new(users: UserServiceClient<Channel>) -> Self {
+        Self { users }
+    }
+}
+
+impl tessera_store::Consumer for UserEvents {
+    type Event = WatchEventsResponse;
+    type Error = tonic::Status;
+    type Stream = tonic::Streaming<WatchEventsResponse>;
+
+    fn name(&self) -> &str {
+        USER_EVENTS_CURSOR
+    }
+
+    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
+        let mut users = self.users.clone();
+        Ok(users
+            .watch_events(WatchEventsRequest { after_sequence })
+            .await?
+            .into_inner())
+    }
+
+    fn sequence(&self, event: &WatchEventsResponse) -> i64 {
+        event.sequence
+    }
+
+    async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
+        let Some(Event::UserDeleted(deleted)) = event.event else {
+            return Ok(());
+        };
+        let n = delete_author(tx, &deleted.user_id).await?;
+        tracing::info!(user_id = %deleted.user_id, posts = n, "deleted a deleted user's posts");
+        Ok(())
+    }
+}
+
+/// Records the author as deleted (so a still-valid token cannot post again) and deletes
+/// their posts, appending PostDeleted for each. All row changes come before the appends,
+/// which take the outbox lock (see `Tx::append_event`).
+async fn delete_author(tx: &mut Tx, author_id: &str) -> Result<usize, StoreError> {
+    sqlx::query(
+        "INSERT INTO deleted_authors (author_id, delete_time) VALUES ($1, $2) \
+         ON CONFLICT (author_id) DO NOTHING",
+    )
+    .bind(author_id)
+    .bind(now_micros())
+    .execute(&mut **tx)
+    .await?;
+    let mut post_ids: Vec<(i64, String)> =
+        sqlx::query_as("DELETE FROM posts WHERE author_id = $1 RETURNING create_time, post_id")
+            .bind(author_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    sqlx::query("DELETE FROM create_requests WHERE author_id = $1")
+        .bind(author_id)
+        .execute(&mut **tx)
+        .await?;
+    post_ids.sort();
+    for (_, post_id) in &post_ids {
+        append(tx, post_deleted(post_id, author_id)).await?;
+    }
+    Ok(post_ids.len())
+}
+
+/// Follows UserService's events until `shutdown` turns `true`: each `UserDeleted` deletes that
+/// user's posts (each emitting `PostDeleted`, so comments cascade), exactly once, with the
+/// cursor kept in posts' database. Reconnects with backoff when the stream fails.
+pub async fn follow_user_events(
+    posts: Posts,
+    users: UserServiceClient<Channel>,
+    shutdown: watch::Receiver<bool>,
+) {
+    tessera_store::run_consumer(posts.db().clone(), UserEvents::new(users), shutdown).await;
+}

@@ -1,0 +1,52 @@
+use tessera_store::StoreError;
+use tonic::Status;
+
+/// Everything PostService can fail with, mapped to a gRPC status in [`From<Error> for Status`]
+/// (the one place).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("post not found")]
+    NotFound,
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// The etag sent with an update is not the stored one.
+    #[error("the post changed since it was read; read it again and retry")]
+    StaleEtag,
+    /// The end user's account was deleted (their token may still be valid for a while).
+    #[error("the author's account was deleted")]
+    AuthorDeleted,
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Error::Store(StoreError::from(err))
+    }
+}
+
+/// The error and its causes on one line, for the log.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::NotFound => Status::not_found("post not found"),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::StaleEtag => Status::aborted(err.to_string()),
+            Error::AuthorDeleted => Status::failed_precondition(err.to_string()),
+            other => tessera_mesh::errors::internal(chain(&other)),
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The UserService handlers.
+
+use std::pin::Pin;
+
+use argon2::{
+    Algorithm, Argon2, PasswordHash, PasswordHasher, PasswordVerifier, Version,
+    password_hash::SaltString,
+};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tessera::users::v1::{
+    BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
+    DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
+    GetUserResponse, Jwk, LoginRequest, LoginResponse, Role, SetUserRoleRequest,
+    SetUserRoleResponse, User, UserCreated, UserDeleted, WatchEventsRequest, WatchEventsResponse,
+    user_service_server::UserService, watch_events_response::Event,
+};
+use tessera_mesh::{
+    auth::{end_user, maybe_end_user},
+    errors::{Violations, invalid_field},
+};
+use tessera_store::{StoreError, Tx, now_micros, timestamp};
+use tonic::{Request, Response, Status};
+
+use crate::{Error, Users};
+
+/// Most ids one BatchGetUsers may ask for.
+pub const MAX_BATCH: usize = 100;
+const MAX_DISPLAY_NAME: usize = 64;
+const MIN_PASSWORD: usize = 8;
+/// Hashing cost grows with input; nobody needs a longer password.
+const MAX_PASSWORD_BYTES: usize = 1024;
+const MAX_EMAIL: usize = 254;
+const MAX_REQUEST_ID: usize = 128;
+
+const USER_COLUMNS: &str =
+    "user_id, username, display_name, email, password_hash, role, create_time";
+type UserTuple = (String, String, String, String, String, String, i64);
+
+/// A stored user, hash included; never leaves the service as is.
+struct UserRow {
+    user_id: String,
+    username: String,
+    display_name: String,
+    email: String,
+    password_hash: String,
+    role: String,
+    create_time: i64,
+}
+
+impl From<UserTuple> for UserRow {
+    fn from(t: UserTuple) -> Self {
+        let (user_id, username, display_name, email, password_hash, role, create_time) = t;
+        Self {
+            user_id,
+            username,
+            display_name,
+            email,
+            password_hash,
+            role,
+            create_time,
+        }
+    }
+}
+
+impl UserRow {
+    /// The public view; the email only when `show_email`.
+    fn to_proto(&self, show_email: bool) -> User {
+        User {
+            user_id: self.user_id.clone(),
+            username: self.username.clone(),
+            display_name: self.display_name.clone(),
+            email: if show_email {
+                self.email.clone()
+            } else {
+                String::new()
+            },
+            role: role_from_name(&self.role) as i32,
+            create_time: Some(timestamp(self.create_time)),
+        }
+    }
+}
+
+fn role_from_name(name: &str) -> Role {
+    match name {
+        "ADMIN" => Role::Admin,
+        "MODERATOR" => Role::Moderator,
+        "USER" => Role::User,
+        _ => Role::Unspecified,
+    }
+}
+
+fn role_name(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Admin => Some("ADMIN"),
+        Role::Moderator => Some("MODERATOR"),
+        Role::User => Some("USER"),
+        Role::Unspecified => None,
+    }
+}
+
+fn valid_username(s: &str) -> bool {
+    (3..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A deliberately simple check: one `@`, a non-empty local part, a dotted domain of sane
+/// characters, no whitespace or control characters. Deliverability is not our business.
+fn valid_email(s: &str) -> bool {
+    if s.len() > MAX_EMAIL || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn validate_create(req: &CreateUserRequest) -> Result<(), Status> {
+    let mut v = Violations::new();
+    v.check(
+        !valid_username(&req.username),
+        "username",
+        "must be 3 to 32 characters of a-z, 0-9 and _",
+    );
+    v.check(
+        !valid_email(&req.email),
+        "email",
+        "must be an email address",
+    );
+    v.check(
+        req.password.chars().count() < MIN_PASSWORD,
+        "password",
+        "must be at least 8 characters",
+    );
+    v.check(
+        req.password.len() > MAX_PASSWORD_BYTES,
+        "password",
+        "must be at most 1024 bytes",
+    );
+    let display = req.display_name.trim();
+    v.check(display.is_empty(), "display_name", "is required");
+    v.check(
+        req.display_name.chars().count() > MAX_DISPLAY_NAME,
+        "display_name",
+        "must be at most 64 characters",
+    );
+    v.check(
+        req.display_name.chars().any(char::is_control),
+        "display_name",
+        "must not contain control characters",
+    );
+    v.check(
+        req.request_id.len() > MAX_REQUEST_ID,
+        "request_id",
+        "must be at most 128 bytes",
+    );
+    v.into_result()
+}
+
+fn argon2id(params: argon2::Params) -> Argon2<'static> {
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Hashes on the blocking pool (argon2 is deliberately slow).
+pub(crate) async fn hash_password(
+    params: argon2::Params,
+    password: String,
+) -> Result<String, Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut salt = [0_u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .map_err(|_| Error::Password("no randomness for the salt".into()))?;
+        let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
+        argon2id(params)
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::Password(e.to_string()))
+    })
+    .await?
+}
+
+/// Checks a password against a stored PHC hash (its own parameters), on the blocking pool.
+async fn verify_password(hash: String, password: String) -> Result<bool, Error> {
+    tokio::task::spawn_blocking(move || {
+        let parsed = PasswordHash::new(&hash).map_err(|e| Error::Corrupt(e.to_string()))?;
+        Ok(Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
+    })
+    .await?
+}
+
+fn required(value: &str, field: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid_field(field, "is required"));
+    }
+    Ok(())
+}
+
+fn db_err(err: sqlx::Error) -> Error {
+    Error::Store(StoreError::from(err))
+}
+
+impl Users {
+    async fn find_user(&self, user_id: &str) -> Result<Option<UserRow>, Error> {
+        let row: Option<UserTuple> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"
+        ))
+        .bind(user_id)
+        .fetch_optional(self.db().pool())
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(UserRow::from))
+    }
+
+    async fn find_by_username(&self, username: &str) -> Result<Option<UserRow>, Error> {
+        let row: Option<UserTuple> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE username = $1"
+        ))
+        .bind(username)
+        .fetch_optional(self.db().pool())
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(UserRow::from))
+    }
+
+    /// The user a previous CreateUser with this request id created, if any.
+    async fn find_by_request(&self, request_id: &str) -> Result<Option<UserRow>, Error> {
+        let row: Option<UserTuple> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE user_id = \
+             (SELECT user_id FROM create_requests WHERE request_id = $1)"
+        ))
+        .bind(request_id)
+        .fetch_optional(self.db().pool())
+        .await
+        .map_err(db_err)?;
+        Ok(row.map(UserRow::from))
+    }
+
+    /// A retried CreateUser: the first result, if the retry is really the same request.
+    fn replay(
+        req: &CreateUserRequest,
+        first: &UserRow,
+    ) -> Result<Response<CreateUserResponse>, Status> {
+        if first.username != req.username || first.email != req.email {
+            return Err(invalid_field(
+                "request_id",
+                "was already used for a different request",
+            ));
+        }
+        Ok(Response::new(CreateUserResponse {
+            user: Some(first.to_proto(true)),
+        }))
+    }
+
+    /// The username exists: either a concurrent retry with the same request id created it
+    /// (return that), or the name is taken.
+    async fn taken_or_replay(
+        &self,
+        req: &CreateUserRequest,
+    ) -> Result<Response<CreateUserResponse>, Status> {
+        if !req.request_id.is_empty()
+            && let Some(first) = self.find_by_request(&req.request_id).await?
+        {
+            return Self::replay(req, &first);
+        }
+        Err(Error::UsernameTaken.into())
+    }
+
+    async fn insert_user(&self, user: &UserRow, request_id: &str) -> Result<(), Error> {
+        let mut tx = self.db().begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&user.user_id)
+        .bind(&user.username)
+        .bind(&user.display_name)
+        .bind(&user.email)
+        .bind(&user.password_hash)
+        .bind(&user.role)
+        .bind(user.create_time)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if !request_id.is_empty() {
+            sqlx::query("INSERT INTO create_requests (request_id, user_id) VALUES ($1, $2)")
+                .bind(request_id)
+                .bind(&user.user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        // Other services never see emails.
+        let event = Event::UserCreated(UserCreated {
+            user: Some(user.to_proto(false)),
+        });
+        append(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
+async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
+    let payload = WatchEventsResponse {
+        event: Some(event),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    tx.append_event(&payload).await?;
+    Ok(())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl UserService for Users {
+    async fn create_user(
+        &self,
+        request: Request<CreateUserRequest>,
+    ) -> Result<Response<CreateUserResponse>, Status> {
+        let req = request.into_inner();
+        validate_create(&req)?;
+        if !req.request_id.is_empty()
+            && let Some(first) = self.find_by_request(&req.request_id).await?
+        {
+            return Self::replay(&req, &first);
+        }
+        // Fail fast before the deliberately slow hash (the insert still decides races).
+        if self.find_by_username(&req.username).await?.is_some() {
+            return self.taken_or_replay(&req).await;
+        }
+        let password_hash = hash_password(
+            self.inner.config.password_params.clone(),
+            req.password.clone(),
+        )
+        .await?;
+        let is_admin = self.inner.config.bootstrap_admin.as_deref() == Some(req.username.as_str());
+        let user = UserRow {
+            user_id: uuid::Uuid::now_v7().to_string(),
+            username: req.username.clone(),
+            display_name: req.display_name.trim().to_owned(),
+            email: req.email.clone(),
+            password_hash,
+            role: if is_admin { "ADMIN" } else { "USER" }.to_owned(),
+            create_time: now_micros(),
+        };
+        match self.insert_user(&user, &req.request_id).await {
+            Ok(()) => {
+                tracing::info!(user_id = %user.user_id, role = %user.role, "user created");
+                Ok(Response::new(CreateUserResponse {
+                    user: Some(user.to_proto(true)),
+                }))
+            }
+            Err(Error::Store(e)) if e.is_unique_violation() => self.taken_or_replay(&req).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.check(req.username.is_empty(), "username", "is required");
+        v.check(req.password.is_empty(), "password", "is required");
+        v.check(
+            req.username.len() > 64 || req.password.len() > MAX_PASSWORD_BYTES,
+            "password",
+            "is too long",
+        );
+        v.into_result()?;
+        let Some(user) = self.find_by_username(&req.username).await? else {
+            // Same work, same answer as a wrong password.
+            verify_password(self.inner.dummy_hash.clone(), req.password).await?;
+            return Err(Error::BadCredentials.into());
+        };
+        if !verify_password(user.password_hash.clone(), req.password).await? {
+            return Err(Error::BadCredentials.into());
+        }
+        let (access_token, claims) =
+            self.inner
+                .signer
+                .sign(&user.user_id, &user.role, self.inner.config.token_ttl);
+        Ok(Response::new(LoginResponse {
+            access_token,
+            expire_time: Some(prost_types::Timestamp {
+                seconds: i64::try_from(claims.exp).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            user: Some(user.to_proto(true)),
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<GetUserRequest>,
+    ) -> Result<Response<GetUserResponse>, Status> {
+        let caller = maybe_end_user(&request).map(|u| u.claims.clone());
+        let req = request.into_inner();
+        required(&req.user_id, "user_id")?;
+        let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
+        let show_email = caller.is_some_and(|c| c.sub == user.user_id || c.is_admin());
+        Ok(Response::new(GetUserResponse {
+            user: Some(user.to_proto(show_email)),
+        }))
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<BatchGetUsersRequest>,
+    ) -> Result<Response<BatchGetUsersResponse>, Status> {
+        let caller = maybe_end_user(&request).map(|u| u.claims.clone());
+        let req = request.into_inner();
+        if req.user_ids.len() > MAX_BATCH {
+            return Err(invalid_field("user_ids", "at most 100 ids per call"));
+        }
+        let mut unique: Vec<&str> = req
+            .user_ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !id.is_empty())
+            .collect();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.is_empty() {
+            return Ok(Response::new(BatchGetUsersResponse::default()));
+        }
+        let placeholders = (1..=unique.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id IN ({placeholders})");
+        let mut query = sqlx::query_as::<_, UserTuple>(&sql);
+        for id in &unique {
+            query = query.bind(*id);
+        }
+        let rows = query.fetch_all(self.db().pool()).await.map_err(db_err)?;
+        let found: std::collections::HashMap<String, UserRow> = rows
+            .into_iter()
+            .map(|t| {
+                let row = UserRow::from(t);
+                (row.user_id.clone(), row)
+            })
+            .collect();
+        let users = req
+            .user_ids
+            .iter()
+            .filter_map(|id| found.get(id))
+            .map(|row| {
+                let show = caller
+                    .as_ref()
+                    .is_some_and(|c| c.sub == row.user_id || c.is_admin());
+                row.to_proto(show)
+            })
+            .collect();
+        Ok(Response::new(BatchGetUsersResponse { users }))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<GetJwksRequest>,
+    ) -> Result<Response<GetJwksResponse>, Status> {
+        let keys = self
+            .inner
+            .jwks
+            .iter()
+            .map(|(kid, x)| Jwk {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                kid: kid.clone(),
+                x: x.clone(),
+                alg: "EdDSA".into(),
+                r#use: "sig".into(),
+            })
+            .collect();
+        Ok(Response::new(GetJwksResponse { keys }))
+    }
+
+    async fn set_user_role(
+        &self,
+        request: Request<SetUserRoleRequest>,
+    ) -> Result<Response<SetUserRoleResponse>, Status> {
+        if !end_user(&request)?.claims.is_admin() {
+            return Err(Error::PermissionDenied("only an ADMIN may change roles").into());
+        }
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        v.check(req.user_id.is_empty(), "user_id", "is required");
+        let role = Role::try_from(req.role).ok().and_then(role_name);
+        v.check(role.is_none(), "role", "must be USER, MODERATOR or ADMIN");
+        v.into_result()?;
+        let role = role.unwrap_or("USER");
+        let mut tx = self.db().begin().await.map_err(Error::from)?;
+        let changed = sqlx::query("UPDATE users SET role = $1 WHERE user_id = $2")
+            .bind(role)
+            .bind(&req.user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+        if changed == 0 {
+            return Err(Error::NotFound.into());
+        }
+        tx.commit().await.map_err(Error::from)?;
+        tracing::info!(user_id = %req.user_id, role, "role changed");
+        let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
+        Ok(Response::new(SetUserRoleResponse {
+            user: Some(user.to_proto(true)),
+        }))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<DeleteUserRequest>,
+    ) -> Result<Response<DeleteUserResponse>, Status> {
+        let caller = end_user(&request)?.claims.clone();
+        let req = request.into_inner();
+        required(&req.user_id, "user_id")?;
+        if caller.sub != req.user_id && !caller.is_admin() {
+            return Err(
+                Error::PermissionDenied("only the user or an ADMIN may delete a user").into(),
+            );
+        }
+        let mut tx = self.db().begin().await.map_err(Error::from)?;
+        let deleted = sqlx::query("DELETE FROM users WHERE user_id = $1")
+            .bind(&req.user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(Error::NotFound.into());
+        }
+        sqlx::query("DELETE FROM create_requests WHERE user_id = $1")
+            .bind(&req.user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        append(
+            &mut tx,
+            Event::UserDeleted(UserDeleted {
+                user_id: req.user_id.clone(),
+            }),
+        )
+        .await?;
+        tx.commit().await.map_err(Error::from)?;
+        tracing::info!(user_id = %req.user_id, by = %caller.sub, "user deleted");
+        Ok(Response::new(DeleteUserResponse {}))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let after = request.into_inner().after_sequence;
+        if after < 0 {
+            return Err(invalid_field("after_sequence", "must not be negative"));
+        }
+        let stream = self.db().events(after).map(|item| {
+            let event = item.map_err(Error::from)?;
+            let mut msg = WatchEventsResponse::decode(event.payload.as_slice())
+                .map_err(|e| Error::Corrupt(format!("outbox event {}: {e}", event.sequence)))?;
+            msg.sequence = event.sequence;
+            msg.create_time = Some(timestamp(event.create_time));
+            Ok(msg)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        for ok in ["abc", "a_1", &"x".repeat(32)] {
+            assert!(valid_username(ok), "{ok}");
+        }
+        for bad in ["ab", "Abc", "a-b", "a b", "", &"x".repeat(33), "é_é"] {
+            assert!(!valid_username(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn emails() {
+        for ok in ["a@b.co", "first.last+tag@mail.example.org", "x@a-b.c"] {
+            assert!(valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "", "a", "a@", "@b.co", "a@b", "a@@b.co", "a b@c.d", "a@b..co", "a@.b", "a@b.co.",
+            "a@b_c.d",
+        ] {
+            assert!(!valid_email(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! UserService handlers called directly (no sockets), on SQLite and, when
+//! `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use tempfile::TempDir;
+use tessera::users::v1::{
+    BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetJwksRequest, GetUserRequest,
+    LoginRequest, Role, SetUserRoleRequest, User, WatchEventsRequest,
+    user_service_server::UserService, watch_events_response::Event,
+};
+use tessera_mesh::{
+    auth::{EndUser, UserClaims},
+    errors::violated_fields,
+    token::Verifier,
+};
+use tessera_users::{MIGRATIONS, Users, UsersConfig};
+use tonic::{Code, Request};
+
+fn config() -> UsersConfig {
+    UsersConfig {
+        bootstrap_admin: Some("root".into()),
+        // Cheap hashing: these tests are about behaviour, not cost.
+        password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        ..UsersConfig::default()
+    }
+}
+
+/// A fresh service on SQLite, plus one on PostgreSQL when configured.
+async fn services(label: &str) -> (Vec<Users>, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("users.db");
+    let mut out = vec![Users::open(path.to_str().unwrap(), config()).await.unwrap()];
+    if let Some(db) = tessera_store::testing::postgres(label, MIGRATIONS)
+        .await
+        .unwrap()
+    {
+        out.push(Users::with_db(db, config()).await.unwrap());
+    }
+    (out, dir)
+}
+
+/// A request from an authenticated end user.
+fn as_user<T>(msg: T, sub: &str, role: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.extensions_mut().insert(EndUser {
+        claims: UserClaims {
+            sub: sub.into(),
+            role: role.into(),
+            exp: u64::MAX / 2,
+            iat: 0,
+        },
+        token: Arc::from("test-token"),
+    });
+    req
+}
+
+fn signup(username: &str) -> CreateUserRequest {
+    CreateUserRequest {
+        username: username.into(),
+        email: format!("{username}@example.org"),
+        password: "correct horse".into(),
+        display_name: format!("{username} display"),
+        request_id: String::new(),
+    }
+}
+
+async fn create(svc: &Users, username: &str) -> User {
+    svc.create_user(Request::new(signup(username)))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+async fn login(
+    svc: &Users,
+    username: &str,
+    password: &str,
+) -> Result<tessera::users::v1::LoginResponse, tonic::Status> {
+    svc.login(Request::new(LoginRequest {
+        username: username.into(),
+        password: password.into(),
+    }))
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn signup_login_and_token_keys() {
+    let (svcs, _dir) = services("login").await;
+    for svc in svcs {
+        let alice = create(&svc, "alice").await;
+        assert_eq!(alice.username, "alice");
+        assert_eq!(
+            alice.email, "alice@example.org",
+            "the creator sees the email"
+        );
+        assert_eq!(alice.role, Role::User as i32);
+        assert!(alice.create_time.is_some());
+
+        let resp = login(&svc, "alice", "correct horse").await.unwrap();
+        assert_eq!(resp.user.as_ref().unwrap().user_id, alice.user_id);
+        let claims = svc.verifier().verify(&resp.access_token).unwrap();
+        assert_eq!(claims.sub, alice.user_id);
+        assert_eq!(claims.role, "USER");
+        assert_eq!(resp.expire_time.unwrap().seconds as u64, claims.exp);
+        assert!(claims.exp > claims.iat);
+
+        // The published JWKS verifies the token, as other services will.
+        let jwks = svc
+            .get_jwks(Request::new(GetJwksRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(jwks.keys.len(), 1);
+        let jwk = &jwks.keys[0];
+        assert_eq!(
+            (
+                jwk.kty.as_str(),
+                jwk.crv.as_str(),
+                jwk.alg.as_str(),
+                jwk.r#use.as_str()
+            ),
+            ("OKP", "Ed25519", "EdDSA", "sig")
+        );
+        assert_eq!(Verifier::peek_kid(&resp.access_token).unwrap(), jwk.kid);
+        let mut v = Verifier::new();
+        v.add_jwk(&jwk.kid, &jwk.x).unwrap();
+        assert_eq!(v.verify(&resp.access_token).unwrap(), claims);
+
+        // Unknown user and wrong password look the same.
+        let wrong = login(&svc, "alice", "wrong password").await.unwrap_err();
+        let unknown = login(&svc, "nobody", "correct horse").await.unwrap_err();
+        assert_eq!(wrong.code(), Code::Unauthenticated);
+        assert_eq!(unknown.code(), Code::Unauthenticated);
+        assert_eq!(wrong.message(), unknown.message());
+    }
+}
+
+#[tokio::test]
+async fn bad_inputs_are_rejected_with_the_right_code() {
+    let (svcs, _dir) = services("bad_inputs").await;
+    for svc in svcs {
+        let alice = create(&svc, "alice").await;
+
+        // Each validation rule names its field.
+        let cases: Vec<(&str, CreateUserRequest)> = vec![
+            (
+                "username",
+                CreateUserRequest {
+                    username: "ab".into(),
+                    ..signup("x")
+                },
+            ),
+            (
+                "username",
+                CreateUserRequest {
+                    username: "Alice2".into(),
+                    ..signup("x")
+                },
+            ),
+            (
+                "username",
+                CreateUserRequest {
+                    username: "a-b-c".into(),
+                    ..signup("x")
+                },
+            ),
+            (
+                "username",
+                CreateUserRequest {
+                    username: "x".repeat(33),
+                    ..signup("x")
+                },
+            ),
+            (
+                "username",
+                CreateUserRequest {
+                    username: "bob'; DROP TABLE users;--".into(),
+                    ..signup("x")
+                },
+            ),
+            (
+                "email",
+                CreateUserRequest {
+                    email: "not-an-email".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "email",
+                CreateUserRequest {
+                    email: "a@b".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "email",
+                CreateUserRequest {
+                    email: "a b@c.org".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "password",
+                CreateUserRequest {
+                    password: "short".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "password",
+                CreateUserRequest {
+                    password: "x".repeat(2000),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "display_name",
+                CreateUserRequest {
+                    display_name: "  ".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "display_name",
+                CreateUserRequest {
+                    display_name: "d".repeat(65),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "display_name",
+                CreateUserRequest {
+                    display_name: "a\u{0}b".into(),
+                    ..signup("bob")
+                },
+            ),
+            (
+                "request_id",
+                CreateUserRequest {
+                    request_id: "r".repeat(129),
+                    ..signup("bob")
+                },
+            ),
+        ];
+        for (field, req) in cases {
+            let err = svc
+                .create_user(Request::new(req.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {req:?}");
+            assert!(
+                violated_fields(&err).contains(&field.to_owned()),
+                "{field}: {err:?}"
+            );
+        }
+
+        let taken = svc
+            .create_user(Request::new(signup("alice")))
+            .await
+            .unwrap_err();
+        assert_eq!(taken.code(), Code::AlreadyExists);
+
+        let missing = svc
+            .get_user(Request::new(GetUserRequest {
+                user_id: "no-such-id".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+        let empty = svc
+            .get_user(Request::new(GetUserRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&empty), vec!["user_id"]);
+
+        let too_many = svc
+            .batch_get_users(Request::new(BatchGetUsersRequest {
+                user_ids: vec![alice.user_id.clone(); 101],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(too_many.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&too_many), vec!["user_ids"]);
+
+        let login_empty = login(&svc, "", "").await.unwrap_err();
+        assert_eq!(login_empty.code(), Code::InvalidArgument);
+
+        // Authorization.
+        let set_role = SetUserRoleRequest {
+            user_id: alice.user_id.clone(),
+            role: Role::Admin as i32,
+        };
+        let not_admin = svc
+            .set_user_role(as_user(set_role.clone(), &alice.user_id, "MODERATOR"))
+            .await
+            .unwrap_err();
+        assert_eq!(not_admin.code(), Code::PermissionDenied);
+        let anonymous = svc.set_user_role(Request::new(set_role)).await.unwrap_err();
+        assert_eq!(anonymous.code(), Code::Unauthenticated);
+        let bad_role = svc
+            .set_user_role(as_user(
+                SetUserRoleRequest {
+                    user_id: alice.user_id.clone(),
+                    role: 0,
+                },
+                "admin-id",
+                "ADMIN",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&bad_role), vec!["role"]);
+        let unknown_target = svc
+            .set_user_role(as_user(
+                SetUserRoleRequest {
+                    user_id: "nope".into(),
+                    role: Role::User as i32,
+                },
+                "admin-id",
+                "ADMIN",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown_target.code(), Code::NotFound);
+
+        let other = svc
+            .delete_user(as_user(
+                DeleteUserRequest {
+                    user_id: alice.user_id.clone(),
+                },
+                "someone-else",
+                "MODERATOR",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), Code::PermissionDenied);
+        let anonymous = svc
+            .delete_user(Request::new(DeleteUserRequest {
+                user_id: alice.user_id.clone(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(anonymous.code(), Code::Unauthenticated);
+        let admin_unknown = svc
+            .delete_user(as_user(
+                DeleteUserRequest {
+                    user_id: "nope".into(),
+                },
+                "a",
+                "ADMIN",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(admin_unknown.code(), Code::NotFound);
+
+        let negative = svc
+            .watch_events(Request::new(WatchEventsRequest { after_sequence: -1 }))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(violated_fields(&negative), vec!["after_sequence"]);
+    }
+}
+
+#[tokio::test]
+async fn email_is_shown_only_to_its_owner_or_an_admin() {
+    let (svcs, _dir) = services("email").await;
+    for svc in svcs {
+        let alice = create(&svc, "alice").await;
+        let bob = create(&svc, "bob").await;
+        let get = |req: Request<GetUserRequest>| {
+            let svc = svc.clone();
+            async move { svc.get_user(req).await.unwrap().into_inner().user.unwrap() }
+        };
+        let id = || GetUserRequest {
+            user_id: alice.user_id.clone(),
+        };
+        assert_eq!(get(Request::new(id())).await.email, "");
+        assert_eq!(
+            get(as_user(id(), &bob.user_id, "MODERATOR")).await.email,
+            ""
+        );
+        assert_eq!(
+            get(as_user(id(), &alice.user_id, "USER")).await.email,
+            "alice@example.org"
+        );
+        assert_eq!(
+            get(as_user(id(), "admin", "ADMIN")).await.email,
+            "alice@example.org"
+        );
+
+        // Batch: found users in request order, unknown ids left out, same email rule.
+        let batch = svc
+            .batch_get_users(as_user(
+                BatchGetUsersRequest {
+                    user_ids: vec![
+                        bob.user_id.clone(),
+                        "missing".into(),
+                        alice.user_id.clone(),
+                        String::new(),
+                    ],
+                },
+                &alice.user_id,
+                "USER",
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        let names: Vec<_> = batch.iter().map(|u| u.username.as_str()).collect();
+        assert_eq!(names, vec!["bob", "alice"]);
+        assert_eq!(batch[0].email, "");
+        assert_eq!(batch[1].email, "alice@example.org");
+        let empty = svc
+            .batch_get_users(Request::new(BatchGetUsersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(empty.users.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn request_id_makes_create_idempotent() {
+    let (svcs, _dir) = services("idempotent").await;
+    for svc in svcs {
+        let req = CreateUserRequest {
+            request_id: "req-1".into(),
+            ..signup("carol")
+        };
+        let first = svc
+            .create_user(Request::new(req.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        let again = svc
+            .create_user(Request::new(req.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(first.user, again.user);
+
+        // Concurrent retries agree on one user.
+        let req2 = CreateUserRequest {
+            request_id: "req-2".into(),
+            ..signup("dave")
+        };
+        let (a, b) = tokio::join!(
+            svc.create_user(Request::new(req2.clone())),
+            svc.create_user(Request::new(req2.clone()))
+        );
+        assert_eq!(
+            a.unwrap().into_inner().user.unwrap().user_id,
+            b.unwrap().into_inner().user.unwrap().user_id
+        );
+
+        // The same id for a different signup is refused.
+        let reused = svc
+            .create_user(Request::new(CreateUserRequest {
+                request_id: "req-1".into(),
+                ..signup("erin")
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&reused), vec!["request_id"]);
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_admin_and_roles() {
+    let (svcs, _dir) = services("roles").await;
+    for svc in svcs {
+        let root = create(&svc, "root").await;
+        assert_eq!(root.role, Role::Admin as i32);
+        let alice = create(&svc, "alice").await;
+
+        let updated = svc
+            .set_user_role(as_user(
+                SetUserRoleRequest {
+                    user_id: alice.user_id.clone(),
+                    role: Role::Moderator as i32,
+                },
+                &root.user_id,
+                "ADMIN",
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(updated.role, Role::Moderator as i32);
+        let token = login(&svc, "alice", "correct horse")
+            .await
+            .unwrap()
+            .access_token;
+        assert_eq!(svc.verifier().verify(&token).unwrap().role, "MODERATOR");
+    }
+}
+
+#[tokio::test]
+async fn metacharacters_are_stored_verbatim() {
+    let (svcs, _dir) = services("verbatim").await;
+    for svc in svcs {
+        let nasty = "Robert'); DROP TABLE users;-- \"%_\\ 🦀";
+        let user = svc
+            .create_user(Request::new(CreateUserRequest {
+                display_name: nasty.into(),
+                password: "pässwörd'--".into(),
+                ..signup("bobby")
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        let fetched = svc
+            .get_user(Request::new(GetUserRequest {
+                user_id: user.user_id,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(fetched.display_name, nasty);
+        login(&svc, "bobby", "pässwörd'--").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_the_user_and_emits_events() {
+    let (svcs, _dir) = services("delete").await;
+    for svc in svcs {
+        let alice = create(&svc, "alice").await;
+        let bob = create(&svc, "bob").await;
+        let mut events = svc
+            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .await
+            .unwrap()
+            .into_inner();
+
+        // Self-delete.
+        svc.delete_user(as_user(
+            DeleteUserRequest {
+                user_id: alice.user_id.clone(),
+            },
+            &alice.user_id,
+            "USER",
+        ))
+        .await
+        .unwrap();
+        // ADMIN deletes someone else.
+        svc.delete_user(as_user(
+            DeleteUserRequest {
+                user_id: bob.user_id.clone(),
+            },
+            "root-id",
+            "ADMIN",
+        ))
+        .await
+        .unwrap();
+        let gone = svc
+            .get_user(Request::new(GetUserRequest {
+                user_id: alice.user_id.clone(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+        assert_eq!(
+            login(&svc, "alice", "correct horse")
+                .await
+                .unwrap_err()
+                .code(),
+            Code::Unauthenticated
+        );
+
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let e = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(e.create_time.is_some());
+            seen.push(e);
+        }
+        assert!(seen.windows(2).all(|w| w[0].sequence < w[1].sequence));
+        match (&seen[0].event, &seen[2].event, &seen[3].event) {
+            (
+                Some(Event::UserCreated(c)),
+                Some(Event::UserDeleted(d1)),
+                Some(Event::UserDeleted(d2)),
+            ) => {
+                let u = c.user.as_ref().unwrap();
+                assert_eq!(u.user_id, alice.user_id);
+                assert_eq!(u.email, "", "events never carry emails");
+                assert_eq!(d1.user_id, alice.user_id);
+                assert_eq!(d2.user_id, bob.user_id);
+            }
+            other => panic!("unexpected events {other:?}"),
+        }
+
+        // Resuming from a cursor skips what was seen.
+        let mut resumed = svc
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: seen[2].sequence,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let next = resumed.next().await.unwrap().unwrap();
+        assert_eq!(next.sequence, seen[3].sequence);
+
+        // The name is free again.
+        create(&svc, "alice").await;
+    }
+}
+
+#[tokio::test]
+async fn signing_key_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("users.db");
+    let path = path.to_str().unwrap();
+    let svc = Users::open(path, config()).await.unwrap();
+    create(&svc, "alice").await;
+    let token = login(&svc, "alice", "correct horse")
+        .await
+        .unwrap()
+        .access_token;
+    svc.db().close().await;
+    drop(svc);
+
+    let reopened = Users::open(path, config()).await.unwrap();
+    assert!(reopened.verifier().verify(&token).is_ok());
+    let jwks = reopened
+        .get_jwks(Request::new(GetJwksRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(jwks.keys.len(), 1);
+    assert_eq!(jwks.keys[0].kid, Verifier::peek_kid(&token).unwrap());
+}

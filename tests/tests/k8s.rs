@@ -1,0 +1,438 @@
+//! The Kubernetes base (`k8s/base`) has the shape docs/deploy.md describes: per service a
+//! ServiceAccount, a headless Service, a hardened Deployment with gRPC probes and resource
+//! bounds, a PodDisruptionBudget and a HorizontalPodAutoscaler; and a default-deny
+//! NetworkPolicy. Schemas, checkov and hadolint are scripts/check-manifests.sh's job; this
+//! checks what those cannot know, and needs no tools beyond cargo.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
+/// The plaintext admin port the gRPC health service listens on.
+const ADMIN_PORT: i64 = 9090;
+/// 5 s for endpoints to drop the pod plus up to 20 s for calls in flight.
+const MIN_GRACE_SECONDS: i64 = 25;
+
+/// One document of a manifest file.
+struct Object {
+    file: String,
+    doc: Value,
+}
+
+impl Object {
+    fn kind(&self) -> &str {
+        str_at(&self.doc, &["kind"]).unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        str_at(&self.doc, &["metadata", "name"]).unwrap_or_default()
+    }
+
+    fn is(&self, kind: &str, name: &str) -> bool {
+        self.kind() == kind && self.name() == name
+    }
+}
+
+fn base_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/base")
+}
+
+/// Every `*.yaml` file of k8s/base, by file name, sorted.
+fn base_files() -> Vec<(String, String)> {
+    let dir = base_dir();
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .map(|path| {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, text)
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no *.yaml in {}", dir.display());
+    files
+}
+
+/// Every non-empty document of every file.
+fn parse(files: &[(String, String)]) -> Vec<Object> {
+    let mut objects = Vec::new();
+    for (file, text) in files {
+        for document in serde_norway::Deserializer::from_str(text) {
+            let doc = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("k8s/base/{file} is not valid YAML: {e}"));
+            if !doc.is_null() {
+                objects.push(Object {
+                    file: file.clone(),
+                    doc,
+                });
+            }
+        }
+    }
+    objects
+}
+
+fn load_base() -> Vec<Object> {
+    parse(&base_files())
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |value, key| value.get(*key))
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    at(value, path).and_then(Value::as_str)
+}
+
+fn at_mut<'a>(value: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
+    path.iter()
+        .try_fold(value, |value, key| value.get_mut(*key))
+}
+
+/// Whether every `key: value` of `selector` is among `labels` (an empty selector selects all).
+fn selects(selector: Option<&Value>, labels: Option<&Value>) -> bool {
+    let Some(selector) = selector.and_then(Value::as_mapping) else {
+        return false;
+    };
+    selector
+        .iter()
+        .all(|(key, value)| labels.and_then(|labels| labels.get(key)) == Some(value))
+}
+
+/// What is wrong with the Deployment of `service`, each line naming the service.
+fn deployment_problems(objects: &[Object], service: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let deployments: Vec<&Object> = objects
+        .iter()
+        .filter(|o| o.is("Deployment", service))
+        .collect();
+    let [deployment] = deployments.as_slice() else {
+        return vec![format!(
+            "{service}: expected one Deployment named {service}, found {}",
+            deployments.len()
+        )];
+    };
+    let mut missing = |what: &str| problems.push(format!("{service}: Deployment {what}"));
+    let doc = &deployment.doc;
+    let Some(pod) = at(doc, &["spec", "template", "spec"]) else {
+        missing("has no spec.template.spec");
+        return problems;
+    };
+
+    match str_at(pod, &["serviceAccountName"]) {
+        Some(account) if account == service => {
+            if !objects.iter().any(|o| o.is("ServiceAccount", service)) {
+                missing(&format!(
+                    "runs as ServiceAccount {service}, which does not exist"
+                ));
+            }
+        }
+        Some(other) => missing(&format!("has serviceAccountName {other}, not {service}")),
+        None => missing("has no serviceAccountName"),
+    }
+
+    match at(pod, &["terminationGracePeriodSeconds"]).and_then(Value::as_i64) {
+        Some(seconds) if seconds >= MIN_GRACE_SECONDS => {}
+        Some(seconds) => missing(&format!(
+            "has terminationGracePeriodSeconds {seconds}, less than {MIN_GRACE_SECONDS}"
+        )),
+        None => missing("has no terminationGracePeriodSeconds"),
+    }
+
+    let container = at(pod, &["containers"])
+        .and_then(Value::as_sequence)
+        .and_then(|containers| {
+            containers
+                .iter()
+                .find(|c| str_at(c, &["name"]) == Some(service))
+        });
+    let Some(container) = container else {
+        missing(&format!("has no container named {service}"));
+        return problems;
+    };
+
+    let args: Option<Vec<&str>> = at(container, &["args"])
+        .and_then(Value::as_sequence)
+        .and_then(|args| args.iter().map(Value::as_str).collect());
+    match args {
+        Some(args) if args == ["serve", service] => {}
+        Some(args) => missing(&format!(
+            "container args are {args:?}, not [\"serve\", \"{service}\"]"
+        )),
+        None => missing(&format!(
+            "container has no args (want [\"serve\", \"{service}\"])"
+        )),
+    }
+
+    for (probe, health) in [
+        ("readinessProbe", "readiness"),
+        ("livenessProbe", "liveness"),
+    ] {
+        let Some(grpc) = at(container, &[probe, "grpc"]) else {
+            missing(&format!("container has no {probe} of type grpc"));
+            continue;
+        };
+        if at(grpc, &["port"]).and_then(Value::as_i64) != Some(ADMIN_PORT) {
+            missing(&format!("{probe} is not on port {ADMIN_PORT}"));
+        }
+        if str_at(grpc, &["service"]) != Some(health) {
+            missing(&format!("{probe} does not ask for service {health}"));
+        }
+    }
+    if at(container, &["startupProbe"])
+        .and_then(Value::as_mapping)
+        .is_none()
+    {
+        missing("container has no startupProbe");
+    }
+
+    for bound in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            let value = at(container, &["resources", bound, resource]);
+            if !value.is_some_and(|v| v.is_string() || v.is_number()) {
+                missing(&format!("container has no resources.{bound}.{resource}"));
+            }
+        }
+    }
+
+    let security = |path: &[&str]| at(container, &[&["securityContext"], path].concat());
+    let flag = |key: &str| security(&[key]).and_then(Value::as_bool);
+    if flag("runAsNonRoot") != Some(true) {
+        missing("container securityContext lacks runAsNonRoot: true");
+    }
+    if flag("readOnlyRootFilesystem") != Some(true) {
+        missing("container securityContext lacks readOnlyRootFilesystem: true");
+    }
+    if flag("allowPrivilegeEscalation") != Some(false) {
+        missing("container securityContext lacks allowPrivilegeEscalation: false");
+    }
+    let drops_all = security(&["capabilities", "drop"])
+        .and_then(Value::as_sequence)
+        .is_some_and(|drop| drop.iter().any(|c| c.as_str() == Some("ALL")));
+    if !drops_all {
+        missing("container securityContext lacks capabilities.drop: [ALL]");
+    }
+    // The container's setting, if any, overrides the pod's.
+    let seccomp = str_at(container, &["securityContext", "seccompProfile", "type"])
+        .or_else(|| str_at(pod, &["securityContext", "seccompProfile", "type"]));
+    if seccomp != Some("RuntimeDefault") {
+        missing("has no seccompProfile RuntimeDefault (pod or container securityContext)");
+    }
+    problems
+}
+
+/// What is wrong with the Service, PodDisruptionBudget and HorizontalPodAutoscaler of `service`.
+fn companion_problems(objects: &[Object], service: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pod_labels = objects
+        .iter()
+        .find(|o| o.is("Deployment", service))
+        .and_then(|d| at(&d.doc, &["spec", "template", "metadata", "labels"]));
+
+    let headless: Vec<&Object> = objects
+        .iter()
+        .filter(|o| o.is("Service", service))
+        .filter(|o| str_at(&o.doc, &["spec", "clusterIP"]) == Some("None"))
+        .collect();
+    match headless.as_slice() {
+        [svc] => {
+            if !selects(at(&svc.doc, &["spec", "selector"]), pod_labels) {
+                problems.push(format!(
+                    "{service}: the headless Service does not select the Deployment's pods"
+                ));
+            }
+        }
+        found => problems.push(format!(
+            "{service}: expected one headless Service {service} (clusterIP: None), found {}",
+            found.len()
+        )),
+    }
+
+    let pdbs = objects
+        .iter()
+        .filter(|o| o.kind() == "PodDisruptionBudget")
+        .filter(|o| selects(at(&o.doc, &["spec", "selector", "matchLabels"]), pod_labels))
+        .count();
+    if pdbs != 1 {
+        problems.push(format!(
+            "{service}: expected one PodDisruptionBudget selecting its pods, found {pdbs}"
+        ));
+    }
+
+    let hpas = objects
+        .iter()
+        .filter(|o| o.kind() == "HorizontalPodAutoscaler")
+        .filter(|o| {
+            let target = at(&o.doc, &["spec", "scaleTargetRef"]);
+            target.and_then(|t| str_at(t, &["kind"])) == Some("Deployment")
+                && target.and_then(|t| str_at(t, &["name"])) == Some(service)
+        })
+        .count();
+    if hpas != 1 {
+        problems.push(format!(
+            "{service}: expected one HorizontalPodAutoscaler targeting Deployment {service}, found {hpas}"
+        ));
+    }
+    problems
+}
+
+/// A NetworkPolicy selecting every pod, for ingress and egress, allowing nothing.
+fn is_default_deny(policy: &Object) -> bool {
+    let spec = at(&policy.doc, &["spec"]);
+    let selects_all = spec
+        .and_then(|s| at(s, &["podSelector"]))
+        .and_then(Value::as_mapping)
+        .is_some_and(|selector| {
+            selector.values().all(|v| {
+                v.is_null()
+                    || v.as_mapping().is_some_and(|m| m.is_empty())
+                    || v.as_sequence().is_some_and(|s| s.is_empty())
+            })
+        });
+    let types: Vec<&str> = spec
+        .and_then(|s| at(s, &["policyTypes"]))
+        .and_then(Value::as_sequence)
+        .map(|types| types.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let allows_nothing = |rules: &str| {
+        spec.and_then(|s| at(s, &[rules]))
+            .is_none_or(|r| r.is_null() || r.as_sequence().is_some_and(|r| r.is_empty()))
+    };
+    policy.kind() == "NetworkPolicy"
+        && selects_all
+        && types.contains(&"Ingress")
+        && types.contains(&"Egress")
+        && allows_nothing("ingress")
+        && allows_nothing("egress")
+}
+
+fn default_deny_problems(objects: &[Object]) -> Vec<String> {
+    if objects.iter().any(is_default_deny) {
+        Vec::new()
+    } else {
+        vec![
+            "no default-deny NetworkPolicy (podSelector {}, policyTypes Ingress and Egress, no rules)"
+                .to_owned(),
+        ]
+    }
+}
+
+fn all_problems(objects: &[Object]) -> Vec<String> {
+    let mut problems: Vec<String> = SERVICES
+        .iter()
+        .flat_map(|service| {
+            let mut p = deployment_problems(objects, service);
+            p.extend(companion_problems(objects, service));
+            p
+        })
+        .collect();
+    problems.extend(default_deny_problems(objects));
+    problems
+}
+
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "k8s/base is missing:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn every_service_has_a_hardened_deployment_with_grpc_probes() {
+    let objects = load_base();
+    let problems: Vec<String> = SERVICES
+        .iter()
+        .flat_map(|service| deployment_problems(&objects, service))
+        .collect();
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn every_service_has_a_headless_service_a_pdb_and_an_hpa() {
+    let objects = load_base();
+    let problems: Vec<String> = SERVICES
+        .iter()
+        .flat_map(|service| companion_problems(&objects, service))
+        .collect();
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn the_namespace_denies_all_traffic_by_default() {
+    assert_no_problems(&default_deny_problems(&load_base()));
+}
+
+/// The checks above read the files; kustomize deploys only what the kustomization lists.
+#[test]
+fn every_manifest_in_base_is_a_kustomize_resource() {
+    let objects = load_base();
+    let kustomization = objects
+        .iter()
+        .find(|o| o.file == "kustomization.yaml")
+        .expect("k8s/base/kustomization.yaml");
+    let resources: Vec<&str> = at(&kustomization.doc, &["resources"])
+        .and_then(Value::as_sequence)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for (file, _) in base_files() {
+        if file != "kustomization.yaml" {
+            assert!(
+                resources.contains(&file.as_str()),
+                "k8s/base/{file} is not listed in k8s/base/kustomization.yaml resources"
+            );
+        }
+    }
+}
+
+/// The checks fail, naming the service and the gap, when a manifest loses what they check.
+#[test]
+fn the_checks_name_the_service_and_what_is_missing() {
+    let mut objects = load_base();
+    assert_no_problems(&all_problems(&objects));
+
+    let posts = objects
+        .iter_mut()
+        .find(|o| o.is("Deployment", "posts"))
+        .unwrap();
+    let container = at_mut(&mut posts.doc, &["spec", "template", "spec", "containers"])
+        .and_then(|c| c.get_mut(0))
+        .unwrap();
+    let c = container.as_mapping_mut().unwrap();
+    c.remove("readinessProbe");
+    c.insert(
+        "args".into(),
+        Value::Sequence(vec!["serve".into(), "users".into()]),
+    );
+    let security = container.get_mut("securityContext").unwrap();
+    *security.get_mut("readOnlyRootFilesystem").unwrap() = Value::Bool(false);
+    security.as_mapping_mut().unwrap().remove("capabilities");
+    at_mut(container, &["resources", "limits"])
+        .and_then(Value::as_mapping_mut)
+        .unwrap()
+        .remove("memory");
+    objects.retain(|o| !o.is("HorizontalPodAutoscaler", "gateway"));
+    objects.retain(|o| !(o.kind() == "NetworkPolicy" && o.name() == "default-deny"));
+
+    let problems = all_problems(&objects);
+    for expected in [
+        "posts: Deployment container has no readinessProbe of type grpc",
+        "posts: Deployment container args are [\"serve\", \"users\"], not [\"serve\", \"posts\"]",
+        "posts: Deployment container securityContext lacks readOnlyRootFilesystem: true",
+        "posts: Deployment container securityContext lacks capabilities.drop: [ALL]",
+        "posts: Deployment container has no resources.limits.memory",
+        "gateway: expected one HorizontalPodAutoscaler targeting Deployment gateway, found 0",
+        "no default-deny NetworkPolicy",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "expected a problem {expected:?}, got {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 7, "unexpected problems: {problems:#?}");
+}
