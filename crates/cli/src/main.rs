@@ -18,7 +18,11 @@ use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Tessera: a Rust gRPC microservice mesh")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: a Rust gRPC microservice mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             use clap::error::ErrorKind;
-            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
                 let _ = err.print();
                 return ExitCode::SUCCESS;
             }
@@ -191,7 +198,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("tessera: cannot start the async runtime: {err}");
@@ -224,7 +234,10 @@ fn run_certs(args: CertsArgs) -> anyhow::Result<()> {
         let files = issued.save(&args.dir.join(&name))?;
         eprintln!("issued {id} -> {}", files.cert.display());
         if args.k8s {
-            print!("{}", certs::secret_manifest(&issued, &name, &args.namespace));
+            print!(
+                "{}",
+                certs::secret_manifest(&issued, &name, &args.namespace)
+            );
         }
     }
     if fresh {

@@ -20,7 +20,13 @@ pub async fn probe(addr: &str, service: &str, timeout: Duration) -> Result<Strin
             service: service.to_owned(),
         })
         .await
-        .map_err(|s| format!("{}: {}", tessera_mesh::metrics::code_name(s.code()), s.message()))?;
+        .map_err(|s| {
+            format!(
+                "{}: {}",
+                tessera_mesh::metrics::code_name(s.code()),
+                s.message()
+            )
+        })?;
     let status = resp.into_inner().status();
     Ok(status.as_str_name().to_owned())
 }

@@ -199,8 +199,11 @@ pub async fn start_mesh(
             })
             .collect(),
     };
-    std::fs::write(&mesh.endpoints_path, serde_json::to_string_pretty(&endpoints)?)
-        .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
+    std::fs::write(
+        &mesh.endpoints_path,
+        serde_json::to_string_pretty(&endpoints)?,
+    )
+    .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
     Ok(mesh)
 }
 
@@ -293,7 +296,10 @@ fn print_table(
     println!();
     println!("Tessera is up ({:.1}s)", elapsed.as_secs_f64());
     println!();
-    println!("{:<14} {:<18} {:<18} {:<18} HEALTH", "SERVICE", "GRPC (mTLS)", "ADMIN", "PUBLIC (TLS)");
+    println!(
+        "{:<14} {:<18} {:<18} {:<18} HEALTH",
+        "SERVICE", "GRPC (mTLS)", "ADMIN", "PUBLIC (TLS)"
+    );
     for name in SERVICES {
         let (grpc, admin, public) = addrs[name];
         println!(
@@ -307,7 +313,10 @@ fn print_table(
     let ca = certs_dir.join("ca.crt");
     let op = certs_dir.join("operator");
     let (users, _, _) = addrs["users"];
-    let public = addrs["gateway"].2.map(|p| p.to_string()).unwrap_or_default();
+    let public = addrs["gateway"]
+        .2
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     println!();
     println!("Try it (grpcurl):");
     println!(

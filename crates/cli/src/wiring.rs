@@ -249,9 +249,8 @@ fn public_service(
     feed: FeedServiceServer<tessera_gateway::Feed>,
 ) -> anyhow::Result<GrpcService> {
     // `tessera.posts.v1.PostService` is owned by the `posts` workload.
-    let channel_of = |service: &str| -> Option<Channel> {
-        channels.get(service.split('.').nth(1)?).cloned()
-    };
+    let channel_of =
+        |service: &str| -> Option<Channel> { channels.get(service.split('.').nth(1)?).cloned() };
     let mut routes = HashMap::new();
     let mut advertised: Vec<String> = vec!["tessera.gateway.v1.FeedService".into()];
     for method in tessera_gateway::public_methods()? {
@@ -262,23 +261,27 @@ fn public_service(
             routes.insert(method.path, channel);
         }
     }
-    let proxy = tessera_gateway::PublicProxy::new(
-        routes,
-        keys,
-        tessera_gateway::RateLimits::default(),
-    )?;
+    let proxy =
+        tessera_gateway::PublicProxy::new(routes, keys, tessera_gateway::RateLimits::default())?;
     let health = tonic_health::server::HealthReporter::new();
     let local = with_health_and_reflection(Routes::new(feed), &health, Some(&advertised));
     let router = local
         .prepare()
         .into_axum_router()
-        .fallback_service(proxy.map_request(|mut req: http::Request<axum_body::Body>| {
-            // The proxy rate-limits per client address; the connection handler knows it.
-            if let Some(addr) = req.extensions().get::<PeerInfo>().map(|p| p.remote_addr.ip()) {
-                req.extensions_mut().insert(tessera_gateway::ClientAddr(addr));
-            }
-            req.map(tonic::body::Body::new)
-        }));
+        .fallback_service(
+            proxy.map_request(|mut req: http::Request<axum_body::Body>| {
+                // The proxy rate-limits per client address; the connection handler knows it.
+                if let Some(addr) = req
+                    .extensions()
+                    .get::<PeerInfo>()
+                    .map(|p| p.remote_addr.ip())
+                {
+                    req.extensions_mut()
+                        .insert(tessera_gateway::ClientAddr(addr));
+                }
+                req.map(tonic::body::Body::new)
+            }),
+        );
     let svc = router
         .map_request(|req: http::Request<tonic::body::Body>| req)
         .map_response(|resp: http::Response<axum_body::Body>| resp.map(tonic::body::Body::new));

@@ -159,7 +159,12 @@ impl ClientBuilder {
         let target = Target::parse(target)?;
         let authority = target.authority();
         let server_name = target.server_name();
-        self.build(name, Arc::new(target.into_resolver()), &server_name, authority)
+        self.build(
+            name,
+            Arc::new(target.into_resolver()),
+            &server_name,
+            authority,
+        )
     }
 
     /// A channel whose replicas come from `resolver`. `server_name` is what TLS is told (any
@@ -175,7 +180,8 @@ impl ClientBuilder {
 
     /// Typed clients for the services in `targets`.
     pub fn clients(&self, targets: &Targets) -> Result<Clients, Error> {
-        let channel = |target: &Option<String>| target.as_deref().map(|t| self.channel(t)).transpose();
+        let channel =
+            |target: &Option<String>| target.as_deref().map(|t| self.channel(t)).transpose();
         Ok(Clients::from_channels(
             channel(&targets.users)?,
             channel(&targets.posts)?,

@@ -3,15 +3,18 @@
 //! allows them and the budget has room.
 
 use std::{
+    collections::VecDeque,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    task::Poll,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use tonic::body::Body;
 use tower::{
@@ -44,7 +47,7 @@ pub(crate) struct CallPolicy {
     pub(crate) max_attempts: u32,
     pub(crate) backoff_first: Duration,
     pub(crate) backoff_cap: Duration,
-    /// Larger requests are sent once.
+    /// Larger requests are streamed through and sent once.
     pub(crate) max_replay_bytes: usize,
     /// How long a call waits for some replica to be ready before failing UNAVAILABLE.
     pub(crate) fail_fast_after: Duration,
@@ -156,14 +159,15 @@ impl Shared {
         };
 
         // A single-message request: buffer it so it can be sent again (cheap: the encoder
-        // yields the whole message as one frame).
+        // yields the whole message as one frame). Past the limit it goes once, streamed.
         let (parts, body) = request.into_parts();
-        let body: Bytes = body.collect().await.map_err(BoxError::from)?.to_bytes();
-        let max_attempts = if body.len() <= self.policy.max_replay_bytes {
-            self.policy.max_attempts.max(1)
-        } else {
-            1
+        let body = match buffer(body, self.policy.max_replay_bytes).await? {
+            Buffered::Whole(body) => body,
+            Buffered::TooBig(body) => {
+                return self.dispatch(http::Request::from_parts(parts, body)).await;
+            }
         };
+        let max_attempts = self.policy.max_attempts.max(1);
         let mut parts = Some(parts);
         let mut attempt = 1;
         loop {
@@ -256,6 +260,66 @@ impl Shared {
             target: self.target.to_string(),
         }
         .into()
+    }
+}
+
+enum Buffered {
+    Whole(Bytes),
+    /// The frames read so far followed by the rest of the body.
+    TooBig(Body),
+}
+
+/// Reads `body` to its end if it fits in `limit` bytes.
+async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, BoxError> {
+    let mut frames = VecDeque::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            len = len.saturating_add(data.len());
+        }
+        frames.push_back(frame);
+        if len > limit {
+            return Ok(Buffered::TooBig(Body::new(Prefixed { frames, rest: body })));
+        }
+    }
+    let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
+    Ok(Buffered::Whole(match (data.next(), data.next()) {
+        (None, _) => Bytes::new(),
+        (Some(only), None) => only,
+        (Some(first), Some(second)) => {
+            let mut all = BytesMut::with_capacity(len);
+            all.extend_from_slice(&first);
+            all.extend_from_slice(&second);
+            data.for_each(|d| all.extend_from_slice(&d));
+            all.freeze()
+        }
+    }))
+}
+
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    frames: VecDeque<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = self.get_mut();
+        match this.frames.pop_front() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => Pin::new(&mut this.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.is_end_stream()
     }
 }
 

@@ -41,13 +41,17 @@ impl Clients {
         comments: Option<Channel>,
         notifications: Option<Channel>,
     ) -> Self {
-        let or_missing =
-            |channel: Option<Channel>, name| channel.unwrap_or_else(|| Channel::failing(Error::NoTarget(name)));
+        let or_missing = |channel: Option<Channel>, name| {
+            channel.unwrap_or_else(|| Channel::failing(Error::NoTarget(name)))
+        };
         Self {
             users: or_missing(users, "tessera.users.v1.UserService"),
             posts: or_missing(posts, "tessera.posts.v1.PostService"),
             comments: or_missing(comments, "tessera.comments.v1.CommentService"),
-            notifications: or_missing(notifications, "tessera.notifications.v1.NotificationService"),
+            notifications: or_missing(
+                notifications,
+                "tessera.notifications.v1.NotificationService",
+            ),
         }
     }
 

@@ -114,7 +114,10 @@ impl std::fmt::Debug for Channel {
 impl Service<http::Request<Body>> for Channel {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<http::Request<Body>>>::Future;
+    type Future =
+        <BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError> as Service<
+            http::Request<Body>,
+        >>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match &mut self.inner {
@@ -129,9 +132,9 @@ impl Service<http::Request<Body>> for Channel {
         match &mut self.inner {
             Inner::Service(service) => service.call(request),
             Inner::Balanced(balanced) => balanced.call(request),
-            Inner::Failing(status) => {
-                Box::pin(std::future::ready(Err(Box::new(status.clone()) as BoxError)))
-            }
+            Inner::Failing(status) => Box::pin(std::future::ready(Err(
+                Box::new(status.clone()) as BoxError
+            ))),
         }
     }
 }

@@ -153,9 +153,11 @@ impl Future for Tracked {
                 Ok(response) => refused(response),
                 Err(_) => true,
             };
-            in_flight
-                .stats
-                .observe(if failed { took.max(FAILURE_PENALTY) } else { took });
+            in_flight.stats.observe(if failed {
+                took.max(FAILURE_PENALTY)
+            } else {
+                took
+            });
         }
         Poll::Ready(result)
     }
@@ -186,7 +188,10 @@ mod tests {
         // A faster one 10 s later moves it by 1 - 1/e.
         let later = start + Duration::from_secs(10);
         let next = rtt.observe(1e6, later, decay);
-        assert!((next - (20e6 / std::f64::consts::E + 1e6 * (1.0 - 1.0 / std::f64::consts::E))).abs() < 1e3);
+        assert!(
+            (next - (20e6 / std::f64::consts::E + 1e6 * (1.0 - 1.0 / std::f64::consts::E))).abs()
+                < 1e3
+        );
         // Nothing for a long time: close to zero.
         let much_later = later + Duration::from_secs(100);
         assert!(rtt.observe(0.0, much_later, decay) < 1e3);

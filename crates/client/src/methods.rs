@@ -98,7 +98,9 @@ mod tests {
         let table = MethodTable::tessera().unwrap();
         let get = table.get("/tessera.posts.v1.PostService/GetPost").unwrap();
         assert!(get.idempotent && !get.client_streaming);
-        let create = table.get("/tessera.posts.v1.PostService/CreatePost").unwrap();
+        let create = table
+            .get("/tessera.posts.v1.PostService/CreatePost")
+            .unwrap();
         assert!(!create.idempotent);
         assert!(
             !table
@@ -109,7 +111,9 @@ mod tests {
         assert!(table.get("/tessera.posts.v1.PostService/Nope").is_none());
         let paths = table.idempotent_paths();
         assert!(paths.contains(&"/tessera.users.v1.UserService/DeleteUser"));
-        assert!(paths.contains(&"/tessera.notifications.v1.NotificationService/SubscribeNotifications"));
+        assert!(
+            paths.contains(&"/tessera.notifications.v1.NotificationService/SubscribeNotifications")
+        );
         assert!(!paths.iter().any(|p| p.ends_with("/CreateComment")));
     }
 }

@@ -138,7 +138,10 @@ mod tests {
             assert!(back <= d && d - back <= d / 1000, "{d:?} -> {v:?}");
         }
         for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
-            assert!(parse_timeout(&HeaderValue::from_static(bad)).is_none(), "{bad}");
+            assert!(
+                parse_timeout(&HeaderValue::from_static(bad)).is_none(),
+                "{bad}"
+            );
         }
         assert_eq!(
             parse_timeout(&HeaderValue::from_static("2M")),

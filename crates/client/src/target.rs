@@ -155,7 +155,14 @@ mod tests {
             Target::parse("static:127.0.0.1:5").unwrap()
         );
         for bad in [
-            "", "dns:", "dns:a:1,b:2", "static:a", "a:99999", "::1:80", "static:a:1,", "http://a:1",
+            "",
+            "dns:",
+            "dns:a:1,b:2",
+            "static:a",
+            "a:99999",
+            "::1:80",
+            "static:a:1,",
+            "http://a:1",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} parsed");
         }
@@ -170,7 +177,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(addrs[0], "127.0.0.1:1".parse().unwrap());
-        assert!(addrs[1..].iter().all(|a| a.port() == 2 && a.ip().is_loopback()));
+        assert!(
+            addrs[1..]
+                .iter()
+                .all(|a| a.port() == 2 && a.ip().is_loopback())
+        );
         assert!(addrs.len() >= 2);
     }
 }

@@ -27,9 +27,8 @@ pub fn maybe_end_user<T>(req: &Request<T>) -> Option<&EndUser> {
     req.extensions().get::<EndUser>()
 }
 
-type Refresh = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = anyhow::Result<Verifier>> + Send>> + Send + Sync,
->;
+type Refresh =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = anyhow::Result<Verifier>> + Send>> + Send + Sync>;
 
 /// The public keys a service verifies tokens with.
 #[derive(Clone)]

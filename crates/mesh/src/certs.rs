@@ -9,8 +9,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 use crate::{identity::SpiffeId, tls::TlsFiles};
@@ -84,7 +84,11 @@ impl Ca {
     pub fn save(&self, dir: &Path) -> Result<(), CertError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         write_file(&dir.join("ca.crt"), &self.cert_pem, false)?;
-        write_file(&dir.join("ca.key"), &self.issuer.key().serialize_pem(), true)
+        write_file(
+            &dir.join("ca.key"),
+            &self.issuer.key().serialize_pem(),
+            true,
+        )
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -104,7 +108,9 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, id.service());
         params.distinguished_name = dn;
-        params.subject_alt_names.push(SanType::URI(id.to_string().try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.to_string().try_into()?));
         for name in dns_names {
             params
                 .subject_alt_names

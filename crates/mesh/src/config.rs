@@ -92,7 +92,10 @@ impl Settings {
         if !SERVICES.contains(&service) {
             return Err(ConfigError::new(
                 "service",
-                format!("unknown service {service:?}; expected one of {}", SERVICES.join(", ")),
+                format!(
+                    "unknown service {service:?}; expected one of {}",
+                    SERVICES.join(", ")
+                ),
             ));
         }
         let defaults = ServerOptions::default();
@@ -100,7 +103,12 @@ impl Settings {
             let default: SocketAddr = default
                 .parse()
                 .map_err(|_| ConfigError::new(key, "bad built-in default"))?;
-            parse(lookup, key, default, "a socket address such as 0.0.0.0:8443")
+            parse(
+                lookup,
+                key,
+                default,
+                "a socket address such as 0.0.0.0:8443",
+            )
         };
         let mut targets = BTreeMap::new();
         for s in SERVICES {
@@ -109,7 +117,9 @@ impl Settings {
                 if !(t.starts_with("static:") || t.starts_with("dns:")) {
                     return Err(ConfigError::new(
                         &key,
-                        format!("expected static:host:port[,host:port] or dns:name:port, got {t:?}"),
+                        format!(
+                            "expected static:host:port[,host:port] or dns:name:port, got {t:?}"
+                        ),
                     ));
                 }
                 targets.insert(s.to_owned(), t);
@@ -119,8 +129,9 @@ impl Settings {
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
         let namespace =
             non_empty(lookup, "TESSERA_NAMESPACE").unwrap_or_else(|| "default".to_owned());
-        crate::identity::SpiffeId::new(&trust_domain, &namespace, service)
-            .map_err(|e| ConfigError::new("TESSERA_TRUST_DOMAIN/TESSERA_NAMESPACE", e.to_string()))?;
+        crate::identity::SpiffeId::new(&trust_domain, &namespace, service).map_err(|e| {
+            ConfigError::new("TESSERA_TRUST_DOMAIN/TESSERA_NAMESPACE", e.to_string())
+        })?;
         let settings = Self {
             service: service.to_owned(),
             grpc_addr: addr("TESSERA_GRPC_ADDR", "0.0.0.0:8443")?,
@@ -132,14 +143,15 @@ impl Settings {
             tls_dir: non_empty(lookup, "TESSERA_TLS_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/run/tessera/tls")),
-            tls_reload_interval: millis(
-                lookup,
-                "TESSERA_TLS_RELOAD_MS",
-                Duration::from_secs(10),
-            )?,
+            tls_reload_interval: millis(lookup, "TESSERA_TLS_RELOAD_MS", Duration::from_secs(10))?,
             trust_domain,
             namespace,
-            log_format: parse(lookup, "TESSERA_LOG_FORMAT", LogFormat::Pretty, "json or pretty")?,
+            log_format: parse(
+                lookup,
+                "TESSERA_LOG_FORMAT",
+                LogFormat::Pretty,
+                "json or pretty",
+            )?,
             log_filter: non_empty(lookup, "TESSERA_LOG").unwrap_or_else(|| "info".to_owned()),
             database_url: non_empty(lookup, "DATABASE_URL"),
             otlp_endpoint: non_empty(lookup, "OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -165,10 +177,16 @@ impl Settings {
             },
         };
         if settings.server.max_concurrency == 0 {
-            return Err(ConfigError::new("TESSERA_MAX_CONCURRENCY", "must be at least 1"));
+            return Err(ConfigError::new(
+                "TESSERA_MAX_CONCURRENCY",
+                "must be at least 1",
+            ));
         }
         if settings.server.max_message_size < 1024 {
-            return Err(ConfigError::new("TESSERA_MAX_MESSAGE_BYTES", "must be at least 1024"));
+            return Err(ConfigError::new(
+                "TESSERA_MAX_MESSAGE_BYTES",
+                "must be at least 1024",
+            ));
         }
         Ok(settings)
     }

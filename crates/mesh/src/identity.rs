@@ -83,7 +83,9 @@ impl FromStr for SpiffeId {
                     service: (*sa).to_owned(),
                 })
             }
-            _ => Err(err("expected spiffe://<trust-domain>/ns/<namespace>/sa/<service>")),
+            _ => Err(err(
+                "expected spiffe://<trust-domain>/ns/<namespace>/sa/<service>",
+            )),
         }
     }
 }
@@ -106,13 +108,13 @@ pub fn spiffe_id_from_der(der: &[u8]) -> Result<SpiffeId, IdentityError> {
     let mut found = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                if uri.starts_with("spiffe://") {
-                    if found.is_some() {
-                        return Err(IdentityError::SeveralSpiffeIds);
-                    }
-                    found = Some(uri.parse::<SpiffeId>()?);
+            if let GeneralName::URI(uri) = name
+                && uri.starts_with("spiffe://")
+            {
+                if found.is_some() {
+                    return Err(IdentityError::SeveralSpiffeIds);
                 }
+                found = Some(uri.parse::<SpiffeId>()?);
             }
         }
     }
@@ -143,7 +145,9 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        let id: SpiffeId = "spiffe://tessera.local/ns/default/sa/posts".parse().unwrap();
+        let id: SpiffeId = "spiffe://tessera.local/ns/default/sa/posts"
+            .parse()
+            .unwrap();
         assert_eq!(id.service(), "posts");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.to_string(), "spiffe://tessera.local/ns/default/sa/posts");

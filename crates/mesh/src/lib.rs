@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod context;
 pub mod errors;
@@ -21,6 +22,5 @@ pub mod server;
 pub mod shutdown;
 pub mod stack;
 pub mod telemetry;
-pub mod token;
-pub mod certs;
 pub mod tls;
+pub mod token;

@@ -181,7 +181,11 @@ impl Policy {
                 };
                 [
                     m.path.clone(),
-                    if callers.is_empty() { "-".into() } else { callers },
+                    if callers.is_empty() {
+                        "-".into()
+                    } else {
+                        callers
+                    },
                     yes_no(m.public),
                     yes_no(m.user),
                     yes_no(m.idempotent),
@@ -237,7 +241,10 @@ mod tests {
             ["comments", "gateway", "notifications", "posts", "users"]
         );
         assert!(p.call_graph()["comments"].contains("posts"));
-        assert!(p.matrix().contains("/tessera.gateway.v1.FeedService/GetPostThread"));
+        assert!(
+            p.matrix()
+                .contains("/tessera.gateway.v1.FeedService/GetPostThread")
+        );
     }
 }
 

@@ -2,12 +2,7 @@
 //! `/metrics` for Prometheus) and, for the gateway, a public server-TLS port; with graceful
 //! shutdown (readiness off, a delay for endpoints to update, then a bounded drain).
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,8 +18,8 @@ use crate::{
     policy::Policy,
     shutdown::Shutdown,
     stack::{
-        AuthorizeLayer, Authorizer, CatchPanicLayer, DeadlineLayer, MessageLimitLayer,
-        PeerInfo, ShedLayer, TelemetryLayer,
+        AuthorizeLayer, Authorizer, CatchPanicLayer, DeadlineLayer, MessageLimitLayer, PeerInfo,
+        ShedLayer, TelemetryLayer,
     },
     tls::TlsSource,
 };
@@ -203,7 +198,9 @@ impl Workload {
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
         }
-        self.health.set_service_status("", ServingStatus::Serving).await;
+        self.health
+            .set_service_status("", ServingStatus::Serving)
+            .await;
         for name in [LIVENESS, READINESS, ""] {
             self.admin_health
                 .set_service_status(name, ServingStatus::Serving)
@@ -376,18 +373,17 @@ pub async fn serve_tls(
         let watcher = graceful.watcher();
         let trust_domain = trust_domain.clone();
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(err)) => {
-                        tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
+                    return;
+                }
+            };
             let identity = stream
                 .get_ref()
                 .1
@@ -404,12 +400,13 @@ pub async fn serve_tls(
                 remote_addr,
                 identity,
             };
-            let hyper_service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut req = req.map(Body::new);
-                req.extensions_mut().insert(peer.clone());
-                let mut service = service.clone();
-                async move { service.call(req).await }
-            });
+            let hyper_service =
+                hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(peer.clone());
+                    let mut service = service.clone();
+                    async move { service.call(req).await }
+                });
             let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
             if let Err(err) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(peer = %remote_addr, error = %err, "connection ended with an error");
@@ -417,7 +414,10 @@ pub async fn serve_tls(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout passed with calls still in flight; closing them");
     }
     Ok(())
@@ -467,9 +467,9 @@ impl AdminService {
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let path = req.uri().path();
         if path == "/metrics" && req.method() == http::Method::GET {
-            let mut resp = Response::new(Body::new(http_body_util::Full::new(
-                bytes::Bytes::from(self.metrics.render()),
-            )));
+            let mut resp = Response::new(Body::new(http_body_util::Full::new(bytes::Bytes::from(
+                self.metrics.render(),
+            ))));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static(

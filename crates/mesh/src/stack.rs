@@ -167,8 +167,7 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         // A body dropped before its trailers means the client went away.
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        self.span
-            .record("rpc.grpc.status_code", code as i32);
+        self.span.record("rpc.grpc.status_code", code as i32);
         self.metrics.record(
             &self.method,
             code,
@@ -308,9 +307,7 @@ pub struct Authorizer {
 impl Authorizer {
     /// Whether `caller` may call `path`; the error is the PERMISSION_DENIED to return.
     pub fn check_caller(&self, caller: &SpiffeId, path: &str) -> Result<(), Status> {
-        let denied = || {
-            Status::permission_denied(format!("caller {caller} may not call {path}"))
-        };
+        let denied = || Status::permission_denied(format!("caller {caller} may not call {path}"));
         if caller.trust_domain() != self.me.trust_domain()
             || caller.namespace() != self.me.namespace()
         {
@@ -343,14 +340,18 @@ impl Authorizer {
             };
         };
         let Some(keys) = &self.keys else {
-            return Err(Status::unauthenticated("access tokens cannot be verified here"));
+            return Err(Status::unauthenticated(
+                "access tokens cannot be verified here",
+            ));
         };
         match keys.verify(token).await {
             Ok(claims) => Ok(Some(EndUser {
                 claims,
                 token: token.into(),
             })),
-            Err(err) => Err(Status::unauthenticated(format!("invalid access token: {err}"))),
+            Err(err) => Err(Status::unauthenticated(format!(
+                "invalid access token: {err}"
+            ))),
         }
     }
 }
@@ -682,34 +683,34 @@ impl HttpBody for Limited {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let mut data = data.clone();
-                while data.has_remaining() {
-                    if *this.remaining > 0 {
-                        let n = (*this.remaining).min(data.remaining());
-                        data.advance(n);
-                        *this.remaining -= n;
-                        continue;
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let mut data = data.clone();
+            while data.has_remaining() {
+                if *this.remaining > 0 {
+                    let n = (*this.remaining).min(data.remaining());
+                    data.advance(n);
+                    *this.remaining -= n;
+                    continue;
+                }
+                this.header[*this.header_len] = data.get_u8();
+                *this.header_len += 1;
+                if *this.header_len == 5 {
+                    *this.header_len = 0;
+                    let len = u32::from_be_bytes([
+                        this.header[1],
+                        this.header[2],
+                        this.header[3],
+                        this.header[4],
+                    ]) as usize;
+                    if len > *this.limit {
+                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                            "message of {len} bytes exceeds the limit of {} bytes",
+                            this.limit
+                        )))));
                     }
-                    this.header[*this.header_len] = data.get_u8();
-                    *this.header_len += 1;
-                    if *this.header_len == 5 {
-                        *this.header_len = 0;
-                        let len = u32::from_be_bytes([
-                            this.header[1],
-                            this.header[2],
-                            this.header[3],
-                            this.header[4],
-                        ]) as usize;
-                        if len > *this.limit {
-                            return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                                "message of {len} bytes exceeds the limit of {} bytes",
-                                this.limit
-                            )))));
-                        }
-                        *this.remaining = len;
-                    }
+                    *this.remaining = len;
                 }
             }
         }
@@ -741,7 +742,10 @@ mod tests {
     fn bearer_parsing() {
         let mut h = http::HeaderMap::new();
         assert_eq!(bearer_token(&h).ok(), Some(None));
-        h.insert("authorization", http::HeaderValue::from_static("Bearer abc"));
+        h.insert(
+            "authorization",
+            http::HeaderValue::from_static("Bearer abc"),
+        );
         assert_eq!(bearer_token(&h).ok(), Some(Some("abc")));
         h.insert("authorization", http::HeaderValue::from_static("Basic abc"));
         assert!(bearer_token(&h).is_err());

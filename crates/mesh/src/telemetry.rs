@@ -115,9 +115,7 @@ pub fn init(
         }
         None => None,
     };
-    let tracer = provider
-        .as_ref()
-        .map(|p| p.tracer(service_name.to_owned()));
+    let tracer = provider.as_ref().map(|p| p.tracer(service_name.to_owned()));
     let subscriber = get_subscriber(filter, format, std::io::stderr, tracer);
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|_| TelemetryError::AlreadyInstalled)?;

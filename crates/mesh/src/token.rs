@@ -86,8 +86,8 @@ pub struct Signer {
 impl Signer {
     /// A new random key.
     pub fn generate() -> Result<Self, TokenError> {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .map_err(|_| TokenError::BadKey)?;
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| TokenError::BadKey)?;
         Self::from_pkcs8(pkcs8.as_ref())
     }
 
@@ -212,7 +212,7 @@ impl Verifier {
         let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
         let signing_input_len = h.len() + 1 + c.len();
         UnparsedPublicKey::new(&ED25519, key)
-            .verify(token[..signing_input_len].as_bytes(), &sig)
+            .verify(&token.as_bytes()[..signing_input_len], &sig)
             .map_err(|_| TokenError::BadSignature)?;
         let claims: UserClaims =
             serde_json::from_slice(&B64.decode(c).map_err(|_| TokenError::Malformed)?)
@@ -259,10 +259,7 @@ mod tests {
         });
         assert_eq!(v.verify(&expired), Err(TokenError::Expired));
         assert_eq!(v.verify("garbage"), Err(TokenError::Malformed));
-        assert_eq!(
-            Verifier::new().verify(&tok),
-            Err(TokenError::UnknownKey)
-        );
+        assert_eq!(Verifier::new().verify(&tok), Err(TokenError::UnknownKey));
     }
 
     #[test]

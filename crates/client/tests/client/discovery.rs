@@ -9,7 +9,11 @@ use crate::support::{Replica, TestResolver, get_users};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_follow_the_resolvers_answer() {
-    let [a, b, c] = [Replica::start().await, Replica::start().await, Replica::start().await];
+    let [a, b, c] = [
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
     let resolver = TestResolver::default();
     resolver.set(&[a.addr, b.addr]);
     let refresh = Duration::from_millis(100);
@@ -32,7 +36,9 @@ async fn calls_follow_the_resolvers_answer() {
             changed.elapsed()
         );
         client
-            .get_user(GetUserRequest { user_id: "u".into() })
+            .get_user(GetUserRequest {
+                user_id: "u".into(),
+            })
             .await
             .unwrap();
     }
@@ -43,21 +49,41 @@ async fn calls_follow_the_resolvers_answer() {
     let (b_before, c_before) = (b.behaviour.gets(), c.behaviour.gets());
     assert!(get_users(&channel, 300, 4).await.is_empty());
     assert_eq!(a.behaviour.gets(), a_before, "a removed replica was called");
-    assert_eq!(b.behaviour.gets() + c.behaviour.gets(), b_before + c_before + 300);
+    assert_eq!(
+        b.behaviour.gets() + c.behaviour.gets(),
+        b_before + c_before + 300
+    );
 }
 
 #[tokio::test]
 async fn a_bad_target_is_an_error() {
     let builder = ClientBuilder::plaintext();
-    for bad in ["dns:", "static:", "nohostport", "dns:a:1,b:2", "static:[::1:80"] {
+    for bad in [
+        "dns:",
+        "static:",
+        "nohostport",
+        "dns:a:1,b:2",
+        "static:[::1:80",
+    ] {
         assert!(builder.channel(bad).is_err(), "{bad}");
     }
-    assert!(builder.clone().max_attempts(0).channel("static:127.0.0.1:1").is_err());
+    assert!(
+        builder
+            .clone()
+            .max_attempts(0)
+            .channel("static:127.0.0.1:1")
+            .is_err()
+    );
     let budget = tessera_client::RetryBudget {
         window: Duration::from_millis(10),
         ..Default::default()
     };
-    assert!(builder.retry_budget(budget).channel("static:127.0.0.1:1").is_err());
+    assert!(
+        builder
+            .retry_budget(budget)
+            .channel("static:127.0.0.1:1")
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +100,9 @@ async fn no_reachable_replica_fails_fast_with_unavailable() {
     let mut client = UserServiceClient::new(channel);
     let start = Instant::now();
     let status = client
-        .get_user(GetUserRequest { user_id: "u".into() })
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
@@ -82,9 +110,15 @@ async fn no_reachable_replica_fails_fast_with_unavailable() {
     // Then at once, until a replica is ready again.
     let start = Instant::now();
     let status = client
-        .get_user(GetUserRequest { user_id: "u".into() })
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(start.elapsed() < Duration::from_millis(100), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -29,12 +29,15 @@ async fn calls_present_the_workload_certificate() {
     let server = TlsSource::load(issue(&ca, "users", dir.path())).unwrap();
     let replica = Replica::start_mtls(server.mtls_server_config()).await;
 
-    let builder = ClientBuilder::mtls_files(issue(&ca, "posts", dir.path()), Duration::from_secs(60))
-        .unwrap()
-        .connect_timeout(Duration::from_millis(500));
+    let builder =
+        ClientBuilder::mtls_files(issue(&ca, "posts", dir.path()), Duration::from_secs(60))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500));
     let mut client = UserServiceClient::new(builder.channel(&target(&[&replica])).unwrap());
     let response = client
-        .get_user(GetUserRequest { user_id: "u-7".into() })
+        .get_user(GetUserRequest {
+            user_id: "u-7".into(),
+        })
         .await
         .unwrap();
     assert_eq!(response.into_inner().user.unwrap().user_id, "u-7");
@@ -45,13 +48,18 @@ async fn calls_present_the_workload_certificate() {
 
     // A workload certificate from another CA gets no connection, so no call.
     let stranger = Ca::generate("another CA").unwrap();
-    let builder = ClientBuilder::mtls_files(issue(&stranger, "intruder", dir.path()), Duration::from_secs(60))
-        .unwrap()
-        .connect_timeout(Duration::from_millis(300));
+    let builder = ClientBuilder::mtls_files(
+        issue(&stranger, "intruder", dir.path()),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+    .connect_timeout(Duration::from_millis(300));
     let mut client = UserServiceClient::new(builder.channel(&target(&[&replica])).unwrap());
     let gets = replica.behaviour.gets();
     let status = client
-        .get_user(GetUserRequest { user_id: "u".into() })
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

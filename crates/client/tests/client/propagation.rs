@@ -28,7 +28,9 @@ async fn the_remaining_deadline_and_the_token_reach_the_next_hop() {
     a.behaviour.set_delay(Duration::from_millis(30));
 
     let mut client = UserServiceClient::new(builder.channel(&target(&[&a])).unwrap());
-    let mut request = Request::new(GetUserRequest { user_id: "u".into() });
+    let mut request = Request::new(GetUserRequest {
+        user_id: "u".into(),
+    });
     request.set_timeout(Duration::from_millis(200));
     request
         .metadata_mut()
@@ -38,9 +40,15 @@ async fn the_remaining_deadline_and_the_token_reach_the_next_hop() {
     let at_a = grpc_timeout(&a.behaviour.last_header("grpc-timeout").unwrap());
     let at_b = grpc_timeout(&b.behaviour.last_header("grpc-timeout").unwrap());
     assert!(at_a <= Duration::from_millis(200), "A saw {at_a:?}");
-    assert!(at_b < Duration::from_millis(170), "B saw {at_b:?} after A spent 30 ms");
+    assert!(
+        at_b < Duration::from_millis(170),
+        "B saw {at_b:?} after A spent 30 ms"
+    );
     assert!(at_b > Duration::ZERO);
-    assert_eq!(b.behaviour.last_header("authorization").as_deref(), Some("Bearer t0k"));
+    assert_eq!(
+        b.behaviour.last_header("authorization").as_deref(),
+        Some("Bearer t0k")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,22 +60,32 @@ async fn calls_get_the_default_deadline_and_end_when_it_passes() {
         .unwrap();
     let mut client = UserServiceClient::new(channel);
     client
-        .get_user(GetUserRequest { user_id: "u".into() })
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
         .await
         .unwrap();
     let seen = grpc_timeout(&replica.behaviour.last_header("grpc-timeout").unwrap());
-    assert!(seen <= Duration::from_millis(300) && seen > Duration::from_millis(200), "{seen:?}");
+    assert!(
+        seen <= Duration::from_millis(300) && seen > Duration::from_millis(200),
+        "{seen:?}"
+    );
     // Nothing forwarded outside a handler.
     assert_eq!(replica.behaviour.last_header("authorization"), None);
 
     replica.behaviour.set_delay(Duration::from_secs(5));
     let start = Instant::now();
-    let mut request = Request::new(GetUserRequest { user_id: "u".into() });
+    let mut request = Request::new(GetUserRequest {
+        user_id: "u".into(),
+    });
     request.set_timeout(Duration::from_millis(100));
     let status = client.get_user(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(100) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
 
     // An incoming deadline that already passed: no call at all.
     let gets = replica.behaviour.gets();
@@ -77,7 +95,9 @@ async fn calls_get_the_default_deadline_and_end_when_it_passes() {
     };
     let status = tessera_mesh::context::scope(
         context,
-        client.get_user(GetUserRequest { user_id: "u".into() }),
+        client.get_user(GetUserRequest {
+            user_id: "u".into(),
+        }),
     )
     .await
     .unwrap_err();
@@ -104,7 +124,9 @@ async fn calls_carry_the_trace_context_of_the_current_span() {
     let span = tracing::info_span!("handler");
     let trace_id = span.context().span().span_context().trace_id();
     client
-        .get_user(GetUserRequest { user_id: "u".into() })
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
         .instrument(span)
         .await
         .unwrap();

@@ -19,7 +19,11 @@ use crate::support::{Replica, eventually, get_users, target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_fails_no_idempotent_call() {
-    let replicas = [Replica::start().await, Replica::start().await, Replica::start().await];
+    let replicas = [
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
     for replica in &replicas {
         // Calls in flight when the replica dies.
         replica.behaviour.set_delay(Duration::from_millis(2));
@@ -37,7 +41,9 @@ async fn killing_a_replica_fails_no_idempotent_call() {
         workers.spawn(async move {
             let mut failures = Vec::new();
             while !done.load(Ordering::SeqCst) {
-                let request = GetUserRequest { user_id: "u".into() };
+                let request = GetUserRequest {
+                    user_id: "u".into(),
+                };
                 if let Err(status) = client.get_user(request).await {
                     failures.push(status);
                 }
@@ -47,27 +53,52 @@ async fn killing_a_replica_fails_no_idempotent_call() {
         });
     }
 
-    assert!(eventually(Duration::from_secs(10), || replicas[0].behaviour.gets() > 100).await);
+    assert!(
+        eventually(Duration::from_secs(10), || replicas[0].behaviour.gets()
+            > 100)
+        .await
+    );
     replicas[0].kill();
     let killed_at = calls.load(Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst) > killed_at + 1500).await);
+    assert!(
+        eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
+            > killed_at + 1500)
+        .await
+    );
     let dead_count = replicas[0].behaviour.gets();
     let before = calls.load(Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst) > before + 300).await);
+    assert!(
+        eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
+            > before + 300)
+        .await
+    );
     done.store(true, Ordering::SeqCst);
 
     let mut failures = Vec::new();
     while let Some(result) = workers.join_next().await {
         failures.extend(result.unwrap());
     }
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), failures.first());
-    assert_eq!(replicas[0].behaviour.gets(), dead_count, "a dead replica got calls");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(
+        replicas[0].behaviour.gets(),
+        dead_count,
+        "a dead replica got calls"
+    );
     assert!(replicas[1].behaviour.gets() > 300 && replicas[2].behaviour.gets() > 300);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_replica_is_retried_around_for_idempotent_methods_only() {
-    let replicas = [Replica::start().await, Replica::start().await, Replica::start().await];
+    let replicas = [
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
     replicas[0].behaviour.set_unavailable(true);
     let channel = ClientBuilder::plaintext()
         .retry_backoff(Duration::from_millis(1), Duration::from_millis(2))
@@ -77,7 +108,10 @@ async fn an_unavailable_replica_is_retried_around_for_idempotent_methods_only() 
     // GetUser (NO_SIDE_EFFECTS): every call succeeds somewhere.
     let failures = get_users(&channel, 300, 4).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(replicas[0].behaviour.gets() > 0, "the failing replica was never tried");
+    assert!(
+        replicas[0].behaviour.gets() > 0,
+        "the failing replica was never tried"
+    );
 
     // CreateUser (no idempotency level), every replica refusing: each call reaches exactly one
     // replica, once, and its caller sees the refusal.
@@ -98,7 +132,11 @@ async fn an_unavailable_replica_is_retried_around_for_idempotent_methods_only() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stay_within_the_budget() {
-    let replicas = [Replica::start().await, Replica::start().await, Replica::start().await];
+    let replicas = [
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
     for replica in &replicas {
         replica.behaviour.set_unavailable(true);
     }
@@ -118,10 +156,17 @@ async fn retries_stay_within_the_budget() {
     let failures = get_users(&channel, 300, 4).await;
 
     assert_eq!(failures.len(), 300);
-    assert!(failures.iter().all(|s| s.code() == Code::Unavailable), "{:?}", failures[0]);
+    assert!(
+        failures.iter().all(|s| s.code() == Code::Unavailable),
+        "{:?}",
+        failures[0]
+    );
     let served: usize = replicas.iter().map(|r| r.behaviour.gets()).sum();
     let retries = served - 300;
     assert!(retries <= 70, "{retries} retries exceed the budget of 70");
     // Without a budget there would be 600 (three tries each); the budget was spent, not ignored.
-    assert!(retries >= 60, "only {retries} retries: the budget was not used");
+    assert!(
+        retries >= 60,
+        "only {retries} retries: the budget was not used"
+    );
 }

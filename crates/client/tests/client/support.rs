@@ -192,7 +192,8 @@ impl Replica {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let behaviour = Arc::new(Behaviour::default());
-        let routes = tonic::service::Routes::new(UserServiceServer::new(Handler(behaviour.clone())));
+        let routes =
+            tonic::service::Routes::new(UserServiceServer::new(Handler(behaviour.clone())));
         let seen = behaviour.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
@@ -205,9 +206,11 @@ impl Replica {
                 let tls = tls.clone();
                 let seen = seen.clone();
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        routes.clone().oneshot(request.map(Body::new))
-                    });
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            routes.clone().oneshot(request.map(Body::new))
+                        },
+                    );
                     let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                     let _: Result<(), Infallible> = match tls {
                         None => {
@@ -215,10 +218,16 @@ impl Replica {
                             Ok(())
                         }
                         Some(config) => {
-                            let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
+                            let Ok(stream) =
+                                tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                            else {
                                 return;
                             };
-                            let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+                            let peer = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first().cloned());
                             if let Some(cert) = peer {
                                 let id = tessera_mesh::identity::spiffe_id_from_der(&cert).ok();
                                 *seen.peer_identity.lock().unwrap() = id.map(|id| id.to_string());

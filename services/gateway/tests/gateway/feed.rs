@@ -23,11 +23,11 @@ use tonic::Code;
 use crate::fakes::{Calls, FakeComments, FakePosts, FakeUsers, comment, user};
 
 /// A post "p1" by "alice" with `n` comments by `authors(i)`; users exist unless `missing`.
-fn feed(
+fn feed_server(
     n: usize,
     authors: impl Fn(usize) -> String,
     missing: &[&str],
-) -> (FeedServiceClient<Channel>, Arc<Calls>) {
+) -> (FeedServiceServer<Feed>, Arc<Calls>) {
     let calls = Arc::new(Calls::default());
     let post = Post {
         post_id: "p1".into(),
@@ -176,4 +176,54 @@ async fn a_missing_post_is_not_found() {
     let err = client.get_post_thread(thread("nope", 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(Calls::get(&calls.batch_get_users), 0);
+}
+
+#[tokio::test]
+async fn the_feed_is_served_through_the_public_proxy() {
+    use std::collections::HashMap;
+
+    use tessera_gateway::{PublicProxy, RateLimits};
+    use tessera_mesh::{
+        auth::TokenKeys,
+        token::{DEFAULT_TOKEN_TTL, Signer, Verifier},
+    };
+
+    let (server, calls) = feed_server(3, |i| format!("u{i}"), &[]);
+    let signer = Signer::generate().unwrap();
+    let mut verifier = Verifier::new();
+    verifier.add_key(signer.kid(), signer.public_key());
+    let proxy = PublicProxy::new(
+        HashMap::from([(
+            "/tessera.gateway.v1.FeedService/GetPostThread".to_owned(),
+            Channel::from_service(server),
+        )]),
+        TokenKeys::fixed(verifier),
+        RateLimits::default(),
+    )
+    .unwrap();
+    let mut client = FeedServiceClient::new(Channel::from_service(proxy));
+
+    // Anonymous is fine (the rule has no `user: true`) ...
+    let reply = client
+        .get_post_thread(thread("p1", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.comments.len(), 3);
+    // ... and so is a valid token; a forged one is not.
+    let (token, _) = signer.sign("u1", "USER", DEFAULT_TOKEN_TTL);
+    let mut req = tonic::Request::new(thread("p1", 0));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.get_post_thread(req).await.unwrap();
+    let forged = Signer::generate()
+        .unwrap()
+        .sign("u1", "ADMIN", DEFAULT_TOKEN_TTL)
+        .0;
+    let mut req = tonic::Request::new(thread("p1", 0));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {forged}").parse().unwrap());
+    let err = client.get_post_thread(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(Calls::get(&calls.get_post), 2);
 }
