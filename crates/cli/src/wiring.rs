@@ -196,6 +196,13 @@ pub async fn start(
                     clients.users(),
                     stop.clone(),
                 ));
+                // Open subscription streams would otherwise hold the drain until its bound.
+                let draining = notifications.clone();
+                let mut on_shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    on_shutdown.wait().await;
+                    draining.close_subscriptions();
+                });
                 let server =
                     NotificationServiceServer::new(notifications).max_decoding_message_size(max);
                 (

@@ -336,3 +336,47 @@ fn unavailable(response: &http::Response<Body>) -> bool {
 pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::random_range(0.5..=1.0))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::convert::Infallible;
+
+    use http_body_util::StreamBody;
+
+    use super::*;
+
+    fn body(chunks: &[&'static str]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        Body::new(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    #[tokio::test]
+    async fn buffers_what_fits_and_streams_the_rest() {
+        let Buffered::Whole(whole) = buffer(body(&["ab", "cd", "e"]), 5).await.unwrap() else {
+            panic!("5 bytes fit in 5");
+        };
+        assert_eq!(whole, "abcde");
+        let Buffered::Whole(one) = buffer(body(&["abc"]), 5).await.unwrap() else {
+            panic!("3 bytes fit in 5");
+        };
+        assert_eq!(one, "abc");
+        let Buffered::TooBig(rest) = buffer(body(&["ab", "cd", "ef", "g"]), 3).await.unwrap()
+        else {
+            panic!("7 bytes do not fit in 3");
+        };
+        assert_eq!(rest.collect().await.unwrap().to_bytes(), "abcdefg");
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_all() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(100));
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
+        }
+    }
+}

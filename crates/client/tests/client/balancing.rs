@@ -51,4 +51,3 @@ async fn a_slow_replica_gets_few_calls() {
         counts[2]
     );
 }
-

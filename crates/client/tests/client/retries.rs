@@ -170,3 +170,51 @@ async fn retries_stay_within_the_budget() {
         "only {retries} retries: the budget was not used"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_replay_limit_are_sent_once() {
+    let replica = Replica::start().await;
+    replica.behaviour.set_unavailable(true);
+    let channel = ClientBuilder::plaintext()
+        .max_replay_bytes(64)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .channel(&target(&[&replica]))
+        .unwrap();
+    let mut client = UserServiceClient::new(channel);
+
+    let small = GetUserRequest {
+        user_id: "u".into(),
+    };
+    let status = client.get_user(small).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        replica.behaviour.gets(),
+        3,
+        "a small idempotent call gets three tries"
+    );
+
+    let large = GetUserRequest {
+        user_id: "u".repeat(1000),
+    };
+    let status = client.get_user(large).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        replica.behaviour.gets(),
+        4,
+        "a large one is streamed through once"
+    );
+
+    // And it arrives whole.
+    replica.behaviour.set_unavailable(false);
+    let large = GetUserRequest {
+        user_id: "u".repeat(1000),
+    };
+    let user = client
+        .get_user(large)
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.user_id.len(), 1000);
+}
