@@ -40,12 +40,14 @@ pub fn ensure_workload_cert(
 ) -> anyhow::Result<TlsFiles> {
     let out = dir.join(id.service());
     let files = TlsFiles::in_dir(&out);
-    if !fresh_ca && files.cert.exists() && files.key.exists() && files.ca.exists() {
-        if let Ok(source) = tessera_mesh::tls::TlsSource::load(files.clone()) {
-            if source.identity() == *id {
-                return Ok(files);
-            }
-        }
+    if !fresh_ca
+        && files.cert.exists()
+        && files.key.exists()
+        && files.ca.exists()
+        && let Ok(source) = tessera_mesh::tls::TlsSource::load(files.clone())
+        && source.identity() == *id
+    {
+        return Ok(files);
     }
     let issued = issue_dev(ca, id)?;
     issued

@@ -181,6 +181,20 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            // Certificates are configuration too: check them before any port is bound.
+            let files = tessera_mesh::tls::TlsFiles::in_dir(&settings.tls_dir);
+            if let Err(err) = tessera_mesh::tls::TlsSource::load(files) {
+                eprintln!(
+                    "tessera: TESSERA_TLS_DIR: {}: {}",
+                    settings.tls_dir.display(),
+                    anyhow::Error::from(err)
+                        .chain()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
             runtime().block_on(async {
                 match wiring::serve_one(settings).await {
                     Ok(()) => ExitCode::SUCCESS,

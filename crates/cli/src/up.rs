@@ -106,6 +106,15 @@ pub async fn start_mesh(
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir)
         .with_context(|| format!("cannot resolve data dir {}", data_dir.display()))?;
+    // A previous run's endpoints.json names ports nobody listens on any more; scripts wait
+    // for the file to appear, so it must not exist until this run is ready.
+    let endpoints_path = data_dir.join("endpoints.json");
+    match std::fs::remove_file(&endpoints_path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(err).with_context(|| format!("removing {}", endpoints_path.display()));
+        }
+        _ => {}
+    }
 
     // Certificates: created on first run, reused afterwards.
     let certs_dir = certs::certs_dir(&data_dir);
@@ -144,7 +153,7 @@ pub async fn start_mesh(
 
     let (trigger, shutdown) = Shutdown::new();
     let mut mesh = Mesh {
-        endpoints_path: data_dir.join("endpoints.json"),
+        endpoints_path,
         data_dir: data_dir.clone(),
         certs_dir: certs_dir.clone(),
         addrs: addrs.clone(),
@@ -199,11 +208,11 @@ pub async fn start_mesh(
             })
             .collect(),
     };
-    std::fs::write(
-        &mesh.endpoints_path,
-        serde_json::to_string_pretty(&endpoints)?,
-    )
-    .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
+    // Written aside and renamed into place, so a reader never sees half a file.
+    let partial = mesh.endpoints_path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(&endpoints)?)
+        .and_then(|()| std::fs::rename(&partial, &mesh.endpoints_path))
+        .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
     Ok(mesh)
 }
 

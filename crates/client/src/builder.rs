@@ -41,10 +41,11 @@ impl Default for RetryBudget {
 /// Builds [`Channel`]s and [`Clients`]: one balanced channel per target, all presenting the
 /// same workload certificate and following the same call policy.
 ///
-/// Defaults: 10 s deadline per call, targets re-resolved every 5 s, 3 s connect timeout, up
+/// Defaults: 10 s deadline per unary call (server streams get none), targets re-resolved
+/// every 5 s, 3 s connect timeout (also how long a call waits when no replica is ready), up
 /// to 3 tries for idempotent methods (25 ms first backoff, 250 ms cap, jittered) under the
 /// default [`RetryBudget`], requests up to 4 MiB replayable, peak-EWMA with a 1 ms initial
-/// estimate (in-cluster latency; a new replica is tried soon) and a 10 s decay.
+/// estimate (in-cluster latency; a new replica is tried soon) and a 2 s decay.
 ///
 /// Channels spawn their resolver on the current Tokio runtime, so build them inside one.
 #[derive(Clone)]
@@ -87,13 +88,14 @@ impl ClientBuilder {
             max_attempts: 3,
             budget: RetryBudget::default(),
             backoff: (Duration::from_millis(25), Duration::from_millis(250)),
-            ewma: (Duration::from_millis(1), Duration::from_secs(10)),
+            ewma: (Duration::from_millis(1), Duration::from_secs(2)),
             max_replay_bytes: 4 << 20,
         }
     }
 
-    /// The deadline of calls that set none (`tonic::Request::set_timeout`). Inside a handler
-    /// the incoming call's remaining deadline caps it either way.
+    /// The deadline of unary calls that set none (`tonic::Request::set_timeout`); server
+    /// streams get no default. Inside a handler the incoming call's remaining deadline caps
+    /// every call either way.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -140,7 +142,10 @@ impl ClientBuilder {
     }
 
     /// The latency estimate of a replica before its first response, and how fast estimates
-    /// forget a slow response.
+    /// forget a slow response. The 2 s default is shorter than the 10 s of Finagle and Linkerd:
+    /// with millisecond latencies one scheduling hiccup on a healthy replica would otherwise
+    /// keep it looking slower than a really slow one for tens of seconds, while a slow replica
+    /// is measured again (and avoided again) on each call it is still sent.
     pub fn peak_ewma(mut self, default_rtt: Duration, decay: Duration) -> Self {
         self.ewma = (default_rtt, decay);
         self

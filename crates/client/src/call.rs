@@ -34,9 +34,8 @@ use crate::{
 pub(crate) type Balancer = Balance<Discovered, http::Request<Body>>;
 
 /// What a [`crate::Channel`] call resolves to.
-pub(crate) type ChannelFuture = std::pin::Pin<
-    Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send + 'static>,
->;
+pub(crate) type ChannelFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send + 'static>>;
 
 /// How calls on one channel are timed and retried.
 #[derive(Clone, Copy, Debug)]
@@ -98,14 +97,21 @@ impl Balanced {
     pub(crate) fn call(&self, mut request: http::Request<Body>) -> ChannelFuture {
         let now = Instant::now();
         let context = tessera_mesh::context::current();
-        let headers = request.headers_mut();
 
-        // Deadline: the call's own (or the default), never past what is left of the
+        // Deadline: the call's own, else the default for unary-response methods of the
+        // contracts (a stream may rightly outlive any default), never past what is left of the
         // incoming call's.
+        let method = self.shared.methods.get(request.uri().path());
+        let headers = request.headers_mut();
+        let default = self
+            .shared
+            .policy
+            .timeout
+            .filter(|_| method.is_some_and(|m| !m.server_streaming));
         let own = headers
             .get(GRPC_TIMEOUT)
             .and_then(parse_timeout)
-            .or(self.shared.policy.timeout);
+            .or(default);
         let inherited = context
             .as_ref()
             .and_then(|c| c.deadline)
@@ -127,7 +133,6 @@ impl Balanced {
         }
         inject_trace(headers);
 
-        let method = self.shared.methods.get(request.uri().path());
         let shared = self.shared.clone();
         let deadline = timeout.map(|t| now + t);
         Box::pin(async move {
@@ -271,17 +276,33 @@ enum Buffered {
 
 /// Reads `body` to its end if it fits in `limit` bytes.
 async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, BoxError> {
+    // The usual case, one data frame and the end, allocates nothing here. (A client body
+    // does not report its end before it is polled for it.)
+    let Some(first) = body.frame().await.transpose()? else {
+        return Ok(Buffered::Whole(Bytes::new()));
+    };
+    let mut len = first.data_ref().map_or(0, Bytes::len);
     let mut frames = VecDeque::new();
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Some(data) = frame.data_ref() {
-            len = len.saturating_add(data.len());
+    if len <= limit {
+        match body.frame().await.transpose()? {
+            None => return Ok(Buffered::Whole(first.into_data().unwrap_or_default())),
+            Some(second) => {
+                len = len.saturating_add(second.data_ref().map_or(0, Bytes::len));
+                frames.extend([first, second]);
+            }
         }
-        frames.push_back(frame);
+    } else {
+        frames.push_back(first);
+    }
+    loop {
         if len > limit {
             return Ok(Buffered::TooBig(Body::new(Prefixed { frames, rest: body })));
         }
+        let Some(frame) = body.frame().await.transpose()? else {
+            break;
+        };
+        len = len.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+        frames.push_back(frame);
     }
     let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
     Ok(Buffered::Whole(match (data.next(), data.next()) {

@@ -5,6 +5,11 @@
 //! remaining deadline, the end user's token and the trace context of the call being handled,
 //! and retry idempotent methods on UNAVAILABLE under a retry budget.
 //!
+//! Errors reach callers as `tonic::Status`: UNAVAILABLE when no replica could be reached
+//! (after a connect timeout of waiting, then at once until one is back), DEADLINE_EXCEEDED
+//! when the call's deadline passed, FAILED_PRECONDITION from a [`Clients`] accessor for a
+//! service that was given no target.
+//!
 //! Not for: serving (that is `tessera-mesh`), or calls to anything but Tessera services
 //! (retry rules come from Tessera's contracts).
 //!

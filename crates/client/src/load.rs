@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// What a refused or failed call counts as, in latency.
-const FAILURE_PENALTY: Duration = Duration::from_millis(250);
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// A replica with its load.
 pub(crate) struct Weighed {

@@ -15,6 +15,8 @@ pub(crate) struct MethodInfo {
     pub(crate) idempotent: bool,
     /// The request is a stream of messages (never buffered, never retried).
     pub(crate) client_streaming: bool,
+    /// The response is a stream of messages (no default deadline: it may be long-lived).
+    pub(crate) server_streaming: bool,
 }
 
 /// Methods by HTTP/2 path, `/tessera.posts.v1.PostService/GetPost`.
@@ -51,6 +53,7 @@ impl MethodTable {
                                 IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
                             ),
                             client_streaming: method.client_streaming(),
+                            server_streaming: method.server_streaming(),
                         },
                     );
                 }
@@ -97,7 +100,11 @@ mod tests {
     fn reads_idempotency_from_the_contracts() {
         let table = MethodTable::tessera().unwrap();
         let get = table.get("/tessera.posts.v1.PostService/GetPost").unwrap();
-        assert!(get.idempotent && !get.client_streaming);
+        assert!(get.idempotent && !get.client_streaming && !get.server_streaming);
+        let watch = table
+            .get("/tessera.posts.v1.PostService/WatchEvents")
+            .unwrap();
+        assert!(watch.idempotent && watch.server_streaming && !watch.client_streaming);
         let create = table
             .get("/tessera.posts.v1.PostService/CreatePost")
             .unwrap();

@@ -19,7 +19,7 @@ use crate::{identity::SpiffeId, tls::TlsFiles};
 pub enum CertError {
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("{path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use tessera_client::ClientBuilder;
 
-use crate::support::{Replica, get_users, target};
+use crate::support::{Replica, get_users, serial, target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_calls() {
+    let _serial = serial().await;
     let replicas = [
         Replica::start().await,
         Replica::start().await,
@@ -27,6 +28,7 @@ async fn replicas_share_the_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replica_gets_few_calls() {
+    let _serial = serial().await;
     let replicas = [
         Replica::start().await,
         Replica::start().await,

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 use tessera::users::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use tessera_client::ClientBuilder;
 
-use crate::support::{Replica, TestResolver, get_users};
+use crate::support::{Replica, TestResolver, get_users, serial};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_follow_the_resolvers_answer() {
+    let _serial = serial().await;
     let [a, b, c] = [
         Replica::start().await,
         Replica::start().await,
@@ -57,6 +58,7 @@ async fn calls_follow_the_resolvers_answer() {
 
 #[tokio::test]
 async fn a_bad_target_is_an_error() {
+    let _serial = serial().await;
     let builder = ClientBuilder::plaintext();
     for bad in [
         "dns:",
@@ -88,13 +90,14 @@ async fn a_bad_target_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reachable_replica_fails_fast_with_unavailable() {
+    let _serial = serial().await;
     // A port with nothing behind it.
     let addr = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
     let channel = ClientBuilder::plaintext()
-        .connect_timeout(Duration::from_millis(200))
+        .connect_timeout(Duration::from_secs(1))
         .channel(&format!("static:{addr}"))
         .unwrap();
     let mut client = UserServiceClient::new(channel);
@@ -106,7 +109,11 @@ async fn no_reachable_replica_fails_fast_with_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     // Then at once, until a replica is ready again.
     let start = Instant::now();
     let status = client
@@ -117,7 +124,7 @@ async fn no_reachable_replica_fails_fast_with_unavailable() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
-        start.elapsed() < Duration::from_millis(100),
+        start.elapsed() < Duration::from_millis(500),
         "{:?}",
         start.elapsed()
     );

@@ -11,7 +11,7 @@ use tessera_mesh::{
 };
 use tonic::Code;
 
-use crate::support::{Replica, target};
+use crate::support::{Replica, serial, target};
 
 fn issue(ca: &Ca, service: &str, dir: &std::path::Path) -> TlsFiles {
     let id = SpiffeId::new("tessera.local", "default", service).unwrap();
@@ -24,6 +24,7 @@ fn issue(ca: &Ca, service: &str, dir: &std::path::Path) -> TlsFiles {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_present_the_workload_certificate() {
+    let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("tessera test CA").unwrap();
     let server = TlsSource::load(issue(&ca, "users", dir.path())).unwrap();

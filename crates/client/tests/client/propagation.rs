@@ -4,14 +4,16 @@
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use tessera::users::v1::{GetUserRequest, user_service_client::UserServiceClient};
+use tessera::users::v1::{
+    GetUserRequest, WatchEventsRequest, user_service_client::UserServiceClient,
+};
 use tessera_client::ClientBuilder;
 use tonic::{Code, Request};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::support::{Replica, target};
+use crate::support::{Replica, serial, target};
 
 fn grpc_timeout(value: &str) -> Duration {
     tessera_mesh::stack::parse_grpc_timeout(value).unwrap()
@@ -19,6 +21,7 @@ fn grpc_timeout(value: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_remaining_deadline_and_the_token_reach_the_next_hop() {
+    let _serial = serial().await;
     let b = Replica::start().await;
     let a = Replica::start().await;
     let builder = ClientBuilder::plaintext();
@@ -53,6 +56,7 @@ async fn the_remaining_deadline_and_the_token_reach_the_next_hop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_get_the_default_deadline_and_end_when_it_passes() {
+    let _serial = serial().await;
     let replica = Replica::start().await;
     let channel = ClientBuilder::plaintext()
         .timeout(Duration::from_millis(300))
@@ -72,6 +76,12 @@ async fn calls_get_the_default_deadline_and_end_when_it_passes() {
     );
     // Nothing forwarded outside a handler.
     assert_eq!(replica.behaviour.last_header("authorization"), None);
+    // A server stream may outlive any default: it gets none.
+    client
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(replica.behaviour.last_header("grpc-timeout"), None);
 
     replica.behaviour.set_delay(Duration::from_secs(5));
     let start = Instant::now();
@@ -107,6 +117,7 @@ async fn calls_get_the_default_deadline_and_end_when_it_passes() {
 
 #[tokio::test]
 async fn calls_carry_the_trace_context_of_the_current_span() {
+    let _serial = serial().await;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );

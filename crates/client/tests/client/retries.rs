@@ -15,10 +15,11 @@ use tessera_client::{ClientBuilder, RetryBudget};
 use tokio::task::JoinSet;
 use tonic::Code;
 
-use crate::support::{Replica, eventually, get_users, target};
+use crate::support::{Replica, eventually, get_users, serial, target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_fails_no_idempotent_call() {
+    let _serial = serial().await;
     let replicas = [
         Replica::start().await,
         Replica::start().await,
@@ -94,6 +95,7 @@ async fn killing_a_replica_fails_no_idempotent_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_replica_is_retried_around_for_idempotent_methods_only() {
+    let _serial = serial().await;
     let replicas = [
         Replica::start().await,
         Replica::start().await,
@@ -132,6 +134,7 @@ async fn an_unavailable_replica_is_retried_around_for_idempotent_methods_only() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stay_within_the_budget() {
+    let _serial = serial().await;
     let replicas = [
         Replica::start().await,
         Replica::start().await,
@@ -173,6 +176,7 @@ async fn retries_stay_within_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_replay_limit_are_sent_once() {
+    let _serial = serial().await;
     let replica = Replica::start().await;
     replica.behaviour.set_unavailable(true);
     let channel = ClientBuilder::plaintext()

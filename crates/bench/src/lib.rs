@@ -1,0 +1,50 @@
+//! Tessera's benchmark: what the in-process mesh costs per hop next to bare tonic and next to
+//! an Envoy sidecar (scenario A), and how the whole mesh does end to end through the gateway
+//! on a seeded dataset (scenario B). `scripts/bench.sh` runs both with one command.
+//!
+//! The load generator speaks gRPC over its own thin HTTP/2 connections (plaintext, TLS or
+//! mTLS), drives closed loops (N calls in flight) and open loops (a fixed rate, latency
+//! charged from each request's due time, so stalls are not hidden by coordinated omission),
+//! records HdrHistogram percentiles, checks every answer's gRPC status and content, and reads
+//! servers' CPU time and resident memory from `/proc` — so servers run as separate processes,
+//! pinned to a core of their own when `taskset` is there.
+//!
+//! Not for: timed assertions in tests (numbers depend on the machine; the unit tests here
+//! check the load generator's logic), or load against anything but loopback.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod envoy;
+pub mod load;
+pub mod procfs;
+pub mod procs;
+pub mod report;
+pub mod scenario_a;
+pub mod scenario_b;
+pub mod schedule;
+pub mod server;
+pub mod stats;
+
+/// Everything that can stop a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("/proc/{pid}: cannot read {what}")]
+    Proc { pid: u32, what: String },
+    #[error("{what}: {status}")]
+    Call { what: String, status: tonic::Status },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl BenchError {
+    pub fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> BenchError {
+        let what = what.into();
+        move |status| BenchError::Call { what, status }
+    }
+}

@@ -1,0 +1,247 @@
+//! `tessera-bench`: runs scenario A (one hop: bare tonic, tonic + mTLS, the Tessera stack,
+//! an Envoy sidecar) and scenario B (the whole mesh through the gateway) and prints tables.
+//! `tessera-bench server --mode ...` is the echo server scenario A starts in a process of
+//! its own.
+
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tessera_bench::{BenchError, envoy, procs, scenario_a, scenario_b, server};
+
+#[derive(Parser)]
+#[command(name = "tessera-bench", about = "Tessera's benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the benchmark and print the tables.
+    Run(RunArgs),
+    /// Serve the echo RPC of scenario A until stdin closes (started by `run`).
+    Server {
+        #[arg(long, value_enum)]
+        mode: server::Mode,
+        /// tls.crt, tls.key and ca.crt of the server.
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    A,
+    B,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Interleaved rounds of scenario A.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Requests per second of scenario A's open loop.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Calls in flight for scenario A's peak throughput.
+    #[arg(long, default_value_t = 64)]
+    peak_concurrency: usize,
+    /// HTTP/2 connections per server in scenario A.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Seconds of each scenario A measurement: one call in flight, fixed rate, peak.
+    #[arg(long, default_value_t = 1.5)]
+    latency_secs: f64,
+    #[arg(long, default_value_t = 2.5)]
+    rate_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    peak_secs: f64,
+    /// Envoy binary for A4 (default: `envoy` on the PATH; A4 is skipped without one).
+    #[arg(long)]
+    envoy: Option<PathBuf>,
+    /// Scenario B dataset scale: 1.0 is 1k users, 10k posts, 50k comments.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Calls in flight for scenario B's throughput runs.
+    #[arg(long, default_value_t = 16)]
+    b_concurrency: usize,
+    /// Seconds of each scenario B throughput run (the one-in-flight runs take --latency-secs).
+    #[arg(long, default_value_t = 4.0)]
+    b_secs: f64,
+    /// Skip running each service alone for per-service memory.
+    #[arg(long)]
+    no_per_service: bool,
+    /// The `tessera` binary (default: next to this one).
+    #[arg(long)]
+    tessera: Option<PathBuf>,
+    /// Keep logs, certificates and data here (default: a temporary directory, removed).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Do not pin servers and load generator to separate cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server { mode, tls_dir } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
+            };
+            match runtime.block_on(server::run(mode, &tls_dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Run(args) => {
+            // One thread for the load generator: it gets a core to itself.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn fail(e: &BenchError) -> ExitCode {
+    eprintln!("tessera-bench: {e}");
+    ExitCode::FAILURE
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+async fn run(args: RunArgs) -> Result<(), BenchError> {
+    let self_exe = std::env::current_exe().map_err(|source| BenchError::Io {
+        what: "finding this binary".into(),
+        source,
+    })?;
+    let tessera = args
+        .tessera
+        .clone()
+        .unwrap_or_else(|| self_exe.with_file_name("tessera"));
+    let (_temp, work_dir) = match &args.work_dir {
+        Some(dir) => {
+            // A fresh dataset each run: remove what a previous run left.
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
+                what: dir.display().to_string(),
+                source,
+            })?;
+            (None, dir.clone())
+        }
+        None => {
+            let temp = tempfile::tempdir().map_err(|source| BenchError::Io {
+                what: "creating a temporary directory".into(),
+                source,
+            })?;
+            let path = temp.path().to_path_buf();
+            (Some(temp), path)
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = if args.no_pin {
+        None
+    } else if cores < 2 {
+        println!("not pinning: only one CPU available");
+        None
+    } else if !procs::have_taskset() {
+        println!("not pinning: taskset (util-linux) not found");
+        None
+    } else {
+        Some(("0".to_owned(), "1".to_owned()))
+    };
+    println!("machine: {} x {}", cores, cpu_model());
+    match &pin {
+        Some((server, client)) => {
+            println!("servers pinned to CPU {server}, load generator to CPU {client} (taskset)")
+        }
+        None => println!("servers and load generator NOT pinned"),
+    }
+    if let Some((_, client)) = &pin {
+        procs::pin_self(client)?;
+    }
+    let secs = Duration::from_secs_f64;
+
+    let mut output = String::new();
+    if args.scenario != Scenario::B {
+        let envoy_bin = envoy::locate(args.envoy.as_deref());
+        if let Ok(bin) = &envoy_bin {
+            println!("envoy: {} ({})", envoy::version(bin)?, bin.display());
+        }
+        let opts = scenario_a::Options {
+            rounds: args.rounds.max(1),
+            rate: args.rate,
+            peak_concurrency: args.peak_concurrency.max(1),
+            connections: args.connections.max(1),
+            warmup: Duration::from_secs(1),
+            latency_time: secs(args.latency_secs),
+            rate_time: secs(args.rate_secs),
+            peak_time: secs(args.peak_secs),
+            self_exe: self_exe.clone(),
+            envoy: envoy_bin,
+            work_dir: work_dir.clone(),
+            pin: pin.clone(),
+        };
+        println!("\n== Scenario A: one hop, GetPost echo ==");
+        let results = scenario_a::run(&opts).await?;
+        let table = scenario_a::render(&results, &opts);
+        println!("\n{table}");
+        output.push_str(&table);
+    }
+    if args.scenario != Scenario::A {
+        if !tessera.is_file() {
+            return Err(BenchError::Setup(format!(
+                "{} not found: build it (cargo build --release -p tessera-cli) or pass --tessera",
+                tessera.display()
+            )));
+        }
+        let opts = scenario_b::Options {
+            scale: args.scale,
+            concurrency: args.b_concurrency.max(1),
+            time: secs(args.b_secs),
+            latency_time: secs(args.latency_secs),
+            tessera,
+            work_dir: work_dir.clone(),
+            pin: pin.clone(),
+            sources: 64,
+            writers: 200,
+            per_service: !args.no_per_service,
+        };
+        println!("\n== Scenario B: end to end through the gateway ==");
+        let results = scenario_b::run(&opts).await?;
+        let table = scenario_b::render(&results, &opts);
+        println!("\n{table}");
+        output.push_str(&table);
+    }
+    if args.work_dir.is_some() {
+        println!("logs and data kept in {}", work_dir.display());
+    }
+    Ok(())
+}
