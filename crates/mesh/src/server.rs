@@ -17,10 +17,7 @@ use crate::{
     metrics::Metrics,
     policy::Policy,
     shutdown::Shutdown,
-    stack::{
-        AuthorizeLayer, Authorizer, CatchPanicLayer, DeadlineLayer, MessageLimitLayer, PeerInfo,
-        ShedLayer, TelemetryLayer,
-    },
+    stack::{Authorizer, CatchPanic, Deadline, MessageLimitLayer, PeerInfo, Shed, Telemetry},
     tls::TlsSource,
 };
 
@@ -154,15 +151,15 @@ impl Workload {
         };
         let svc = ServiceBuilder::new()
             // Outermost, so the span and the metrics cover every outcome below, refusals too.
-            .layer(TelemetryLayer::new(self.metrics.clone()))
+            .layer(Telemetry::layer(self.metrics.clone()))
             // Before anything that runs service code, so a panic anywhere becomes INTERNAL.
-            .layer(CatchPanicLayer)
+            .layer(CatchPanic::layer())
             // Identity and the contract's rule before spending anything on the call.
-            .layer(AuthorizeLayer::new(authorizer))
+            .layer(authorizer.layer())
             // The deadline covers the wait for a permit as well as the handler.
-            .layer(DeadlineLayer::new(self.options.deadline_cap))
+            .layer(Deadline::layer(self.options.deadline_cap))
             // Shed only calls that are allowed in, so rejected callers cannot crowd out others.
-            .layer(ShedLayer::new(self.options.max_concurrency))
+            .layer(Shed::layer(self.options.max_concurrency))
             // Innermost: checks each message as the handler reads it.
             .layer(MessageLimitLayer::new(self.options.max_message_size))
             .service(routes.prepare());
@@ -173,10 +170,10 @@ impl Workload {
     /// access layer here; `service` itself routes only public methods and checks tokens.
     pub fn public_service(&self, service: GrpcService) -> GrpcService {
         let svc = ServiceBuilder::new()
-            .layer(TelemetryLayer::new(self.metrics.clone()))
-            .layer(CatchPanicLayer)
-            .layer(DeadlineLayer::new(self.options.deadline_cap))
-            .layer(ShedLayer::new(self.options.max_concurrency))
+            .layer(Telemetry::layer(self.metrics.clone()))
+            .layer(CatchPanic::layer())
+            .layer(Deadline::layer(self.options.deadline_cap))
+            .layer(Shed::layer(self.options.max_concurrency))
             .layer(MessageLimitLayer::new(self.options.max_message_size))
             .service(service);
         BoxCloneSyncService::new(svc)

@@ -50,50 +50,50 @@ fn status_response(status: Status) -> Response<Body> {
     status.into_http::<Body>()
 }
 
-/// Clone-and-swap so the clone that was polled ready is the one called (tower's contract).
-fn take<S: Clone>(inner: &mut S) -> S {
-    let clone = inner.clone();
-    std::mem::replace(inner, clone)
+/// One step of the request path: what it does around the rest of the stack (`inner`).
+/// Every step but the message-size check is written as one of these, so each is just its
+/// logic; [`AroundLayer`] supplies the tower plumbing once.
+pub trait Around: Clone + Send + Sync + 'static {
+    fn around<S>(&self, inner: S, req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send;
 }
 
-// ---------------------------------------------------------------------------------------
-// Telemetry: one span per call (parented on the incoming traceparent) and RED metrics,
-// recorded when the response body ends so streaming calls are measured to their last byte.
-
+/// The tower layer of an [`Around`] step.
 #[derive(Clone)]
-pub struct TelemetryLayer {
-    metrics: Metrics,
-}
+pub struct AroundLayer<A>(A);
 
-impl TelemetryLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+impl<A> AroundLayer<A> {
+    pub fn new(step: A) -> Self {
+        Self(step)
     }
 }
 
-impl<S> Layer<S> for TelemetryLayer {
-    type Service = Telemetry<S>;
+impl<S, A: Clone> Layer<S> for AroundLayer<A> {
+    type Service = AroundService<S, A>;
     fn layer(&self, inner: S) -> Self::Service {
-        Telemetry {
+        AroundService {
             inner,
-            metrics: self.metrics.clone(),
+            step: self.0.clone(),
         }
     }
 }
 
 #[derive(Clone)]
-pub struct Telemetry<S> {
+pub struct AroundService<S, A> {
     inner: S,
-    metrics: Metrics,
+    step: A,
 }
 
-impl<S> Service<Request<Body>> for Telemetry<S>
+impl<S, A> Service<Request<Body>> for AroundService<S, A>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send,
+    A: Around,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -104,6 +104,36 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // Clone-and-swap so the clone that was polled ready is the one called (tower's
+        // contract).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        self.step.around(inner, req)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Telemetry: one span per call (parented on the incoming traceparent) and RED metrics,
+// recorded when the response body ends so streaming calls are measured to their last byte.
+
+/// Trace span and RED metrics.
+#[derive(Clone)]
+pub struct Telemetry {
+    metrics: Metrics,
+}
+
+impl Telemetry {
+    pub fn layer(metrics: Metrics) -> AroundLayer<Self> {
+        AroundLayer::new(Self { metrics })
+    }
+}
+
+impl Around for Telemetry {
+    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
         let method: Arc<str> = req.uri().path().into();
         let caller: Arc<str> = match req
             .extensions()
@@ -125,10 +155,10 @@ where
         let _ = span.set_parent(extract_context(req.headers()));
         let start = Instant::now();
         let metrics = self.metrics.clone();
-        let fut = take(&mut self.inner).call(req).instrument(span.clone());
+        let fut = inner.call(req).instrument(span.clone());
         Box::pin(async move {
             let Ok(resp) = fut.await;
-            let recorder = Recorder {
+            let mut recorder = Recorder {
                 metrics,
                 method,
                 caller,
@@ -139,9 +169,7 @@ where
             // A trailers-only response (an error before any message) has its status in the
             // headers; otherwise it comes in the trailers at the end of the body.
             if let Some(status) = Status::from_header_map(resp.headers()) {
-                let mut recorder = recorder;
                 recorder.code = Some(status.code());
-                drop(recorder);
                 return Ok(resp);
             }
             Ok(resp.map(|body| {
@@ -226,19 +254,14 @@ impl HttpBody for Observed {
 // ---------------------------------------------------------------------------------------
 // Panic guard: a panicking handler becomes an opaque INTERNAL, the process keeps serving.
 
+/// The panic guard.
 #[derive(Clone, Default)]
-pub struct CatchPanicLayer;
+pub struct CatchPanic;
 
-impl<S> Layer<S> for CatchPanicLayer {
-    type Service = CatchPanic<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        CatchPanic { inner }
+impl CatchPanic {
+    pub fn layer() -> AroundLayer<Self> {
+        AroundLayer::new(Self)
     }
-}
-
-#[derive(Clone)]
-pub struct CatchPanic<S> {
-    inner: S,
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
@@ -251,24 +274,12 @@ fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
     status_response(Status::internal("internal error"))
 }
 
-impl<S> Service<Request<Body>> for CatchPanic<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let mut inner = take(&mut self.inner);
+impl Around for CatchPanic {
+    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
         match std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(req))) {
             Ok(fut) => Box::pin(async move {
                 match AssertUnwindSafe(fut).catch_unwind().await {
@@ -374,54 +385,19 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
     }
 }
 
-#[derive(Clone)]
-pub struct AuthorizeLayer {
-    authorizer: Arc<Authorizer>,
-}
-
-impl AuthorizeLayer {
-    pub fn new(authorizer: Authorizer) -> Self {
-        Self {
-            authorizer: Arc::new(authorizer),
-        }
+impl Authorizer {
+    pub fn layer(self) -> AroundLayer<Arc<Self>> {
+        AroundLayer::new(Arc::new(self))
     }
 }
 
-impl<S> Layer<S> for AuthorizeLayer {
-    type Service = Authorize<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Authorize {
-            inner,
-            authorizer: self.authorizer.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authorize<S> {
-    inner: S,
-    authorizer: Arc<Authorizer>,
-}
-
-impl<S> Service<Request<Body>> for Authorize<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let mut inner = take(&mut self.inner);
-        let authorizer = self.authorizer.clone();
+impl Around for Arc<Authorizer> {
+    fn around<S>(&self, mut inner: S, mut req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
+        let authorizer = self.clone();
         Box::pin(async move {
             let Some(caller) = req
                 .extensions()
@@ -472,51 +448,25 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// The deadline step; `cap` bounds every call, also those that carry no deadline or a
+/// longer one.
 #[derive(Clone)]
-pub struct DeadlineLayer {
+pub struct Deadline {
     cap: Duration,
 }
 
-impl DeadlineLayer {
-    /// `cap` bounds every call, also those that carry no deadline or a longer one.
-    pub fn new(cap: Duration) -> Self {
-        Self { cap }
+impl Deadline {
+    pub fn layer(cap: Duration) -> AroundLayer<Self> {
+        AroundLayer::new(Self { cap })
     }
 }
 
-impl<S> Layer<S> for DeadlineLayer {
-    type Service = Deadline<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Deadline {
-            inner,
-            cap: self.cap,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Deadline<S> {
-    inner: S,
-    cap: Duration,
-}
-
-impl<S> Service<Request<Body>> for Deadline<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+impl Around for Deadline {
+    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
         let requested = req
             .headers()
             .get("grpc-timeout")
@@ -527,7 +477,7 @@ where
             deadline: Some(Instant::now() + timeout),
             token: req.extensions().get::<EndUser>().map(|u| u.token.clone()),
         };
-        let fut = context::scope(ctx, take(&mut self.inner).call(req));
+        let fut = context::scope(ctx, inner.call(req));
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(resp) => resp,
@@ -544,58 +494,32 @@ where
 // (RESOURCE_EXHAUSTED) instead of queueing, so latency stays bounded under overload and the
 // caller can go elsewhere.
 
+/// The load-shedding step.
 #[derive(Clone)]
-pub struct ShedLayer {
+pub struct Shed {
     permits: Arc<Semaphore>,
 }
 
-impl ShedLayer {
-    pub fn new(max_in_flight: usize) -> Self {
-        Self {
+impl Shed {
+    pub fn layer(max_in_flight: usize) -> AroundLayer<Self> {
+        AroundLayer::new(Self {
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
-        }
+        })
     }
 }
 
-impl<S> Layer<S> for ShedLayer {
-    type Service = Shed<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Shed {
-            inner,
-            permits: self.permits.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Shed<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
-}
-
-impl<S> Service<Request<Body>> for Shed<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+impl Around for Shed {
+    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return Box::pin(std::future::ready(Ok(status_response(
                 Status::resource_exhausted("server overloaded: too many calls in flight"),
             ))));
         };
-        let fut = take(&mut self.inner).call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let resp = fut.await;
             drop(permit);
