@@ -53,5 +53,18 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// `err: cause: cause ...` on one line: how services log an error that wraps a
+/// [`StoreError`] before answering with an opaque INTERNAL.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
 /// Shorthand for results in this crate.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

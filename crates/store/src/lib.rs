@@ -2,8 +2,10 @@
 //! crate opens it, migrates it, and carries its events out (the outbox) and other services'
 //! events in (consumer cursors).
 //!
-//! Not for: domain tables or queries (each service writes its own SQL), gRPC types or
-//! `tonic::Status` mapping (services do that in their own error type), or remote clients.
+//! Not for: domain tables or queries (each service writes its own SQL), mapping a service's
+//! errors to `tonic::Status` (each service does that in its own error type), or remote
+//! clients. The one gRPC-facing piece is [`watch`], which serves the outbox as a service's
+//! `WatchEvents` the same way everywhere.
 //!
 //! # Opening a database
 //!
@@ -43,28 +45,26 @@
 //!
 //! # The outbox
 //!
-//! In the transaction that makes a change, call [`Tx::append_event`] with the payload, as the
-//! last write. Convention: the payload is the service's prost-encoded `WatchEventsResponse`
-//! with only the `event` oneof set; the `WatchEvents` handler decodes it and fills in
-//! `sequence` and `create_time` from the [`Event`]:
+//! In the transaction that makes a change, append the event as the last write. Convention:
+//! the payload is the service's prost-encoded `WatchEventsResponse` with only the `event`
+//! oneof set ([`watch::append`]); the `WatchEvents` handler decodes it and fills in
+//! `sequence` and `create_time` from the [`Event`] ([`watch::stream`]):
 //!
 //! ```ignore
 //! // in the write path
-//! let payload = WatchEventsResponse { event: Some(Event::PostDeleted(..)), ..Default::default() }
-//!     .encode_to_vec();
-//! tx.append_event(&payload).await?;
+//! watch::append::<WatchEventsResponse>(&mut tx, Event::PostDeleted(..)).await?;
 //! tx.commit().await?;
 //!
-//! // in WatchEvents
-//! let stream = db.events(req.after_sequence).map(|item| {
-//!     let e = item.map_err(Error::from)?;
-//!     let mut msg = WatchEventsResponse::decode(e.payload.as_slice()).map_err(..)?;
-//!     msg.sequence = e.sequence;
-//!     msg.create_time = Some(tessera_store::timestamp(e.create_time));
-//!     Ok(msg)
-//! });
-//! Ok(Response::new(Box::pin(stream)))
+//! // in the service impl
+//! type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+//! async fn watch_events(&self, request: Request<WatchEventsRequest>) -> .. {
+//!     let after = request.into_inner().after_sequence;
+//!     Ok(Response::new(watch::stream(&self.db, after)?))
+//! }
 //! ```
+//!
+//! Other payloads (e.g. a service's internal records) go through [`Tx::append_event`] and
+//! [`Db::events`] directly.
 //!
 //! Sequences are strictly increasing and become visible in order, so a reader resuming
 //! after sequence N never misses an event. [`Db::events`] streams the backlog, then follows
@@ -102,7 +102,10 @@
 //!
 //! [`testing::postgres`] gives a test a fresh PostgreSQL schema when
 //! `TESSERA_TEST_DATABASE_URL` is set, or prints `skipped: TESSERA_TEST_DATABASE_URL not set`
-//! and returns `None`.
+//! and returns `None`; [`testing::eventually`] waits for a condition under a bound. The
+//! `testing` feature, for services' dev-dependencies, adds `testing::databases` (a fresh
+//! SQLite database plus that PostgreSQL one), `testing::as_user` (a request from a verified
+//! end user) and `testing::fakes` (in-memory upstream services and their event logs).
 
 #![forbid(unsafe_code)]
 
@@ -111,12 +114,13 @@ mod db;
 mod error;
 mod outbox;
 pub mod testing;
+pub mod watch;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use consumer::{Consumer, run_consumer};
 pub use db::{Backend, Db, DbOptions, Migration, Tx};
-pub use error::{Result, StoreError};
+pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).

@@ -1,11 +1,19 @@
-//! Helpers for tests that should also run against PostgreSQL.
+//! Helpers for the tests of Tessera services: databases on both engines, and (with the
+//! `testing` feature, for dev-dependencies only) end-user requests and fake upstream services.
+//!
+//! Every test that touches storage should also run on PostgreSQL when
+//! `TESSERA_TEST_DATABASE_URL` is set; [`postgres`] (and, with the feature, `databases`)
+//! print `skipped: TESSERA_TEST_DATABASE_URL not set` when it is not.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{Db, DbOptions, Migration, Result};
+
+#[cfg(feature = "testing")]
+pub mod fakes;
 
 /// The environment variable naming the PostgreSQL server tests may use.
 pub const TEST_DATABASE_URL: &str = "TESSERA_TEST_DATABASE_URL";
@@ -42,4 +50,78 @@ pub async fn postgres(label: &str, migrations: &[Migration]) -> Result<Option<Db
         ..DbOptions::default()
     };
     Db::open_with(&url, options, migrations).await.map(Some)
+}
+
+/// One database a test runs against, from [`databases`].
+#[cfg(feature = "testing")]
+pub struct TestDb {
+    /// `"sqlite"` or `"postgres"`, for assertion messages.
+    pub name: &'static str,
+    pub db: Db,
+    /// Keeps the SQLite file's directory until the test is done with the database.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The databases a test runs against, each fresh, with `migrations` applied: SQLite in a new
+/// temporary directory, then PostgreSQL when `TESSERA_TEST_DATABASE_URL` is set (see
+/// [`postgres`]; `label` names the schema). Keep each [`TestDb`] alive while its database is
+/// in use.
+///
+/// # Panics
+///
+/// When a database cannot be created: it is for tests only.
+#[cfg(feature = "testing")]
+pub async fn databases(label: &str, migrations: &[Migration]) -> Vec<TestDb> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("test.db");
+    let path = path.to_str().expect("a UTF-8 temporary path");
+    let sqlite = Db::open(path, migrations).await.expect("a SQLite database");
+    let mut out = vec![TestDb {
+        name: "sqlite",
+        db: sqlite,
+        _dir: Some(dir),
+    }];
+    if let Some(pg) = postgres(label, migrations)
+        .await
+        .expect("a PostgreSQL schema")
+    {
+        out.push(TestDb {
+            name: "postgres",
+            db: pg,
+            _dir: None,
+        });
+    }
+    out
+}
+
+/// Polls `cond` until it holds, failing the test after a bound (15 s) instead of sleeping
+/// for a guessed time.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `msg` as a request from the verified end user `sub` with `role` ("USER", "MODERATOR",
+/// "ADMIN"), as the server stack leaves it for a handler after checking the token.
+#[cfg(feature = "testing")]
+pub fn as_user<T>(sub: &str, role: &str, msg: T) -> tonic::Request<T> {
+    use tessera_mesh::auth::{EndUser, UserClaims};
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut().insert(EndUser {
+        claims: UserClaims {
+            sub: sub.to_owned(),
+            role: role.to_owned(),
+            exp: u64::MAX / 2,
+            iat: 0,
+        },
+        token: "test-token".into(),
+    });
+    req
 }

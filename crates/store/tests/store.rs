@@ -13,7 +13,10 @@ use std::{
 use futures::{StreamExt, stream::BoxStream};
 use sqlx::Row;
 use tempfile::TempDir;
-use tessera_store::{Backend, Consumer, Db, Migration, StoreError, Tx, run_consumer, testing};
+use tessera_store::{
+    Backend, Consumer, Db, Migration, StoreError, Tx, run_consumer,
+    testing::{self, eventually},
+};
 use tokio::sync::watch;
 
 const MIGRATIONS: &[Migration] = &[
@@ -39,19 +42,6 @@ async fn databases(label: &str) -> (Vec<Db>, TempDir) {
         dbs.push(pg);
     }
     (dbs, dir)
-}
-
-/// Polls `cond` until it holds, failing after a bound.
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The comment service's one error type, mapped to `tonic::Status` in one place.
 
-use tessera_store::StoreError;
+use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,13 +20,6 @@ pub enum CommentsError {
     /// A downstream service answered with an error; passed through as it is.
     #[error("downstream: {}: {}", .0.code(), .0.message())]
     Upstream(Status),
-    /// A stored event could not be decoded.
-    #[error("outbox event {sequence} is corrupt: {source}")]
-    CorruptEvent {
-        sequence: i64,
-        #[source]
-        source: prost::DecodeError,
-    },
     #[error("storage")]
     Store(#[from] StoreError),
 }
@@ -44,21 +37,7 @@ impl From<CommentsError> for Status {
             CommentsError::NotFound(what) => Status::not_found(format!("{what} not found")),
             CommentsError::PermissionDenied(why) => Status::permission_denied(why),
             CommentsError::UserGone => Status::unauthenticated("the user no longer exists"),
-            e @ (CommentsError::CorruptEvent { .. } | CommentsError::Store(_)) => {
-                tessera_mesh::errors::internal(error_chain(&e))
-            }
+            e @ CommentsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }
-}
-
-/// `err: cause: cause ...`, for the log.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }

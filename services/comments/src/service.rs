@@ -1,9 +1,5 @@
 //! The CommentService handlers and the SQL behind them.
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt};
-use prost::Message;
 use sqlx::{Row, any::AnyRow};
 use tessera::{
     comments::v1::{
@@ -16,7 +12,7 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_mesh::{auth::end_user, errors::Violations};
-use tessera_store::{Db, Tx, now_micros, timestamp};
+use tessera_store::{Db, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{CommentsError, MIGRATIONS, page::PageToken};
@@ -333,15 +329,10 @@ impl Comments {
 
 /// Appends one event to the outbox, as the last write of `tx`.
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), tessera_store::StoreError> {
-    let payload = WatchEventsResponse {
-        event: Some(event),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    tx.append_event(&payload).await.map(drop)
+    watch::append::<WatchEventsResponse>(tx, event)
+        .await
+        .map(drop)
 }
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CommentService for Comments {
@@ -372,29 +363,13 @@ impl CommentService for Comments {
         Ok(Response::new(DeleteCommentResponse {}))
     }
 
-    type WatchEventsStream = EventStream;
+    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        let mut v = Violations::new();
-        v.check(after < 0, "after_sequence", "must not be negative");
-        v.into_result()?;
-        let stream = self.db.events(after).map(|item| -> Result<_, Status> {
-            let event = item.map_err(CommentsError::from)?;
-            let mut msg =
-                WatchEventsResponse::decode(event.payload.as_slice()).map_err(|source| {
-                    CommentsError::CorruptEvent {
-                        sequence: event.sequence,
-                        source,
-                    }
-                })?;
-            msg.sequence = event.sequence;
-            msg.create_time = Some(timestamp(event.create_time));
-            Ok(msg)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch::stream(&self.db, after)?))
     }
 }

@@ -1,6 +1,6 @@
 //! The notification service's one error type, mapped to `tonic::Status` in one place.
 
-use tessera_store::StoreError;
+use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +33,4 @@ impl From<NotificationsError> for Status {
             e @ NotificationsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }
-}
-
-/// `err: cause: cause ...`, for the log.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }

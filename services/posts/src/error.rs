@@ -1,4 +1,4 @@
-use tessera_store::StoreError;
+use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 /// Everything PostService can fail with, mapped to a gRPC status in [`From<Error> for Status`]
@@ -27,18 +27,6 @@ impl From<sqlx::Error> for Error {
     }
 }
 
-/// The error and its causes on one line, for the log.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
@@ -46,7 +34,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::StaleEtag => Status::aborted(err.to_string()),
             Error::AuthorDeleted => Status::failed_precondition(err.to_string()),
-            other => tessera_mesh::errors::internal(chain(&other)),
+            other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }
 }

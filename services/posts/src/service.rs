@@ -1,10 +1,6 @@
 //! The PostService handlers and the post storage they share with the consumer.
 
-use std::pin::Pin;
-
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-use futures::{Stream, StreamExt};
-use prost::Message;
 use tessera::posts::v1::{
     CreatePostRequest, CreatePostResponse, DeletePostRequest, DeletePostResponse, GetPostRequest,
     GetPostResponse, ListPostsRequest, ListPostsResponse, Post, PostCreated, PostDeleted,
@@ -15,7 +11,7 @@ use tessera_mesh::{
     auth::end_user,
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp};
+use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Posts};
@@ -164,12 +160,7 @@ impl PageToken {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    let payload = WatchEventsResponse {
-        event: Some(event),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    tx.append_event(&payload).await?;
+    watch::append::<WatchEventsResponse>(tx, event).await?;
     Ok(())
 }
 
@@ -271,8 +262,6 @@ impl Posts {
         Ok(())
     }
 }
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl PostService for Posts {
@@ -531,25 +520,14 @@ impl PostService for Posts {
         Ok(Response::new(DeletePostResponse {}))
     }
 
-    type WatchEventsStream = EventStream;
+    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        if after < 0 {
-            return Err(invalid_field("after_sequence", "must not be negative"));
-        }
-        let stream = self.db().events(after).map(|item| {
-            let event = item.map_err(Error::from)?;
-            let mut msg = WatchEventsResponse::decode(event.payload.as_slice())
-                .map_err(|e| Error::Corrupt(format!("outbox event {}: {e}", event.sequence)))?;
-            msg.sequence = event.sequence;
-            msg.create_time = Some(timestamp(event.create_time));
-            Ok(msg)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch::stream(self.db(), after)?))
     }
 }
 

@@ -3,10 +3,9 @@
 //! in-process channel.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use futures::StreamExt;
-use tempfile::TempDir;
 use tessera::{
     posts::v1::{
         CreatePostRequest, DeletePostRequest, GetPostRequest, ListPostsRequest, Post,
@@ -19,38 +18,19 @@ use tessera::{
         user_service_server::{UserService, UserServiceServer},
     },
 };
-use tessera_mesh::{
-    auth::{EndUser, UserClaims},
-    errors::violated_fields,
-};
+use tessera_mesh::errors::violated_fields;
 use tessera_posts::{MIGRATIONS, Posts};
+use tessera_store::testing::{self, TestDb, as_user, eventually};
 use tonic::{Code, Request, Status};
 
-async fn services(label: &str) -> (Vec<Posts>, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("posts.db");
-    let mut out = vec![Posts::open(path.to_str().unwrap()).await.unwrap()];
-    if let Some(db) = tessera_store::testing::postgres(label, MIGRATIONS)
-        .await
-        .unwrap()
-    {
-        out.push(Posts::with_db(db).await.unwrap());
+/// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
+async fn services(label: &str) -> (Vec<Posts>, Vec<TestDb>) {
+    let dbs = testing::databases(label, MIGRATIONS).await;
+    let mut out = Vec::new();
+    for t in &dbs {
+        out.push(Posts::with_db(t.db.clone()).await.unwrap());
     }
-    (out, dir)
-}
-
-fn as_user<T>(msg: T, sub: &str, role: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.extensions_mut().insert(EndUser {
-        claims: UserClaims {
-            sub: sub.into(),
-            role: role.into(),
-            exp: u64::MAX / 2,
-            iat: 0,
-        },
-        token: Arc::from("test-token"),
-    });
-    req
+    (out, dbs)
 }
 
 fn draft(title: &str) -> CreatePostRequest {
@@ -63,7 +43,7 @@ fn draft(title: &str) -> CreatePostRequest {
 }
 
 async fn create(svc: &Posts, author: &str, title: &str) -> Post {
-    svc.create_post(as_user(draft(title), author, "USER"))
+    svc.create_post(as_user(author, "USER", draft(title)))
         .await
         .unwrap()
         .into_inner()
@@ -95,6 +75,26 @@ async fn list(
         let r = r.into_inner();
         (r.posts, r.next_page_token)
     })
+}
+
+/// UpdatePost as `sub` with `role`.
+async fn edit(svc: &Posts, sub: &str, role: &str, req: UpdatePostRequest) -> Result<Post, Status> {
+    svc.update_post(as_user(sub, role, req))
+        .await
+        .map(|r| r.into_inner().post.unwrap())
+}
+
+/// DeletePost as `sub` with `role`.
+async fn delete(svc: &Posts, sub: &str, role: &str, post_id: &str) -> Result<(), Status> {
+    svc.delete_post(as_user(
+        sub,
+        role,
+        DeletePostRequest {
+            post_id: post_id.into(),
+        },
+    ))
+    .await
+    .map(drop)
 }
 
 fn update(post: &Post, paths: &[&str], etag: &str) -> UpdatePostRequest {
@@ -132,17 +132,14 @@ async fn create_get_update_delete() {
         let mut patch = post.clone();
         patch.title = "Hello again".into();
         patch.body = "ignored".into();
-        let updated = svc
-            .update_post(as_user(
-                update(&patch, &["title"], &post.etag),
-                "alice",
-                "USER",
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .post
-            .unwrap();
+        let updated = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&patch, &["title"], &post.etag),
+        )
+        .await
+        .unwrap();
         assert_eq!(updated.title, "Hello again");
         assert_eq!(updated.body, post.body);
         assert_eq!(updated.tags, post.tags);
@@ -154,16 +151,8 @@ async fn create_get_update_delete() {
         patch.title = "Moderated".into();
         patch.body = String::new();
         patch.tags = vec![];
-        let moderated = svc
-            .update_post(as_user(
-                update(&patch, &[], &updated.etag),
-                "mod",
-                "MODERATOR",
-            ))
+        let moderated = edit(&svc, "mod", "MODERATOR", update(&patch, &[], &updated.etag))
             .await
-            .unwrap()
-            .into_inner()
-            .post
             .unwrap();
         assert_eq!(
             (moderated.title.as_str(), moderated.body.as_str()),
@@ -175,15 +164,7 @@ async fn create_get_update_delete() {
             "editing does not change the author"
         );
 
-        svc.delete_post(as_user(
-            DeletePostRequest {
-                post_id: post.post_id.clone(),
-            },
-            "alice",
-            "USER",
-        ))
-        .await
-        .unwrap();
+        delete(&svc, "alice", "USER", &post.post_id).await.unwrap();
         assert_eq!(
             get(&svc, &post.post_id).await.unwrap_err().code(),
             Code::NotFound
@@ -191,15 +172,7 @@ async fn create_get_update_delete() {
 
         // ADMIN may delete anyone's.
         let other = create(&svc, "bob", "Bob's").await;
-        svc.delete_post(as_user(
-            DeletePostRequest {
-                post_id: other.post_id,
-            },
-            "root",
-            "ADMIN",
-        ))
-        .await
-        .unwrap();
+        delete(&svc, "root", "ADMIN", &other.post_id).await.unwrap();
     }
 }
 
@@ -275,18 +248,18 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
             ),
         ];
         for (field, req) in cases {
-            assert_invalid(svc.create_post(as_user(req, "alice", "USER")).await, field);
+            assert_invalid(svc.create_post(as_user("alice", "USER", req)).await, field);
         }
         // Limits are inclusive.
         svc.create_post(as_user(
+            "alice",
+            "USER",
             CreatePostRequest {
                 title: "é".repeat(200),
                 body: "b".repeat(64 * 1024),
                 tags: (0..10).map(|i| format!("{i}{}", "t".repeat(31))).collect(),
                 request_id: String::new(),
             },
-            "alice",
-            "USER",
         ))
         .await
         .unwrap();
@@ -307,83 +280,81 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         // Updates.
         let mut patch = post.clone();
         patch.title = "Theirs now".into();
-        let denied = svc
-            .update_post(as_user(
-                update(&patch, &["title"], &post.etag),
-                "bob",
-                "USER",
-            ))
+        let denied = edit(&svc, "bob", "USER", update(&patch, &["title"], &post.etag))
             .await
             .unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
-        let ok = svc
-            .update_post(as_user(
-                update(&patch, &["title"], &post.etag),
-                "alice",
-                "USER",
-            ))
-            .await
-            .unwrap();
-        let stale = svc
-            .update_post(as_user(
-                update(&patch, &["title"], &post.etag),
-                "alice",
-                "USER",
-            ))
-            .await
-            .unwrap_err();
+        let ok = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&patch, &["title"], &post.etag),
+        )
+        .await
+        .unwrap();
+        let stale = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&patch, &["title"], &post.etag),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(stale.code(), Code::Aborted);
-        let fresh = ok.into_inner().post.unwrap().etag;
+        let fresh = ok.etag;
         assert_invalid(
-            svc.update_post(as_user(update(&patch, &["title"], ""), "alice", "USER"))
-                .await,
+            edit(&svc, "alice", "USER", update(&patch, &["title"], "")).await,
             "etag",
         );
         assert_invalid(
-            svc.update_post(as_user(
-                update(&patch, &["author_id"], &fresh),
+            edit(
+                &svc,
                 "alice",
                 "USER",
-            ))
+                update(&patch, &["author_id"], &fresh),
+            )
             .await,
             "update_mask.paths",
         );
         let mut empty_title = patch.clone();
         empty_title.title.clear();
         assert_invalid(
-            svc.update_post(as_user(
-                update(&empty_title, &["title"], &fresh),
+            edit(
+                &svc,
                 "alice",
                 "USER",
-            ))
+                update(&empty_title, &["title"], &fresh),
+            )
             .await,
             "post.title",
         );
         // Not in the mask: not validated, not changed.
-        svc.update_post(as_user(
-            update(&empty_title, &["body"], &fresh),
+        edit(
+            &svc,
             "alice",
             "USER",
-        ))
+            update(&empty_title, &["body"], &fresh),
+        )
         .await
         .unwrap();
         assert_invalid(
-            svc.update_post(as_user(
+            edit(
+                &svc,
+                "alice",
+                "USER",
                 UpdatePostRequest {
                     post: None,
                     update_mask: None,
                     etag: "x".into(),
                 },
-                "alice",
-                "USER",
-            ))
+            )
             .await,
             "post",
         );
         let mut unknown = patch.clone();
         unknown.post_id = "no-such-post".into();
         assert_eq!(
-            svc.update_post(as_user(update(&unknown, &[], "e"), "alice", "USER"))
+            edit(&svc, "alice", "USER", update(&unknown, &[], "e"))
                 .await
                 .unwrap_err()
                 .code(),
@@ -391,27 +362,11 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         );
 
         // Deletes.
-        let denied = svc
-            .delete_post(as_user(
-                DeletePostRequest {
-                    post_id: post.post_id.clone(),
-                },
-                "bob",
-                "USER",
-            ))
+        let denied = delete(&svc, "bob", "USER", &post.post_id)
             .await
             .unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
-        let unknown = svc
-            .delete_post(as_user(
-                DeletePostRequest {
-                    post_id: "nope".into(),
-                },
-                "alice",
-                "USER",
-            ))
-            .await
-            .unwrap_err();
+        let unknown = delete(&svc, "alice", "USER", "nope").await.unwrap_err();
         assert_eq!(unknown.code(), Code::NotFound);
         assert_eq!(
             svc.delete_post(Request::new(DeletePostRequest {
@@ -441,11 +396,11 @@ async fn request_id_makes_create_idempotent_per_author() {
             ..draft("Once")
         };
         let a = svc
-            .create_post(as_user(req.clone(), "alice", "USER"))
+            .create_post(as_user("alice", "USER", req.clone()))
             .await
             .unwrap();
         let b = svc
-            .create_post(as_user(req.clone(), "alice", "USER"))
+            .create_post(as_user("alice", "USER", req.clone()))
             .await
             .unwrap();
         assert_eq!(a.into_inner().post, b.into_inner().post);
@@ -455,12 +410,12 @@ async fn request_id_makes_create_idempotent_per_author() {
             ..draft("Twice")
         };
         let (c, d) = tokio::join!(
-            svc.create_post(as_user(req2.clone(), "alice", "USER")),
-            svc.create_post(as_user(req2.clone(), "alice", "USER"))
+            svc.create_post(as_user("alice", "USER", req2.clone())),
+            svc.create_post(as_user("alice", "USER", req2.clone()))
         );
         assert_eq!(c.unwrap().into_inner().post, d.unwrap().into_inner().post);
         // The same id from another author is another post.
-        svc.create_post(as_user(req, "bob", "USER")).await.unwrap();
+        svc.create_post(as_user("bob", "USER", req)).await.unwrap();
         let (alices, _) = list(&svc, "alice", 100, "").await.unwrap();
         assert_eq!(alices.len(), 2);
         let (all, _) = list(&svc, "", 100, "").await.unwrap();
@@ -475,14 +430,14 @@ async fn sql_metacharacters_are_stored_verbatim() {
         let nasty = "x'); DROP TABLE posts; -- \"%_\\ $1 ?";
         let post = svc
             .create_post(as_user(
+                "o'brien",
+                "USER",
                 CreatePostRequest {
                     title: nasty.into(),
                     body: format!("{nasty}\n\u{1F980}"),
                     tags: vec!["'; --".into(), "\"[]\"".into()],
                     request_id: nasty.into(),
                 },
-                "o'brien",
-                "USER",
             ))
             .await
             .unwrap()
@@ -562,15 +517,7 @@ async fn watch_events_streams_creates_and_deletes() {
             Some(Event::PostCreated(c)) => assert_eq!(c.post.unwrap(), post),
             other => panic!("{other:?}"),
         }
-        svc.delete_post(as_user(
-            DeletePostRequest {
-                post_id: post.post_id.clone(),
-            },
-            "alice",
-            "USER",
-        ))
-        .await
-        .unwrap();
+        delete(&svc, "alice", "USER", &post.post_id).await.unwrap();
         let second = tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
             .unwrap()
@@ -589,54 +536,19 @@ async fn watch_events_streams_creates_and_deletes() {
     }
 }
 
-/// Polls `cond` until it holds, failing after a bound.
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn deleting_a_user_deletes_their_posts() {
-    let dir = tempfile::tempdir().unwrap();
     let users_config = tessera_users::UsersConfig {
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
         ..Default::default()
     };
-    let mut pairs = vec![(
-        tessera_users::Users::open(
-            dir.path().join("users.db").to_str().unwrap(),
-            users_config.clone(),
-        )
-        .await
-        .unwrap(),
-        Posts::open(dir.path().join("posts.db").to_str().unwrap())
+    let user_dbs = testing::databases("cascade_users", tessera_users::MIGRATIONS).await;
+    let post_dbs = testing::databases("cascade_posts", MIGRATIONS).await;
+    for (udb, pdb) in user_dbs.iter().zip(&post_dbs) {
+        let users = tessera_users::Users::with_db(udb.db.clone(), users_config.clone())
             .await
-            .unwrap(),
-    )];
-    if let (Some(udb), Some(pdb)) = (
-        tessera_store::testing::postgres("cascade_users", tessera_users::MIGRATIONS)
-            .await
-            .unwrap(),
-        tessera_store::testing::postgres("cascade_posts", MIGRATIONS)
-            .await
-            .unwrap(),
-    ) {
-        pairs.push((
-            tessera_users::Users::with_db(udb, users_config.clone())
-                .await
-                .unwrap(),
-            Posts::with_db(pdb).await.unwrap(),
-        ));
-    }
-
-    for (users, posts) in pairs {
+            .unwrap();
+        let posts = Posts::with_db(pdb.db.clone()).await.unwrap();
         let signup = |name: &str| CreateUserRequest {
             username: name.into(),
             email: format!("{name}@example.org"),
@@ -672,11 +584,11 @@ async fn deleting_a_user_deletes_their_posts() {
 
         users
             .delete_user(as_user(
+                &alice.user_id,
+                "USER",
                 DeleteUserRequest {
                     user_id: alice.user_id.clone(),
                 },
-                &alice.user_id,
-                "USER",
             ))
             .await
             .unwrap();
@@ -711,7 +623,7 @@ async fn deleting_a_user_deletes_their_posts() {
 
         // Alice's still-valid token cannot post any more.
         let after = posts
-            .create_post(as_user(draft("ghost"), &alice.user_id, "USER"))
+            .create_post(as_user(&alice.user_id, "USER", draft("ghost")))
             .await
             .unwrap_err();
         assert_eq!(after.code(), Code::FailedPrecondition);

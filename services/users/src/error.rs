@@ -1,4 +1,4 @@
-use tessera_store::StoreError;
+use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 /// Everything UserService can fail with, mapped to a gRPC status in [`From<Error> for Status`]
@@ -26,18 +26,6 @@ pub enum Error {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// The error and its causes on one line, for the log.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
@@ -45,7 +33,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::UsernameTaken => Status::already_exists("username is taken"),
             Error::BadCredentials => Status::unauthenticated("invalid username or password"),
-            other => tessera_mesh::errors::internal(chain(&other)),
+            other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }
 }

@@ -1,13 +1,9 @@
 //! The UserService handlers.
 
-use std::pin::Pin;
-
 use argon2::{
     Algorithm, Argon2, PasswordHash, PasswordHasher, PasswordVerifier, Version,
     password_hash::SaltString,
 };
-use futures::{Stream, StreamExt};
-use prost::Message;
 use tessera::users::v1::{
     BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
     DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
@@ -19,7 +15,7 @@ use tessera_mesh::{
     auth::{end_user, maybe_end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp};
+use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Users};
@@ -312,16 +308,9 @@ impl Users {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    let payload = WatchEventsResponse {
-        event: Some(event),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    tx.append_event(&payload).await?;
+    watch::append::<WatchEventsResponse>(tx, event).await?;
     Ok(())
 }
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl UserService for Users {
@@ -560,25 +549,14 @@ impl UserService for Users {
         Ok(Response::new(DeleteUserResponse {}))
     }
 
-    type WatchEventsStream = EventStream;
+    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        if after < 0 {
-            return Err(invalid_field("after_sequence", "must not be negative"));
-        }
-        let stream = self.db().events(after).map(|item| {
-            let event = item.map_err(Error::from)?;
-            let mut msg = WatchEventsResponse::decode(event.payload.as_slice())
-                .map_err(|e| Error::Corrupt(format!("outbox event {}: {e}", event.sequence)))?;
-            msg.sequence = event.sequence;
-            msg.create_time = Some(timestamp(event.create_time));
-            Ok(msg)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(watch::stream(self.db(), after)?))
     }
 }
 

@@ -2,20 +2,16 @@
 //! `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
 #![allow(clippy::unwrap_used)]
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures::StreamExt;
-use tempfile::TempDir;
 use tessera::users::v1::{
     BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetJwksRequest, GetUserRequest,
     LoginRequest, Role, SetUserRoleRequest, User, WatchEventsRequest,
     user_service_server::UserService, watch_events_response::Event,
 };
-use tessera_mesh::{
-    auth::{EndUser, UserClaims},
-    errors::violated_fields,
-    token::Verifier,
-};
+use tessera_mesh::{errors::violated_fields, token::Verifier};
+use tessera_store::testing::{self, TestDb, as_user};
 use tessera_users::{MIGRATIONS, Users, UsersConfig};
 use tonic::{Code, Request};
 
@@ -28,33 +24,14 @@ fn config() -> UsersConfig {
     }
 }
 
-/// A fresh service on SQLite, plus one on PostgreSQL when configured.
-async fn services(label: &str) -> (Vec<Users>, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("users.db");
-    let mut out = vec![Users::open(path.to_str().unwrap(), config()).await.unwrap()];
-    if let Some(db) = tessera_store::testing::postgres(label, MIGRATIONS)
-        .await
-        .unwrap()
-    {
-        out.push(Users::with_db(db, config()).await.unwrap());
+/// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
+async fn services(label: &str) -> (Vec<Users>, Vec<TestDb>) {
+    let dbs = testing::databases(label, MIGRATIONS).await;
+    let mut out = Vec::new();
+    for t in &dbs {
+        out.push(Users::with_db(t.db.clone(), config()).await.unwrap());
     }
-    (out, dir)
-}
-
-/// A request from an authenticated end user.
-fn as_user<T>(msg: T, sub: &str, role: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.extensions_mut().insert(EndUser {
-        claims: UserClaims {
-            sub: sub.into(),
-            role: role.into(),
-            exp: u64::MAX / 2,
-            iat: 0,
-        },
-        token: Arc::from("test-token"),
-    });
-    req
+    (out, dbs)
 }
 
 fn signup(username: &str) -> CreateUserRequest {
@@ -297,7 +274,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
             role: Role::Admin as i32,
         };
         let not_admin = svc
-            .set_user_role(as_user(set_role.clone(), &alice.user_id, "MODERATOR"))
+            .set_user_role(as_user(&alice.user_id, "MODERATOR", set_role.clone()))
             .await
             .unwrap_err();
         assert_eq!(not_admin.code(), Code::PermissionDenied);
@@ -305,24 +282,24 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let bad_role = svc
             .set_user_role(as_user(
+                "admin-id",
+                "ADMIN",
                 SetUserRoleRequest {
                     user_id: alice.user_id.clone(),
                     role: 0,
                 },
-                "admin-id",
-                "ADMIN",
             ))
             .await
             .unwrap_err();
         assert_eq!(violated_fields(&bad_role), vec!["role"]);
         let unknown_target = svc
             .set_user_role(as_user(
+                "admin-id",
+                "ADMIN",
                 SetUserRoleRequest {
                     user_id: "nope".into(),
                     role: Role::User as i32,
                 },
-                "admin-id",
-                "ADMIN",
             ))
             .await
             .unwrap_err();
@@ -330,11 +307,11 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
 
         let other = svc
             .delete_user(as_user(
+                "someone-else",
+                "MODERATOR",
                 DeleteUserRequest {
                     user_id: alice.user_id.clone(),
                 },
-                "someone-else",
-                "MODERATOR",
             ))
             .await
             .unwrap_err();
@@ -348,11 +325,11 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let admin_unknown = svc
             .delete_user(as_user(
+                "a",
+                "ADMIN",
                 DeleteUserRequest {
                     user_id: "nope".into(),
                 },
-                "a",
-                "ADMIN",
             ))
             .await
             .unwrap_err();
@@ -382,21 +359,23 @@ async fn email_is_shown_only_to_its_owner_or_an_admin() {
         };
         assert_eq!(get(Request::new(id())).await.email, "");
         assert_eq!(
-            get(as_user(id(), &bob.user_id, "MODERATOR")).await.email,
+            get(as_user(&bob.user_id, "MODERATOR", id())).await.email,
             ""
         );
         assert_eq!(
-            get(as_user(id(), &alice.user_id, "USER")).await.email,
+            get(as_user(&alice.user_id, "USER", id())).await.email,
             "alice@example.org"
         );
         assert_eq!(
-            get(as_user(id(), "admin", "ADMIN")).await.email,
+            get(as_user("admin", "ADMIN", id())).await.email,
             "alice@example.org"
         );
 
         // Batch: found users in request order, unknown ids left out, same email rule.
         let batch = svc
             .batch_get_users(as_user(
+                &alice.user_id,
+                "USER",
                 BatchGetUsersRequest {
                     user_ids: vec![
                         bob.user_id.clone(),
@@ -405,8 +384,6 @@ async fn email_is_shown_only_to_its_owner_or_an_admin() {
                         String::new(),
                     ],
                 },
-                &alice.user_id,
-                "USER",
             ))
             .await
             .unwrap()
@@ -481,12 +458,12 @@ async fn bootstrap_admin_and_roles() {
 
         let updated = svc
             .set_user_role(as_user(
+                &root.user_id,
+                "ADMIN",
                 SetUserRoleRequest {
                     user_id: alice.user_id.clone(),
                     role: Role::Moderator as i32,
                 },
-                &root.user_id,
-                "ADMIN",
             ))
             .await
             .unwrap()
@@ -546,21 +523,21 @@ async fn delete_removes_the_user_and_emits_events() {
 
         // Self-delete.
         svc.delete_user(as_user(
+            &alice.user_id,
+            "USER",
             DeleteUserRequest {
                 user_id: alice.user_id.clone(),
             },
-            &alice.user_id,
-            "USER",
         ))
         .await
         .unwrap();
         // ADMIN deletes someone else.
         svc.delete_user(as_user(
+            "root-id",
+            "ADMIN",
             DeleteUserRequest {
                 user_id: bob.user_id.clone(),
             },
-            "root-id",
-            "ADMIN",
         ))
         .await
         .unwrap();

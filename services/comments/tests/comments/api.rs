@@ -37,13 +37,7 @@ async fn comments_list_oldest_first_in_pages() {
         h.posts.add("p2", "alice");
         let mut ids = Vec::new();
         for i in 0..5 {
-            let reply = c
-                .create_comment(as_user("bob", "USER", create("p1", &format!("c{i}"), "")))
-                .await
-                .unwrap()
-                .into_inner()
-                .comment
-                .unwrap();
+            let reply = h.comment("bob", create("p1", &format!("c{i}"), "")).await;
             assert_eq!(reply.author_id, "bob");
             assert_eq!(reply.post_id, "p1");
             assert!(reply.create_time.is_some());
@@ -121,29 +115,11 @@ async fn request_id_makes_create_idempotent_per_author() {
     for h in harnesses("comments_idem").await {
         let mut c = h.client.clone();
         h.posts.add("p1", "alice");
-        let first = c
-            .create_comment(as_user("bob", "USER", create("p1", "hi", "r1")))
-            .await
-            .unwrap()
-            .into_inner()
-            .comment
-            .unwrap();
-        let again = c
-            .create_comment(as_user("bob", "USER", create("p1", "hi", "r1")))
-            .await
-            .unwrap()
-            .into_inner()
-            .comment
-            .unwrap();
+        let first = h.comment("bob", create("p1", "hi", "r1")).await;
+        let again = h.comment("bob", create("p1", "hi", "r1")).await;
         assert_eq!(first, again, "{}", h.name);
         // Another author's request ids are their own.
-        let carol = c
-            .create_comment(as_user("carol", "USER", create("p1", "hi", "r1")))
-            .await
-            .unwrap()
-            .into_inner()
-            .comment
-            .unwrap();
+        let carol = h.comment("carol", create("p1", "hi", "r1")).await;
         assert_ne!(carol.comment_id, first.comment_id);
         // Concurrent retries still create one comment.
         let mut tasks = Vec::new();
@@ -329,13 +305,7 @@ async fn who_may_delete_a_comment() {
         let mut c = h.client.clone();
         h.posts.add("p1", "alice");
         for (caller, role, expected) in cases {
-            let comment = c
-                .create_comment(as_user("bob", "USER", create("p1", "hi", "")))
-                .await
-                .unwrap()
-                .into_inner()
-                .comment
-                .unwrap();
+            let comment = h.comment("bob", create("p1", "hi", "")).await;
             let got = c
                 .delete_comment(as_user(
                     caller,
@@ -403,13 +373,7 @@ async fn watch_events_replays_then_follows() {
     for h in harnesses("comments_watch").await {
         let mut c = h.client.clone();
         h.posts.add("p1", "alice");
-        let a = c
-            .create_comment(as_user("bob", "USER", create("p1", "a", "")))
-            .await
-            .unwrap()
-            .into_inner()
-            .comment
-            .unwrap();
+        let a = h.comment("bob", create("p1", "a", "")).await;
         c.delete_comment(as_user(
             "bob",
             "USER",
@@ -444,13 +408,7 @@ async fn watch_events_replays_then_follows() {
             other => panic!("{}: unexpected {other:?}", h.name),
         }
         // Live: a new comment arrives on the open stream.
-        let b = c
-            .create_comment(as_user("bob", "USER", create("p1", "b", "")))
-            .await
-            .unwrap()
-            .into_inner()
-            .comment
-            .unwrap();
+        let b = h.comment("bob", create("p1", "b", "")).await;
         let third = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .unwrap()

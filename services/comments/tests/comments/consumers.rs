@@ -22,24 +22,27 @@ use crate::support::{
     Harness, as_user, deleted_ids, eventually, harnesses, harnesses_with, outbox,
 };
 
+fn hi(post: &str) -> CreateCommentRequest {
+    CreateCommentRequest {
+        post_id: post.into(),
+        body: "hi".into(),
+        request_id: String::new(),
+    }
+}
+
+/// Comments on `post` as `user`; returns the comment id.
 async fn comment(h: &Harness, user: &str, post: &str) -> String {
+    h.comment(user, hi(post)).await.comment_id
+}
+
+/// Tries to comment on `post` as `user`, which must fail; returns why.
+async fn refused(h: &Harness, user: &str, post: &str) -> Code {
     h.client
         .clone()
-        .create_comment(as_user(
-            user,
-            "USER",
-            CreateCommentRequest {
-                post_id: post.into(),
-                body: "hi".into(),
-                request_id: String::new(),
-            },
-        ))
+        .create_comment(as_user(user, "USER", hi(post)))
         .await
-        .unwrap()
-        .into_inner()
-        .comment
-        .unwrap()
-        .comment_id
+        .unwrap_err()
+        .code()
 }
 
 async fn count(h: &Harness, post: &str) -> usize {
@@ -132,21 +135,7 @@ async fn deleted_posts_take_their_comments() {
         assert_eq!(deleted, on_p1, "{}: one CommentDeleted per comment", h.name);
 
         // The post is gone even if a stale GetPost still finds it.
-        let err = h
-            .client
-            .clone()
-            .create_comment(as_user(
-                "bob",
-                "USER",
-                CreateCommentRequest {
-                    post_id: "p1".into(),
-                    body: "late".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::NotFound, "{}", h.name);
+        assert_eq!(refused(&h, "bob", "p1").await, Code::NotFound, "{}", h.name);
         stop(tx, task).await;
     }
 }
@@ -178,21 +167,12 @@ async fn deleted_users_take_their_comments() {
         assert_eq!(deleted_ids(&outbox(&h.comments).await).len(), 2);
 
         // A token that outlived its user cannot comment.
-        let err = h
-            .client
-            .clone()
-            .create_comment(as_user(
-                "bob",
-                "USER",
-                CreateCommentRequest {
-                    post_id: "p1".into(),
-                    body: "ghost".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated, "{}", h.name);
+        assert_eq!(
+            refused(&h, "bob", "p1").await,
+            Code::Unauthenticated,
+            "{}",
+            h.name
+        );
         stop(tx, task).await;
     }
 }
@@ -218,23 +198,7 @@ async fn replayed_events_take_effect_once() {
         })
         .await;
         // A comment on p2 made after its PostDeleted was applied is refused (tombstone) ...
-        assert_eq!(
-            h.client
-                .clone()
-                .create_comment(as_user(
-                    "bob",
-                    "USER",
-                    CreateCommentRequest {
-                        post_id: "p2".into(),
-                        body: "late".into(),
-                        request_id: String::new(),
-                    },
-                ))
-                .await
-                .unwrap_err()
-                .code(),
-            Code::NotFound
-        );
+        assert_eq!(refused(&h, "bob", "p2").await, Code::NotFound);
         // ... and replays after that change nothing.
         eventually("several replays", || async {
             h.posts.log.connections() >= 3

@@ -1,6 +1,9 @@
 //! GetPostThread over fake services: results, downstream call counts, bad input.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use tessera::{
     comments::v1::comment_service_client::CommentServiceClient,
@@ -46,15 +49,18 @@ fn feed_server(
     }
     let posts = FakePosts {
         calls: calls.clone(),
-        posts: HashMap::from([("p1".to_owned(), post)]),
+        posts: Mutex::new(HashMap::from([("p1".to_owned(), post)])),
+        ..FakePosts::default()
     };
     let comments = FakeComments {
         calls: calls.clone(),
         comments,
+        ..FakeComments::default()
     };
     let users = FakeUsers {
         calls: calls.clone(),
         users,
+        ..FakeUsers::default()
     };
     let feed = Feed::new(
         PostServiceClient::new(Channel::from_service(PostServiceServer::new(posts))),

@@ -1,6 +1,11 @@
 //! The public proxy: forwarding (unary and streaming), routing, tokens and rate limits.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tessera::{
     notifications::v1::{
@@ -38,14 +43,15 @@ fn setup(limits: RateLimits) -> Setup {
     let calls = Arc::new(Calls::default());
     let posts = Channel::from_service(PostServiceServer::new(FakePosts {
         calls: calls.clone(),
-        posts: HashMap::from([(
+        posts: Mutex::new(HashMap::from([(
             "p1".to_owned(),
             Post {
                 post_id: "p1".into(),
                 title: "hello".into(),
                 ..Default::default()
             },
-        )]),
+        )])),
+        ..FakePosts::default()
     }));
     let notifications = Channel::from_service(NotificationServiceServer::new(FakeNotifications {
         count: 3,

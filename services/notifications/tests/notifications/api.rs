@@ -41,7 +41,7 @@ async fn pages_newest_first_with_unread_filter() {
         let mut token = String::new();
         loop {
             let page = c
-                .list_notifications(as_user("alice", list(2, &token, false)))
+                .list_notifications(as_user("alice", "USER", list(2, &token, false)))
                 .await
                 .unwrap()
                 .into_inner();
@@ -63,14 +63,14 @@ async fn pages_newest_first_with_unread_filter() {
             .map(|n| n.notification_id.as_str())
             .collect();
         let left = c
-            .mark_notifications_read(as_user("alice", mark(&ids)))
+            .mark_notifications_read(as_user("alice", "USER", mark(&ids)))
             .await
             .unwrap()
             .into_inner()
             .unread_count;
         assert_eq!(left, 3, "{}", h.name);
         let unread = c
-            .list_notifications(as_user("alice", list(0, "", true)))
+            .list_notifications(as_user("alice", "USER", list(0, "", true)))
             .await
             .unwrap()
             .into_inner();
@@ -92,12 +92,16 @@ async fn pages_newest_first_with_unread_filter() {
 
         // Paging within the unread filter.
         let first = c
-            .list_notifications(as_user("alice", list(2, "", true)))
+            .list_notifications(as_user("alice", "USER", list(2, "", true)))
             .await
             .unwrap()
             .into_inner();
         let second = c
-            .list_notifications(as_user("alice", list(2, &first.next_page_token, true)))
+            .list_notifications(as_user(
+                "alice",
+                "USER",
+                list(2, &first.next_page_token, true),
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -112,7 +116,7 @@ async fn pages_newest_first_with_unread_filter() {
 
         // Empty list: all of the caller's, nobody else's.
         let left = c
-            .mark_notifications_read(as_user("alice", mark(&[])))
+            .mark_notifications_read(as_user("alice", "USER", mark(&[])))
             .await
             .unwrap()
             .into_inner()
@@ -129,7 +133,7 @@ async fn bad_list_requests() {
         seeded(&mut h).await;
         let mut c = h.client.clone();
         let token = c
-            .list_notifications(as_user("alice", list(1, "", false)))
+            .list_notifications(as_user("alice", "USER", list(1, "", false)))
             .await
             .unwrap()
             .into_inner()
@@ -168,7 +172,10 @@ async fn bad_list_requests() {
             ),
         ];
         for (name, user, req, fields) in cases {
-            let err = c.list_notifications(as_user(user, req)).await.unwrap_err();
+            let err = c
+                .list_notifications(as_user(user, "USER", req))
+                .await
+                .unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{}: {name}", h.name);
             assert_eq!(violated_fields(&err), fields, "{}: {name}", h.name);
         }
@@ -223,7 +230,7 @@ async fn only_your_own_notifications_can_be_marked() {
         ];
         for (name, ids, code, fields) in cases {
             let err = c
-                .mark_notifications_read(as_user("alice", mark(&ids)))
+                .mark_notifications_read(as_user("alice", "USER", mark(&ids)))
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), code, "{}: {name}", h.name);
@@ -235,7 +242,7 @@ async fn only_your_own_notifications_can_be_marked() {
 
         // Duplicates are fine.
         let left = c
-            .mark_notifications_read(as_user("alice", mark(&[mine, mine])))
+            .mark_notifications_read(as_user("alice", "USER", mark(&[mine, mine])))
             .await
             .unwrap()
             .into_inner()
@@ -243,7 +250,7 @@ async fn only_your_own_notifications_can_be_marked() {
         assert_eq!(left, 4);
         // Marking again is idempotent.
         let again = c
-            .mark_notifications_read(as_user("alice", mark(&[mine])))
+            .mark_notifications_read(as_user("alice", "USER", mark(&[mine])))
             .await
             .unwrap()
             .into_inner()

@@ -66,12 +66,7 @@ async fn consumers_resume_from_their_cursor_after_a_restart() {
         let second = h.comment("c2", "p1", "bob", "alice");
         h.start();
         h.caught_up(COMMENT_EVENTS_CURSOR, second).await;
-        let ids: Vec<_> = h
-            .all("alice")
-            .await
-            .into_iter()
-            .map(|n| n.comment_id)
-            .collect();
+        let ids = h.comment_ids("alice").await;
         assert_eq!(ids, ["c2", "c1"], "{}", h.name);
         h.stop().await;
     }
@@ -85,12 +80,7 @@ async fn deleted_comments_take_their_notification() {
         h.comment("c2", "p1", "carol", "alice");
         let last = h.delete_comment("c1", "p1");
         h.caught_up(COMMENT_EVENTS_CURSOR, last).await;
-        let ids: Vec<_> = h
-            .all("alice")
-            .await
-            .into_iter()
-            .map(|n| n.comment_id)
-            .collect();
+        let ids = h.comment_ids("alice").await;
         assert_eq!(ids, ["c2"], "{}", h.name);
         h.stop().await;
     }
@@ -110,12 +100,7 @@ async fn deleted_users_lose_their_notifications() {
         let u = h.delete_user("alice");
         h.caught_up(USER_EVENTS_CURSOR, u).await;
         assert!(h.all("alice").await.is_empty(), "{}", h.name);
-        let dave: Vec<_> = h
-            .all("dave")
-            .await
-            .into_iter()
-            .map(|n| n.comment_id)
-            .collect();
+        let dave = h.comment_ids("dave").await;
         assert_eq!(dave, ["c4"], "{}: alice's actions are gone too", h.name);
         assert_eq!(h.all("erin").await.len(), 1);
 

@@ -19,7 +19,7 @@ async fn subscribe(
 ) -> Streaming<tessera::notifications::v1::SubscribeNotificationsResponse> {
     client
         .clone()
-        .subscribe_notifications(as_user(user, SubscribeNotificationsRequest {}))
+        .subscribe_notifications(as_user(user, "USER", SubscribeNotificationsRequest {}))
         .await
         .unwrap()
         .into_inner()

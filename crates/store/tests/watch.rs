@@ -1,0 +1,87 @@
+//! `watch::append` and `watch::stream`: the outbox served as a `WatchEvents` stream.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tessera::users::v1::{
+    UserCreated, UserDeleted, WatchEventsResponse, watch_events_response::Event,
+};
+use tessera_mesh::errors::violated_fields;
+use tessera_store::{Db, watch};
+use tonic::Code;
+
+async fn sqlite() -> (Db, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("w.db").to_str().unwrap(), &[])
+        .await
+        .unwrap();
+    (db, dir)
+}
+
+fn deleted(user_id: &str) -> Event {
+    Event::UserDeleted(UserDeleted {
+        user_id: user_id.into(),
+    })
+}
+
+#[tokio::test]
+async fn appended_events_stream_back_stamped() {
+    let (db, _dir) = sqlite().await;
+    let mut tx = db.begin().await.unwrap();
+    let first = watch::append::<WatchEventsResponse>(&mut tx, deleted("a"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut events = watch::stream::<WatchEventsResponse>(&db, 0).unwrap();
+    let got = events.next().await.unwrap().unwrap();
+    assert_eq!(got.sequence, first);
+    assert!(got.create_time.unwrap().seconds > 1_600_000_000);
+    assert_eq!(got.event, Some(deleted("a")));
+
+    // Follows new commits, and resumes after a cursor.
+    let mut tx = db.begin().await.unwrap();
+    let second = watch::append::<WatchEventsResponse>(
+        &mut tx,
+        Event::UserCreated(UserCreated { user: None }),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.sequence, second);
+    let mut resumed = watch::stream::<WatchEventsResponse>(&db, first).unwrap();
+    assert_eq!(resumed.next().await.unwrap().unwrap().sequence, second);
+}
+
+#[tokio::test]
+async fn a_negative_cursor_is_invalid() {
+    let (db, _dir) = sqlite().await;
+    let Err(err) = watch::stream::<WatchEventsResponse>(&db, -1) else {
+        panic!("a negative after_sequence is accepted");
+    };
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["after_sequence"]);
+}
+
+#[tokio::test]
+async fn a_corrupt_payload_ends_the_stream_with_internal() {
+    let (db, _dir) = sqlite().await;
+    let mut tx = db.begin().await.unwrap();
+    // Field 1 (sequence) with the length-delimited wire type: not a WatchEventsResponse.
+    tx.append_event(&[0x0a, 0x05, 0x01]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut events = watch::stream::<WatchEventsResponse>(&db, 0).unwrap();
+    let err = events.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Internal);
+    assert_eq!(
+        err.message(),
+        "internal error",
+        "the cause stays in the log"
+    );
+}
