@@ -181,6 +181,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            for upstream in wiring::required_targets(&settings.service) {
+                if settings.target(upstream).is_none() {
+                    eprintln!(
+                        "tessera: TESSERA_{}_TARGET: required by {} (e.g. dns:{upstream}:8443)",
+                        upstream.to_ascii_uppercase(),
+                        settings.service
+                    );
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
             // Certificates are configuration too: check them before any port is bound.
             let files = tessera_mesh::tls::TlsFiles::in_dir(&settings.tls_dir);
             if let Err(err) = tessera_mesh::tls::TlsSource::load(files) {

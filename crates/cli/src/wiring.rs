@@ -27,6 +27,17 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
+/// The upstreams each service calls, so `serve` can refuse to start without their targets.
+pub fn required_targets(service: &str) -> &'static [&'static str] {
+    match service {
+        "posts" => &["users"],
+        "comments" => &["posts", "users"],
+        "notifications" => &["comments", "users"],
+        "gateway" => &["users", "posts", "comments", "notifications"],
+        _ => &[],
+    }
+}
+
 /// `tessera serve <service>`: telemetry, bind, start, wait for SIGTERM/SIGINT, drain.
 pub async fn serve_one(settings: Settings) -> anyhow::Result<()> {
     let _telemetry = tessera_mesh::telemetry::init(

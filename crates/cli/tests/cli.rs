@@ -440,6 +440,17 @@ fn unknown_service_is_a_usage_error_naming_it() {
 }
 
 #[test]
+fn a_missing_upstream_target_is_a_usage_error_naming_it() {
+    let mut cmd = tessera();
+    cmd.args(["serve", "comments"])
+        .env_remove("TESSERA_POSTS_TARGET")
+        .env("TESSERA_USERS_TARGET", "static:127.0.0.1:1");
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let line = assert_one_line_failure(&out, Some(64));
+    assert!(line.contains("TESSERA_POSTS_TARGET"), "{line}");
+}
+
+#[test]
 fn unknown_flag_is_a_usage_error() {
     let mut cmd = tessera();
     cmd.args(["up", "--nope"]);
