@@ -128,8 +128,10 @@ pub fn version(envoy: &Path) -> Result<String, BenchError> {
             source,
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
+    // `<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL`
     Ok(text
-        .split_whitespace()
-        .find_map(|w| w.split('/').nth(1).map(str::to_owned))
+        .split_once("version:")
+        .and_then(|(_, v)| v.split('/').nth(1))
+        .map(str::to_owned)
         .unwrap_or_else(|| text.trim().to_owned()))
 }

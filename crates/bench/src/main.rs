@@ -85,6 +85,10 @@ struct RunArgs {
     /// Do not pin servers and load generator to separate cores.
     #[arg(long)]
     no_pin: bool,
+    /// Scenario A also runs the mesh with less telemetry (logs without OTel; no subscriber),
+    /// to show where its cost goes.
+    #[arg(long)]
+    diagnose: bool,
 }
 
 fn main() -> ExitCode {
@@ -189,7 +193,6 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
     }
     let secs = Duration::from_secs_f64;
 
-    let mut output = String::new();
     if args.scenario != Scenario::B {
         let envoy_bin = envoy::locate(args.envoy.as_deref());
         if let Ok(bin) = &envoy_bin {
@@ -208,12 +211,12 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
             envoy: envoy_bin,
             work_dir: work_dir.clone(),
             pin: pin.clone(),
+            diagnose: args.diagnose,
         };
         println!("\n== Scenario A: one hop, GetPost echo ==");
-        let results = scenario_a::run(&opts).await?;
-        let table = scenario_a::render(&results, &opts);
+        let outcome = scenario_a::run(&opts).await?;
+        let table = scenario_a::render(&outcome, &opts);
         println!("\n{table}");
-        output.push_str(&table);
     }
     if args.scenario != Scenario::A {
         if !tessera.is_file() {
@@ -238,7 +241,6 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
         let results = scenario_b::run(&opts).await?;
         let table = scenario_b::render(&results, &opts);
         println!("\n{table}");
-        output.push_str(&table);
     }
     if args.work_dir.is_some() {
         println!("logs and data kept in {}", work_dir.display());

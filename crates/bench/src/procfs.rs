@@ -136,6 +136,70 @@ impl std::ops::AddAssign for CpuSample {
     }
 }
 
+/// The whole machine's CPU time from the first line of `/proc/stat`, to tell how much else
+/// was running (other processes, or the hypervisor stealing time) during a measurement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Every state but idle and iowait, steal excluded.
+    pub busy: Duration,
+    /// Time the hypervisor ran something else while this machine wanted to run.
+    pub steal: Duration,
+    /// All of it, over all CPUs.
+    pub total: Duration,
+}
+
+/// Parses the aggregate `cpu` line of `/proc/stat` (in clock ticks).
+pub fn parse_proc_stat(stat: &str) -> Option<[u64; 3]> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v.as_slice().try_into().ok()?;
+    let busy = user + nice + system + irq + softirq;
+    Some([busy, steal, busy + steal + idle + iowait])
+}
+
+impl MachineCpu {
+    pub fn now() -> Result<Self, BenchError> {
+        let stat = read(PathBuf::from("/proc/stat"))?;
+        let [busy, steal, total] = parse_proc_stat(&stat).ok_or_else(|| BenchError::Proc {
+            pid: 0,
+            what: "the cpu line of /proc/stat".into(),
+        })?;
+        let d =
+            |ticks: u64| Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / clock_ticks());
+        Ok(Self {
+            busy: d(busy),
+            steal: d(steal),
+            total: d(total),
+        })
+    }
+
+    pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: self.busy.saturating_sub(earlier.busy),
+            steal: self.steal.saturating_sub(earlier.steal),
+            total: self.total.saturating_sub(earlier.total),
+        }
+    }
+
+    /// "other processes used 3.1% of the machine's CPU time, steal 0.4%", given how much of
+    /// `busy` was the benchmark's own (`ours`).
+    pub fn describe(&self, ours: Duration) -> String {
+        let total = self.total.as_secs_f64().max(1e-9);
+        let other = self.busy.saturating_sub(ours).as_secs_f64();
+        format!(
+            "other processes used {:.1}% of the machine's CPU time, hypervisor steal {:.1}%",
+            100.0 * other / total,
+            100.0 * self.steal.as_secs_f64() / total
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -148,6 +212,14 @@ mod tests {
                     731 269 0 0 20 0 3 0 12345 1000000 500 18446744073709551615";
         assert_eq!(parse_stat_times(line), Some((731, 269)));
         assert_eq!(parse_stat_times("4242 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn proc_stat_splits_busy_steal_and_idle() {
+        let stat = "cpu  100 5 20 1000 7 1 2 30 0 0\ncpu0 50 2 10 500 3 0 1 15 0 0\n";
+        // busy = user + nice + system + irq + softirq; total adds steal, idle, iowait.
+        assert_eq!(parse_proc_stat(stat), Some([128, 30, 1165]));
+        assert_eq!(parse_proc_stat("cpu0 1 2 3\n"), None);
     }
 
     #[test]

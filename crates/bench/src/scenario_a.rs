@@ -20,7 +20,7 @@ use crate::{
     client::{Pool, Security},
     envoy,
     load::{CallFn, closed_loop, open_loop},
-    procfs::CpuSample,
+    procfs::{self, CpuSample, MachineCpu},
     procs::{self, Proc},
     report::{table, us, with_ratio},
     stats::{Failure, Summary},
@@ -47,6 +47,8 @@ pub struct Options {
     pub work_dir: PathBuf,
     /// taskset CPU lists for the servers and for the load generator.
     pub pin: Option<(String, String)>,
+    /// Also run the mesh with less telemetry (no OTel layer; tracing off), to split its cost.
+    pub diagnose: bool,
 }
 
 /// The four servers.
@@ -56,6 +58,8 @@ pub enum Target {
     Mtls,
     Mesh,
     Envoy,
+    MeshNoOtel,
+    MeshNoSubscriber,
 }
 
 impl Target {
@@ -65,6 +69,8 @@ impl Target {
             Target::Mtls => "A2 tonic + rustls mTLS",
             Target::Mesh => "A3 Tessera Workload::run",
             Target::Envoy => "A4 Envoy sidecar + tonic",
+            Target::MeshNoOtel => "A3' as A3, logs but no OTel layer",
+            Target::MeshNoSubscriber => "A3'' as A3, tracing off",
         }
     }
 }
@@ -92,6 +98,15 @@ pub struct Measured {
     pub total_cpu: CpuSample,
     /// Spans the mesh server exported (A3), to show tracing was on.
     pub spans: Option<u64>,
+    /// Per round: p50 at one in flight, p99 at the fixed rate, peak throughput.
+    pub rounds: Vec<(Duration, Duration, f64)>,
+}
+
+/// Scenario A's results.
+pub struct Outcome {
+    pub measured: Vec<Measured>,
+    /// What else the machine was doing during the rounds.
+    pub machine: String,
 }
 
 impl Measured {
@@ -105,6 +120,7 @@ impl Measured {
             peak_cpu: CpuSample::default(),
             total_cpu: CpuSample::default(),
             spans: None,
+            rounds: Vec::new(),
         }
     }
 
@@ -193,8 +209,14 @@ async fn start(opts: &Options, target: Target, certs: &Path) -> Result<Running, 
             let (p, addr) = start_echo(opts, "mtls", &server_tls, logs.join("a2.log")).await?;
             (vec![p], addr, mtls, None)
         }
-        Target::Mesh => {
-            let (p, addr) = start_echo(opts, "mesh", &server_tls, logs.join("a3.log")).await?;
+        Target::Mesh | Target::MeshNoOtel | Target::MeshNoSubscriber => {
+            let mode = match target {
+                Target::MeshNoOtel => "mesh-no-otel",
+                Target::MeshNoSubscriber => "mesh-no-subscriber",
+                _ => "mesh",
+            };
+            let log = logs.join(format!("a3-{mode}.log"));
+            let (p, addr) = start_echo(opts, mode, &server_tls, log).await?;
             (vec![p], addr, mtls, Some(intruder))
         }
         Target::Envoy => {
@@ -306,13 +328,16 @@ fn cpu(running: &Running) -> Result<CpuSample, BenchError> {
 }
 
 /// Runs scenario A and returns what each server measured (A4 absent when skipped).
-pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
+pub async fn run(opts: &Options) -> Result<Outcome, BenchError> {
     let certs = opts.work_dir.join("certs-a");
     issue_certs(&certs)?;
     let mut targets = vec![Target::Plain, Target::Mtls, Target::Mesh];
     match &opts.envoy {
         Ok(_) => targets.push(Target::Envoy),
         Err(why) => println!("A4 (Envoy sidecar) skipped: {why}"),
+    }
+    if opts.diagnose {
+        targets.extend([Target::MeshNoOtel, Target::MeshNoSubscriber]);
     }
     let mut running = Vec::new();
     for target in targets {
@@ -332,9 +357,9 @@ pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
         running
             .iter()
             .filter(|r| r.intruder.is_some())
-            .map(|r| r.target.label())
+            .map(|r| r.target.label().split(' ').next().unwrap_or_default())
             .collect::<Vec<_>>()
-            .join(" and ")
+            .join(", ")
     );
     for r in &running {
         closed_loop(
@@ -345,6 +370,11 @@ pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
         .await;
     }
 
+    let all_pids: Vec<u32> = running.iter().flat_map(|r| r.pids.clone()).collect();
+    let me = std::process::id();
+    let machine_before = MachineCpu::now()?;
+    let servers_before = CpuSample::of(&all_pids)?;
+    let me_before = procfs::stat_cpu(me)?;
     let mut measured: Vec<Option<Measured>> = vec![None; running.len()];
     for round in 0..opts.rounds {
         for (r, slot) in running.iter().zip(measured.iter_mut()) {
@@ -367,6 +397,11 @@ pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
                     Summary::empty(),
                 )
             });
+            m.rounds.push((
+                latency.percentile(50.0),
+                rate.percentile(99.0),
+                peak.throughput(),
+            ));
             m.latency.merge(&latency);
             m.rate.merge(&rate);
             m.peak.merge(&peak);
@@ -377,6 +412,9 @@ pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
         }
         println!("round {}/{} done", round + 1, opts.rounds);
     }
+    let ours = CpuSample::of(&all_pids)?.since(&servers_before).stat
+        + procfs::stat_cpu(me)?.saturating_sub(me_before);
+    let machine = MachineCpu::now()?.since(&machine_before).describe(ours);
 
     let mut results: Vec<Measured> = measured.into_iter().flatten().collect();
     for r in &mut running {
@@ -394,11 +432,15 @@ pub async fn run(opts: &Options) -> Result<Vec<Measured>, BenchError> {
             }
         }
     }
-    Ok(results)
+    Ok(Outcome {
+        measured: results,
+        machine,
+    })
 }
 
 /// The scenario A table and the checks against the targets.
-pub fn render(results: &[Measured], opts: &Options) -> String {
+pub fn render(outcome: &Outcome, opts: &Options) -> String {
+    let results = &outcome.measured;
     let Some(base) = results.iter().find(|m| m.target == Target::Plain) else {
         return "no baseline measured\n".into();
     };
@@ -474,6 +516,36 @@ pub fn render(results: &[Measured], opts: &Options) -> String {
         "\n{} rounds, {} calls checked (status and echoed id); ratios are to A1 in the same run.\n",
         opts.rounds, requests
     ));
+    if opts.rounds > 1 {
+        let rows: Vec<Vec<String>> = results
+            .iter()
+            .map(|m| {
+                let each = |f: &dyn Fn(&(Duration, Duration, f64)) -> String| {
+                    m.rounds.iter().map(f).collect::<Vec<_>>().join(" / ")
+                };
+                vec![
+                    m.target
+                        .label()
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    each(&|r| us(r.0)),
+                    each(&|r| us(r.1)),
+                    each(&|r| format!("{:.0}", r.2)),
+                ]
+            })
+            .collect();
+        out.push_str("\nRound by round (the spread is the noise):\n\n");
+        out.push_str(&table(
+            &["server", "p50 c=1 µs", &rate_col, "peak req/s"],
+            &rows,
+        ));
+    }
+    out.push_str(&format!("During the rounds {}.\n", outcome.machine));
+    if results.iter().any(|m| m.target == Target::Envoy) {
+        out.push_str("A4 has one sidecar, the server's, sharing its core with the app as in a pod; a sidecar mesh puts one at each end of a hop.\n");
+    }
     if let Some(mesh) = results.iter().find(|m| m.target == Target::Mesh) {
         if let Some(spans) = mesh.spans {
             out.push_str(&format!(
@@ -506,14 +578,25 @@ fn verdict(ok: bool) -> &'static str {
 
 fn targets(base: &Measured, mesh: &Measured, results: &[Measured]) -> String {
     let mut out = String::from("Targets:\n");
-    let cpu_ratio = ratio(
-        mesh.cpu_per_request_at_rate(),
-        base.cpu_per_request_at_rate(),
-    );
-    out.push_str(&format!(
-        "- full stack CPU per request at most 1.3x bare plaintext: {cpu_ratio:.2}x at the fixed rate, {:.2}x at peak ({})\n",
-        ratio(mesh.cpu_per_request_at_peak(), base.cpu_per_request_at_peak()),
-        verdict(cpu_ratio <= 1.3)
+    let both = |what: &str, other: &Measured, limit: f64| {
+        let at_rate = ratio(
+            mesh.cpu_per_request_at_rate(),
+            other.cpu_per_request_at_rate(),
+        );
+        let at_peak = ratio(
+            mesh.cpu_per_request_at_peak(),
+            other.cpu_per_request_at_peak(),
+        );
+        format!(
+            "- {what}: {at_rate:.2}x at the fixed rate ({}), {at_peak:.2}x at peak ({})\n",
+            verdict(at_rate <= limit),
+            verdict(at_peak <= limit)
+        )
+    };
+    out.push_str(&both(
+        "full stack CPU per request at most 1.3x bare plaintext",
+        base,
+        1.3,
     ));
     let added =
         mesh.latency.percentile(50.0).as_secs_f64() - base.latency.percentile(50.0).as_secs_f64();
@@ -523,17 +606,11 @@ fn targets(base: &Measured, mesh: &Measured, results: &[Measured]) -> String {
         verdict(added * 1e6 <= 30.0)
     ));
     match results.iter().find(|m| m.target == Target::Envoy) {
-        Some(envoy) => {
-            let r = ratio(
-                mesh.cpu_per_request_at_rate(),
-                envoy.cpu_per_request_at_rate(),
-            );
-            out.push_str(&format!(
-                "- at most 0.3x the Envoy sidecar's CPU per request: {r:.2}x at the fixed rate, {:.2}x at peak ({})\n",
-                ratio(mesh.cpu_per_request_at_peak(), envoy.cpu_per_request_at_peak()),
-                verdict(r <= 0.3)
-            ));
-        }
+        Some(envoy) => out.push_str(&both(
+            "at most 0.3x the Envoy sidecar's CPU per request",
+            envoy,
+            0.3,
+        )),
         None => out.push_str(
             "- at most 0.3x the Envoy sidecar's CPU per request: not measured (A4 skipped)\n",
         ),

@@ -42,7 +42,7 @@ use crate::{
     BenchError,
     client::{Pool, Security, loopback_sources},
     load::{CallFn, closed_loop},
-    procfs::{self, CpuSample},
+    procfs::{self, CpuSample, MachineCpu},
     procs::{self, Proc},
     report::{mib, ms, table, us},
     stats::{Failure, Summary},
@@ -104,6 +104,10 @@ pub struct Results {
     pub runs: Vec<CallRun>,
     pub memory: Vec<Memory>,
     pub notes: Vec<String>,
+    /// Users whose tokens CreatePost rotates through.
+    pub writers: usize,
+    /// What else the machine was doing during the runs.
+    pub machine: String,
 }
 
 fn setup(what: &str) -> impl FnOnce(String) -> BenchError + '_ {
@@ -436,7 +440,7 @@ async fn per_service(
     opts: &Options,
     data: &Path,
     posts: Arc<Vec<String>>,
-) -> Result<Vec<Memory>, BenchError> {
+) -> Result<(Vec<Memory>, String), BenchError> {
     let mut ports: BTreeMap<&str, (u16, u16)> = BTreeMap::new();
     for name in SERVICES {
         ports.insert(name, (procs::free_port()?, procs::free_port()?));
@@ -503,7 +507,7 @@ async fn per_service(
     let public = SocketAddr::from(([127, 0, 0, 1], public_port));
     let sources = loopback_sources(opts.sources);
     let pool = Pool::connect(public, &Security::server_only(&ca)?, opts.sources, &sources).await?;
-    closed_loop(
+    let load = closed_loop(
         thread_call(pool, posts),
         opts.concurrency,
         opts.latency_time,
@@ -512,10 +516,18 @@ async fn per_service(
     for (m, pid) in memory.iter_mut().zip(&pids) {
         m.loaded = Some(procfs::rss(*pid)?);
     }
-    for (_, proc) in &mut running {
+    // Dependents first, so nobody logs its upstream going away.
+    for (_, proc) in running.iter_mut().rev() {
         proc.terminate(Duration::from_secs(10)).await;
     }
-    Ok(memory)
+    let note = format!(
+        "Separate processes: \"after load\" follows {:.1}s of GetPostThread at {} in flight through their gateway ({:.0} req/s, errors: {}).",
+        load.elapsed.as_secs_f64(),
+        opts.concurrency,
+        load.throughput(),
+        load.errors_text()
+    );
+    Ok((memory, note))
 }
 
 /// Runs scenario B.
@@ -565,10 +577,15 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
     // Warm the connections and caches (JWKS, pools) without measuring.
     closed_loop(thread.clone(), opts.concurrency, Duration::from_millis(500)).await;
     let mut runs = Vec::new();
+    let machine_before = MachineCpu::now()?;
+    let ours_before = procfs::stat_cpu(pid)? + procfs::stat_cpu(std::process::id())?;
     for (name, call) in [("GetPostThread", thread), ("CreatePost", create)] {
         runs.push(measure(name, call.clone(), 1, opts.latency_time, &[pid]).await?);
         runs.push(measure(name, call, opts.concurrency, opts.time, &[pid]).await?);
     }
+    let ours = (procfs::stat_cpu(pid)? + procfs::stat_cpu(std::process::id())?)
+        .saturating_sub(ours_before);
+    let machine = MachineCpu::now()?.since(&machine_before).describe(ours);
     let loaded = procfs::rss(pid)?;
     up.terminate(Duration::from_secs(15)).await;
 
@@ -579,7 +596,10 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
     }];
     if opts.per_service {
         match per_service(opts, &data, posts).await {
-            Ok(m) => memory.extend(m),
+            Ok((m, note)) => {
+                memory.extend(m);
+                notes.push(note);
+            }
             Err(e) => notes.push(format!("per-service memory not measured: {e}")),
         }
     }
@@ -591,6 +611,8 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
         runs,
         memory,
         notes,
+        writers: tokens.len(),
+        machine,
     })
 }
 
@@ -677,8 +699,12 @@ pub fn render(r: &Results, opts: &Options) -> String {
     ));
     out.push_str(&format!(
         "\nLoad comes from {} connections on distinct loopback source addresses, CreatePost as {} users: the gateway rate-limits proxied methods per client address (100/s) and per user (20/s), and this measures the mesh, not the limiter.\n",
-        opts.sources, opts.writers
+        opts.sources, r.writers
     ));
+    out.push_str(
+        "`tessera up` runs with its default `--log warn`, so the request spans (info level) are filtered out here: scenario A's A3 is the stack with tracing on.\n",
+    );
+    out.push_str(&format!("During the runs {}.\n", r.machine));
     for note in &r.notes {
         out.push_str(&format!("{note}\n"));
     }

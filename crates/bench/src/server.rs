@@ -61,6 +61,10 @@ pub enum Mode {
     /// `tessera_mesh::server::Workload::run`: mTLS, identity, access rule, metrics, tracing
     /// into an OpenTelemetry SDK pipeline, deadline, load shedding, message limits.
     Mesh,
+    /// `Mesh` with a log subscriber but no OpenTelemetry layer (to split the cost).
+    MeshNoOtel,
+    /// `Mesh` with a subscriber that wants nothing (spans are never built).
+    MeshNoSubscriber,
 }
 
 /// GetPost answers with the id it was asked for; everything else is UNIMPLEMENTED.
@@ -155,8 +159,19 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// Installs a subscriber that is interested in nothing. Without any subscriber, `tracing`
+/// forwards spans to the `log` crate, because sqlx (linked into this binary, not into a bare
+/// tonic app) enables its `log` feature; that costs a bare server several percent of its CPU
+/// (`Span::record_all`, `Span::log` in a profile) and would flatter the comparison.
+fn no_tracing() {
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+}
+
 /// `tessera-bench server --mode MODE --tls-dir DIR`: serves until stdin closes.
 pub async fn run(mode: Mode, tls_dir: &Path) -> Result<(), BenchError> {
+    if matches!(mode, Mode::Plain | Mode::Mtls | Mode::MeshNoSubscriber) {
+        no_tracing();
+    }
     match mode {
         Mode::Plain => {
             let incoming = tonic::transport::server::TcpIncoming::bind(local(0))
@@ -173,7 +188,9 @@ pub async fn run(mode: Mode, tls_dir: &Path) -> Result<(), BenchError> {
                 .map_err(|e| BenchError::Setup(format!("serving: {e}")))
         }
         Mode::Mtls => serve_bare_mtls(tls_dir).await,
-        Mode::Mesh => serve_mesh(tls_dir).await,
+        Mode::Mesh => serve_mesh(tls_dir, Telemetry::Otel).await,
+        Mode::MeshNoOtel => serve_mesh(tls_dir, Telemetry::LogsOnly).await,
+        Mode::MeshNoSubscriber => serve_mesh(tls_dir, Telemetry::Off).await,
     }
 }
 
@@ -253,21 +270,26 @@ async fn serve_bare_mtls(tls_dir: &Path) -> Result<(), BenchError> {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Telemetry {
+    Otel,
+    LogsOnly,
+    Off,
+}
+
 /// Mode 3: the whole Tessera server stack, as a service runs it, with tracing exported
-/// through an OpenTelemetry SDK batch pipeline.
-async fn serve_mesh(tls_dir: &Path) -> Result<(), BenchError> {
+/// through an OpenTelemetry SDK batch pipeline (or less telemetry, for diagnosis).
+async fn serve_mesh(tls_dir: &Path, telemetry: Telemetry) -> Result<(), BenchError> {
     let exported = CountingExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exported.clone())
         .build();
-    let subscriber = get_subscriber(
-        "info",
-        LogFormat::Json,
-        std::io::stderr,
-        Some(provider.tracer("tessera-bench")),
-    );
-    tracing::subscriber::set_global_default(subscriber)
-        .map_err(|e| BenchError::Setup(format!("installing the subscriber: {e}")))?;
+    if telemetry != Telemetry::Off {
+        let tracer = (telemetry == Telemetry::Otel).then(|| provider.tracer("tessera-bench"));
+        let subscriber = get_subscriber("info", LogFormat::Json, std::io::stderr, tracer);
+        tracing::subscriber::set_global_default(subscriber)
+            .map_err(|e| BenchError::Setup(format!("installing the subscriber: {e}")))?;
+    }
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
