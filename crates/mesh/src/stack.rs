@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes};
 use futures::FutureExt;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::Semaphore;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
@@ -150,9 +151,14 @@ impl Around for Telemetry {
             rpc.system = "grpc",
             rpc.method = %method,
             caller = %caller,
-            rpc.grpc.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
         let _ = span.set_parent(extract_context(req.headers()));
+        // Log lines inside the call carry the trace id, so logs and traces join up.
+        let trace_id = span.context().span().span_context().trace_id();
+        if trace_id != opentelemetry::trace::TraceId::INVALID {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
         let start = Instant::now();
         let metrics = self.metrics.clone();
         let fut = inner.call(req).instrument(span.clone());
@@ -195,7 +201,9 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         // A body dropped before its trailers means the client went away.
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        self.span.record("rpc.grpc.status_code", code as i32);
+        // An OpenTelemetry attribute rather than a tracing field: recording a field makes
+        // every formatting layer re-render the span, on the hot path.
+        self.span.set_attribute("rpc.grpc.status_code", code as i64);
         self.metrics.record(
             &self.method,
             code,

@@ -61,7 +61,12 @@ where
             .with_writer(sink)
             .boxed(),
     };
-    let otel = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t));
+    // Busy/idle time per span costs clock reads on every poll and nobody reads it.
+    let otel = tracer.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t)
+            .with_tracked_inactivity(false)
+    });
     Registry::default().with(filter).with(fmt).with(otel)
 }
 
