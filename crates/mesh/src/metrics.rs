@@ -3,21 +3,32 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
+/// A label value shared with the request path, so counting a call clones pointers instead
+/// of allocating strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
-    pub code: String,
-    pub caller: String,
+    pub method: Label,
+    pub code: &'static str,
+    pub caller: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
-    pub method: String,
+    pub method: Label,
 }
 
 /// One workload's metrics.
@@ -61,17 +72,17 @@ impl Metrics {
         }
     }
 
-    pub fn record(&self, method: &str, code: tonic::Code, caller: &str, seconds: f64) {
+    pub fn record(&self, method: &Arc<str>, code: tonic::Code, caller: &Arc<str>, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
-                method: method.to_owned(),
-                code: code_name(code).to_owned(),
-                caller: caller.to_owned(),
+                method: Label(method.clone()),
+                code: code_name(code),
+                caller: Label(caller.clone()),
             })
             .inc();
         self.latency
             .get_or_create(&MethodLabels {
-                method: method.to_owned(),
+                method: Label(method.clone()),
             })
             .observe(seconds);
     }
