@@ -144,6 +144,13 @@ impl Around for Telemetry {
             Some(id) => id.service().into(),
             None => "anonymous".into(),
         };
+        // Log lines inside the call carry the caller's trace id, so logs and traces join up.
+        // Taken from the incoming context at creation: recording a field later makes every
+        // formatting layer render the span again, on the hot path.
+        let parent = extract_context(req.headers());
+        let trace_id = parent.span().span_context().trace_id();
+        let trace_id = (trace_id != opentelemetry::trace::TraceId::INVALID)
+            .then(|| tracing::field::display(trace_id));
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %method,
@@ -151,14 +158,9 @@ impl Around for Telemetry {
             rpc.system = "grpc",
             rpc.method = %method,
             caller = %caller,
-            trace_id = tracing::field::Empty,
+            trace_id,
         );
-        let _ = span.set_parent(extract_context(req.headers()));
-        // Log lines inside the call carry the trace id, so logs and traces join up.
-        let trace_id = span.context().span().span_context().trace_id();
-        if trace_id != opentelemetry::trace::TraceId::INVALID {
-            span.record("trace_id", tracing::field::display(trace_id));
-        }
+        let _ = span.set_parent(parent);
         let start = Instant::now();
         let metrics = self.metrics.clone();
         let fut = inner.call(req).instrument(span.clone());
