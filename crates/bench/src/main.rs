@@ -8,7 +8,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tessera_bench::{BenchError, envoy, procs, scenario_a, scenario_b, server};
+use tessera_bench::{BenchError, client, envoy, load, procs, scenario_a, scenario_b, server};
 
 #[derive(Parser)]
 #[command(name = "tessera-bench", about = "Tessera's benchmark")]
@@ -28,6 +28,20 @@ enum Command {
         /// tls.crt, tls.key and ca.crt of the server.
         #[arg(long)]
         tls_dir: PathBuf,
+    },
+    /// Drive one running echo server (`server`) with a closed loop and print what it got:
+    /// for profiling a server under perf or callgrind, outside the full run.
+    Load {
+        /// The server's address, as it printed it.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// ca.crt, tls.crt, tls.key of the caller (mTLS); plaintext without it.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
     },
 }
 
@@ -107,6 +121,24 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Load {
+            addr,
+            tls_dir,
+            concurrency,
+            secs,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
+            };
+            match runtime.block_on(load(addr, tls_dir, concurrency, secs)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         Command::Run(args) => {
             // One thread for the load generator: it gets a core to itself.
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -122,6 +154,38 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn load(
+    addr: std::net::SocketAddr,
+    tls_dir: Option<PathBuf>,
+    concurrency: usize,
+    secs: f64,
+) -> Result<(), BenchError> {
+    let security = match &tls_dir {
+        Some(dir) => client::Security::mtls(
+            &dir.join("ca.crt"),
+            &dir.join("tls.crt"),
+            &dir.join("tls.key"),
+        )?,
+        None => client::Security::Plaintext,
+    };
+    let pool = client::Pool::connect(addr, &security, 2, &[]).await?;
+    let summary = load::closed_loop(
+        scenario_a::echo_call(pool),
+        concurrency.max(1),
+        Duration::from_secs_f64(secs),
+    )
+    .await;
+    println!(
+        "calls {} errors {} p50 {:?} p99 {:?} throughput {:.0}/s",
+        summary.ok,
+        summary.errors_text(),
+        summary.percentile(50.0),
+        summary.percentile(99.0),
+        summary.throughput()
+    );
+    Ok(())
 }
 
 fn fail(e: &BenchError) -> ExitCode {

@@ -281,7 +281,7 @@ async fn start(opts: &Options, target: Target, certs: &Path) -> Result<Running, 
 }
 
 /// GetPost asking for `p<i>` and checking the echo.
-fn echo_call(pool: Pool) -> CallFn {
+pub fn echo_call(pool: Pool) -> CallFn {
     Arc::new(move |i| {
         let conn = pool.get(i).clone();
         Box::pin(async move {

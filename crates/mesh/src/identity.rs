@@ -1,16 +1,17 @@
 //! Workload identity: SPIFFE ids, and the verified caller of a request.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "tessera.local";
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`: who a workload is.
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`: who a workload is. Cloning is
+/// cheap (shared strings): every request carries its caller's id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service: String,
+    trust_domain: Arc<str>,
+    namespace: Arc<str>,
+    service: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +51,11 @@ impl SpiffeId {
         &self.service
     }
 
+    /// [`SpiffeId::service`] as a shared string, for labels that outlive the request.
+    pub fn service_shared(&self) -> &Arc<str> {
+        &self.service
+    }
+
     /// The id of another workload in the same trust domain and namespace.
     pub fn sibling(&self, service: &str) -> Result<Self, ParseSpiffeIdError> {
         Self::new(&self.trust_domain, &self.namespace, service)
@@ -78,9 +84,9 @@ impl FromStr for SpiffeId {
                     }
                 }
                 Ok(Self {
-                    trust_domain: (*td).to_owned(),
-                    namespace: (*ns).to_owned(),
-                    service: (*sa).to_owned(),
+                    trust_domain: (*td).into(),
+                    namespace: (*ns).into(),
+                    service: (*sa).into(),
                 })
             }
             _ => Err(err(

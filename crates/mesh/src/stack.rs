@@ -1,11 +1,12 @@
-//! The server-side request path, as tower layers, outermost first:
+//! The server-side request path, one tower layer ([`RequestPath`]) doing, outermost first:
 //! telemetry (trace span + RED metrics) → panic guard → caller identity and access rule (and
 //! the end-user token) → deadline → load shedding → message size limit → handler.
 //!
-//! Every layer answers failures itself as a gRPC status, so the handler's router never sees
+//! Every step answers failures itself as a gRPC status, so the handler's router never sees
 //! a request that should not reach it and the caller always gets a proper code.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -32,7 +33,7 @@ use crate::{
     context::{self, CallContext},
     identity::{Caller, SpiffeId},
     metrics::Metrics,
-    policy::Policy,
+    policy::{MethodRule, Policy},
     telemetry::extract_context,
     token::EndUser,
 };
@@ -51,50 +52,113 @@ fn status_response(status: Status) -> Response<Body> {
     status.into_http::<Body>()
 }
 
-/// One step of the request path: what it does around the rest of the stack (`inner`).
-/// Every step but the message-size check is written as one of these, so each is just its
-/// logic; [`AroundLayer`] supplies the tower plumbing once.
-pub trait Around: Clone + Send + Sync + 'static {
-    fn around<S>(&self, inner: S, req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send;
+/// Everything the request path needs, shared by all calls on one port.
+pub struct RequestPath {
+    /// RED metrics of this port.
+    pub metrics: Metrics,
+    /// The contracts: method names for labels, and the access rules.
+    pub policy: Arc<Policy>,
+    /// Caller identity and the contract's rules (internal ports). `None` on the public port,
+    /// where there is no client certificate and the service checks tokens itself.
+    pub authorizer: Option<Authorizer>,
+    /// Bounds every call, also those that carry no deadline or a longer one.
+    pub deadline_cap: Duration,
+    /// Calls in the handler at once; past it, RESOURCE_EXHAUSTED at once.
+    pub max_in_flight: usize,
+    /// Largest incoming message, checked from its length prefix.
+    pub max_message_size: usize,
 }
 
-/// The tower layer of an [`Around`] step.
-#[derive(Clone)]
-pub struct AroundLayer<A>(A);
+/// Paths outside the contracts that every port serves; any other unknown path is labelled
+/// `unknown`, so callers cannot grow the metrics without bound by inventing method names.
+const SERVED_PATHS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
-impl<A> AroundLayer<A> {
-    pub fn new(step: A) -> Self {
-        Self(step)
+/// A path the port knows: its metrics label and its contract rule, looked up once per call.
+struct Known {
+    label: Arc<str>,
+    rule: Option<MethodRule>,
+}
+
+struct Shared {
+    metrics: Metrics,
+    methods: HashMap<Box<str>, Known>,
+    unknown: Arc<str>,
+    anonymous: Arc<str>,
+    authorizer: Option<Authorizer>,
+    deadline_cap: Duration,
+    permits: Arc<Semaphore>,
+    max_message_size: usize,
+}
+
+impl RequestPath {
+    pub fn layer(self) -> RequestPathLayer {
+        let mut methods = HashMap::new();
+        for rule in self.policy.methods() {
+            methods.insert(
+                rule.path.as_str().into(),
+                Known {
+                    label: rule.path.as_str().into(),
+                    rule: Some(rule.clone()),
+                },
+            );
+        }
+        for path in SERVED_PATHS {
+            methods.insert(
+                (*path).into(),
+                Known {
+                    label: (*path).into(),
+                    rule: None,
+                },
+            );
+        }
+        RequestPathLayer(Arc::new(Shared {
+            metrics: self.metrics,
+            methods,
+            unknown: "unknown".into(),
+            anonymous: "anonymous".into(),
+            authorizer: self.authorizer,
+            deadline_cap: self.deadline_cap,
+            permits: Arc::new(Semaphore::new(self.max_in_flight.max(1))),
+            max_message_size: self.max_message_size,
+        }))
     }
 }
 
-impl<S, A: Clone> Layer<S> for AroundLayer<A> {
-    type Service = AroundService<S, A>;
+/// The tower layer of a [`RequestPath`].
+#[derive(Clone)]
+pub struct RequestPathLayer(Arc<Shared>);
+
+impl<S> Layer<S> for RequestPathLayer {
+    type Service = RequestPathService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AroundService {
+        RequestPathService {
             inner,
-            step: self.0.clone(),
+            shared: self.0.clone(),
         }
     }
 }
 
+/// The whole request path around `S`, written as one future per call: the steps used to be
+/// a tower layer each, and their five boxed futures (allocated, and moved into each other)
+/// were a measurable part of a call's CPU time.
 #[derive(Clone)]
-pub struct AroundService<S, A> {
+pub struct RequestPathService<S> {
     inner: S,
-    step: A,
+    shared: Arc<Shared>,
 }
 
-impl<S, A> Service<Request<Body>> for AroundService<S, A>
+impl<S> Service<Request<Body>> for RequestPathService<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
-    A: Around,
+    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -109,40 +173,18 @@ where
         // contract).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        self.step.around(inner, req)
-    }
-}
+        let shared = self.shared.clone();
+        let start = Instant::now();
 
-// ---------------------------------------------------------------------------------------
-// Telemetry: one span per call (parented on the incoming traceparent) and RED metrics,
-// recorded when the response body ends so streaming calls are measured to their last byte.
-
-/// Trace span and RED metrics.
-#[derive(Clone)]
-pub struct Telemetry {
-    metrics: Metrics,
-}
-
-impl Telemetry {
-    pub fn layer(metrics: Metrics) -> AroundLayer<Self> {
-        AroundLayer::new(Self { metrics })
-    }
-}
-
-impl Around for Telemetry {
-    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send,
-    {
-        let method: Arc<str> = req.uri().path().into();
-        let caller: Arc<str> = match req
+        let known = shared.methods.get(req.uri().path());
+        let method = known.map_or(&shared.unknown, |k| &k.label).clone();
+        let caller = match req
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.identity.as_ref())
         {
-            Some(id) => id.service().into(),
-            None => "anonymous".into(),
+            Some(id) => id.service_shared().clone(),
+            None => shared.anonymous.clone(),
         };
         // Log lines inside the call carry the caller's trace id, so logs and traces join up.
         // Taken from the incoming context at creation: recording a field later makes every
@@ -153,45 +195,132 @@ impl Around for Telemetry {
             .then(|| tracing::field::display(trace_id));
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %method,
+            otel.name = &*method,
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.method = %method,
-            caller = %caller,
+            rpc.method = &*method,
+            caller = &*caller,
             trace_id,
         );
         let _ = span.set_parent(parent);
-        let start = Instant::now();
-        let metrics = self.metrics.clone();
-        let fut = inner.call(req).instrument(span.clone());
-        Box::pin(async move {
-            let Ok(resp) = fut.await;
-            let mut recorder = Recorder {
-                metrics,
-                method,
-                caller,
-                start,
-                span,
-                code: None,
-            };
-            // A trailers-only response (an error before any message) has its status in the
-            // headers; otherwise it comes in the trailers at the end of the body.
-            if let Some(status) = Status::from_header_map(resp.headers()) {
-                recorder.code = Some(status.code());
-                return Ok(resp);
+        let recorder = Recorder {
+            shared: shared.clone(),
+            method,
+            caller,
+            start,
+            span: span.clone(),
+            code: None,
+        };
+        Box::pin(
+            async move {
+                let resp = guarded(&shared, inner, req).await;
+                Ok(observe(resp, recorder))
             }
-            Ok(resp.map(|body| {
-                Body::new(Observed {
-                    inner: body,
-                    recorder,
-                })
-            }))
-        })
+            .instrument(span),
+        )
     }
 }
 
+/// Refusals, then the handler under the panic guard, the deadline, a shedding permit and
+/// the message limit.
+async fn guarded<S>(shared: &Shared, mut inner: S, mut req: Request<Body>) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    let rule = shared
+        .methods
+        .get(req.uri().path())
+        .and_then(|k| k.rule.as_ref());
+    // Identity and the contract's rule before spending anything on the call.
+    if let Some(authorizer) = &shared.authorizer {
+        let Some(caller) = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.identity.as_deref())
+            .cloned()
+        else {
+            return status_response(Status::unauthenticated(
+                "a client certificate with a SPIFFE id is required",
+            ));
+        };
+        if let Err(status) = authorizer.decide(&caller, req.uri().path(), rule) {
+            tracing::warn!(caller = %caller, method = req.uri().path(), "access denied");
+            return status_response(status);
+        }
+        match authorizer.verify_user(req.headers(), rule).await {
+            Ok(Some(user)) => {
+                req.extensions_mut().insert(user);
+            }
+            Ok(None) => {}
+            Err(status) => return status_response(status),
+        }
+        req.extensions_mut().insert(Caller(caller));
+    }
+
+    // Deadline: the incoming `grpc-timeout`, capped; the remaining time and the end-user
+    // token become the call context downstream clients inherit.
+    let requested = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let timeout = requested.map_or(shared.deadline_cap, |t| t.min(shared.deadline_cap));
+    let ctx = CallContext {
+        deadline: Some(Instant::now() + timeout),
+        token: req.extensions().get::<EndUser>().map(|u| u.token.clone()),
+    };
+
+    // Shedding: refuse at once past the limit instead of queueing, so latency stays bounded
+    // under overload and the caller can go elsewhere. Only calls allowed in count, so
+    // refused callers cannot crowd out others.
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        return status_response(Status::resource_exhausted(
+            "server overloaded: too many calls in flight",
+        ));
+    };
+
+    let limit = shared.max_message_size;
+    let req = req.map(|body| {
+        Body::new(Limited {
+            inner: body,
+            limit,
+            header: [0; 5],
+            header_len: 0,
+            remaining: 0,
+        })
+    });
+    // The panic guard covers the handler's synchronous part too: it is called inside.
+    let handler =
+        AssertUnwindSafe(context::scope(ctx, async move { inner.call(req).await })).catch_unwind();
+    let resp = match tokio::time::timeout(timeout, handler).await {
+        Ok(Ok(Ok(resp))) => resp,
+        Ok(Err(panic)) => panic_response(panic),
+        Err(_) => status_response(Status::deadline_exceeded(format!(
+            "deadline of {timeout:?} exceeded"
+        ))),
+    };
+    drop(permit);
+    resp
+}
+
+/// Hands the recorder to the response: a trailers-only response (an error before any
+/// message) has its status in the headers; otherwise it comes in the trailers at the end of
+/// the body, so streaming calls are measured to their last byte.
+fn observe(resp: Response<Body>, mut recorder: Recorder) -> Response<Body> {
+    if let Some(status) = Status::from_header_map(resp.headers()) {
+        recorder.code = Some(status.code());
+        return resp;
+    }
+    resp.map(|body| {
+        Body::new(Observed {
+            inner: body,
+            recorder,
+        })
+    })
+}
+
 struct Recorder {
-    metrics: Metrics,
+    shared: Arc<Shared>,
     method: Arc<str>,
     caller: Arc<str>,
     start: Instant,
@@ -206,7 +335,7 @@ impl Drop for Recorder {
         // An OpenTelemetry attribute rather than a tracing field: recording a field makes
         // every formatting layer re-render the span, on the hot path.
         self.span.set_attribute("rpc.grpc.status_code", code as i64);
-        self.metrics.record(
+        self.shared.metrics.record(
             &self.method,
             code,
             &self.caller,
@@ -261,19 +390,7 @@ impl HttpBody for Observed {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Panic guard: a panicking handler becomes an opaque INTERNAL, the process keeps serving.
-
-/// The panic guard.
-#[derive(Clone, Default)]
-pub struct CatchPanic;
-
-impl CatchPanic {
-    pub fn layer() -> AroundLayer<Self> {
-        AroundLayer::new(Self)
-    }
-}
-
+/// A panicking handler becomes an opaque INTERNAL; the process keeps serving.
 fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
     let what = panic
         .downcast_ref::<&str>()
@@ -282,24 +399,6 @@ fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
         .unwrap_or_else(|| "unknown panic".into());
     tracing::error!(panic = %what, "handler panicked");
     status_response(Status::internal("internal error"))
-}
-
-impl Around for CatchPanic {
-    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send,
-    {
-        match std::panic::catch_unwind(AssertUnwindSafe(move || inner.call(req))) {
-            Ok(fut) => Box::pin(async move {
-                match AssertUnwindSafe(fut).catch_unwind().await {
-                    Ok(resp) => resp,
-                    Err(panic) => Ok(panic_response(panic)),
-                }
-            }),
-            Err(panic) => Box::pin(std::future::ready(Ok(panic_response(panic)))),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -328,6 +427,16 @@ pub struct Authorizer {
 impl Authorizer {
     /// Whether `caller` may call `path`; the error is the PERMISSION_DENIED to return.
     pub fn check_caller(&self, caller: &SpiffeId, path: &str) -> Result<(), Status> {
+        self.decide(caller, path, self.policy.rule(path))
+    }
+
+    /// [`Authorizer::check_caller`] with the path's rule already looked up.
+    fn decide(
+        &self,
+        caller: &SpiffeId,
+        path: &str,
+        rule: Option<&MethodRule>,
+    ) -> Result<(), Status> {
         let denied = || Status::permission_denied(format!("caller {caller} may not call {path}"));
         if caller.trust_domain() != self.me.trust_domain()
             || caller.namespace() != self.me.namespace()
@@ -340,7 +449,7 @@ impl Authorizer {
         if self.allow_operator && caller.service() == "operator" {
             return Ok(());
         }
-        match self.policy.rule(path) {
+        match rule {
             Some(rule) if rule.has_rule && rule.callers.contains(caller.service()) => Ok(()),
             _ => Err(denied()),
         }
@@ -352,7 +461,15 @@ impl Authorizer {
         headers: &http::HeaderMap,
         path: &str,
     ) -> Result<Option<EndUser>, Status> {
-        let required = self.policy.rule(path).is_some_and(|r| r.user);
+        self.verify_user(headers, self.policy.rule(path)).await
+    }
+
+    async fn verify_user(
+        &self,
+        headers: &http::HeaderMap,
+        rule: Option<&MethodRule>,
+    ) -> Result<Option<EndUser>, Status> {
+        let required = rule.is_some_and(|r| r.user);
         let Some(token) = bearer_token(headers)? else {
             return if required {
                 Err(Status::unauthenticated("an access token is required"))
@@ -395,50 +512,8 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
     }
 }
 
-impl Authorizer {
-    pub fn layer(self) -> AroundLayer<Arc<Self>> {
-        AroundLayer::new(Arc::new(self))
-    }
-}
-
-impl Around for Arc<Authorizer> {
-    fn around<S>(&self, mut inner: S, mut req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send,
-    {
-        let authorizer = self.clone();
-        Box::pin(async move {
-            let Some(caller) = req
-                .extensions()
-                .get::<PeerInfo>()
-                .and_then(|p| p.identity.clone())
-            else {
-                return Ok(status_response(Status::unauthenticated(
-                    "a client certificate with a SPIFFE id is required",
-                )));
-            };
-            let path = req.uri().path().to_owned();
-            if let Err(status) = authorizer.check_caller(&caller, &path) {
-                tracing::warn!(caller = %caller, method = %path, "access denied");
-                return Ok(status_response(status));
-            }
-            match authorizer.check_user(req.headers(), &path).await {
-                Ok(Some(user)) => {
-                    req.extensions_mut().insert(user);
-                }
-                Ok(None) => {}
-                Err(status) => return Ok(status_response(status)),
-            }
-            req.extensions_mut().insert(Caller((*caller).clone()));
-            inner.call(req).await
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------
-// Deadline: the incoming `grpc-timeout`, capped, bounds the handler; the remaining time and
-// the end-user token become the call context that downstream clients inherit.
+// Deadlines travel as `grpc-timeout`.
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, at most 8 digits).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -458,143 +533,10 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The deadline step; `cap` bounds every call, also those that carry no deadline or a
-/// longer one.
-#[derive(Clone)]
-pub struct Deadline {
-    cap: Duration,
-}
-
-impl Deadline {
-    pub fn layer(cap: Duration) -> AroundLayer<Self> {
-        AroundLayer::new(Self { cap })
-    }
-}
-
-impl Around for Deadline {
-    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send,
-    {
-        let requested = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let timeout = requested.map_or(self.cap, |t| t.min(self.cap));
-        let ctx = CallContext {
-            deadline: Some(Instant::now() + timeout),
-            token: req.extensions().get::<EndUser>().map(|u| u.token.clone()),
-        };
-        let fut = context::scope(ctx, inner.call(req));
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(resp) => resp,
-                Err(_) => Ok(status_response(Status::deadline_exceeded(format!(
-                    "deadline of {timeout:?} exceeded"
-                )))),
-            }
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Load shedding: a fixed number of calls in the handler at once; past it, refuse at once
-// (RESOURCE_EXHAUSTED) instead of queueing, so latency stays bounded under overload and the
-// caller can go elsewhere.
-
-/// The load-shedding step.
-#[derive(Clone)]
-pub struct Shed {
-    permits: Arc<Semaphore>,
-}
-
-impl Shed {
-    pub fn layer(max_in_flight: usize) -> AroundLayer<Self> {
-        AroundLayer::new(Self {
-            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
-        })
-    }
-}
-
-impl Around for Shed {
-    fn around<S>(&self, mut inner: S, req: Request<Body>) -> BoxFuture
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
-        S::Future: Send,
-    {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            return Box::pin(std::future::ready(Ok(status_response(
-                Status::resource_exhausted("server overloaded: too many calls in flight"),
-            ))));
-        };
-        let fut = inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await;
-            drop(permit);
-            resp
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Message size: an explicit limit on each incoming message, checked from the gRPC length
 // prefix before the message is buffered. tonic's own check answers OUT_OF_RANGE; the gRPC
 // spec wants RESOURCE_EXHAUSTED.
-
-#[derive(Clone)]
-pub struct MessageLimitLayer {
-    limit: usize,
-}
-
-impl MessageLimitLayer {
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
-    }
-}
-
-impl<S> Layer<S> for MessageLimitLayer {
-    type Service = MessageLimit<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        MessageLimit {
-            inner,
-            limit: self.limit,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct MessageLimit<S> {
-    inner: S,
-    limit: usize,
-}
-
-impl<S> Service<Request<Body>> for MessageLimit<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let limit = self.limit;
-        self.inner.call(req.map(|body| {
-            Body::new(Limited {
-                inner: body,
-                limit,
-                header: [0; 5],
-                header_len: 0,
-                remaining: 0,
-            })
-        }))
-    }
-}
 
 pin_project_lite::pin_project! {
     struct Limited {

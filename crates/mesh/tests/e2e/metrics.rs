@@ -47,3 +47,29 @@ async fn metrics_count_calls_by_method_code_and_caller() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn invented_method_names_share_one_label() {
+    let app = spawn_app().await;
+    let mut grpc = tonic::client::Grpc::new(app.channel("gateway").await);
+    for name in ["Invented1", "Invented2"] {
+        grpc.ready().await.unwrap();
+        let path = format!("/tessera.posts.v1.PostService/{name}");
+        let refused = grpc
+            .unary(
+                tonic::Request::new(GetPostRequest::default()),
+                path.parse().unwrap(),
+                tonic_prost::ProstCodec::<GetPostRequest, GetPostRequest>::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied);
+    }
+    let unknown = r#"tessera_grpc_server_requests_total{method="unknown",code="PERMISSION_DENIED",caller="gateway"} 2"#;
+    let mut metrics;
+    eventually!(format!("both calls under one label:\n{metrics}"), {
+        metrics = scrape(app.admin).await;
+        metrics.contains(unknown)
+    });
+    assert!(!metrics.contains("Invented"), "{metrics}");
+}
