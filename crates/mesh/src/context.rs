@@ -18,9 +18,17 @@ tokio::task_local! {
     static CURRENT: CallContext;
 }
 
+/// `fut` with `ctx` as the current call context while it runs.
+pub type Scoped<F> = tokio::task::futures::TaskLocalFuture<CallContext, F>;
+
 /// Runs `fut` with `ctx` as the current call context.
-pub async fn scope<F: Future>(ctx: CallContext, fut: F) -> F::Output {
-    CURRENT.scope(ctx, fut).await
+pub fn scope<F: Future>(ctx: CallContext, fut: F) -> Scoped<F> {
+    CURRENT.scope(ctx, fut)
+}
+
+/// Runs `f` with `ctx` as the current call context.
+pub fn sync_scope<R>(ctx: CallContext, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(ctx, f)
 }
 
 /// The context of the request being handled on this task, if any.

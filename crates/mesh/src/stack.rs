@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
-use futures::FutureExt;
+use futures::{FutureExt, future::Either};
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use opentelemetry::trace::TraceContextExt;
@@ -89,7 +89,7 @@ struct Shared {
     methods: HashMap<Box<str>, Known>,
     unknown: Arc<str>,
     anonymous: Arc<str>,
-    authorizer: Option<Authorizer>,
+    authorizer: Option<Arc<Authorizer>>,
     deadline_cap: Duration,
     permits: Arc<Semaphore>,
     max_message_size: usize,
@@ -121,7 +121,7 @@ impl RequestPath {
             methods,
             unknown: "unknown".into(),
             anonymous: "anonymous".into(),
-            authorizer: self.authorizer,
+            authorizer: self.authorizer.map(Arc::new),
             deadline_cap: self.deadline_cap,
             permits: Arc::new(Semaphore::new(self.max_in_flight.max(1))),
             max_message_size: self.max_message_size,
@@ -211,54 +211,102 @@ where
             span: span.clone(),
             code: None,
         };
-        Box::pin(
-            async move {
-                let resp = guarded(&shared, inner, req).await;
-                Ok(observe(resp, recorder))
+        // Log lines from the checks and the handler's synchronous part belong to the call.
+        let entered = span.enter();
+        let req = match admit(&shared, req) {
+            Admitted::Go(req) => req,
+            Admitted::Refused(resp) => {
+                return Box::pin(std::future::ready(Ok(observe(resp, recorder))));
             }
-            .instrument(span),
-        )
+            Admitted::Verify(req, authorizer) => {
+                // A separate, rarer path: verifying may fetch keys, a large future that
+                // service-to-service calls (no end user) would otherwise carry in theirs.
+                let span2 = span.clone();
+                return Box::pin(
+                    async move {
+                        let mut req = req;
+                        let verified = match bearer_token(req.headers()) {
+                            Ok(Some(token)) => authorizer.verify_token(token).await,
+                            Ok(None) => Err(Status::unauthenticated("an access token is required")),
+                            Err(status) => Err(status),
+                        };
+                        match verified {
+                            Ok(user) => {
+                                req.extensions_mut().insert(user);
+                                call_handler(&shared, inner, req, recorder).await
+                            }
+                            Err(status) => Ok(observe(status_response(status), recorder)),
+                        }
+                    }
+                    .instrument(span2),
+                );
+            }
+        };
+        let handler = call_handler(&shared, inner, req, recorder);
+        drop(entered);
+        Box::pin(handler.instrument(span))
     }
 }
 
-/// Refusals, then the handler under the panic guard, the deadline, a shedding permit and
-/// the message limit.
-async fn guarded<S>(shared: &Shared, mut inner: S, mut req: Request<Body>) -> Response<Body>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-{
+/// A call answered without running the handler.
+type Answered = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+/// What the checks before the handler decided.
+enum Admitted {
+    Go(Request<Body>),
+    Refused(Response<Body>),
+    /// Allowed in, once the end user's token checks out.
+    Verify(Request<Body>, Arc<Authorizer>),
+}
+
+/// Identity and the contract's rule, before anything is spent on the call.
+fn admit(shared: &Shared, mut req: Request<Body>) -> Admitted {
+    let Some(authorizer) = &shared.authorizer else {
+        return Admitted::Go(req);
+    };
     let rule = shared
         .methods
         .get(req.uri().path())
         .and_then(|k| k.rule.as_ref());
-    // Identity and the contract's rule before spending anything on the call.
-    if let Some(authorizer) = &shared.authorizer {
-        let Some(caller) = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.identity.as_deref())
-            .cloned()
-        else {
-            return status_response(Status::unauthenticated(
-                "a client certificate with a SPIFFE id is required",
-            ));
-        };
-        if let Err(status) = authorizer.decide(&caller, req.uri().path(), rule) {
-            tracing::warn!(caller = %caller, method = req.uri().path(), "access denied");
-            return status_response(status);
-        }
-        match authorizer.verify_user(req.headers(), rule).await {
-            Ok(Some(user)) => {
-                req.extensions_mut().insert(user);
-            }
-            Ok(None) => {}
-            Err(status) => return status_response(status),
-        }
-        req.extensions_mut().insert(Caller(caller));
+    let Some(caller) = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.identity.as_deref())
+        .cloned()
+    else {
+        return Admitted::Refused(status_response(Status::unauthenticated(
+            "a client certificate with a SPIFFE id is required",
+        )));
+    };
+    if let Err(status) = authorizer.decide(&caller, req.uri().path(), rule) {
+        tracing::warn!(caller = %caller, method = req.uri().path(), "access denied");
+        return Admitted::Refused(status_response(status));
     }
+    let verify = match authorizer.user_token(req.headers(), rule) {
+        Ok(token) => token.is_some(),
+        Err(status) => return Admitted::Refused(status_response(status)),
+    };
+    req.extensions_mut().insert(Caller(caller));
+    if verify {
+        Admitted::Verify(req, authorizer.clone())
+    } else {
+        Admitted::Go(req)
+    }
+}
 
-    // Deadline: the incoming `grpc-timeout`, capped; the remaining time and the end-user
-    // token become the call context downstream clients inherit.
+/// Deadline, shedding permit and message limit, then the handler is called under the panic
+/// guard and the call context.
+fn call_handler<S>(
+    shared: &Shared,
+    mut inner: S,
+    req: Request<Body>,
+    recorder: Recorder,
+) -> Either<Handler<S::Future>, Answered>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    // The incoming `grpc-timeout`, capped; the remaining time and the end-user token become
+    // the call context downstream clients inherit.
     let requested = req
         .headers()
         .get("grpc-timeout")
@@ -274,9 +322,12 @@ where
     // under overload and the caller can go elsewhere. Only calls allowed in count, so
     // refused callers cannot crowd out others.
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-        return status_response(Status::resource_exhausted(
-            "server overloaded: too many calls in flight",
-        ));
+        return Either::Right(std::future::ready(Ok(observe(
+            status_response(Status::resource_exhausted(
+                "server overloaded: too many calls in flight",
+            )),
+            recorder,
+        ))));
     };
 
     let limit = shared.max_message_size;
@@ -289,18 +340,64 @@ where
             remaining: 0,
         })
     });
-    // The panic guard covers the handler's synchronous part too: it is called inside.
-    let handler =
-        AssertUnwindSafe(context::scope(ctx, async move { inner.call(req).await })).catch_unwind();
-    let resp = match tokio::time::timeout(timeout, handler).await {
-        Ok(Ok(Ok(resp))) => resp,
-        Ok(Err(panic)) => panic_response(panic),
-        Err(_) => status_response(Status::deadline_exceeded(format!(
-            "deadline of {timeout:?} exceeded"
-        ))),
-    };
-    drop(permit);
-    resp
+    let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        context::sync_scope(ctx.clone(), || inner.call(req))
+    }));
+    match called {
+        Ok(fut) => Either::Left(Handler {
+            fut: tokio::time::timeout(
+                timeout,
+                AssertUnwindSafe(context::scope(ctx, fut)).catch_unwind(),
+            ),
+            timeout,
+            permit: Some(permit),
+            recorder: Some(recorder),
+        }),
+        Err(panic) => Either::Right(std::future::ready(Ok(observe(
+            panic_response(panic),
+            recorder,
+        )))),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future under the deadline and the panic guard, holding the shedding
+    /// permit until the response headers. Hand-written so a call's state is this and the
+    /// handler's own future, nothing copied twice.
+    struct Handler<F> {
+        #[pin]
+        fut: tokio::time::Timeout<
+            futures::future::CatchUnwind<AssertUnwindSafe<context::Scoped<F>>>,
+        >,
+        timeout: Duration,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        recorder: Option<Recorder>,
+    }
+}
+
+impl<F> Future for Handler<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = match std::task::ready!(this.fut.poll(cx)) {
+            Ok(Ok(Ok(resp))) => resp,
+            Ok(Err(panic)) => panic_response(panic),
+            Err(_) => status_response(Status::deadline_exceeded(format!(
+                "deadline of {:?} exceeded",
+                this.timeout
+            ))),
+        };
+        this.permit.take();
+        match this.recorder.take() {
+            Some(recorder) => Poll::Ready(Ok(observe(resp, recorder))),
+            // Polled again after completion: a caller bug; answer rather than panic.
+            None => Poll::Ready(Ok(status_response(Status::internal("internal error")))),
+        }
+    }
 }
 
 /// Hands the recorder to the response: a trailers-only response (an error before any
@@ -469,24 +566,40 @@ impl Authorizer {
         headers: &http::HeaderMap,
         rule: Option<&MethodRule>,
     ) -> Result<Option<EndUser>, Status> {
+        match self.user_token(headers, rule)? {
+            Some(token) => self.verify_token(token).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The bearer token to verify, if any; UNAUTHENTICATED if the rule requires one and
+    /// there is none, or if it cannot be verified here.
+    fn user_token<'h>(
+        &self,
+        headers: &'h http::HeaderMap,
+        rule: Option<&MethodRule>,
+    ) -> Result<Option<&'h str>, Status> {
         let required = rule.is_some_and(|r| r.user);
-        let Some(token) = bearer_token(headers)? else {
-            return if required {
-                Err(Status::unauthenticated("an access token is required"))
-            } else {
-                Ok(None)
-            };
-        };
+        match bearer_token(headers)? {
+            None if required => Err(Status::unauthenticated("an access token is required")),
+            Some(_) if self.keys.is_none() => Err(Status::unauthenticated(
+                "access tokens cannot be verified here",
+            )),
+            token => Ok(token),
+        }
+    }
+
+    async fn verify_token(&self, token: &str) -> Result<EndUser, Status> {
         let Some(keys) = &self.keys else {
             return Err(Status::unauthenticated(
                 "access tokens cannot be verified here",
             ));
         };
         match keys.verify(token).await {
-            Ok(claims) => Ok(Some(EndUser {
+            Ok(claims) => Ok(EndUser {
                 claims,
                 token: token.into(),
-            })),
+            }),
             Err(err) => Err(Status::unauthenticated(format!(
                 "invalid access token: {err}"
             ))),
