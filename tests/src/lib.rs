@@ -92,7 +92,7 @@ pub async fn spawn_mesh() -> TestMesh {
 }
 
 async fn start(data_dir: &Path) -> (Mesh, Channel) {
-    let mesh = start_mesh(data_dir, 0, |_, _| {})
+    let mesh = start_mesh(data_dir, 0, None, |_, _| {})
         .await
         .unwrap_or_else(|e| panic!("the mesh did not start: {e:#}"));
     let public = connect_public(&mesh)

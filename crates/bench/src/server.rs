@@ -284,9 +284,9 @@ async fn serve_mesh(tls_dir: &Path, telemetry: Telemetry) -> Result<(), BenchErr
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exported.clone())
         .build();
+    let tracer = (telemetry == Telemetry::Otel).then(|| provider.tracer("tessera-bench"));
     if telemetry != Telemetry::Off {
-        let tracer = (telemetry == Telemetry::Otel).then(|| provider.tracer("tessera-bench"));
-        let subscriber = get_subscriber("info", LogFormat::Json, std::io::stderr, tracer);
+        let subscriber = get_subscriber("info", LogFormat::Json, std::io::stderr, tracer.clone());
         tracing::subscriber::set_global_default(subscriber)
             .map_err(|e| BenchError::Setup(format!("installing the subscriber: {e}")))?;
     }
@@ -304,6 +304,7 @@ async fn serve_mesh(tls_dir: &Path, telemetry: Telemetry) -> Result<(), BenchErr
         ServerOptions {
             drain_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
+            tracer,
             ..ServerOptions::default()
         },
     );

@@ -96,10 +96,12 @@ impl Mesh {
 
 /// Creates (or reuses) certificates under `data_dir`, binds every port, starts the five
 /// services in dependency order, waits for each to be ready and writes `endpoints.json`.
-/// `progress` is told each service's name as it starts and when it is ready.
+/// `progress` is told each service's name as it starts and when it is ready. With `tracer`,
+/// every service's calls are traced into it.
 pub async fn start_mesh(
     data_dir: &Path,
     port_base: u16,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
     mut progress: impl FnMut(&str, bool),
 ) -> anyhow::Result<Mesh> {
     std::fs::create_dir_all(data_dir)
@@ -163,7 +165,8 @@ pub async fn start_mesh(
     for (name, grpc, admin, public) in bound {
         progress(name, false);
         let started = async {
-            let settings = settings_for(name, &data_dir, &certs_dir, &addrs)?;
+            let mut settings = settings_for(name, &data_dir, &certs_dir, &addrs)?;
+            settings.server.tracer = tracer.clone();
             let handle = wiring::start(
                 settings,
                 Listeners {
@@ -219,21 +222,26 @@ pub async fn start_mesh(
 /// `tessera up`: start the mesh, print how to reach it, run until SIGTERM or Ctrl-C.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let _telemetry = tessera_mesh::telemetry::init(
+    let telemetry = tessera_mesh::telemetry::init(
         "tessera",
         &args.log,
         tessera_mesh::telemetry::LogFormat::Pretty,
         std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().as_deref(),
     )?;
     use std::io::Write as _;
-    let mesh = start_mesh(&args.data_dir, args.port_base, |name, ready| {
-        if ready {
-            println!(" ready");
-        } else {
-            print!("starting {name:<14}");
-            let _ = std::io::stdout().flush();
-        }
-    })
+    let mesh = start_mesh(
+        &args.data_dir,
+        args.port_base,
+        telemetry.tracer(),
+        |name, ready| {
+            if ready {
+                println!(" ready");
+            } else {
+                print!("starting {name:<14}");
+                let _ = std::io::stdout().flush();
+            }
+        },
+    )
     .await?;
     print_table(&mesh.addrs, &mesh.certs_dir, started.elapsed());
     println!("endpoints: {}", mesh.endpoints_path.display());

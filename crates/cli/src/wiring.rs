@@ -39,13 +39,14 @@ pub fn required_targets(service: &str) -> &'static [&'static str] {
 }
 
 /// `tessera serve <service>`: telemetry, bind, start, wait for SIGTERM/SIGINT, drain.
-pub async fn serve_one(settings: Settings) -> anyhow::Result<()> {
-    let _telemetry = tessera_mesh::telemetry::init(
+pub async fn serve_one(mut settings: Settings) -> anyhow::Result<()> {
+    let telemetry = tessera_mesh::telemetry::init(
         &settings.service,
         &settings.log_filter,
         settings.log_format,
         settings.otlp_endpoint.as_deref(),
     )?;
+    settings.server.tracer = telemetry.tracer();
     let listeners = Listeners {
         grpc: bind(settings.grpc_addr).await?,
         admin: bind(settings.admin_addr).await?,

@@ -174,6 +174,8 @@ impl Settings {
                 drain_delay: millis(lookup, "TESSERA_DRAIN_DELAY_MS", defaults.drain_delay)?,
                 drain_timeout: millis(lookup, "TESSERA_DRAIN_TIMEOUT_MS", defaults.drain_timeout)?,
                 allow_operator: parse(lookup, "TESSERA_ALLOW_OPERATOR", false, "true or false")?,
+                // Comes from the telemetry set up with these settings, not from a variable.
+                tracer: None,
             },
         };
         if settings.server.max_concurrency == 0 {

@@ -5,13 +5,20 @@
 
 use std::{sync::Arc, time::Instant};
 
-/// The part of an incoming request that flows on to downstream calls.
+/// The part of an incoming request that flows on to downstream calls, and that log lines
+/// written while handling it carry.
 #[derive(Clone, Debug, Default)]
 pub struct CallContext {
     /// When the incoming call's deadline passes.
     pub deadline: Option<Instant>,
     /// The end user's bearer token, verified on the way in.
     pub token: Option<Arc<str>>,
+    /// The gRPC path being served (`/tessera.posts.v1.PostService/GetPost`).
+    pub method: Option<Arc<str>>,
+    /// The calling workload, from its certificate.
+    pub caller: Option<Arc<str>>,
+    /// The call's trace: its server span when tracing is on, else the caller's context.
+    pub trace: opentelemetry::Context,
 }
 
 tokio::task_local! {

@@ -39,6 +39,9 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Let the `operator` identity call every method (development).
     pub allow_operator: bool,
+    /// Where server spans go ([`crate::telemetry::TelemetryGuard::tracer`]); without one,
+    /// calls are not traced here (trace context is still passed on).
+    pub tracer: Option<opentelemetry_sdk::trace::Tracer>,
 }
 
 impl Default for ServerOptions {
@@ -50,6 +53,7 @@ impl Default for ServerOptions {
             drain_delay: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
             allow_operator: false,
+            tracer: None,
         }
     }
 }
@@ -170,6 +174,7 @@ impl Workload {
             deadline_cap: self.options.deadline_cap,
             max_in_flight: self.options.max_concurrency,
             max_message_size: self.options.max_message_size,
+            tracer: self.options.tracer.clone(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! a request that should not reach it and the caller always gets a proper code.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     convert::Infallible,
     future::Future,
@@ -21,20 +22,23 @@ use bytes::{Buf, Bytes};
 use futures::{FutureExt, future::Either};
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::{
+    KeyValue, StringValue,
+    context::{FutureExt as _, WithContext},
+    trace::{SpanKind, TraceContextExt, Tracer as _},
+};
+use opentelemetry_sdk::trace::Tracer;
 use tokio::sync::Semaphore;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     auth::TokenKeys,
     context::{self, CallContext},
     identity::{Caller, SpiffeId},
-    metrics::Metrics,
+    metrics::{self, Metrics},
     policy::{MethodRule, Policy},
-    telemetry::extract_context,
+    telemetry::{TRACEPARENT, extract_context},
     token::EndUser,
 };
 
@@ -67,6 +71,9 @@ pub struct RequestPath {
     pub max_in_flight: usize,
     /// Largest incoming message, checked from its length prefix.
     pub max_message_size: usize,
+    /// Where server spans go; without one, calls are not traced here but the caller's
+    /// trace context still flows on to downstream calls.
+    pub tracer: Option<Tracer>,
 }
 
 /// Paths outside the contracts that every port serves; any other unknown path is labelled
@@ -81,12 +88,56 @@ const SERVED_PATHS: &[&str] = &[
 /// A path the port knows: its metrics label and its contract rule, looked up once per call.
 struct Known {
     label: Arc<str>,
+    /// `rpc.service` and `rpc.method` of the span.
+    service: Arc<str>,
+    method: Arc<str>,
     rule: Option<MethodRule>,
 }
 
+impl Known {
+    fn new(path: &str, rule: Option<MethodRule>) -> Self {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((path, ""));
+        Self {
+            label: path.into(),
+            service: service.into(),
+            method: method.into(),
+            rule,
+        }
+    }
+}
+
+/// A fast hash for the fixed table of known paths: they are hashed on every call, and the
+/// table never grows from requests, so SipHash's flooding resistance buys nothing here.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type PathTable = HashMap<Box<str>, Known, std::hash::BuildHasherDefault<Fnv>>;
+
 struct Shared {
     metrics: Metrics,
-    methods: HashMap<Box<str>, Known>,
+    tracer: Option<Tracer>,
+    methods: PathTable,
     unknown: Arc<str>,
     anonymous: Arc<str>,
     authorizer: Option<Arc<Authorizer>>,
@@ -97,27 +148,19 @@ struct Shared {
 
 impl RequestPath {
     pub fn layer(self) -> RequestPathLayer {
-        let mut methods = HashMap::new();
+        let mut methods = PathTable::default();
         for rule in self.policy.methods() {
             methods.insert(
                 rule.path.as_str().into(),
-                Known {
-                    label: rule.path.as_str().into(),
-                    rule: Some(rule.clone()),
-                },
+                Known::new(&rule.path, Some(rule.clone())),
             );
         }
         for path in SERVED_PATHS {
-            methods.insert(
-                (*path).into(),
-                Known {
-                    label: (*path).into(),
-                    rule: None,
-                },
-            );
+            methods.insert((*path).into(), Known::new(path, None));
         }
         RequestPathLayer(Arc::new(Shared {
             metrics: self.metrics,
+            tracer: self.tracer,
             methods,
             unknown: "unknown".into(),
             anonymous: "anonymous".into(),
@@ -176,7 +219,8 @@ where
         let shared = self.shared.clone();
         let start = Instant::now();
 
-        let known = shared.methods.get(req.uri().path());
+        let path = req.uri().path();
+        let known = shared.methods.get(path);
         let method = known.map_or(&shared.unknown, |k| &k.label).clone();
         let caller = match req
             .extensions()
@@ -186,34 +230,59 @@ where
             Some(id) => id.service_shared().clone(),
             None => shared.anonymous.clone(),
         };
-        // Log lines inside the call carry the caller's trace id, so logs and traces join up.
-        // Taken from the incoming context at creation: recording a field later makes every
-        // formatting layer render the span again, on the hot path.
-        let parent = extract_context(req.headers());
-        let trace_id = parent.span().span_context().trace_id();
-        let trace_id = (trace_id != opentelemetry::trace::TraceId::INVALID)
-            .then(|| tracing::field::display(trace_id));
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = &*method,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = &*method,
-            caller = &*caller,
-            trace_id,
-        );
-        let _ = span.set_parent(parent);
+        // The server span, a child of the caller's (W3C traceparent), created with the
+        // OpenTelemetry SDK directly: a `tracing` span per call cost more than all the
+        // other steps together (registry, every layer's callbacks, span field formatting).
+        // Log lines written during the call get its trace id from the call context.
+        let parent = if req.headers().contains_key(&TRACEPARENT) {
+            extract_context(req.headers())
+        } else {
+            opentelemetry::Context::new()
+        };
+        let (trace, traced) = match &shared.tracer {
+            Some(tracer) => {
+                let mut attributes = Vec::with_capacity(4);
+                attributes.push(KeyValue::new("rpc.system", "grpc"));
+                if let Some(k) = known {
+                    attributes.push(KeyValue::new(
+                        "rpc.service",
+                        StringValue::from(k.service.clone()),
+                    ));
+                    attributes.push(KeyValue::new(
+                        "rpc.method",
+                        StringValue::from(k.method.clone()),
+                    ));
+                }
+                attributes.push(KeyValue::new("caller", StringValue::from(caller.clone())));
+                let span = tracer
+                    .span_builder(match known {
+                        Some(_) => Cow::Owned(path.to_owned()),
+                        None => Cow::Borrowed("unknown"),
+                    })
+                    .with_kind(SpanKind::Server)
+                    .with_attributes(attributes)
+                    .start_with_context(tracer, &parent);
+                (parent.with_span(span), true)
+            }
+            None => (parent, false),
+        };
+        let ctx = CallContext {
+            deadline: None,
+            token: None,
+            method: Some(method.clone()),
+            caller: Some(caller.clone()),
+            trace: trace.clone(),
+        };
         let recorder = Recorder {
             shared: shared.clone(),
             method,
             caller,
             start,
-            span: span.clone(),
+            trace: traced.then_some(trace),
             code: None,
         };
         // Log lines from the checks and the handler's synchronous part belong to the call.
-        let entered = span.enter();
-        let req = match admit(&shared, req) {
+        let req = match context::sync_scope(ctx.clone(), || admit(&shared, req)) {
             Admitted::Go(req) => req,
             Admitted::Refused(resp) => {
                 return Box::pin(std::future::ready(Ok(observe(resp, recorder))));
@@ -221,30 +290,24 @@ where
             Admitted::Verify(req, authorizer) => {
                 // A separate, rarer path: verifying may fetch keys, a large future that
                 // service-to-service calls (no end user) would otherwise carry in theirs.
-                let span2 = span.clone();
-                return Box::pin(
-                    async move {
-                        let mut req = req;
-                        let verified = match bearer_token(req.headers()) {
-                            Ok(Some(token)) => authorizer.verify_token(token).await,
-                            Ok(None) => Err(Status::unauthenticated("an access token is required")),
-                            Err(status) => Err(status),
-                        };
-                        match verified {
-                            Ok(user) => {
-                                req.extensions_mut().insert(user);
-                                call_handler(&shared, inner, req, recorder).await
-                            }
-                            Err(status) => Ok(observe(status_response(status), recorder)),
+                return Box::pin(async move {
+                    let mut req = req;
+                    let verified = match bearer_token(req.headers()) {
+                        Ok(Some(token)) => authorizer.verify_token(token).await,
+                        Ok(None) => Err(Status::unauthenticated("an access token is required")),
+                        Err(status) => Err(status),
+                    };
+                    match verified {
+                        Ok(user) => {
+                            req.extensions_mut().insert(user);
+                            call_handler(&shared, inner, req, ctx, recorder).await
                         }
+                        Err(status) => Ok(observe(status_response(status), recorder)),
                     }
-                    .instrument(span2),
-                );
+                });
             }
         };
-        let handler = call_handler(&shared, inner, req, recorder);
-        drop(entered);
-        Box::pin(handler.instrument(span))
+        Box::pin(call_handler(&shared, inner, req, ctx, recorder))
     }
 }
 
@@ -300,6 +363,7 @@ fn call_handler<S>(
     shared: &Shared,
     mut inner: S,
     req: Request<Body>,
+    mut ctx: CallContext,
     recorder: Recorder,
 ) -> Either<Handler<S::Future>, Answered>
 where
@@ -313,10 +377,8 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let timeout = requested.map_or(shared.deadline_cap, |t| t.min(shared.deadline_cap));
-    let ctx = CallContext {
-        deadline: Some(Instant::now() + timeout),
-        token: req.extensions().get::<EndUser>().map(|u| u.token.clone()),
-    };
+    ctx.deadline = Some(Instant::now() + timeout);
+    ctx.token = req.extensions().get::<EndUser>().map(|u| u.token.clone());
 
     // Shedding: refuse at once past the limit instead of queueing, so latency stays bounded
     // under overload and the caller can go elsewhere. Only calls allowed in count, so
@@ -340,21 +402,25 @@ where
             remaining: 0,
         })
     });
+    // The handler runs with the call context and its trace as the current OpenTelemetry
+    // context, so spans it opens with `tracing` are children of the server span.
+    let trace = ctx.trace.clone();
     let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let _attached = trace.clone().attach();
         context::sync_scope(ctx.clone(), || inner.call(req))
     }));
     match called {
         Ok(fut) => Either::Left(Handler {
             fut: tokio::time::timeout(
                 timeout,
-                AssertUnwindSafe(context::scope(ctx, fut)).catch_unwind(),
+                AssertUnwindSafe(context::scope(ctx, fut).with_context(trace)).catch_unwind(),
             ),
             timeout,
             permit: Some(permit),
             recorder: Some(recorder),
         }),
         Err(panic) => Either::Right(std::future::ready(Ok(observe(
-            panic_response(panic),
+            panic_response(panic, &recorder.method),
             recorder,
         )))),
     }
@@ -367,7 +433,7 @@ pin_project_lite::pin_project! {
     struct Handler<F> {
         #[pin]
         fut: tokio::time::Timeout<
-            futures::future::CatchUnwind<AssertUnwindSafe<context::Scoped<F>>>,
+            futures::future::CatchUnwind<AssertUnwindSafe<WithContext<context::Scoped<F>>>>,
         >,
         timeout: Duration,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -385,7 +451,10 @@ where
         let this = self.project();
         let resp = match std::task::ready!(this.fut.poll(cx)) {
             Ok(Ok(Ok(resp))) => resp,
-            Ok(Err(panic)) => panic_response(panic),
+            Ok(Err(panic)) => panic_response(
+                panic,
+                this.recorder.as_ref().map_or("", |r| r.method.as_ref()),
+            ),
             Err(_) => status_response(Status::deadline_exceeded(format!(
                 "deadline of {:?} exceeded",
                 this.timeout
@@ -421,7 +490,8 @@ struct Recorder {
     method: Arc<str>,
     caller: Arc<str>,
     start: Instant,
-    span: tracing::Span,
+    /// The context holding the server span, when the call is traced.
+    trace: Option<opentelemetry::Context>,
     code: Option<tonic::Code>,
 }
 
@@ -429,9 +499,21 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         // A body dropped before its trailers means the client went away.
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        // An OpenTelemetry attribute rather than a tracing field: recording a field makes
-        // every formatting layer re-render the span, on the hot path.
-        self.span.set_attribute("rpc.grpc.status_code", code as i64);
+        if let Some(trace) = &self.trace {
+            let span = trace.span();
+            span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+            // The codes OpenTelemetry's RPC conventions count as server errors.
+            use tonic::Code::*;
+            if matches!(
+                code,
+                Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+            ) {
+                span.set_status(opentelemetry::trace::Status::error(metrics::code_name(
+                    code,
+                )));
+            }
+            span.end();
+        }
         self.shared.metrics.record(
             &self.method,
             code,
@@ -488,13 +570,13 @@ impl HttpBody for Observed {
 }
 
 /// A panicking handler becomes an opaque INTERNAL; the process keeps serving.
-fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response<Body> {
+fn panic_response(panic: Box<dyn std::any::Any + Send>, method: &str) -> Response<Body> {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
-    tracing::error!(panic = %what, "handler panicked");
+    tracing::error!(panic = %what, method, "handler panicked");
     status_response(Status::internal("internal error"))
 }
 

@@ -15,6 +15,7 @@ use opentelemetry_sdk::{
 };
 use std::fmt::{self, Write as _};
 
+use opentelemetry::trace::TraceContextExt as _;
 use tracing::{
     Subscriber,
     field::{Field, Visit},
@@ -23,8 +24,9 @@ use tracing::{
 use tracing_subscriber::{
     EnvFilter, Layer, Registry,
     field::RecordFields,
-    fmt::{FormatFields, FormattedFields, format::Writer},
+    fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, format::Writer},
     layer::SubscriberExt,
+    registry::LookupSpan,
 };
 
 /// How log lines look.
@@ -66,10 +68,12 @@ where
             .with_current_span(true)
             .with_span_list(false)
             .fmt_fields(JsonSpanFields)
+            .map_event_format(|inner| WithCall { inner, json: true })
             .with_writer(sink)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_target(false)
+            .map_event_format(|inner| WithCall { inner, json: false })
             .with_writer(sink)
             .boxed(),
     };
@@ -86,6 +90,65 @@ where
             .with_context_activation(false)
     });
     Registry::default().with(filter).with(fmt).with(otel)
+}
+
+/// Adds the call being handled (method, caller, trace id, from [`crate::context`]) to each
+/// log line written while handling it. The request path opens no `tracing` span per call
+/// (see `stack`), so this is how log lines and traces join up. Lines are buffered only
+/// inside calls; there, terminal colours are lost.
+struct WithCall<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithCall<F>
+where
+    F: FormatEvent<S, N>,
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let Some(call) = crate::context::current().filter(|c| c.method.is_some()) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        let (head, newline) = line.split_at(body.len());
+        let span = call.trace.span();
+        let trace = span.span_context();
+        let trace_id = trace.is_valid().then(|| trace.trace_id().to_string());
+        let method = call.method.as_deref().unwrap_or_default();
+        let caller = call.caller.as_deref().unwrap_or_default();
+        match head.strip_suffix('}') {
+            Some(object) if self.json => {
+                writer.write_str(object)?;
+                writer.write_str(",\"call\":")?;
+                let mut call_object = JsonObject::new(&mut writer, false);
+                call_object.text("method", method);
+                call_object.text("caller", caller);
+                if let Some(id) = &trace_id {
+                    call_object.text("trace_id", id);
+                }
+                call_object.close()?;
+                writer.write_char('}')?;
+            }
+            _ => {
+                writer.write_str(head)?;
+                write!(writer, " method={method} caller={caller}")?;
+                if let Some(id) = &trace_id {
+                    write!(writer, " trace_id={id}")?;
+                }
+            }
+        }
+        writer.write_str(newline)
+    }
 }
 
 /// Span fields as one JSON object, written straight into the span's buffer, for the JSON
@@ -163,7 +226,10 @@ impl<'a, W: fmt::Write> JsonObject<'a, W> {
 
     /// Writes the key; false if the field is skipped or writing failed.
     fn key(&mut self, field: &Field) -> bool {
-        let name = field.name();
+        self.name(field.name())
+    }
+
+    fn name(&mut self, name: &str) -> bool {
         if self.result.is_err() || name.starts_with("otel.") {
             return false;
         }
@@ -186,6 +252,17 @@ impl<'a, W: fmt::Write> JsonObject<'a, W> {
     fn value(&mut self, field: &Field, raw: impl fmt::Display) {
         if self.key(field) {
             self.result = write!(self.out, "{raw}");
+        }
+    }
+
+    /// A `"name":"text"` pair.
+    fn text(&mut self, name: &str, text: &str) {
+        if self.name(name) {
+            let out = &mut *self.out;
+            self.result = out
+                .write_char('"')
+                .and_then(|()| JsonEscaped(&mut *out).write_str(text))
+                .and_then(|()| out.write_char('"'));
         }
     }
 
@@ -271,6 +348,15 @@ impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
 /// Keeps the OTLP pipeline alive; flushes pending spans when dropped.
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    tracer: Option<Tracer>,
+}
+
+impl TelemetryGuard {
+    /// The tracer for server spans ([`crate::server::ServerOptions::tracer`]), when traces
+    /// are exported.
+    pub fn tracer(&self) -> Option<Tracer> {
+        self.tracer.clone()
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -319,13 +405,13 @@ pub fn init(
         None => None,
     };
     let tracer = provider.as_ref().map(|p| p.tracer(service_name.to_owned()));
-    let subscriber = get_subscriber(filter, format, std::io::stderr, tracer);
+    let subscriber = get_subscriber(filter, format, std::io::stderr, tracer.clone());
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, tracer })
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -352,6 +438,9 @@ impl Injector for HeaderInjector<'_> {
         }
     }
 }
+
+/// The W3C header that carries a call's trace context.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// The trace context carried by incoming headers (`traceparent`, `tracestate`).
 pub fn extract_context(headers: &http::HeaderMap) -> Context {
@@ -444,5 +533,40 @@ mod tests {
         assert_eq!(lines[0]["span"]["name"], "bare");
         assert!(lines[0]["span"].get("later").is_none());
         assert_eq!(lines[1]["span"]["later"], "now");
+    }
+
+    #[test]
+    fn log_lines_inside_a_call_carry_its_method_caller_and_trace_id() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let remote = SpanContext::new(
+            trace_id,
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let call = crate::context::CallContext {
+            method: Some("/tessera.posts.v1.PostService/GetPost".into()),
+            caller: Some("gate\"way".into()),
+            trace: opentelemetry::Context::new().with_remote_span_context(remote),
+            ..Default::default()
+        };
+        let lines = json_lines(|| {
+            tracing::info!("outside");
+            crate::context::sync_scope(call, || tracing::warn!(n = 1, "inside"));
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].get("call").is_none(), "{}", lines[0]);
+        let inside = &lines[1];
+        assert_eq!(inside["fields"]["message"], "inside");
+        assert_eq!(inside["fields"]["n"], 1);
+        assert_eq!(
+            inside["call"]["method"],
+            "/tessera.posts.v1.PostService/GetPost"
+        );
+        assert_eq!(inside["call"]["caller"], "gate\"way");
+        assert_eq!(inside["call"]["trace_id"], trace_id.to_string());
     }
 }

@@ -20,7 +20,8 @@ use tessera::posts::v1::GetPostRequest;
 use tessera_mesh::telemetry::{LogFormat, get_subscriber};
 use tonic::Request;
 
-use support::{GET_POST, eventually, spawn_app};
+use support::{GET_POST, eventually, spawn_app_with, test_options};
+use tessera_mesh::server::ServerOptions;
 
 fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a Value> {
     attributes
@@ -43,7 +44,14 @@ async fn a_traceparent_makes_the_server_span_a_child_of_the_callers_span() {
     );
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let app = spawn_app().await;
+    let app = spawn_app_with(
+        ServerOptions {
+            tracer: Some(provider.tracer("e2e")),
+            ..test_options()
+        },
+        None,
+    )
+    .await;
     let mut client = app.client("gateway").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
@@ -80,4 +88,22 @@ async fn a_traceparent_makes_the_server_span_a_child_of_the_callers_span() {
         attribute(&span.attributes, "rpc.grpc.status_code"),
         Some(&Value::I64(0))
     );
+    assert_eq!(
+        attribute(&span.attributes, "rpc.service").map(|v| v.as_str().into_owned()),
+        Some("tessera.posts.v1.PostService".into())
+    );
+    assert_eq!(
+        attribute(&span.attributes, "rpc.method").map(|v| v.as_str().into_owned()),
+        Some("GetPost".into())
+    );
+
+    // A span the handler opens with `tracing` is a child of the server span.
+    let child = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "handler.work")
+        .expect("the handler's own span is exported");
+    assert_eq!(child.span_context.trace_id(), span.span_context.trace_id());
+    assert_eq!(child.parent_span_id, span.span_context.span_id());
 }

@@ -159,6 +159,7 @@ impl FeedService for Feed {
         let ctx = context::current().unwrap_or_else(|| CallContext {
             deadline: None,
             token: maybe_end_user(&request).map(|u| u.token.clone()),
+            ..CallContext::default()
         });
         let req = request.into_inner();
         let page_size = comment_page_size(&req)?;

@@ -101,7 +101,7 @@ async fn calls_get_the_default_deadline_and_end_when_it_passes() {
     let gets = replica.behaviour.gets();
     let context = tessera_mesh::context::CallContext {
         deadline: Some(Instant::now()),
-        token: None,
+        ..Default::default()
     };
     let status = tessera_mesh::context::scope(
         context,

@@ -122,7 +122,15 @@ impl UserService for Handler {
                 user_id: request.get_ref().user_id.clone(),
             };
             let mut client = UserServiceClient::new(channel.clone());
-            return scope(CallContext { deadline, token }, client.get_user(forwarded)).await;
+            return scope(
+                CallContext {
+                    deadline,
+                    token,
+                    ..CallContext::default()
+                },
+                client.get_user(forwarded),
+            )
+            .await;
         }
         Ok(Response::new(GetUserResponse {
             user: Some(User {

@@ -121,6 +121,10 @@ impl PostService for TestPosts {
         match post_id.as_str() {
             "slow" => tokio::time::sleep(SLOW).await,
             "panic" => panic!("the test handler panics on purpose"),
+            // A span the handler opens itself, as service code does with `tracing`.
+            "traced" => {
+                tracing::info_span!("handler.work").in_scope(|| tracing::info!("working"));
+            }
             _ => {}
         }
         Ok(Response::new(GetPostResponse {
