@@ -1,6 +1,6 @@
 //! Prometheus metrics for the request path: RED per method, code and caller.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -87,12 +87,73 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Handles for one method's series, so recording a call skips the label-set lookups.
+    pub fn method(&self, method: Arc<str>) -> MethodMetrics {
+        MethodMetrics {
+            metrics: self.clone(),
+            method,
+            latency: OnceLock::new(),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One method's series: the latency histogram and a counter per (code, caller) seen so far.
+/// Each is created in the [`Metrics`] families on first use (so only called methods show up),
+/// then kept here: a call then costs a short scan instead of hashing its label set twice.
+pub struct MethodMetrics {
+    metrics: Metrics,
+    method: Arc<str>,
+    latency: OnceLock<Histogram>,
+    requests: Mutex<Vec<(tonic::Code, Arc<str>, Counter)>>,
+}
+
+impl MethodMetrics {
+    pub fn record(&self, code: tonic::Code, caller: &Arc<str>, seconds: f64) {
+        let metrics = &self.metrics;
+        self.latency
+            .get_or_init(|| {
+                metrics
+                    .latency
+                    .get_or_create(&MethodLabels {
+                        method: Label(self.method.clone()),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, _, counter)) = requests
+            .iter()
+            .find(|(c, who, _)| *c == code && **who == **caller)
+        {
+            counter.inc();
+            return;
+        }
+        // Callers are workloads with certificates from our CA and codes are few, so this
+        // stays short; past a bound, fall back to the family lookup.
+        let counter = metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                method: Label(self.method.clone()),
+                code: code_name(code),
+                caller: Label(caller.clone()),
+            })
+            .clone();
+        counter.inc();
+        if requests.len() < 64 {
+            requests.push((code, caller.clone(), counter));
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::{
     auth::TokenKeys,
     context::{self, CallContext},
     identity::{Caller, SpiffeId},
-    metrics::{self, Metrics},
+    metrics::{self, MethodMetrics, Metrics},
     policy::{MethodRule, Policy},
     telemetry::{TRACEPARENT, extract_context},
     token::EndUser,
@@ -88,6 +88,7 @@ const SERVED_PATHS: &[&str] = &[
 /// A path the port knows: its metrics label and its contract rule, looked up once per call.
 struct Known {
     label: Arc<str>,
+    metrics: Arc<MethodMetrics>,
     /// `rpc.service` and `rpc.method` of the span.
     service: Arc<str>,
     method: Arc<str>,
@@ -95,13 +96,15 @@ struct Known {
 }
 
 impl Known {
-    fn new(path: &str, rule: Option<MethodRule>) -> Self {
+    fn new(path: &str, rule: Option<MethodRule>, metrics: &Metrics) -> Self {
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or((path, ""));
+        let label: Arc<str> = path.into();
         Self {
-            label: path.into(),
+            metrics: Arc::new(metrics.method(label.clone())),
+            label,
             service: service.into(),
             method: method.into(),
             rule,
@@ -135,10 +138,10 @@ impl std::hash::Hasher for Fnv {
 type PathTable = HashMap<Box<str>, Known, std::hash::BuildHasherDefault<Fnv>>;
 
 struct Shared {
-    metrics: Metrics,
     tracer: Option<Tracer>,
     methods: PathTable,
-    unknown: Arc<str>,
+    /// Every path not in `methods`.
+    unknown: Known,
     anonymous: Arc<str>,
     authorizer: Option<Arc<Authorizer>>,
     deadline_cap: Duration,
@@ -152,17 +155,17 @@ impl RequestPath {
         for rule in self.policy.methods() {
             methods.insert(
                 rule.path.as_str().into(),
-                Known::new(&rule.path, Some(rule.clone())),
+                Known::new(&rule.path, Some(rule.clone()), &self.metrics),
             );
         }
         for path in SERVED_PATHS {
-            methods.insert((*path).into(), Known::new(path, None));
+            methods.insert((*path).into(), Known::new(path, None, &self.metrics));
         }
+        let unknown = Known::new("unknown", None, &self.metrics);
         RequestPathLayer(Arc::new(Shared {
-            metrics: self.metrics,
             tracer: self.tracer,
             methods,
-            unknown: "unknown".into(),
+            unknown,
             anonymous: "anonymous".into(),
             authorizer: self.authorizer.map(Arc::new),
             deadline_cap: self.deadline_cap,
@@ -221,7 +224,9 @@ where
 
         let path = req.uri().path();
         let known = shared.methods.get(path);
-        let method = known.map_or(&shared.unknown, |k| &k.label).clone();
+        let labels = known.unwrap_or(&shared.unknown);
+        let method = labels.label.clone();
+        let method_metrics = labels.metrics.clone();
         let caller = match req
             .extensions()
             .get::<PeerInfo>()
@@ -274,15 +279,14 @@ where
             trace: trace.clone(),
         };
         let recorder = Recorder {
-            shared: shared.clone(),
+            metrics: method_metrics,
             method,
             caller,
             start,
             trace: traced.then_some(trace),
             code: None,
         };
-        // Log lines from the checks and the handler's synchronous part belong to the call.
-        let req = match context::sync_scope(ctx.clone(), || admit(&shared, req)) {
+        let req = match admit(&shared, req, &ctx) {
             Admitted::Go(req) => req,
             Admitted::Refused(resp) => {
                 return Box::pin(std::future::ready(Ok(observe(resp, recorder))));
@@ -323,7 +327,7 @@ enum Admitted {
 }
 
 /// Identity and the contract's rule, before anything is spent on the call.
-fn admit(shared: &Shared, mut req: Request<Body>) -> Admitted {
+fn admit(shared: &Shared, mut req: Request<Body>, ctx: &CallContext) -> Admitted {
     let Some(authorizer) = &shared.authorizer else {
         return Admitted::Go(req);
     };
@@ -342,7 +346,10 @@ fn admit(shared: &Shared, mut req: Request<Body>) -> Admitted {
         )));
     };
     if let Err(status) = authorizer.decide(&caller, req.uri().path(), rule) {
-        tracing::warn!(caller = %caller, method = req.uri().path(), "access denied");
+        // Logged as part of the call (its trace id), like everything the handler logs.
+        context::sync_scope(ctx.clone(), || {
+            tracing::warn!(caller = %caller, method = req.uri().path(), "access denied");
+        });
         return Admitted::Refused(status_response(status));
     }
     let verify = match authorizer.user_token(req.headers(), rule) {
@@ -373,7 +380,7 @@ where
     // the call context downstream clients inherit.
     let requested = req
         .headers()
-        .get("grpc-timeout")
+        .get(&GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let timeout = requested.map_or(shared.deadline_cap, |t| t.min(shared.deadline_cap));
@@ -402,13 +409,11 @@ where
             remaining: 0,
         })
     });
-    // The handler runs with the call context and its trace as the current OpenTelemetry
-    // context, so spans it opens with `tracing` are children of the server span.
+    // The handler's future runs with the call context and its trace as the current
+    // OpenTelemetry context, so spans it opens with `tracing` are children of the server
+    // span. (tonic's `call` only builds that future; no service code runs in it.)
     let trace = ctx.trace.clone();
-    let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let _attached = trace.clone().attach();
-        context::sync_scope(ctx.clone(), || inner.call(req))
-    }));
+    let called = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(req)));
     match called {
         Ok(fut) => Either::Left(Handler {
             fut: tokio::time::timeout(
@@ -473,7 +478,10 @@ where
 /// message) has its status in the headers; otherwise it comes in the trailers at the end of
 /// the body, so streaming calls are measured to their last byte.
 fn observe(resp: Response<Body>, mut recorder: Recorder) -> Response<Body> {
-    if let Some(status) = Status::from_header_map(resp.headers()) {
+    // Checked by name first: tonic's parser looks the header up by string.
+    if resp.headers().contains_key(&GRPC_STATUS)
+        && let Some(status) = Status::from_header_map(resp.headers())
+    {
         recorder.code = Some(status.code());
         return resp;
     }
@@ -486,7 +494,7 @@ fn observe(resp: Response<Body>, mut recorder: Recorder) -> Response<Body> {
 }
 
 struct Recorder {
-    shared: Arc<Shared>,
+    metrics: Arc<MethodMetrics>,
     method: Arc<str>,
     caller: Arc<str>,
     start: Instant,
@@ -514,12 +522,8 @@ impl Drop for Recorder {
             }
             span.end();
         }
-        self.shared.metrics.record(
-            &self.method,
-            code,
-            &self.caller,
-            self.start.elapsed().as_secs_f64(),
-        );
+        self.metrics
+            .record(code, &self.caller, self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -709,6 +713,9 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
 
 // ---------------------------------------------------------------------------------------
 // Deadlines travel as `grpc-timeout`.
+
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, at most 8 digits).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
