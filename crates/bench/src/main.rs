@@ -29,6 +29,11 @@ enum Command {
         #[arg(long)]
         tls_dir: PathBuf,
     },
+    /// Issue scenario A's certificates (a CA; posts, gateway and users) into DIR.
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Drive one running echo server (`server`) with a closed loop and print what it got:
     /// for profiling a server under perf or callgrind, outside the full run.
     Load {
@@ -121,6 +126,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Certs { dir } => match scenario_a::issue_certs(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Load {
             addr,
             tls_dir,

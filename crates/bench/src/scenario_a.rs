@@ -148,7 +148,7 @@ fn per_request(cpu: Duration, requests: u64) -> Duration {
 
 /// Certificates for the run: a CA, the server's (posts), the caller's (gateway, allowed to
 /// call GetPost) and an intruder's (users, not allowed).
-fn issue_certs(dir: &Path) -> Result<(), BenchError> {
+pub fn issue_certs(dir: &Path) -> Result<(), BenchError> {
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(format!("certificates: {e}"));
     let ca = Ca::generate("tessera-bench CA").map_err(|e| setup(&e))?;
     for (name, server) in [("posts", true), ("gateway", false), ("users", false)] {

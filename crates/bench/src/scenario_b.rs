@@ -702,7 +702,7 @@ pub fn render(r: &Results, opts: &Options) -> String {
         opts.sources, r.writers
     ));
     out.push_str(
-        "`tessera up` runs with its default `--log warn`, so the request spans (info level) are filtered out here: scenario A's A3 is the stack with tracing on.\n",
+        "`tessera up` runs here without an OTLP endpoint, so calls are not traced (trace context is still passed on): scenario A's A3 is the stack with tracing on.\n",
     );
     out.push_str(&format!("During the runs {}.\n", r.machine));
     for note in &r.notes {

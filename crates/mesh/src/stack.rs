@@ -92,7 +92,27 @@ struct Known {
     /// `rpc.service` and `rpc.method` of the span.
     service: Arc<str>,
     method: Arc<str>,
+    /// The span's name: the path, shared for the process's life.
+    span_name: &'static str,
     rule: Option<MethodRule>,
+}
+
+/// Span names are `Cow<'static, str>`: interning the known paths (a fixed set, from the
+/// contracts) saves an allocation per call.
+fn intern(path: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match names.get(path) {
+        Some(name) => name,
+        None => {
+            let name: &'static str = Box::leak(path.into());
+            names.insert(name);
+            name
+        }
+    }
 }
 
 impl Known {
@@ -107,6 +127,7 @@ impl Known {
             label,
             service: service.into(),
             method: method.into(),
+            span_name: intern(path),
             rule,
         }
     }
@@ -260,10 +281,7 @@ where
                 }
                 attributes.push(KeyValue::new("caller", StringValue::from(caller.clone())));
                 let span = tracer
-                    .span_builder(match known {
-                        Some(_) => Cow::Owned(path.to_owned()),
-                        None => Cow::Borrowed("unknown"),
-                    })
+                    .span_builder(Cow::Borrowed(labels.span_name))
                     .with_kind(SpanKind::Server)
                     .with_attributes(attributes)
                     .start_with_context(tracer, &parent);
