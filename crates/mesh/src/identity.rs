@@ -139,12 +139,6 @@ pub enum IdentityError {
     Parse(#[from] ParseSpiffeIdError),
 }
 
-/// The verified identity of the peer that sent a request, taken from its client certificate
-/// by the TLS acceptor. The server stack puts it in the request extensions; it is never read
-/// from metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Caller(pub SpiffeId);
-
 #[cfg(test)]
 mod tests {
     use super::*;
