@@ -11,7 +11,7 @@ use sqlx::{
     Any, AnyConnection, AnyPool, Connection, Transaction,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::{
     error::{Result, StoreError},
@@ -104,6 +104,15 @@ pub(crate) struct Inner {
     /// The highest outbox sequence committed through this handle.
     pub(crate) committed: watch::Sender<i64>,
     pub(crate) poll_interval: Duration,
+    /// SQLite only: write transactions of this handle take turns here, in arrival order,
+    /// before `BEGIN IMMEDIATE`. SQLite allows one writer at a time, and waiting writers
+    /// inside SQLite poll with growing sleeps (its busy handler), which put tens of
+    /// milliseconds on the p99 of concurrent writes; queued here they start the moment the
+    /// previous one commits. Other processes on the same file are still handled by the busy
+    /// timeout.
+    write_turn: Option<Arc<Semaphore>>,
+    /// How long a write transaction waits for its turn (the busy timeout).
+    turn_timeout: Duration,
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
@@ -303,6 +312,8 @@ impl Db {
                 backend,
                 committed,
                 poll_interval: options.poll_interval,
+                write_turn: (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1))),
+                turn_timeout: options.busy_timeout,
             }),
         })
     }
@@ -391,7 +402,23 @@ impl Db {
     /// Begins a write transaction. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`), so a transaction that reads and then writes never fails with a
     /// stale snapshot; on PostgreSQL it is a plain READ COMMITTED transaction.
+    ///
+    /// On SQLite, write transactions of one handle queue for their turn first (at most the
+    /// busy timeout, then [`StoreError::Busy`]); so never begin a second one while holding
+    /// one in the same task.
     pub async fn begin(&self) -> Result<Tx> {
+        let turn = match &self.inner.write_turn {
+            Some(turn) => {
+                match tokio::time::timeout(self.inner.turn_timeout, turn.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => Some(permit),
+                    // The semaphore is never closed; treat it like a timeout if it ever is.
+                    Ok(Err(_)) | Err(_) => return Err(StoreError::Busy(self.inner.turn_timeout)),
+                }
+            }
+            None => None,
+        };
         let inner = match self.inner.backend {
             Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.inner.pool.begin().await?,
@@ -400,6 +427,7 @@ impl Db {
             inner,
             db: self.clone(),
             appended: None,
+            _turn: turn,
         })
     }
 
@@ -426,6 +454,9 @@ pub struct Tx {
     db: Db,
     /// The highest outbox sequence appended in this transaction.
     appended: Option<i64>,
+    /// SQLite: this handle's write turn, given back after the transaction (declared after
+    /// `inner`, so a rollback on drop is queued before the next writer starts).
+    _turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Deref for Tx {

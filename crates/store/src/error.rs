@@ -26,6 +26,11 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A write transaction waited its whole busy timeout for its turn (SQLite: another write
+    /// transaction of this process held the database that long).
+    #[error("the database stayed busy for {0:?}; try again")]
+    Busy(std::time::Duration),
+
     /// Any other database failure.
     #[error("database error")]
     Database(#[source] sqlx::Error),
@@ -35,6 +40,12 @@ impl StoreError {
     /// Whether this is a UNIQUE / PRIMARY KEY collision.
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::UniqueViolation { .. })
+    }
+
+    /// Whether the database was too busy to take the write: worth retrying later
+    /// (UNAVAILABLE), unlike the other failures.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
     }
 }
 

@@ -311,6 +311,67 @@ async fn concurrent_appends_get_distinct_increasing_sequences() {
     }
 }
 
+/// SQLite write transactions of one handle queue for their turn: with a busy timeout far
+/// shorter than the whole burst, every writer still gets in (each waits only for the ones
+/// ahead of it, whose transactions are short), and one that would have to wait longer than
+/// the timeout gets a clear `Busy` instead of hanging.
+#[tokio::test]
+async fn sqlite_writers_take_turns_and_time_out_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = tessera_store::DbOptions {
+        busy_timeout: Duration::from_millis(500),
+        ..tessera_store::DbOptions::default()
+    };
+    let path = dir.path().join("turns.sqlite");
+    let db = Db::open_with(path.to_str().unwrap(), options, MIGRATIONS)
+        .await
+        .unwrap();
+    let mut writers = Vec::new();
+    for w in 0..32 {
+        let db = db.clone();
+        writers.push(tokio::spawn(async move {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO items (id, name, n) VALUES ($1, $1, $2)")
+                .bind(format!("w{w}"))
+                .bind(i64::from(w))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }));
+    }
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 32);
+
+    let held = db.begin().await.unwrap();
+    let started = std::time::Instant::now();
+    let err = match db.begin().await {
+        Ok(_) => panic!("a second writer got in while the first held the database"),
+        Err(err) => err,
+    };
+    assert!(err.is_busy(), "{err:?}");
+    assert!(err.to_string().contains("busy"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // Reads are not queued behind the writer (WAL).
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 32);
+    held.rollback().await.unwrap();
+    // The turn is given back: the next writer gets in at once.
+    let tx = tokio::time::timeout(Duration::from_millis(400), db.begin())
+        .await
+        .expect("the turn was released")
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn events_stream_catches_up_then_follows_live() {
     let (dbs, _dir) = databases("stream").await;

@@ -37,6 +37,7 @@ impl From<CommentsError> for Status {
             CommentsError::NotFound(what) => Status::not_found(format!("{what} not found")),
             CommentsError::PermissionDenied(why) => Status::permission_denied(why),
             CommentsError::UserGone => Status::unauthenticated("the user no longer exists"),
+            CommentsError::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
             e @ CommentsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }

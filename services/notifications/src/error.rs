@@ -30,6 +30,7 @@ impl From<NotificationsError> for Status {
             NotificationsError::Invalid(status) => status,
             NotificationsError::NotFound(what) => Status::not_found(format!("{what} not found")),
             NotificationsError::PermissionDenied(why) => Status::permission_denied(why),
+            NotificationsError::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
             e @ NotificationsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }

@@ -33,6 +33,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::UsernameTaken => Status::already_exists("username is taken"),
             Error::BadCredentials => Status::unauthenticated("invalid username or password"),
+            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
             other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }
