@@ -61,8 +61,8 @@ enum Scenario {
 struct RunArgs {
     #[arg(long, value_enum, default_value = "all")]
     scenario: Scenario,
-    /// Interleaved rounds of scenario A.
-    #[arg(long, default_value_t = 2)]
+    /// Interleaved rounds of scenario A (the targets are judged on the median round).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Requests per second of scenario A's open loop.
     #[arg(long, default_value_t = 2000.0)]
@@ -74,11 +74,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 2)]
     connections: usize,
     /// Seconds of each scenario A measurement: one call in flight, fixed rate, peak.
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(long, default_value_t = 1.0)]
     latency_secs: f64,
-    #[arg(long, default_value_t = 2.5)]
+    #[arg(long, default_value_t = 1.5)]
     rate_secs: f64,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     peak_secs: f64,
     /// Envoy binary for A4 (default: `envoy` on the PATH; A4 is skipped without one).
     #[arg(long)]
