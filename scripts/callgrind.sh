@@ -7,6 +7,7 @@
 #
 #   bash scripts/callgrind.sh            # plain, mtls, mesh; about two minutes
 #   SECS=20 bash scripts/callgrind.sh mesh mesh-no-otel
+#   CONC=64 bash scripts/callgrind.sh    # 64 calls in flight instead of one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ bench=target/release/tessera-bench
 modes=("$@")
 [ ${#modes[@]} -gt 0 ] || modes=(plain mtls mesh)
 secs=${SECS:-10}
+conc=${CONC:-1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -42,9 +44,9 @@ for mode in "${modes[@]}"; do
   tls=(--tls-dir "$certs/gateway")
   [ "$mode" = plain ] && tls=()
   "$bench" load --addr "$addr" "${tls[@]}" --secs 3 >/dev/null
-  callgrind_control -z "$server" >/dev/null
-  "$bench" load --addr "$addr" "${tls[@]}" --secs "$secs" >"$out.load"
-  callgrind_control -d "$server" >/dev/null
+  callgrind_control -z "$server" >/dev/null 2>&1
+  "$bench" load --addr "$addr" "${tls[@]}" --secs "$secs" --concurrency "$conc" >"$out.load"
+  callgrind_control -d "$server" >/dev/null 2>&1
   exec 3>&-
   wait "$server" || true
   calls=$(awk '{print $2}' "$out.load")
