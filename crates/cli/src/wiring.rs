@@ -232,7 +232,12 @@ pub async fn start(
                     clients.users(),
                 );
                 let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
-                let public = public_service(&channels, keys.clone(), feed_server.clone())?;
+                let public = public_service(
+                    &channels,
+                    keys.clone(),
+                    feed_server.clone(),
+                    settings.rate_limits,
+                )?;
                 (
                     Routes::new(feed_server),
                     vec!["tessera.gateway.v1.FeedService"],
@@ -266,6 +271,7 @@ fn public_service(
     channels: &HashMap<&str, Channel>,
     keys: TokenKeys,
     feed: FeedServiceServer<tessera_gateway::Feed>,
+    limits: tessera_mesh::config::PublicRateLimits,
 ) -> anyhow::Result<GrpcService> {
     // `tessera.posts.v1.PostService` is owned by the `posts` workload.
     let channel_of =
@@ -281,7 +287,7 @@ fn public_service(
         }
     }
     let proxy =
-        tessera_gateway::PublicProxy::new(routes, keys, tessera_gateway::RateLimits::default())?;
+        tessera_gateway::PublicProxy::new(routes, keys, tessera_gateway::RateLimits::from(limits))?;
     let health = tonic_health::server::HealthReporter::new();
     let local = with_health_and_reflection(Routes::new(feed), &health, Some(&advertised));
     let router = local

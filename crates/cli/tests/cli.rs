@@ -113,6 +113,11 @@ impl Up {
     /// Starts `tessera up --port-base 0` on `data_dir` and waits (bounded) for
     /// endpoints.json. `logs` gets the child's stdout and stderr files.
     fn start(data_dir: &Path, logs: &Path, run: &str) -> Self {
+        Self::start_with(data_dir, logs, run, &[])
+    }
+
+    /// [`Up::start`] with extra environment variables.
+    fn start_with(data_dir: &Path, logs: &Path, run: &str, env: &[(&str, &str)]) -> Self {
         let path = data_dir.join("endpoints.json");
         // A previous run leaves its endpoints.json behind until this one replaces it.
         let stale = std::fs::read(&path).ok();
@@ -123,6 +128,7 @@ impl Up {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--port-base", "0"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).unwrap())
             .stderr(File::create(&stderr).unwrap())
@@ -430,6 +436,47 @@ fn up_serves_every_port_stops_on_sigterm_and_keeps_its_state() {
     );
 }
 
+/// `TESSERA_RATE_LIMIT_*` reach the gateway of a real `tessera up`: with a burst of 3 per
+/// address and a trickle of refill, the fourth proxied call from one address is refused.
+#[test]
+fn up_applies_the_gateway_rate_limit_settings() {
+    if !grpcurl_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start_with(
+        &tmp.path().join("data"),
+        tmp.path(),
+        "limits",
+        &[
+            ("TESSERA_RATE_LIMIT_ADDR_BURST", "3"),
+            ("TESSERA_RATE_LIMIT_ADDR_PER_SEC", "0.01"),
+        ],
+    );
+    let public = up.addr("gateway", "public");
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let out = up.grpcurl(
+            false,
+            &[
+                "-d",
+                r#"{"username":"nobody","password":"not-the-password"}"#,
+                &public,
+                "tessera.users.v1.UserService/Login",
+            ],
+        );
+        answers.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    for answer in &answers[..3] {
+        assert!(answer.contains("Code: Unauthenticated"), "{answers:#?}");
+    }
+    assert!(
+        answers[3].contains("Code: ResourceExhausted") && answers[3].contains("address"),
+        "{answers:#?}"
+    );
+    assert!(up.terminate().success());
+}
+
 #[test]
 fn unknown_service_is_a_usage_error_naming_it() {
     let mut cmd = tessera();
@@ -461,12 +508,16 @@ fn unknown_flag_is_a_usage_error() {
 
 #[test]
 fn a_bad_setting_in_the_environment_exits_64_naming_it() {
-    let mut cmd = tessera();
-    cmd.args(["serve", "users"])
-        .env("TESSERA_MAX_CONCURRENCY", "0");
-    let out = run_bounded(cmd, Duration::from_secs(30));
-    let line = assert_one_line_failure(&out, Some(64));
-    assert!(line.contains("TESSERA_MAX_CONCURRENCY"), "{line}");
+    for (service, key, value) in [
+        ("users", "TESSERA_MAX_CONCURRENCY", "0"),
+        ("gateway", "TESSERA_RATE_LIMIT_USER_PER_SEC", "-1"),
+    ] {
+        let mut cmd = tessera();
+        cmd.args(["serve", service]).env(key, value);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        let line = assert_one_line_failure(&out, Some(64));
+        assert!(line.contains(key), "{line}");
+    }
 }
 
 #[test]

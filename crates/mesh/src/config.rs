@@ -28,6 +28,27 @@ impl ConfigError {
     }
 }
 
+/// The gateway's rate limits on proxied public methods: a token bucket per end user (the
+/// token's subject) and one per client address, each a sustained rate and a burst.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PublicRateLimits {
+    pub user_per_second: f64,
+    pub user_burst: u32,
+    pub address_per_second: f64,
+    pub address_burst: u32,
+}
+
+impl Default for PublicRateLimits {
+    fn default() -> Self {
+        Self {
+            user_per_second: 20.0,
+            user_burst: 50,
+            address_per_second: 100.0,
+            address_burst: 200,
+        }
+    }
+}
+
 /// Everything `tessera serve <service>` needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -52,6 +73,8 @@ pub struct Settings {
     pub targets: BTreeMap<String, String>,
     /// The username that becomes ADMIN when it signs up (users service).
     pub bootstrap_admin: Option<String>,
+    /// The gateway's rate limits (`TESSERA_RATE_LIMIT_*`).
+    pub rate_limits: PublicRateLimits,
     pub server: ServerOptions,
 }
 
@@ -68,6 +91,37 @@ fn parse<T: FromStr>(
             .trim()
             .parse()
             .map_err(|_| ConfigError::new(key, format!("expected {what}, got {v:?}"))),
+    }
+}
+
+/// Requests per second: a finite number above zero (fractions allowed, e.g. 0.5).
+fn per_second(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: f64,
+) -> Result<f64, ConfigError> {
+    let what = "requests per second, a number above 0";
+    let rate: f64 = parse(lookup, key, default, what)?;
+    if rate.is_finite() && rate > 0.0 {
+        Ok(rate)
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("expected {what}, got {rate}"),
+        ))
+    }
+}
+
+/// A bucket's burst: at least one request.
+fn burst(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: u32,
+) -> Result<u32, ConfigError> {
+    let what = "a whole number of requests, at least 1";
+    match parse(lookup, key, default, what)? {
+        0 => Err(ConfigError::new(key, format!("expected {what}, got 0"))),
+        n => Ok(n),
     }
 }
 
@@ -157,6 +211,23 @@ impl Settings {
             otlp_endpoint: non_empty(lookup, "OTEL_EXPORTER_OTLP_ENDPOINT"),
             targets,
             bootstrap_admin: non_empty(lookup, "TESSERA_BOOTSTRAP_ADMIN"),
+            rate_limits: {
+                let d = PublicRateLimits::default();
+                PublicRateLimits {
+                    user_per_second: per_second(
+                        lookup,
+                        "TESSERA_RATE_LIMIT_USER_PER_SEC",
+                        d.user_per_second,
+                    )?,
+                    user_burst: burst(lookup, "TESSERA_RATE_LIMIT_USER_BURST", d.user_burst)?,
+                    address_per_second: per_second(
+                        lookup,
+                        "TESSERA_RATE_LIMIT_ADDR_PER_SEC",
+                        d.address_per_second,
+                    )?,
+                    address_burst: burst(lookup, "TESSERA_RATE_LIMIT_ADDR_BURST", d.address_burst)?,
+                }
+            },
             server: ServerOptions {
                 max_concurrency: parse(
                     lookup,
@@ -225,9 +296,17 @@ mod tests {
                 ("TESSERA_POSTS_TARGET", "dns:posts.tessera.svc:8443"),
                 ("TESSERA_LOG_FORMAT", "json"),
                 ("TESSERA_DRAIN_DELAY_MS", "0"),
+                ("TESSERA_RATE_LIMIT_USER_PER_SEC", "0.5"),
+                ("TESSERA_RATE_LIMIT_ADDR_BURST", "1000"),
             ]),
         )
         .unwrap();
+        assert_eq!(s.rate_limits.user_per_second, 0.5);
+        assert_eq!(s.rate_limits.address_burst, 1000);
+        assert_eq!(
+            s.rate_limits.user_burst,
+            PublicRateLimits::default().user_burst
+        );
         assert_eq!(s.grpc_addr.port(), 1234);
         assert_eq!(s.target("posts"), Some("dns:posts.tessera.svc:8443"));
         assert_eq!(s.log_format, LogFormat::Json);
@@ -242,6 +321,12 @@ mod tests {
             ("TESSERA_LOG_FORMAT", "xml"),
             ("TESSERA_POSTS_TARGET", "http://x"),
             ("TESSERA_ALLOW_OPERATOR", "maybe"),
+            ("TESSERA_RATE_LIMIT_USER_PER_SEC", "0"),
+            ("TESSERA_RATE_LIMIT_USER_PER_SEC", "-3"),
+            ("TESSERA_RATE_LIMIT_ADDR_PER_SEC", "inf"),
+            ("TESSERA_RATE_LIMIT_ADDR_PER_SEC", "NaN"),
+            ("TESSERA_RATE_LIMIT_USER_BURST", "0"),
+            ("TESSERA_RATE_LIMIT_ADDR_BURST", "1.5"),
         ] {
             let err = Settings::from_lookup("posts", &lookup(&[(key, value)])).unwrap_err();
             assert_eq!(err.setting, key, "{err}");

@@ -34,10 +34,18 @@ pub struct RateLimits {
 }
 
 impl Default for RateLimits {
+    /// 50 at once then 20/s per user, 200 at once then 100/s per address.
     fn default() -> Self {
+        Self::from(tessera_mesh::config::PublicRateLimits::default())
+    }
+}
+
+/// The limits configured by `TESSERA_RATE_LIMIT_*`.
+impl From<tessera_mesh::config::PublicRateLimits> for RateLimits {
+    fn from(limits: tessera_mesh::config::PublicRateLimits) -> Self {
         Self {
-            per_user: Quota::new(50, 20.0),
-            per_address: Quota::new(200, 100.0),
+            per_user: Quota::new(limits.user_burst, limits.user_per_second),
+            per_address: Quota::new(limits.address_burst, limits.address_per_second),
             max_tracked: 100_000,
         }
     }
@@ -145,6 +153,20 @@ mod tests {
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn limits_come_from_the_settings() {
+        let limits = RateLimits::from(tessera_mesh::config::PublicRateLimits {
+            user_per_second: 0.5,
+            user_burst: 2,
+            address_per_second: 7.0,
+            address_burst: 9,
+        });
+        assert_eq!(limits.per_user, Quota::new(2, 0.5));
+        assert_eq!(limits.per_address, Quota::new(9, 7.0));
+        assert_eq!(RateLimits::default().per_user, Quota::new(50, 20.0));
+        assert_eq!(RateLimits::default().per_address, Quota::new(200, 100.0));
     }
 
     #[test]
