@@ -17,7 +17,7 @@ use tessera_mesh::{
     auth::TokenKeys,
     config::Settings,
     policy::Policy,
-    server::{GrpcService, Listeners, Workload, bind, with_health_and_reflection},
+    server::{GrpcService, Listeners, Workload, bind, with_health_and_public_reflection},
     shutdown::Shutdown,
     stack::PeerInfo,
     tls::{ClientTls, TlsFiles, TlsSource},
@@ -289,7 +289,7 @@ fn public_service(
     let proxy =
         tessera_gateway::PublicProxy::new(routes, keys, tessera_gateway::RateLimits::from(limits))?;
     let health = tonic_health::server::HealthReporter::new();
-    let local = with_health_and_reflection(Routes::new(feed), &health, Some(&advertised));
+    let local = with_health_and_public_reflection(Routes::new(feed), &health, &advertised);
     let router = local
         .prepare()
         .into_axum_router()

@@ -356,6 +356,25 @@ fn up_serves_every_port_stops_on_sigterm_and_keeps_its_state() {
                 "tessera.users.v1.UserService",
             ]
         );
+        // `describe` there shows the public methods only; the internal port shows them all.
+        let described = |out: Output| {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let users = "tessera.users.v1.UserService";
+        let public_view = described(up.grpcurl(false, &[&public, "describe", users]));
+        let internal = up.addr("users", "grpc");
+        let internal_view = described(up.grpcurl(true, &[&internal, "describe", users]));
+        for method in ["rpc Login", "rpc GetUser", "rpc GetJwks"] {
+            assert!(public_view.contains(method), "{public_view}");
+        }
+        // WatchEvents is for the other services only (no `public` in its access rule).
+        assert!(!public_view.contains("rpc WatchEvents"), "{public_view}");
+        assert!(internal_view.contains("rpc WatchEvents"), "{internal_view}");
         // The operator certificate is accepted there too (it is simply not asked for).
         let out = up.grpcurl(true, &[&public, "list"]);
         assert!(

@@ -281,20 +281,72 @@ impl Workload {
     }
 }
 
+/// The contracts' descriptors as the public port shows them: only the `advertise`d services,
+/// each with only its public methods, so `describe` does not reveal internal methods (nor
+/// the access rules, which live in method options this decoding drops).
+fn public_descriptor_set(advertise: &[String]) -> Result<Vec<u8>, prost::DecodeError> {
+    use prost::Message as _;
+    let policy = Policy::contracts();
+    let mut set = prost_types::FileDescriptorSet::decode(tessera::FILE_DESCRIPTOR_SET)?;
+    for file in &mut set.file {
+        let package = file.package().to_owned();
+        file.service.retain_mut(|service| {
+            let full = format!("{package}.{}", service.name());
+            service.method.retain(|m| {
+                policy
+                    .rule(&format!("/{full}/{}", m.name()))
+                    .is_some_and(|rule| rule.public)
+            });
+            advertise.contains(&full)
+        });
+    }
+    Ok(set.encode_to_vec())
+}
+
 /// Adds gRPC health (this reporter) and reflection v1 and v1alpha to `routes`. With
-/// `advertise`, reflection lists only those services (the public port lists what is public).
+/// `advertise`, reflection lists only those services.
 pub fn with_health_and_reflection(
     routes: Routes,
     health: &HealthReporter,
     advertise: Option<&[String]>,
 ) -> Routes {
+    health_and_reflection(routes, health, advertise, false)
+}
+
+/// [`with_health_and_reflection`] for the gateway's public port: reflection lists the
+/// `advertise`d services and describes only their public methods.
+pub fn with_health_and_public_reflection(
+    routes: Routes,
+    health: &HealthReporter,
+    advertise: &[String],
+) -> Routes {
+    health_and_reflection(routes, health, Some(advertise), true)
+}
+
+fn health_and_reflection(
+    routes: Routes,
+    health: &HealthReporter,
+    advertise: Option<&[String]>,
+    public_only: bool,
+) -> Routes {
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
     );
     let mut routes = routes.add_service(health);
+    let contracts: std::borrow::Cow<'static, [u8]> = match advertise {
+        Some(names) if public_only => match public_descriptor_set(names) {
+            Ok(set) => set.into(),
+            Err(err) => {
+                // Compiled in: a failure here is a build defect. Describe nothing then.
+                tracing::error!(error = %err, "cannot filter the contracts for public reflection");
+                Vec::new().into()
+            }
+        },
+        _ => tessera::FILE_DESCRIPTOR_SET.into(),
+    };
     let configure = || {
         let mut builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tessera::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&contracts)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
         if let Some(names) = advertise {
             for name in names {
