@@ -85,7 +85,20 @@ pub struct DbOptions {
     /// PostgreSQL only: how often an idle [`Db::events`] stream re-reads the outbox even
     /// without a local notification, to see events committed by other replicas.
     pub poll_interval: Duration,
+    /// Outbox events older than this are deleted (the newest is always kept), checked every
+    /// [`PRUNE_EVERY`] appends; `None` keeps every event forever. A consumer whose cursor
+    /// falls behind what is kept gets [`StoreError::Pruned`] instead of a silent gap.
+    pub outbox_retention: Option<Duration>,
 }
+
+/// How many appends apart the outbox is pruned (in the appending transaction).
+pub const PRUNE_EVERY: i64 = 256;
+
+/// The most outbox rows one prune looks at (and deletes).
+const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
+
+/// The default outbox retention: a week, far longer than a consumer should be down.
+pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for DbOptions {
     fn default() -> Self {
@@ -94,6 +107,7 @@ impl Default for DbOptions {
             max_connections: None,
             busy_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
+            outbox_retention: Some(DEFAULT_OUTBOX_RETENTION),
         }
     }
 }
@@ -113,6 +127,7 @@ pub(crate) struct Inner {
     write_turn: Option<Arc<Semaphore>>,
     /// How long a write transaction waits for its turn (the busy timeout).
     turn_timeout: Duration,
+    outbox_retention: Option<Duration>,
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
@@ -314,6 +329,7 @@ impl Db {
                 poll_interval: options.poll_interval,
                 write_turn: (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1))),
                 turn_timeout: options.busy_timeout,
+                outbox_retention: options.outbox_retention,
             }),
         })
     }
@@ -521,6 +537,36 @@ impl Tx {
         .fetch_one(&mut **self)
         .await?;
         self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
+        if let Some(retention) = self.db.inner.outbox_retention
+            && seq % PRUNE_EVERY == 0
+        {
+            // Under the outbox lock this transaction already holds. Only a prefix goes: from
+            // the oldest event up to the first one still within the retention (append times
+            // follow sequences only as well as the replicas' clocks agree, and a hole in the
+            // middle would read as pruned). At most PRUNE_WINDOW rows are looked at, more
+            // than are appended between prunes, so the outbox shrinks back when it is over.
+            // The row just appended always stays, so the next sequence still follows it.
+            let cutoff = now_micros().saturating_sub(retention.as_micros() as i64);
+            let oldest: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
+                    .fetch_one(&mut **self)
+                    .await?;
+            let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
+            let pruned = sqlx::query(
+                "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
+                 COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
+                           WHERE sequence <= $3 AND create_time >= $2), $1)",
+            )
+            .bind(seq)
+            .bind(cutoff)
+            .bind(window_end)
+            .execute(&mut **self)
+            .await?
+            .rows_affected();
+            if pruned > 0 {
+                tracing::debug!(pruned, before = seq, "pruned the outbox");
+            }
+        }
         Ok(seq)
     }
 

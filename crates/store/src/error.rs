@@ -31,6 +31,16 @@ pub enum StoreError {
     #[error("the database stayed busy for {0:?}; try again")]
     Busy(std::time::Duration),
 
+    /// A consumer asked for events after `after`, but the outbox has pruned them: the oldest
+    /// it keeps is `oldest`. Reading on would silently skip events, so the read fails.
+    #[error(
+        "events {first} to {last} were pruned from the outbox (older than its retention); \
+         the consumer at {after} must be resynchronised",
+        first = after + 1,
+        last = oldest - 1
+    )]
+    Pruned { after: i64, oldest: i64 },
+
     /// Any other database failure.
     #[error("database error")]
     Database(#[source] sqlx::Error),

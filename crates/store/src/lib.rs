@@ -70,6 +70,12 @@
 //! after sequence N never misses an event. [`Db::events`] streams the backlog, then follows
 //! new commits (woken by [`Tx::commit`], no busy polling). [`Db::read_events`] reads one page.
 //!
+//! The outbox keeps a week of events by default ([`DbOptions::outbox_retention`]): every
+//! [`PRUNE_EVERY`] appends, older events are deleted in the appending transaction, the newest
+//! always kept. A reader whose cursor is older than what is kept gets [`StoreError::Pruned`]
+//! (OUT_OF_RANGE from `WatchEvents`) rather than a silent gap; a consumer keeps retrying and
+//! logging it until an operator resynchronises it.
+//!
 //! # Consuming another service's events
 //!
 //! Implement [`Consumer`] (open the upstream `WatchEvents` after a sequence; apply one event
@@ -119,7 +125,7 @@ pub mod watch;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use consumer::{Consumer, run_consumer};
-pub use db::{Backend, Db, DbOptions, Migration, Tx};
+pub use db::{Backend, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx};
 pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
 

@@ -61,7 +61,8 @@ impl Db {
     /// commit, forever. Commits through this `Db` (any clone) wake the stream at once; on
     /// PostgreSQL it also re-reads every [`crate::DbOptions::poll_interval`] to see other
     /// replicas' commits. No busy polling. A database error is yielded once and ends the
-    /// stream (the client reconnects from its cursor). Dropping the stream stops it.
+    /// stream (the client reconnects from its cursor), and so is [`StoreError::Pruned`] when
+    /// the events after `after` are no longer kept. Dropping the stream stops it.
     pub fn events(&self, after: i64) -> impl Stream<Item = Result<Event>> + Send + 'static {
         struct State {
             db: Db,
@@ -90,6 +91,14 @@ impl Db {
                 // either shows up in the read or wakes `changed()` below.
                 st.wake.borrow_and_update();
                 match st.db.read_events(st.after, EVENT_BATCH).await {
+                    // Sequences have no holes (each is the previous maximum plus one, under
+                    // the outbox lock), so a jump means the events between were pruned.
+                    Ok(events) if events.first().is_some_and(|e| e.sequence > st.after + 1) => {
+                        st.done = true;
+                        let oldest = events[0].sequence;
+                        let after = st.after;
+                        return Some((Err(StoreError::Pruned { after, oldest }), st));
+                    }
                     Ok(events) if !events.is_empty() => {
                         st.buffer.extend(events);
                         continue;

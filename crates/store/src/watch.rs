@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 use tessera_mesh::errors::{internal, invalid_field};
 use tonic::Status;
 
-use crate::{Db, Tx, error::Result, error_chain, timestamp};
+use crate::{Db, StoreError, Tx, error::Result, error_chain, timestamp};
 
 /// A service's `WatchEventsResponse`: `sequence`, `create_time`, and an `event` oneof.
 ///
@@ -73,7 +73,11 @@ pub fn stream<M: OutboxMessage>(db: &Db, after_sequence: i64) -> Result<WatchStr
         return Err(invalid_field("after_sequence", "must not be negative"));
     }
     let events = db.events(after_sequence).map(|item| {
-        let event = item.map_err(|err| internal(error_chain(&err)))?;
+        let event = item.map_err(|err| match err {
+            // The caller's cursor is older than what is kept: its own problem, said plainly.
+            StoreError::Pruned { .. } => Status::out_of_range(err.to_string()),
+            err => internal(error_chain(&err)),
+        })?;
         let mut msg = M::decode(event.payload.as_slice()).map_err(|err| {
             internal(format!("outbox event {} is corrupt: {err}", event.sequence))
         })?;

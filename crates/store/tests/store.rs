@@ -372,6 +372,122 @@ async fn sqlite_writers_take_turns_and_time_out_clearly() {
     tx.commit().await.unwrap();
 }
 
+/// Old outbox events are pruned as new ones are appended; the newest is always kept, so
+/// sequences go on from it; a reader whose cursor is older than what is kept gets `Pruned`
+/// (never a silent gap), and a reader within what is kept reads on.
+#[tokio::test]
+async fn outbox_prunes_old_events_and_readers_behind_it_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = tessera_store::DbOptions {
+        outbox_retention: Some(Duration::ZERO),
+        ..tessera_store::DbOptions::default()
+    };
+    let sqlite = dir.path().join("pruned.sqlite");
+    let mut dbs = vec![
+        Db::open_with(sqlite.to_str().unwrap(), options.clone(), MIGRATIONS)
+            .await
+            .unwrap(),
+    ];
+    if let Ok(url) = std::env::var(testing::TEST_DATABASE_URL) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let schema = format!("t_pruned_{}_{nanos}", std::process::id());
+        let pg = tessera_store::DbOptions {
+            schema: Some(schema),
+            ..options.clone()
+        };
+        dbs.push(Db::open_with(&url, pg, MIGRATIONS).await.unwrap());
+    }
+    let every = tessera_store::PRUNE_EVERY;
+    for db in dbs {
+        let total = every + 10;
+        for i in 0..total {
+            let mut tx = db.begin().await.unwrap();
+            tx.append_event(format!("e{i}").as_bytes()).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        // Pruned when sequence `every` was appended: everything before it.
+        let kept = db.read_events(0, 1000).await.unwrap();
+        assert_eq!(kept.first().map(|e| e.sequence), Some(every));
+        assert_eq!(kept.len() as i64, total - every + 1);
+        assert_eq!(db.last_sequence().await.unwrap(), total);
+
+        let mut behind = Box::pin(db.events(3));
+        match behind.next().await {
+            Some(Err(StoreError::Pruned { after, oldest })) => {
+                assert_eq!((after, oldest), (3, every));
+            }
+            other => panic!("expected Pruned, got {other:?}"),
+        }
+        assert!(
+            behind.next().await.is_none(),
+            "the stream ends after Pruned"
+        );
+
+        let mut within = Box::pin(db.events(every - 1));
+        let first = within.next().await.unwrap().unwrap();
+        assert_eq!(first.sequence, every);
+        assert_eq!(first.payload, format!("e{}", every - 1).into_bytes());
+    }
+
+    // Without retention nothing is pruned.
+    let kept_all = dir.path().join("kept.sqlite");
+    let options = tessera_store::DbOptions {
+        outbox_retention: None,
+        ..tessera_store::DbOptions::default()
+    };
+    let db = Db::open_with(kept_all.to_str().unwrap(), options, MIGRATIONS)
+        .await
+        .unwrap();
+    for _ in 0..every {
+        let mut tx = db.begin().await.unwrap();
+        tx.append_event(b"x").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(db.read_events(0, 1000).await.unwrap().len() as i64, every);
+}
+
+/// Pruning removes only a prefix: an old event after a recent one (clocks of replicas that
+/// disagree) stays until everything before it has gone, so readers never meet a hole.
+#[tokio::test]
+async fn outbox_pruning_never_leaves_a_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = tessera_store::DbOptions {
+        outbox_retention: Some(Duration::from_secs(3600)),
+        ..tessera_store::DbOptions::default()
+    };
+    let path = dir.path().join("prefix.sqlite");
+    let db = Db::open_with(path.to_str().unwrap(), options, MIGRATIONS)
+        .await
+        .unwrap();
+    let every = tessera_store::PRUNE_EVERY;
+    for _ in 1..every {
+        let mut tx = db.begin().await.unwrap();
+        tx.append_event(b"e").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    // 1..=100 and 150..=200 are older than the retention; 101..=149 are recent.
+    sqlx::query(
+        "UPDATE tessera_outbox SET create_time = 0 \
+         WHERE sequence <= 100 OR (sequence >= 150 AND sequence <= 200)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut tx = db.begin().await.unwrap();
+    assert_eq!(tx.append_event(b"e").await.unwrap(), every);
+    tx.commit().await.unwrap();
+    let kept = db.read_events(0, 1000).await.unwrap();
+    assert_eq!(kept.first().map(|e| e.sequence), Some(101));
+    assert!(
+        kept.windows(2).all(|w| w[1].sequence == w[0].sequence + 1),
+        "no holes"
+    );
+    assert_eq!(kept.last().map(|e| e.sequence), Some(every));
+}
+
 #[tokio::test]
 async fn events_stream_catches_up_then_follows_live() {
     let (dbs, _dir) = databases("stream").await;

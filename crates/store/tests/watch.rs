@@ -85,3 +85,27 @@ async fn a_corrupt_payload_ends_the_stream_with_internal() {
         "the cause stays in the log"
     );
 }
+
+#[tokio::test]
+async fn a_cursor_older_than_the_outbox_keeps_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = tessera_store::DbOptions {
+        outbox_retention: Some(Duration::ZERO),
+        ..tessera_store::DbOptions::default()
+    };
+    let db = Db::open_with(dir.path().join("w.db").to_str().unwrap(), options, &[])
+        .await
+        .unwrap();
+    for i in 0..tessera_store::PRUNE_EVERY {
+        let mut tx = db.begin().await.unwrap();
+        watch::append::<WatchEventsResponse>(&mut tx, deleted(&format!("u{i}")))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut events = watch::stream::<WatchEventsResponse>(&db, 0).unwrap();
+    let err = events.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("pruned"), "{}", err.message());
+    assert!(events.next().await.is_none());
+}
