@@ -282,23 +282,82 @@ impl Workload {
 }
 
 /// The contracts' descriptors as the public port shows them: only the `advertise`d services,
-/// each with only its public methods, so `describe` does not reveal internal methods (nor
-/// the access rules, which live in method options this decoding drops).
+/// each with only its public methods, so `describe` does not reveal internal methods. The
+/// access rules (custom method options, dropped by this decoding) are not shown there either;
+/// comments are kept, moved along with the services and methods they belong to.
 fn public_descriptor_set(advertise: &[String]) -> Result<Vec<u8>, prost::DecodeError> {
     use prost::Message as _;
+    // Field numbers in descriptor.proto: FileDescriptorProto.service = 6,
+    // ServiceDescriptorProto.method = 2 (the first steps of a source-location path).
+    const SERVICE: i32 = 6;
+    const METHOD: i32 = 2;
     let policy = Policy::contracts();
     let mut set = prost_types::FileDescriptorSet::decode(tessera::FILE_DESCRIPTOR_SET)?;
     for file in &mut set.file {
         let package = file.package().to_owned();
-        file.service.retain_mut(|service| {
+        // Old index -> new index, per service and per method of each service.
+        let mut services: Vec<Option<(i32, Vec<Option<i32>>)>> = Vec::new();
+        let mut kept = 0;
+        for service in &file.service {
             let full = format!("{package}.{}", service.name());
-            service.method.retain(|m| {
-                policy
-                    .rule(&format!("/{full}/{}", m.name()))
-                    .is_some_and(|rule| rule.public)
+            if !advertise.contains(&full) {
+                services.push(None);
+                continue;
+            }
+            let mut next = 0;
+            let methods = service
+                .method
+                .iter()
+                .map(|m| {
+                    let public = policy
+                        .rule(&format!("/{full}/{}", m.name()))
+                        .is_some_and(|rule| rule.public);
+                    public.then(|| {
+                        next += 1;
+                        next - 1
+                    })
+                })
+                .collect();
+            services.push(Some((kept, methods)));
+            kept += 1;
+        }
+        let mut index = 0;
+        file.service.retain_mut(|service| {
+            let slot = services.get(index).cloned().flatten();
+            index += 1;
+            let Some((_, methods)) = slot else {
+                return false;
+            };
+            let mut m = 0;
+            service.method.retain(|_| {
+                m += 1;
+                methods.get(m - 1).copied().flatten().is_some()
             });
-            advertise.contains(&full)
+            true
         });
+        if let Some(info) = &mut file.source_code_info {
+            info.location.retain_mut(|loc| {
+                if loc.path.first() != Some(&SERVICE) {
+                    return true;
+                }
+                let Some(old) = loc.path.get(1).and_then(|i| usize::try_from(*i).ok()) else {
+                    return true;
+                };
+                let Some(Some((new, methods))) = services.get(old) else {
+                    return false;
+                };
+                loc.path[1] = *new;
+                if loc.path.get(2) == Some(&METHOD)
+                    && let Some(old) = loc.path.get(3).and_then(|i| usize::try_from(*i).ok())
+                {
+                    match methods.get(old).copied().flatten() {
+                        Some(new) => loc.path[3] = new,
+                        None => return false,
+                    }
+                }
+                true
+            });
+        }
     }
     Ok(set.encode_to_vec())
 }
@@ -578,4 +637,64 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use prost::Message as _;
+    use prost_types::FileDescriptorSet;
+
+    use super::*;
+
+    /// `service/method` -> its leading comment, read through the source locations.
+    fn method_comments(set: &FileDescriptorSet) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for file in &set.file {
+            let Some(info) = &file.source_code_info else {
+                continue;
+            };
+            for loc in &info.location {
+                if let [6, s, 2, m] = loc.path[..] {
+                    let service = &file.service[s as usize];
+                    let method = &service.method[m as usize];
+                    out.insert(
+                        format!("{}/{}", service.name(), method.name()),
+                        loc.leading_comments().to_owned(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn public_descriptors_keep_public_methods_with_their_own_comments() {
+        let all = FileDescriptorSet::decode(tessera::FILE_DESCRIPTOR_SET).unwrap();
+        let advertised = ["tessera.users.v1.UserService".to_owned()];
+        let public =
+            FileDescriptorSet::decode(&public_descriptor_set(&advertised).unwrap()[..]).unwrap();
+        let services: Vec<&str> = public
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(|s| s.name()))
+            .collect();
+        assert_eq!(services, ["UserService"]);
+        let before = method_comments(&all);
+        let after = method_comments(&public);
+        assert!(after.contains_key("UserService/Login"), "{after:?}");
+        assert!(!after.contains_key("UserService/WatchEvents"), "{after:?}");
+        for (method, comment) in &after {
+            assert!(!comment.is_empty(), "{method} lost its comment");
+            assert_eq!(Some(comment), before.get(method), "{method}");
+        }
+        let policy = Policy::contracts();
+        let public_users = policy
+            .methods()
+            .filter(|r| r.service == "tessera.users.v1.UserService" && r.public)
+            .count();
+        assert_eq!(after.len(), public_users);
+    }
 }
