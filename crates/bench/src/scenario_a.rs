@@ -608,17 +608,8 @@ fn verdict(ok: bool) -> &'static str {
 fn targets(base: &Measured, mesh: &Measured, results: &[Measured]) -> String {
     let mut out = String::from("Targets (median of the same-round ratios; pooled in brackets):\n");
     let both = |what: &str, other: &Measured, limit: f64| {
-        let per_round = |f: fn(&Round) -> Duration| {
-            let ratios = mesh
-                .rounds
-                .iter()
-                .zip(&other.rounds)
-                .map(|(a, b)| ratio(f(a), f(b)))
-                .collect();
-            median(ratios)
-        };
-        let at_rate = per_round(|r| r.rate_cpu);
-        let at_peak = per_round(|r| r.peak_cpu);
+        let at_rate = same_round_median(mesh, other, |r| r.rate_cpu);
+        let at_peak = same_round_median(mesh, other, |r| r.peak_cpu);
         let pooled_rate = ratio(
             mesh.cpu_per_request_at_rate(),
             other.cpu_per_request_at_rate(),
@@ -661,13 +652,7 @@ fn targets(base: &Measured, mesh: &Measured, results: &[Measured]) -> String {
             ));
             // At a modest fixed rate every call wakes an idle server from scratch, a cost
             // bare tonic pays too: its own ratio to Envoy is the floor for any in-process stack.
-            let floor = median(
-                base.rounds
-                    .iter()
-                    .zip(&envoy.rounds)
-                    .map(|(a, b)| ratio(a.rate_cpu, b.rate_cpu))
-                    .collect(),
-            );
+            let floor = same_round_median(base, envoy, |r| r.rate_cpu);
             out.push_str(&format!(
                 "  (bare plaintext tonic alone is {floor:.2}x the Envoy sidecar at the fixed rate)\n"
             ));
@@ -677,6 +662,17 @@ fn targets(base: &Measured, mesh: &Measured, results: &[Measured]) -> String {
         ),
     }
     out
+}
+
+/// The median over rounds of `a`'s figure over `b`'s from the same round.
+fn same_round_median(a: &Measured, b: &Measured, figure: fn(&Round) -> Duration) -> f64 {
+    median(
+        a.rounds
+            .iter()
+            .zip(&b.rounds)
+            .map(|(x, y)| ratio(figure(x), figure(y)))
+            .collect(),
+    )
 }
 
 /// The median (the mean of the middle two for an even count); NaN for none.
