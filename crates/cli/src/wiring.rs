@@ -146,6 +146,9 @@ pub async fn start(
             "users" => {
                 let config = tessera_users::UsersConfig {
                     bootstrap_admin: settings.bootstrap_admin.clone(),
+                    hash_concurrency: settings.service_limits.password_hash_concurrency,
+                    hash_queue: settings.service_limits.password_hash_queue,
+                    login_failures_per_minute: settings.service_limits.login_failures_per_minute,
                     ..Default::default()
                 };
                 let users = tessera_users::Users::open(&database(&settings)?, config).await?;

@@ -1,0 +1,226 @@
+//! Password hashing under a bound: at most `concurrency` argon2 computations at once, on the
+//! blocking pool, and at most `queue` more waiting for a turn; past that a call fails at once
+//! with [`Error::HashingBusy`] (RESOURCE_EXHAUSTED).
+//!
+//! Login and CreateUser are reachable without credentials, and each hash holds its memory
+//! cost (19 MiB at the default parameters) while it runs, so without this bound a burst of
+//! logins grows the process by 19 MiB per concurrent call until the kernel kills it. The
+//! bound makes the process's memory `concurrency` × the memory cost, and the queue keeps the
+//! wait of an admitted call short (`queue / concurrency` hash times).
+//!
+//! Both permits move into the blocking task: a caller that gives up (its deadline passed, the
+//! client went away) cannot free a slot while its hash is still running, since the blocking
+//! pool does not cancel work that has started.
+
+use std::sync::Arc;
+
+use argon2::{
+    Algorithm, Argon2, PasswordHash, PasswordHasher, PasswordVerifier, Version,
+    password_hash::SaltString,
+};
+use tokio::sync::Semaphore;
+
+use crate::Error;
+
+/// The hashing bound of one process, shared by its handlers.
+pub(crate) struct Hashing {
+    params: argon2::Params,
+    /// One permit per call running or waiting; failing to take one is how a full queue shows.
+    admitted: Arc<Semaphore>,
+    /// One permit per running hash.
+    running: Arc<Semaphore>,
+}
+
+fn argon2id(params: argon2::Params) -> Argon2<'static> {
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+impl Hashing {
+    /// `concurrency` is raised to at least one.
+    pub(crate) fn new(params: argon2::Params, concurrency: usize, queue: usize) -> Self {
+        let concurrency = concurrency.max(1);
+        Self {
+            params,
+            admitted: Arc::new(Semaphore::new(concurrency.saturating_add(queue))),
+            running: Arc::new(Semaphore::new(concurrency)),
+        }
+    }
+
+    /// Runs `work` on the blocking pool once a slot is free, or fails at once when the queue
+    /// is full.
+    async fn run<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, Error> + Send + 'static,
+    {
+        let admitted = Arc::clone(&self.admitted)
+            .try_acquire_owned()
+            .map_err(|_| Error::HashingBusy)?;
+        // The semaphores are never closed; treat it as busy rather than panic if one were.
+        let running = Arc::clone(&self.running)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::HashingBusy)?;
+        tokio::task::spawn_blocking(move || {
+            let _held = (admitted, running);
+            work()
+        })
+        .await?
+    }
+
+    /// A PHC string of `password` with a fresh salt, at this service's parameters.
+    pub(crate) async fn hash(&self, password: String) -> Result<String, Error> {
+        let params = self.params.clone();
+        self.run(move || {
+            let mut salt = [0_u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+                .map_err(|_| Error::Password("no randomness for the salt".into()))?;
+            let salt =
+                SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
+            argon2id(params)
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| Error::Password(e.to_string()))
+        })
+        .await
+    }
+
+    /// Whether `password` matches the PHC string `hash` (at the parameters recorded in it).
+    pub(crate) async fn verify(&self, hash: String, password: String) -> Result<bool, Error> {
+        self.run(move || {
+            let parsed = PasswordHash::new(&hash).map_err(|e| Error::Corrupt(e.to_string()))?;
+            Ok(Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use tonic::{Code, Status};
+
+    use super::*;
+
+    fn cheap() -> argon2::Params {
+        argon2::Params::new(256, 1, 1, None).unwrap()
+    }
+
+    /// Waits (bounded) until `cond` holds.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A job that blocks its blocking-pool thread until the returned sender is dropped.
+    fn blocker() -> (
+        std::sync::mpsc::Sender<()>,
+        impl FnOnce() -> Result<(), Error> + Send + 'static,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        (tx, move || {
+            let _ = rx.recv();
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn hashes_and_verifies() {
+        let h = Hashing::new(cheap(), 1, 0);
+        let phc = h.hash("correct horse".into()).await.unwrap();
+        assert!(h.verify(phc.clone(), "correct horse".into()).await.unwrap());
+        assert!(!h.verify(phc, "wrong horse".into()).await.unwrap());
+        let err = h.verify("not a hash".into(), "x".into()).await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_resource_exhausted() {
+        let h = Arc::new(Hashing::new(cheap(), 1, 1));
+        let (release_running, job) = blocker();
+        let running = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.run(job).await }
+        });
+        until("the first job runs", || h.running.available_permits() == 0).await;
+        let queued = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.hash("queued password".into()).await }
+        });
+        until("the second waits", || h.admitted.available_permits() == 0).await;
+
+        let err = h.hash("one too many".into()).await.unwrap_err();
+        assert!(matches!(err, Error::HashingBusy), "{err:?}");
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            h.verify("x".into(), "y".into()).await.is_err(),
+            "verify shares the bound"
+        );
+
+        drop(release_running);
+        running.await.unwrap().unwrap();
+        assert!(queued.await.unwrap().unwrap().starts_with("$argon2id$"));
+        // Everything drained: the slots are free again.
+        h.hash("after".into()).await.unwrap();
+        assert_eq!(h.admitted.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_keeps_its_slot_until_the_hash_ends() {
+        let h = Arc::new(Hashing::new(cheap(), 1, 0));
+        let (release, job) = blocker();
+        let caller = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.run(job).await }
+        });
+        until("the job runs", || h.running.available_permits() == 0).await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // The blocking work is still running, so its memory is still in use: still full.
+        assert!(matches!(
+            h.hash("x".into()).await.unwrap_err(),
+            Error::HashingBusy
+        ));
+        drop(release);
+        until("the slot comes back", || h.admitted.available_permits() == 1).await;
+        h.hash("x".into()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_more_than_the_concurrency_at_once() {
+        let h = Arc::new(Hashing::new(cheap(), 2, 100));
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let mut jobs = Vec::new();
+        for _ in 0..24 {
+            let (h, now, peak) = (Arc::clone(&h), Arc::clone(&now), Arc::clone(&peak));
+            jobs.push(tokio::spawn(async move {
+                h.run(move || {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                })
+                .await
+            }));
+        }
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        let peak = peak.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&peak), "peak {peak}");
+    }
+}
