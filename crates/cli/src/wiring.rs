@@ -199,8 +199,16 @@ pub async fn start(
                 )
             }
             "notifications" => {
-                let notifications =
-                    tessera_notifications::Notifications::open(&database(&settings)?).await?;
+                let limits = tessera_notifications::SubscriptionLimits {
+                    per_user: settings.service_limits.subscriptions_per_user,
+                    per_replica: settings.service_limits.subscriptions_per_replica,
+                    max_lifetime: settings.service_limits.subscription_max_lifetime,
+                };
+                let notifications = tessera_notifications::Notifications::open_with_limits(
+                    &database(&settings)?,
+                    limits,
+                )
+                .await?;
                 tokio::spawn(tessera_notifications::follow_comment_events(
                     notifications.clone(),
                     clients.comments(),

@@ -67,7 +67,10 @@ fn count(
         Ok(n) if n >= min && n <= u64::from(u32::MAX) => Ok(n),
         _ => Err(ConfigError::new(
             key,
-            format!("expected a whole number from {min} to {}, got {value:?}", u32::MAX),
+            format!(
+                "expected a whole number from {min} to {}, got {value:?}",
+                u32::MAX
+            ),
         )),
     }
 }

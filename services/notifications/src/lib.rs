@@ -50,6 +50,7 @@
 mod consumers;
 mod error;
 mod hub;
+mod limits;
 mod page;
 mod service;
 
@@ -60,6 +61,7 @@ pub use consumers::{
 };
 pub use error::NotificationsError;
 pub use hub::Subscription;
+pub use limits::{BoundedSubscription, SubscriptionLimits};
 pub use service::{DEFAULT_PAGE_SIZE, MAX_MARK_IDS, MAX_PAGE_SIZE, Notifications};
 
 /// The notification service's schema, in order. Never edit a released entry: append.

@@ -1,5 +1,5 @@
-use tessera_store::{StoreError, error_chain};
 use std::time::Duration;
+use tessera_store::{StoreError, error_chain};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};

@@ -75,8 +75,7 @@ impl Hashing {
             let mut salt = [0_u8; 16];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
                 .map_err(|_| Error::Password("no randomness for the salt".into()))?;
-            let salt =
-                SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
+            let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
             argon2id(params)
                 .hash_password(password.as_bytes(), &salt)
                 .map(|h| h.to_string())
@@ -118,7 +117,10 @@ mod tests {
     async fn until(what: &str, cond: impl Fn() -> bool) {
         let start = Instant::now();
         while !cond() {
-            assert!(start.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -194,7 +196,10 @@ mod tests {
             Error::HashingBusy
         ));
         drop(release);
-        until("the slot comes back", || h.admitted.available_permits() == 1).await;
+        until("the slot comes back", || {
+            h.admitted.available_permits() == 1
+        })
+        .await;
         h.hash("x".into()).await.unwrap();
     }
 

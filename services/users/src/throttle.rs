@@ -164,13 +164,18 @@ mod tests {
         t.check_at("bob", start).unwrap();
         // Still refused just before one failure has drained, allowed after.
         let later = start + Duration::from_secs(9);
-        assert_eq!(retry_after(t.check_at("alice", later)), Duration::from_secs(1));
-        t.check_at("alice", start + Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            retry_after(t.check_at("alice", later)),
+            Duration::from_secs(1)
+        );
+        t.check_at("alice", start + Duration::from_secs(10))
+            .unwrap();
         // One more failure and it is throttled again: the level is still near the limit.
         t.failed_at("alice", start + Duration::from_secs(10));
         retry_after(t.check_at("alice", start + Duration::from_secs(10)));
         // After a minute of quiet everything has drained.
-        t.check_at("alice", start + Duration::from_secs(80)).unwrap();
+        t.check_at("alice", start + Duration::from_secs(80))
+            .unwrap();
     }
 
     #[test]

@@ -123,7 +123,10 @@ async fn logins_past_the_hashing_queue_are_resource_exhausted() {
             async move { login(&svc, &format!("nobody{i}"), "wrong password").await }
         });
         let results = futures::future::join_all(calls).await;
-        let codes: Vec<Code> = results.iter().map(|r| r.as_ref().unwrap_err().code()).collect();
+        let codes: Vec<Code> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().code())
+            .collect();
         println!("8 concurrent logins, 1 hashing slot, no queue: {codes:?}");
         assert!(
             codes
@@ -136,11 +139,16 @@ async fn logins_past_the_hashing_queue_are_resource_exhausted() {
         // A refusal for a full queue is not a failed login: that name is not throttled,
         // while a name whose password was checked and wrong is.
         for (i, code) in codes.iter().enumerate() {
-            let again = login(&svc, &format!("nobody{i}"), "wrong").await.unwrap_err();
+            let again = login(&svc, &format!("nobody{i}"), "wrong")
+                .await
+                .unwrap_err();
             if *code == Code::ResourceExhausted {
                 assert_eq!(again.code(), Code::Unauthenticated, "nobody{i}: {again:?}");
             } else {
-                assert!(again.message().contains("failed logins"), "nobody{i}: {again:?}");
+                assert!(
+                    again.message().contains("failed logins"),
+                    "nobody{i}: {again:?}"
+                );
             }
         }
     }
