@@ -159,7 +159,7 @@ impl Users {
             config.password_params.clone(),
             config.hash_concurrency,
             config.hash_queue,
-        );
+        )?;
         let dummy_hash = hashing
             .hash(uuid::Uuid::now_v7().simple().to_string())
             .await?;
