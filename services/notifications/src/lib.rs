@@ -44,6 +44,10 @@
 //!   PERMISSION_DENIED, and then nothing is marked. At most 1000 ids; duplicates are fine.
 //! - A subscriber that falls 64 notifications behind gets ABORTED (list, then resubscribe)
 //!   rather than a silent gap.
+//! - Streams are bounded ([`SubscriptionLimits`], see the `limits` module): per user
+//!   (RESOURCE_EXHAUSTED past it), per replica (UNAVAILABLE: try again, maybe elsewhere), and
+//!   in lifetime (the stream ends with UNAVAILABLE, or UNAUTHENTICATED when the token it was
+//!   opened with expires; list, then resubscribe).
 
 #![forbid(unsafe_code)]
 

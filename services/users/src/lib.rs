@@ -39,6 +39,11 @@
 //!   comments follow from that event.
 //! - `CreateUser` with a `request_id` seen before (for the same username and email) returns
 //!   the user it created the first time.
+//! - Password hashing (CreateUser, Login) is bounded: `hash_concurrency` hashes at once on
+//!   their own threads, `hash_queue` more calls waiting, past that RESOURCE_EXHAUSTED. A
+//!   username (known or not) with `login_failures_per_minute` recent failures is refused,
+//!   right password included, with RESOURCE_EXHAUSTED and a retry hint (`RetryInfo`) until
+//!   its count drains; a successful login clears it. Both are per replica.
 
 #![forbid(unsafe_code)]
 
