@@ -7,24 +7,25 @@
 //! logins grows the process by 19 MiB per concurrent call until the kernel kills it. The
 //! queue keeps the wait of an admitted call short (`queue / concurrency` hash times).
 //!
-//! Why dedicated threads rather than `spawn_blocking` under a semaphore: measured, the
-//! latter still grew the users process past 256 MiB with one hash at a time. Each hash may
-//! land on another thread of the blocking pool, glibc gives each thread its own malloc
-//! arena, and a freed 19 MiB block stays cached in the arena that allocated it. With a
-//! fixed set of threads the cached blocks are reused: memory stays near `concurrency` × the
-//! memory cost.
+//! Why dedicated threads, each keeping its argon2 memory from one hash to the next, rather
+//! than `spawn_blocking` under a semaphore: measured, the latter still grew the users
+//! process past 256 MiB with one hash at a time. Each hash may land on another thread of the
+//! blocking pool, glibc gives threads their own malloc arenas, and allocating and freeing
+//! 19 MiB per hash fragments them. Here the hashing memory is `concurrency` × the memory
+//! cost, allocated once.
 //!
 //! A call's admission moves into its job: a caller that gives up (its deadline passed, the
 //! client went away) does not free a place while its hash is still running or queued.
 
 use std::{
+    cell::RefCell,
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex, mpsc},
 };
 
 use argon2::{
-    Algorithm, Argon2, PasswordHash, PasswordHasher, PasswordVerifier, Version,
-    password_hash::SaltString,
+    Algorithm, Argon2, Block, PasswordHash, Version,
+    password_hash::{Output, ParamsString, SaltString},
 };
 use tokio::sync::{Semaphore, oneshot};
 
@@ -96,8 +97,8 @@ impl Hashing {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let result = work();
-            // The hash's memory is freed by now; free the place before the caller hears of
-            // the result, so a caller's next call finds it free.
+            // Free the place before the caller hears of the result, so the caller's next
+            // call finds it free.
             drop(admitted);
             // The caller may have gone; nobody to tell then.
             let _ = reply.send(result);
@@ -113,29 +114,97 @@ impl Hashing {
     /// A PHC string of `password` with a fresh salt, at this service's parameters.
     pub(crate) async fn hash(&self, password: String) -> Result<String, Error> {
         let params = self.params.clone();
-        self.run(move || {
-            let mut salt = [0_u8; 16];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-                .map_err(|_| Error::Password("no randomness for the salt".into()))?;
-            let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
-            argon2id(params)
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| Error::Password(e.to_string()))
-        })
-        .await
+        self.run(move || hash_phc(params, password.as_bytes()))
+            .await
     }
 
     /// Whether `password` matches the PHC string `hash` (at the parameters recorded in it).
     pub(crate) async fn verify(&self, hash: String, password: String) -> Result<bool, Error> {
-        self.run(move || {
-            let parsed = PasswordHash::new(&hash).map_err(|e| Error::Corrupt(e.to_string()))?;
-            Ok(Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok())
-        })
-        .await
+        self.run(move || verify_phc(&hash, password.as_bytes()))
+            .await
     }
+}
+
+thread_local! {
+    /// This thread's argon2 memory, kept from one hash to the next: allocating and freeing
+    /// 19 MiB per hash fragments the heap, and the process grows well past the memory the
+    /// hashes in flight need. Grows to the largest cost seen (stored hashes keep their own).
+    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// argon2 of `password` and `salt` into `out`, over this thread's kept memory. argon2 writes
+/// every block before it reads it, so what the memory held before does not matter.
+fn compute(
+    argon2: &Argon2<'_>,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), argon2::Error> {
+    MEMORY.with_borrow_mut(|blocks| {
+        let needed = argon2.params().block_count();
+        if blocks.len() < needed {
+            blocks.resize(needed, Block::default());
+        }
+        argon2.hash_password_into_with_memory(password, salt, out, &mut blocks[..needed])
+    })
+}
+
+fn password_err(e: impl std::fmt::Display) -> Error {
+    Error::Password(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+/// What `Argon2::hash_password` produces (argon2id, v19, a 16-byte random salt).
+fn hash_phc(params: argon2::Params, password: &[u8]) -> Result<String, Error> {
+    let mut salt = [0_u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| Error::Password("no randomness for the salt".into()))?;
+    let salt_string = SaltString::encode_b64(&salt).map_err(password_err)?;
+    let mut out = vec![
+        0_u8;
+        params
+            .output_len()
+            .unwrap_or(argon2::Params::DEFAULT_OUTPUT_LEN)
+    ];
+    let param_string = ParamsString::try_from(&params).map_err(password_err)?;
+    compute(&argon2id(params), password, &salt, &mut out).map_err(password_err)?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: param_string,
+        salt: Some(salt_string.as_salt()),
+        hash: Some(Output::new(&out).map_err(password_err)?),
+    };
+    Ok(phc.to_string())
+}
+
+/// What `Argon2::verify_password` decides, at the algorithm, version and parameters the PHC
+/// string records; the comparison is constant-time (`Output`'s equality).
+fn verify_phc(phc: &str, password: &[u8]) -> Result<bool, Error> {
+    let parsed = PasswordHash::new(phc).map_err(corrupt)?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(corrupt)?;
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(corrupt)?,
+        None => Version::default(),
+    };
+    let params = argon2::Params::try_from(&parsed).map_err(corrupt)?;
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(Error::Corrupt("the hash has no salt or no output".into()));
+    };
+    let mut salt_buf = [0_u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf).map_err(corrupt)?;
+    let mut out = vec![0_u8; expected.len()];
+    compute(
+        &Argon2::new(algorithm, version, params),
+        password,
+        salt,
+        &mut out,
+    )
+    .map_err(corrupt)?;
+    Ok(Output::new(&out).map_err(corrupt)? == expected)
 }
 
 #[cfg(test)]
@@ -187,6 +256,48 @@ mod tests {
         assert!(!h.verify(phc, "wrong horse".into()).await.unwrap());
         let err = h.verify("not a hash".into(), "x".into()).await.unwrap_err();
         assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    }
+
+    /// The kept-memory hashing agrees with the argon2 crate's own, both ways, also for a
+    /// stored hash at other parameters than the service's (argon2i, more memory).
+    #[test]
+    fn compatible_with_the_argon2_crate() {
+        use argon2::{PasswordHasher, PasswordVerifier};
+        let params = argon2::Params::new(1024, 2, 1, None).unwrap();
+        let ours = hash_phc(params.clone(), b"correct horse").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(ours.starts_with("$argon2id$v=19$m=1024,t=2,p=1$"), "{ours}");
+        assert!(
+            Argon2::default()
+                .verify_password(b"correct horse", &parsed)
+                .is_ok()
+        );
+        assert!(
+            Argon2::default()
+                .verify_password(b"wrong horse", &parsed)
+                .is_err()
+        );
+        for (algorithm, m) in [(Algorithm::Argon2id, 512), (Algorithm::Argon2i, 4096)] {
+            let theirs = Argon2::new(
+                algorithm,
+                Version::V0x13,
+                argon2::Params::new(m, 1, 2, Some(24)).unwrap(),
+            )
+            .hash_password(
+                b"correct horse",
+                &SaltString::encode_b64(b"sixteen byte sal").unwrap(),
+            )
+            .unwrap()
+            .to_string();
+            assert!(verify_phc(&theirs, b"correct horse").unwrap(), "{theirs}");
+            assert!(!verify_phc(&theirs, b"correct horsE").unwrap(), "{theirs}");
+        }
+        // The same thread's memory now holds the largest cost; smaller ones still verify.
+        assert!(verify_phc(&ours, b"correct horse").unwrap());
+        assert!(matches!(
+            verify_phc("$argon2id$v=19$m=1024,t=2,p=1$c2FsdHNhbHQ", b"x"),
+            Err(Error::Corrupt(_))
+        ));
     }
 
     #[tokio::test]
