@@ -151,7 +151,8 @@ impl Notifications {
         self.inner.hub.close_all();
     }
 
-    /// A live stream of `user_id`'s new notifications.
+    /// A live stream of `user_id`'s new notifications. Not counted against the
+    /// [`SubscriptionLimits`]: those apply to SubscribeNotifications calls.
     pub fn subscribe(&self, user_id: &str) -> Subscription {
         self.inner.hub.subscribe(user_id)
     }
