@@ -146,6 +146,9 @@ pub async fn start(
             "users" => {
                 let config = tessera_users::UsersConfig {
                     bootstrap_admin: settings.bootstrap_admin.clone(),
+                    hash_concurrency: settings.service_limits.password_hash_concurrency,
+                    hash_queue: settings.service_limits.password_hash_queue,
+                    login_failures_per_minute: settings.service_limits.login_failures_per_minute,
                     ..Default::default()
                 };
                 let users = tessera_users::Users::open(&database(&settings)?, config).await?;
@@ -196,8 +199,16 @@ pub async fn start(
                 )
             }
             "notifications" => {
-                let notifications =
-                    tessera_notifications::Notifications::open(&database(&settings)?).await?;
+                let limits = tessera_notifications::SubscriptionLimits {
+                    per_user: settings.service_limits.subscriptions_per_user,
+                    per_replica: settings.service_limits.subscriptions_per_replica,
+                    max_lifetime: settings.service_limits.subscription_max_lifetime,
+                };
+                let notifications = tessera_notifications::Notifications::open_with_limits(
+                    &database(&settings)?,
+                    limits,
+                )
+                .await?;
                 tokio::spawn(tessera_notifications::follow_comment_events(
                     notifications.clone(),
                     clients.comments(),

@@ -530,6 +530,9 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
     for (service, key, value) in [
         ("users", "TESSERA_MAX_CONCURRENCY", "0"),
         ("gateway", "TESSERA_RATE_LIMIT_USER_PER_SEC", "-1"),
+        ("users", "TESSERA_PASSWORD_HASH_CONCURRENCY", "0"),
+        ("users", "TESSERA_LOGIN_FAILURES_PER_MIN", "many"),
+        ("notifications", "TESSERA_SUBSCRIPTION_MAX_LIFETIME_S", "0"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);

@@ -75,6 +75,8 @@ pub struct Settings {
     pub bootstrap_admin: Option<String>,
     /// The gateway's rate limits (`TESSERA_RATE_LIMIT_*`).
     pub rate_limits: PublicRateLimits,
+    /// Password hashing, login throttling and subscription limits (users, notifications).
+    pub service_limits: crate::service_limits::ServiceLimits,
     pub server: ServerOptions,
 }
 
@@ -228,6 +230,7 @@ impl Settings {
                     address_burst: burst(lookup, "TESSERA_RATE_LIMIT_ADDR_BURST", d.address_burst)?,
                 }
             },
+            service_limits: crate::service_limits::ServiceLimits::from_lookup(lookup)?,
             server: ServerOptions {
                 max_concurrency: parse(
                     lookup,

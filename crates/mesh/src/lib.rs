@@ -19,6 +19,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod service_limits;
 pub mod shutdown;
 pub mod stack;
 pub mod telemetry;

@@ -14,6 +14,12 @@ pub enum NotificationsError {
     /// The caller may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The user holds the most subscriptions one user may (the limit).
+    #[error("too many open subscriptions for this user (at most {0})")]
+    TooManySubscriptions(usize),
+    /// This replica serves the most subscriptions it may (the limit).
+    #[error("this replica has its maximum of {0} open subscriptions")]
+    ReplicaFull(usize),
     #[error("storage")]
     Store(#[from] StoreError),
 }
@@ -30,6 +36,13 @@ impl From<NotificationsError> for Status {
             NotificationsError::Invalid(status) => status,
             NotificationsError::NotFound(what) => Status::not_found(format!("{what} not found")),
             NotificationsError::PermissionDenied(why) => Status::permission_denied(why),
+            NotificationsError::TooManySubscriptions(max) => Status::resource_exhausted(format!(
+                "you have {max} open subscriptions, the most one user may hold; close one \
+                 before subscribing again"
+            )),
+            NotificationsError::ReplicaFull(max) => Status::unavailable(format!(
+                "this replica serves its maximum of {max} subscriptions; try again shortly"
+            )),
             NotificationsError::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
             e @ NotificationsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }

@@ -44,12 +44,17 @@
 //!   PERMISSION_DENIED, and then nothing is marked. At most 1000 ids; duplicates are fine.
 //! - A subscriber that falls 64 notifications behind gets ABORTED (list, then resubscribe)
 //!   rather than a silent gap.
+//! - Streams are bounded ([`SubscriptionLimits`], see the `limits` module): per user
+//!   (RESOURCE_EXHAUSTED past it), per replica (UNAVAILABLE: try again, maybe elsewhere), and
+//!   in lifetime (the stream ends with UNAVAILABLE, or UNAUTHENTICATED when the token it was
+//!   opened with expires; list, then resubscribe).
 
 #![forbid(unsafe_code)]
 
 mod consumers;
 mod error;
 mod hub;
+mod limits;
 mod page;
 mod service;
 
@@ -60,6 +65,7 @@ pub use consumers::{
 };
 pub use error::NotificationsError;
 pub use hub::Subscription;
+pub use limits::{BoundedSubscription, SubscriptionLimits};
 pub use service::{DEFAULT_PAGE_SIZE, MAX_MARK_IDS, MAX_PAGE_SIZE, Notifications};
 
 /// The notification service's schema, in order. Never edit a released entry: append.

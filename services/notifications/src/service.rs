@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     MIGRATIONS, NotificationsError,
     hub::{Hub, Subscription, fan_out},
+    limits::{Admission, BoundedSubscription, SubscriptionLimits},
     page::PageToken,
 };
 
@@ -45,6 +46,8 @@ pub struct Notifications {
 struct Inner {
     db: Db,
     hub: Arc<Hub>,
+    /// The open SubscribeNotifications streams, against their limits.
+    admission: Arc<Admission>,
     /// Dropping it (with the last clone) stops the fan-out task.
     _stop: watch::Sender<()>,
 }
@@ -99,6 +102,17 @@ impl Notifications {
 
     /// Like [`Notifications::open`] over an already connected database; runs [`MIGRATIONS`].
     pub async fn with_db(db: Db) -> Result<Self> {
+        Self::with_db_and_limits(db, SubscriptionLimits::default()).await
+    }
+
+    /// Like [`Notifications::open`], with these bounds on SubscribeNotifications streams.
+    pub async fn open_with_limits(database: &str, limits: SubscriptionLimits) -> Result<Self> {
+        let db = Db::open(database, MIGRATIONS).await?;
+        Self::with_db_and_limits(db, limits).await
+    }
+
+    /// Like [`Notifications::with_db`], with these bounds on SubscribeNotifications streams.
+    pub async fn with_db_and_limits(db: Db, limits: SubscriptionLimits) -> Result<Self> {
         db.migrate(MIGRATIONS).await?;
         let hub = Arc::new(Hub::default());
         let (stop, stopped) = watch::channel(());
@@ -109,6 +123,7 @@ impl Notifications {
             inner: Arc::new(Inner {
                 db,
                 hub,
+                admission: Arc::new(Admission::new(limits)),
                 _stop: stop,
             }),
         })
@@ -124,6 +139,11 @@ impl Notifications {
         self.inner.hub.len()
     }
 
+    /// Open SubscribeNotifications streams on this replica.
+    pub fn open_subscriptions(&self) -> usize {
+        self.inner.admission.total()
+    }
+
     /// Ends every open SubscribeNotifications stream on this replica (their clients see a
     /// clean end of stream and may resubscribe elsewhere). Call it when draining, so
     /// long-lived streams do not hold up a graceful shutdown.
@@ -131,7 +151,8 @@ impl Notifications {
         self.inner.hub.close_all();
     }
 
-    /// A live stream of `user_id`'s new notifications.
+    /// A live stream of `user_id`'s new notifications. Not counted against the
+    /// [`SubscriptionLimits`]: those apply to SubscribeNotifications calls.
     pub fn subscribe(&self, user_id: &str) -> Subscription {
         self.inner.hub.subscribe(user_id)
     }
@@ -314,13 +335,18 @@ impl NotificationService for Notifications {
         }))
     }
 
-    type SubscribeNotificationsStream = Subscription;
+    type SubscribeNotificationsStream = BoundedSubscription;
 
     async fn subscribe_notifications(
         &self,
         request: Request<SubscribeNotificationsRequest>,
     ) -> Result<Response<Self::SubscribeNotificationsStream>, Status> {
-        let user_id = &end_user(&request)?.claims.sub;
-        Ok(Response::new(self.subscribe(user_id)))
+        let claims = &end_user(&request)?.claims;
+        // Counted before the hub is joined, so a refused call leaves nothing behind.
+        let ticket = self.inner.admission.admit(&claims.sub)?;
+        let stream = self.subscribe(&claims.sub);
+        Ok(Response::new(
+            self.inner.admission.bound(stream, ticket, claims.exp),
+        ))
     }
 }

@@ -1,5 +1,8 @@
+use std::time::Duration;
 use tessera_store::{StoreError, error_chain};
-use tonic::Status;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Everything UserService can fail with, mapped to a gRPC status in [`From<Error> for Status`]
 /// (the one place).
@@ -14,6 +17,12 @@ pub enum Error {
     /// Login failures: one message whether the user is unknown or the password wrong.
     #[error("invalid username or password")]
     BadCredentials,
+    /// Every password-hashing slot and the queue before them are taken.
+    #[error("too many password checks in progress")]
+    HashingBusy,
+    /// Too many failed logins for the username lately; allowed again after the duration.
+    #[error("too many failed logins for this username")]
+    Throttled(std::time::Duration),
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("password hashing failed: {0}")]
@@ -33,8 +42,28 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::UsernameTaken => Status::already_exists("username is taken"),
             Error::BadCredentials => Status::unauthenticated("invalid username or password"),
+            Error::HashingBusy => retry_later(
+                "too many password checks in progress; try again in 1 s",
+                Duration::from_secs(1),
+            ),
+            Error::Throttled(after) => retry_later(
+                &format!(
+                    "too many failed logins for this username; try again in {} s",
+                    after.as_secs().max(1)
+                ),
+                after,
+            ),
             Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
             other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED with the wait in the message and as `google.rpc.RetryInfo`.
+fn retry_later(message: &str, after: Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(after)),
+    )
 }

@@ -39,11 +39,18 @@
 //!   comments follow from that event.
 //! - `CreateUser` with a `request_id` seen before (for the same username and email) returns
 //!   the user it created the first time.
+//! - Password hashing (CreateUser, Login) is bounded: `hash_concurrency` hashes at once on
+//!   their own threads, `hash_queue` more calls waiting, past that RESOURCE_EXHAUSTED. A
+//!   username (known or not) with `login_failures_per_minute` recent failures is refused,
+//!   right password included, with RESOURCE_EXHAUSTED and a retry hint (`RetryInfo`) until
+//!   its count drains; a successful login clears it. Both are per replica.
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod hashing;
 mod service;
+mod throttle;
 
 use std::{sync::Arc, time::Duration};
 
@@ -96,14 +103,25 @@ pub struct UsersConfig {
     /// argon2id cost. The default is OWASP's recommendation (19 MiB, 2 passes); tests may
     /// lower it. Hashes record their parameters, so changing this keeps old passwords valid.
     pub password_params: argon2::Params,
+    /// Hashes computed at once (CreateUser and Login); each holds the memory cost of
+    /// `password_params` while it runs. Default: the CPUs this process may use.
+    pub hash_concurrency: usize,
+    /// Hashes that may wait for a turn; past it RESOURCE_EXHAUSTED.
+    pub hash_queue: usize,
+    /// Failed logins per username and minute before logins for it are refused for a while.
+    pub login_failures_per_minute: u32,
 }
 
 impl Default for UsersConfig {
     fn default() -> Self {
+        let limits = tessera_mesh::service_limits::ServiceLimits::default();
         Self {
             bootstrap_admin: None,
             token_ttl: DEFAULT_TOKEN_TTL,
             password_params: argon2::Params::default(),
+            hash_concurrency: limits.password_hash_concurrency,
+            hash_queue: limits.password_hash_queue,
+            login_failures_per_minute: limits.login_failures_per_minute,
         }
     }
 }
@@ -124,6 +142,10 @@ struct Inner {
     /// A real hash of a random password, verified against when a login names an unknown
     /// user, so both failures take the same time.
     dummy_hash: String,
+    /// The bound on concurrent password hashing.
+    hashing: hashing::Hashing,
+    /// Failed logins per username.
+    throttle: throttle::LoginThrottle,
 }
 
 impl Users {
@@ -138,11 +160,15 @@ impl Users {
     pub async fn with_db(db: Db, config: UsersConfig) -> Result<Users, Error> {
         db.migrate(MIGRATIONS).await?;
         let (signer, verifier, jwks) = load_or_create_keys(&db).await?;
-        let dummy_hash = service::hash_password(
+        let hashing = hashing::Hashing::new(
             config.password_params.clone(),
-            uuid::Uuid::now_v7().simple().to_string(),
-        )
-        .await?;
+            config.hash_concurrency,
+            config.hash_queue,
+        )?;
+        let dummy_hash = hashing
+            .hash(uuid::Uuid::now_v7().simple().to_string())
+            .await?;
+        let throttle = throttle::LoginThrottle::new(config.login_failures_per_minute);
         Ok(Users {
             inner: Arc::new(Inner {
                 db,
@@ -151,6 +177,8 @@ impl Users {
                 verifier,
                 jwks,
                 dummy_hash,
+                hashing,
+                throttle,
             }),
         })
     }

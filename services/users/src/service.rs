@@ -1,9 +1,5 @@
 //! The UserService handlers.
 
-use argon2::{
-    Algorithm, Argon2, PasswordHash, PasswordHasher, PasswordVerifier, Version,
-    password_hash::SaltString,
-};
 use tessera::users::v1::{
     BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
     DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
@@ -163,39 +159,6 @@ fn validate_create(req: &CreateUserRequest) -> Result<(), Status> {
     v.into_result()
 }
 
-fn argon2id(params: argon2::Params) -> Argon2<'static> {
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-}
-
-/// Hashes on the blocking pool (argon2 is deliberately slow).
-pub(crate) async fn hash_password(
-    params: argon2::Params,
-    password: String,
-) -> Result<String, Error> {
-    tokio::task::spawn_blocking(move || {
-        let mut salt = [0_u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-            .map_err(|_| Error::Password("no randomness for the salt".into()))?;
-        let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Password(e.to_string()))?;
-        argon2id(params)
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| Error::Password(e.to_string()))
-    })
-    .await?
-}
-
-/// Checks a password against a stored PHC hash (its own parameters), on the blocking pool.
-async fn verify_password(hash: String, password: String) -> Result<bool, Error> {
-    tokio::task::spawn_blocking(move || {
-        let parsed = PasswordHash::new(&hash).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
-    })
-    .await?
-}
-
 fn required(value: &str, field: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Err(invalid_field(field, "is required"));
@@ -329,11 +292,7 @@ impl UserService for Users {
         if self.find_by_username(&req.username).await?.is_some() {
             return self.taken_or_replay(&req).await;
         }
-        let password_hash = hash_password(
-            self.inner.config.password_params.clone(),
-            req.password.clone(),
-        )
-        .await?;
+        let password_hash = self.inner.hashing.hash(req.password.clone()).await?;
         let is_admin = self.inner.config.bootstrap_admin.as_deref() == Some(req.username.as_str());
         let user = UserRow {
             user_id: uuid::Uuid::now_v7().to_string(),
@@ -370,14 +329,21 @@ impl UserService for Users {
             "is too long",
         );
         v.into_result()?;
+        // Before any lookup or hashing: a throttled name is refused, the right password too.
+        self.inner.throttle.check(&req.username)?;
         let Some(user) = self.find_by_username(&req.username).await? else {
             // Same work, same answer as a wrong password.
-            verify_password(self.inner.dummy_hash.clone(), req.password).await?;
+            let hash = self.inner.dummy_hash.clone();
+            self.inner.hashing.verify(hash, req.password).await?;
+            self.inner.throttle.failed(&req.username);
             return Err(Error::BadCredentials.into());
         };
-        if !verify_password(user.password_hash.clone(), req.password).await? {
+        let hash = user.password_hash.clone();
+        if !self.inner.hashing.verify(hash, req.password).await? {
+            self.inner.throttle.failed(&req.username);
             return Err(Error::BadCredentials.into());
         }
+        self.inner.throttle.succeeded(&req.username);
         let (access_token, claims) =
             self.inner
                 .signer

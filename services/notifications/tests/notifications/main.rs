@@ -5,5 +5,6 @@
 
 mod api;
 mod consumers;
+mod limits;
 mod subscribe;
 mod support;
