@@ -78,6 +78,11 @@ impl ServerUrl {
         })
     }
 
+    /// The same server with another prefix (checked as [`ServerUrl::parse`] does).
+    pub fn with_prefix(&self, prefix: &str) -> Result<Self, String> {
+        Self::parse(&self.url_of(prefix))
+    }
+
     /// The prefix of every service's database name.
     pub fn prefix(&self) -> &str {
         &self.prefix
