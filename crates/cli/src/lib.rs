@@ -9,5 +9,6 @@
 pub mod certs;
 pub mod databases;
 pub mod probe;
+pub mod supervise;
 pub mod up;
 pub mod wiring;

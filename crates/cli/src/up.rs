@@ -161,6 +161,9 @@ struct ReplicaEndpoints {
     admin: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     public: Option<String>,
+    /// With `--replicas` each replica is a process of its own: `kill -9` it to watch failover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
 }
 
 fn port(base: u16, offset: u16) -> anyhow::Result<u16> {
@@ -233,73 +236,14 @@ pub async fn start_mesh_with(
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
     mut progress: impl FnMut(&str, bool),
 ) -> anyhow::Result<Mesh> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let data_dir = std::fs::canonicalize(data_dir)
-        .with_context(|| format!("cannot resolve data dir {}", data_dir.display()))?;
-    // A previous run's endpoints.json names ports nobody listens on any more; scripts wait
-    // for the file to appear, so it must not exist until this run is ready.
-    let endpoints_path = data_dir.join("endpoints.json");
-    match std::fs::remove_file(&endpoints_path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(err).with_context(|| format!("removing {}", endpoints_path.display()));
-        }
-        _ => {}
-    }
-
-    // Certificates: created on first run, reused afterwards.
-    let certs_dir = certs::certs_dir(&data_dir);
-    let (ca, fresh_ca) = certs::load_or_create_ca(&certs_dir)?;
-    let mut identities = BTreeMap::new();
-    for name in SERVICES.iter().copied().chain(["operator"]) {
-        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", name)?;
-        certs::ensure_workload_cert(&ca, &certs_dir, &id, fresh_ca)?;
-        identities.insert(name.to_owned(), id);
-    }
-
-    if let Some(server) = &options.database {
-        for name in databases::OWNERS {
-            databases::ensure_database(&server.service_url(name))
-                .await
-                .with_context(|| {
-                    format!(
-                        "DATABASE_URL: cannot create or reach database {}",
-                        server.database_name(name)
-                    )
-                })?;
-        }
-    }
-
-    // Bind everything before starting anything, so a taken port fails fast and clearly.
-    let mut bound = Vec::new();
-    for (i, name) in SERVICES.iter().enumerate() {
-        let i = i as u16 + 1;
-        let count = options.replicas_of(name);
-        for replica in 0..count {
-            let r = replica as u16;
-            let grpc = bind_local(port(port_base, 10 * r + i)?).await?;
-            let admin = bind_local(port(port_base, 100 + 10 * r + i)?).await?;
-            let public = if *name == "gateway" {
-                Some(bind_local(port(port_base, 443 + r)?).await?)
-            } else {
-                None
-            };
-            let label = if count > 1 {
-                format!("{name}[{replica}]")
-            } else {
-                (*name).to_owned()
-            };
-            bound.push((*name, replica, label, grpc, admin, public));
-        }
-    }
-    let mut replicas: BTreeMap<String, Vec<ReplicaAddrs>> = BTreeMap::new();
-    for (name, _, _, grpc, admin, public) in &bound {
-        replicas.entry((*name).to_owned()).or_default().push((
-            grpc.local_addr()?,
-            admin.local_addr()?,
-            public.as_ref().map(|p| p.local_addr()).transpose()?,
-        ));
-    }
+    let Prepared {
+        data_dir,
+        certs_dir,
+        endpoints_path,
+        identities,
+    } = prepare(data_dir, options).await?;
+    let bound = bind_all(port_base, options).await?;
+    let replicas = addrs_of(&bound)?;
     let addrs: BTreeMap<String, ReplicaAddrs> = replicas
         .iter()
         .filter_map(|(name, list)| Some((name.clone(), *list.first()?)))
@@ -315,7 +259,15 @@ pub async fn start_mesh_with(
         trigger,
         running: Vec::new(),
     };
-    for (name, replica, label, grpc, admin, public) in bound {
+    for Bound {
+        name,
+        replica,
+        label,
+        grpc,
+        admin,
+        public,
+    } in bound
+    {
         progress(&label, false);
         let started = async {
             let mut settings = settings_for(
@@ -353,45 +305,179 @@ pub async fn start_mesh_with(
         }
         progress(&label, true);
     }
+    write_endpoints(
+        &mesh.endpoints_path,
+        &certs_dir,
+        &identities,
+        &replicas,
+        None,
+    )?;
+    Ok(mesh)
+}
 
+/// A data dir made ready for a run.
+pub(crate) struct Prepared {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) certs_dir: PathBuf,
+    pub(crate) endpoints_path: PathBuf,
+    pub(crate) identities: BTreeMap<String, SpiffeId>,
+}
+
+/// Creates the data dir, removes a previous run's endpoints.json, creates (or reuses) the
+/// certificates and, on PostgreSQL, each service's database.
+pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::Result<Prepared> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(data_dir)
+        .with_context(|| format!("cannot resolve data dir {}", data_dir.display()))?;
+    // A previous run's endpoints.json names ports nobody listens on any more; scripts wait
+    // for the file to appear, so it must not exist until this run is ready.
+    let endpoints_path = data_dir.join("endpoints.json");
+    match std::fs::remove_file(&endpoints_path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(err).with_context(|| format!("removing {}", endpoints_path.display()));
+        }
+        _ => {}
+    }
+
+    // Certificates: created on first run, reused afterwards.
+    let certs_dir = certs::certs_dir(&data_dir);
+    let (ca, fresh_ca) = certs::load_or_create_ca(&certs_dir)?;
+    let mut identities = BTreeMap::new();
+    for name in SERVICES.iter().copied().chain(["operator"]) {
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", name)?;
+        certs::ensure_workload_cert(&ca, &certs_dir, &id, fresh_ca)?;
+        identities.insert(name.to_owned(), id);
+    }
+
+    if let Some(server) = &options.database {
+        for name in databases::OWNERS {
+            databases::ensure_database(&server.service_url(name))
+                .await
+                .with_context(|| {
+                    format!(
+                        "DATABASE_URL: cannot create or reach database {}",
+                        server.database_name(name)
+                    )
+                })?;
+        }
+    }
+
+    Ok(Prepared {
+        data_dir,
+        certs_dir,
+        endpoints_path,
+        identities,
+    })
+}
+
+/// One replica's listeners, bound before anything starts.
+pub(crate) struct Bound {
+    pub(crate) name: &'static str,
+    pub(crate) replica: usize,
+    /// `posts` or, with several replicas, `posts[1]`.
+    pub(crate) label: String,
+    pub(crate) grpc: tokio::net::TcpListener,
+    pub(crate) admin: tokio::net::TcpListener,
+    pub(crate) public: Option<tokio::net::TcpListener>,
+}
+
+/// Binds every replica's ports, so a taken port fails fast and clearly.
+pub(crate) async fn bind_all(port_base: u16, options: &MeshOptions) -> anyhow::Result<Vec<Bound>> {
+    let mut bound = Vec::new();
+    for (i, name) in SERVICES.iter().enumerate() {
+        let i = i as u16 + 1;
+        let count = options.replicas_of(name);
+        for replica in 0..count {
+            let r = replica as u16;
+            let grpc = bind_local(port(port_base, 10 * r + i)?).await?;
+            let admin = bind_local(port(port_base, 100 + 10 * r + i)?).await?;
+            let public = if *name == "gateway" {
+                Some(bind_local(port(port_base, 443 + r)?).await?)
+            } else {
+                None
+            };
+            let label = if count > 1 {
+                format!("{name}[{replica}]")
+            } else {
+                (*name).to_owned()
+            };
+            bound.push(Bound {
+                name,
+                replica,
+                label,
+                grpc,
+                admin,
+                public,
+            });
+        }
+    }
+    Ok(bound)
+}
+
+/// Every replica's addresses by service, in replica order.
+pub(crate) fn addrs_of(bound: &[Bound]) -> anyhow::Result<BTreeMap<String, Vec<ReplicaAddrs>>> {
+    let mut replicas: BTreeMap<String, Vec<ReplicaAddrs>> = BTreeMap::new();
+    for b in bound {
+        replicas.entry(b.name.to_owned()).or_default().push((
+            b.grpc.local_addr()?,
+            b.admin.local_addr()?,
+            b.public.as_ref().map(|p| p.local_addr()).transpose()?,
+        ));
+    }
+    Ok(replicas)
+}
+/// Writes `endpoints.json`: replica 0 of each service in the original shape, every replica
+/// (with its process id when it is a process of its own) in `replicas`.
+pub(crate) fn write_endpoints(
+    path: &Path,
+    certs_dir: &Path,
+    identities: &BTreeMap<String, SpiffeId>,
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
+    pids: Option<&BTreeMap<String, Vec<u32>>>,
+) -> anyhow::Result<()> {
     let endpoints = Endpoints {
         ca: certs_dir.join("ca.crt"),
         operator: OperatorFiles {
             cert: certs_dir.join("operator/tls.crt"),
             key: certs_dir.join("operator/tls.key"),
         },
-        services: addrs
+        services: replicas
             .iter()
-            .map(|(name, (grpc, admin, public))| {
-                (
+            .filter_map(|(name, list)| {
+                let (grpc, admin, public) = list.first()?;
+                let pids = pids.and_then(|p| p.get(name));
+                Some((
                     name.clone(),
                     ServiceEndpoints {
                         grpc: grpc.to_string(),
                         admin: admin.to_string(),
-                        identity: identities[name].to_string(),
+                        identity: identities.get(name)?.to_string(),
                         public: public.map(|p| p.to_string()),
-                        replicas: replicas[name]
+                        replicas: list
                             .iter()
-                            .map(|(grpc, admin, public)| ReplicaEndpoints {
+                            .enumerate()
+                            .map(|(i, (grpc, admin, public))| ReplicaEndpoints {
                                 grpc: grpc.to_string(),
                                 admin: admin.to_string(),
                                 public: public.map(|p| p.to_string()),
+                                pid: pids.and_then(|p| p.get(i).copied()),
                             })
                             .collect(),
                     },
-                )
+                ))
             })
             .collect(),
     };
     // Written aside and renamed into place, so a reader never sees half a file.
-    let partial = mesh.endpoints_path.with_extension("json.partial");
+    let partial = path.with_extension("json.partial");
     std::fs::write(&partial, serde_json::to_string_pretty(&endpoints)?)
-        .and_then(|()| std::fs::rename(&partial, &mesh.endpoints_path))
-        .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
-    Ok(mesh)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `tessera up`: start the mesh, print how to reach it, run until SIGTERM or Ctrl-C.
+/// With `--replicas`, every replica is a process of its own (see [`crate::supervise`]).
 pub async fn run(args: UpArgs, options: MeshOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let telemetry = tessera_mesh::telemetry::init(
@@ -400,6 +486,9 @@ pub async fn run(args: UpArgs, options: MeshOptions) -> anyhow::Result<()> {
         tessera_mesh::telemetry::LogFormat::Pretty,
         std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().as_deref(),
     )?;
+    if args.replicas.is_some() {
+        return crate::supervise::run(&args, &options).await;
+    }
     use std::io::Write as _;
     let mesh = start_mesh_with(
         &args.data_dir,
@@ -421,6 +510,7 @@ pub async fn run(args: UpArgs, options: MeshOptions) -> anyhow::Result<()> {
         &mesh.certs_dir,
         options.database.as_ref(),
         started.elapsed(),
+        None,
     );
     println!("endpoints: {}", mesh.endpoints_path.display());
     println!("Ctrl-C stops the mesh.");
@@ -439,6 +529,23 @@ fn settings_for(
     replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
     database: Option<&ServerUrl>,
 ) -> anyhow::Result<Settings> {
+    let env = env_for(name, replica, data_dir, certs_dir, replicas, database);
+    // The process environment still applies (TESSERA_BOOTSTRAP_ADMIN, ...) where `up` sets
+    // nothing itself.
+    let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());
+    Ok(Settings::from_lookup(name, &lookup)?)
+}
+
+/// The `TESSERA_*` settings `up` gives replica `replica` of `name`: its ports, certificates,
+/// database and every upstream's replicas.
+pub(crate) fn env_for(
+    name: &str,
+    replica: usize,
+    data_dir: &Path,
+    certs_dir: &Path,
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
+    database: Option<&ServerUrl>,
+) -> BTreeMap<String, String> {
     let (grpc, admin, public) = replicas[name][replica];
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("TESSERA_GRPC_ADDR".into(), grpc.to_string());
@@ -472,10 +579,7 @@ fn settings_for(
             format!("static:{}", grpcs.join(",")),
         );
     }
-    // The process environment still applies (DATABASE_URL, TESSERA_BOOTSTRAP_ADMIN, ...)
-    // where `up` sets nothing itself.
-    let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());
-    Ok(Settings::from_lookup(name, &lookup)?)
+    env
 }
 
 async fn wait_ready(admin: &str, bound: Duration) -> anyhow::Result<()> {
@@ -492,17 +596,20 @@ async fn wait_ready(admin: &str, bound: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn print_table(
+/// The table of addresses (and, when replicas are processes, their PIDs) and how to try it.
+pub(crate) fn print_table(
     replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
     certs_dir: &Path,
     database: Option<&ServerUrl>,
     elapsed: Duration,
+    pids: Option<&BTreeMap<String, Vec<u32>>>,
 ) {
     println!();
     println!("Tessera is up ({:.1}s)", elapsed.as_secs_f64());
     println!();
+    let pid_header = if pids.is_some() { "   PID" } else { "" };
     println!(
-        "{:<14} {:<18} {:<18} {:<18} HEALTH",
+        "{:<14} {:<18} {:<18} {:<18} HEALTH{pid_header}",
         "SERVICE", "GRPC (mTLS)", "ADMIN", "PUBLIC (TLS)"
     );
     for name in SERVICES {
@@ -513,8 +620,12 @@ fn print_table(
             } else {
                 name.to_owned()
             };
+            let pid = pids
+                .and_then(|p| p.get(name)?.get(replica))
+                .map(|pid| format!("  {pid}"))
+                .unwrap_or_default();
             println!(
-                "{:<14} {:<18} {:<18} {:<18} SERVING",
+                "{:<14} {:<18} {:<18} {:<18} SERVING{pid}",
                 label,
                 grpc.to_string(),
                 admin.to_string(),
