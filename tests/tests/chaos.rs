@@ -40,7 +40,7 @@ use tessera::{
 use tessera_tests::{bearer, eventually};
 use tokio::task::JoinHandle;
 use tonic::{Code, Status, transport::Channel};
-use topology::{DRAIN_DELAY, Topology};
+use topology::{DRAIN_DELAY, DRAIN_TIMEOUT, Topology};
 
 /// Turn on when lifeA's fixes for issue 13 are merged: (1) token keys fetched single-flight
 /// and before readiness, so a fresh replica never answers UNAUTHENTICATED "unknown key" to a
@@ -377,6 +377,27 @@ async fn stored_posts(channel: &Channel, author: &str) -> BTreeMap<String, Vec<S
     panic!("ListPosts did not end within 1000 pages");
 }
 
+/// How long after it reported ready replica `name` answered its first GetPost from the
+/// gateway (printed, not asserted: lifeA's fix brings it under a second).
+async fn first_call(mesh: &Topology, name: &str) -> String {
+    let ready = Instant::now();
+    let deadline = ready + BOUND;
+    while Instant::now() < deadline {
+        if mesh
+            .served(name, "GetPost", "gateway")
+            .await
+            .is_ok_and(|n| n > 0)
+        {
+            return format!(
+                "first call {:.2}s after ready",
+                ready.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    format!("no call within {BOUND:?} of ready")
+}
+
 fn report(test: &str, what: &str, tally: &Tally, elapsed: Duration) {
     println!(
         "chaos {test}: {what}: {} calls in {:.1}s, {} failed, {} retried, longest {:.0} ms",
@@ -451,14 +472,25 @@ async fn kill_9_of_a_posts_replica_under_read_load_fails_no_read() {
         load.read_posts(&channel, 2, &posts);
     }
     load.progress(300).await;
+    // The reads reach both replicas, so the kill hits calls in flight.
+    for name in mesh.replicas_of("posts") {
+        let mesh = &mesh;
+        eventually(BOUND, async || {
+            let served = mesh.served(&name, "GetPost", "gateway").await?;
+            anyhow::ensure!(served > 0, "{name} has answered no GetPost");
+            Ok(())
+        })
+        .await;
+    }
     mesh.kill9("posts-1");
     println!("chaos kill: posts-1 killed (-9)");
     load.progress(1000).await;
     mesh.spawn("posts-1");
     let ready = mesh.wait_ready("posts-1").await;
     println!(
-        "chaos kill: posts-1 ready again {:.1}s after start",
-        ready.as_secs_f64()
+        "chaos kill: posts-1 ready again {:.1}s after start, {}",
+        ready.as_secs_f64(),
+        first_call(&mesh, "posts-1").await
     );
     load.progress(1000).await;
     let reads = load.stop().await;
@@ -496,8 +528,10 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
         let (stopped, status) = mesh.terminate(&name).await;
         let drain_timeout = mesh.log(&name).contains("drain timeout");
         println!(
-            "chaos roll: {name} stopped {:.2}s after SIGTERM ({status}){}",
+            "chaos roll: {name} stopped {:.2}s after SIGTERM ({status}; drain delay {:.1}s, timeout {:.1}s){}",
             stopped.as_secs_f64(),
+            DRAIN_DELAY.as_secs_f64(),
+            DRAIN_TIMEOUT.as_secs_f64(),
             if drain_timeout {
                 ", after the drain timeout"
             } else {
@@ -506,18 +540,16 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
         );
         assert!(status.success(), "{name} exited with {status} on SIGTERM");
         if LIFEA_FIXES {
-            // lifeA: streams (comments' WatchEvents on posts) end on drain.
-            assert!(
-                stopped <= DRAIN_DELAY + Duration::from_secs(2),
-                "{name} took {stopped:?} to stop"
-            );
+            // lifeA: streams (comments' WatchEvents on posts) end on drain, so the stop
+            // takes the drain delay (printed above), not the drain timeout.
             assert!(!drain_timeout, "{name} waited for the drain timeout");
         }
         mesh.spawn(&name);
         let ready = mesh.wait_ready(&name).await;
         println!(
-            "chaos roll: {name} ready again {:.1}s after start",
-            ready.as_secs_f64()
+            "chaos roll: {name} ready again {:.1}s after start, {}",
+            ready.as_secs_f64(),
+            first_call(&mesh, &name).await
         );
         reads.progress(500).await;
         writes.progress(20).await;

@@ -422,6 +422,37 @@ impl Topology {
         first.as_ref().to_vec()
     }
 
+    /// How many `method` calls replica `name` (this process of it) has answered with OK to
+    /// `caller`, from its `/metrics`.
+    pub async fn served(&self, name: &str, method: &str, caller: &str) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let admin = self.replica(name).admin;
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(admin),
+        )
+        .await??;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body)).await??;
+        let caller = format!("caller=\"{caller}\"");
+        let method = format!("/{method}\"");
+        let mut total = 0;
+        for line in body.lines() {
+            if line.starts_with("tessera_grpc_server_requests_total{")
+                && line.contains(&method)
+                && line.contains("code=\"OK\"")
+                && line.contains(&caller)
+                && let Some(value) = line.rsplit(' ').next()
+            {
+                total += value.parse::<u64>()?;
+            }
+        }
+        Ok(total)
+    }
+
     /// The certificate `addr` presents in a handshake, as the operator (mTLS).
     pub async fn served_cert(&self, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
         let operator = TlsSource::load(TlsFiles::in_dir(&self.certs.join("operator")))?;
