@@ -214,6 +214,7 @@ async fn supervise(
     tokio::pin!(signal);
     loop {
         tokio::select! {
+            biased;
             () = &mut signal => return,
             () = tokio::time::sleep(POLL) => {}
         }
@@ -223,21 +224,28 @@ async fn supervise(
                 continue;
             };
             let pause = r.next_pause();
-            println!(
-                "{} exited ({status}); starting it again in {:.1}s",
-                r.label,
-                pause.as_secs_f64()
-            );
+            println!("{} exited ({status})", r.label);
             // Ctrl-C reaches the replicas too (one process group): the pause also lets it
             // reach up before anything is restarted.
             tokio::select! {
+                biased;
                 () = &mut signal => return,
                 () = tokio::time::sleep(pause) => {}
             }
-            match r.start(exe).await {
-                Ok(()) => println!("{} ready again (pid {})", r.label, r.pid()),
-                // Seen as exited (or still starting) on the next round.
-                Err(err) => println!("{err:#}"),
+            println!(
+                "starting {} again ({:.1}s after it exited)",
+                r.label,
+                pause.as_secs_f64()
+            );
+            tokio::select! {
+                biased;
+                // The replica being started is stopped with the others.
+                () = &mut signal => return,
+                started = r.start(exe) => match started {
+                    Ok(()) => println!("{} ready again (pid {})", r.label, r.pid()),
+                    // Seen as exited (or still starting) on the next round.
+                    Err(err) => println!("{err:#}"),
+                },
             }
             let written = write_endpoints(
                 &prepared.endpoints_path,
