@@ -136,6 +136,34 @@ fn posts_pids(endpoints: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// GetPost calls the gateway made to the replica with admin port `admin` (its `/metrics`).
+async fn get_posts_from_gateway(admin: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+        return 0;
+    };
+    let request = b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    let mut body = String::new();
+    let read = async {
+        stream.write_all(request).await?;
+        stream.read_to_string(&mut body).await
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
+        return 0;
+    }
+    body.lines()
+        .filter(|l| {
+            l.starts_with("tessera_grpc_server_requests_total{")
+                && l.contains("/GetPost\"")
+                && l.contains("caller=\"gateway\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn process_exists(pid: u64) -> bool {
     Command::new("kill")
         .args(["-0", &pid.to_string()])
@@ -282,7 +310,29 @@ async fn replicas_are_processes_balanced_over_and_restarted_when_killed() {
         })
         .await
     };
-    thread(&mut feed).await.unwrap();
+    // The gateway balances over both replicas.
+    let admins: Vec<&str> = replicas
+        .iter()
+        .map(|r| r["admin"].as_str().unwrap())
+        .collect();
+    let mut calls = 0;
+    loop {
+        thread(&mut feed).await.unwrap();
+        calls += 1;
+        if calls % 10 == 0 {
+            let mut served = Vec::new();
+            for admin in &admins {
+                served.push(get_posts_from_gateway(admin).await);
+            }
+            if served.iter().all(|n| *n > 0) {
+                break;
+            }
+            assert!(
+                calls < 500,
+                "after {calls} calls the replicas served {served:?}"
+            );
+        }
+    }
     let killed = Command::new("kill")
         .args(["-9", &pids[1].to_string()])
         .status()
