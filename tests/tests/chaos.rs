@@ -28,7 +28,9 @@ use std::{
 };
 
 use tessera::{
-    comments::v1::{CreateCommentRequest, comment_service_client::CommentServiceClient},
+    comments::v1::{
+        CreateCommentRequest, ListCommentsRequest, comment_service_client::CommentServiceClient,
+    },
     notifications::v1::{
         ListNotificationsRequest, notification_service_client::NotificationServiceClient,
     },
@@ -585,7 +587,7 @@ async fn certificate_rotation_under_load_fails_no_call() {
     let channel = mesh.public_channel().await;
     let author = sign_up(&channel, "rotate_author").await;
     let posts = create_posts(&channel, &author, 20).await;
-    let watched: Vec<String> = ["users", "posts", "comments", "gateway"]
+    let watched: Vec<String> = topology::SERVICES
         .iter()
         .flat_map(|s| mesh.replicas_of(s))
         .collect();
@@ -622,8 +624,19 @@ async fn certificate_rotation_under_load_fails_no_call() {
         })
         .await;
     }
+    // The gateway's public port too (the gateway's workload certificate).
+    let new = mesh.cert_on_disk("gateway");
+    eventually(BOUND, async || {
+        let served = mesh.served_public_cert().await?;
+        anyhow::ensure!(
+            served == new,
+            "the public port still serves the old certificate"
+        );
+        Ok(())
+    })
+    .await;
     println!(
-        "chaos rotate: every replica served its new certificate {:.1}s after the rewrite",
+        "chaos rotate: every port served its new certificate {:.1}s after the rewrite",
         rotated.elapsed().as_secs_f64()
     );
     // Calls keep flowing over connections made with the new certificates too.
@@ -716,6 +729,34 @@ async fn notifications_killed_with_events_pending_delivers_each_event_once() {
     report("notify", "CreateComment", &writes, started.elapsed());
     assert_none_failed("notify", "comment writes", &writes);
     assert_eq!(made.len(), n, "comments acknowledged with distinct ids");
+    // Exactly once in comments too: each acknowledged comment stored, none twice.
+    let mut stored = Vec::new();
+    let mut lister = CommentServiceClient::new(channel.clone());
+    for post in &posts {
+        let mut page_token = String::new();
+        for _ in 0..100 {
+            let page = lister
+                .list_comments(ListCommentsRequest {
+                    post_id: post.clone(),
+                    page_size: 100,
+                    page_token: page_token.clone(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("ListComments {post}: {s:?}"))
+                .into_inner();
+            stored.extend(page.comments.into_iter().map(|c| c.comment_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+    assert_eq!(stored.len(), made.len(), "comments stored for {n} made");
+    assert_eq!(
+        stored.into_iter().collect::<BTreeSet<_>>(),
+        made,
+        "the comments stored are the ones acknowledged"
+    );
 
     let mut notifications = NotificationServiceClient::new(channel.clone());
     let unread = async |client: &mut NotificationServiceClient<Channel>| {

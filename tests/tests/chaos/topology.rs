@@ -453,6 +453,18 @@ impl Topology {
         Ok(total)
     }
 
+    /// The certificate the gateway's public port presents to an end user's client.
+    pub async fn served_public_cert(&self) -> anyhow::Result<Vec<u8>> {
+        let tls = tessera_tests::server_only_tls(&self.certs.join("ca.crt"))?;
+        let stream = tessera_tests::tls_connect(self.public_addr(), tls).await?;
+        let (_, conn) = stream.get_ref();
+        let cert = conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .ok_or_else(|| anyhow::anyhow!("the public port presented no certificate"))?;
+        Ok(cert.as_ref().to_vec())
+    }
+
     /// The certificate `addr` presents in a handshake, as the operator (mTLS).
     pub async fn served_cert(&self, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
         let operator = TlsSource::load(TlsFiles::in_dir(&self.certs.join("operator")))?;
