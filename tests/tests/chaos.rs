@@ -279,7 +279,7 @@ async fn retry_write<T, F: Future<Output = Result<T, Status>>>(
             Err(status) => status,
         };
         let transient = match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => true,
+            Code::Unavailable | Code::DeadlineExceeded => true,
             Code::Unauthenticated => {
                 tally.token_rejections += 1;
                 !LIFEA_FIXES
