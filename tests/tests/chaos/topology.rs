@@ -143,13 +143,6 @@ impl Topology {
             .unwrap_or_else(|e| panic!("a temporary dir: {e}"));
         let certs = dir.path().join("certs");
         let data = dir.path().join("data");
-        for service in databases::OWNERS {
-            let url = server.service_url(service);
-            databases::ensure_database(&url)
-                .await
-                .unwrap_or_else(|e| panic!("creating {}: {e:#}", server.database_name(service)));
-        }
-        run_tool(&["certs", "--dir", path_str(&certs)]);
 
         let counts: Vec<(&'static str, usize)> = SERVICES
             .iter()
@@ -176,6 +169,7 @@ impl Topology {
                 replicas.insert(format!("{service}-{i}"), replica);
             }
         }
+        // From here on a panic drops the topology: its processes and databases go with it.
         let mut topology = Self {
             replicas,
             server,
@@ -183,6 +177,13 @@ impl Topology {
             data,
             _dir: dir,
         };
+        for service in databases::OWNERS {
+            let url = topology.server.service_url(service);
+            databases::ensure_database(&url).await.unwrap_or_else(|e| {
+                panic!("creating {}: {e:#}", topology.server.database_name(service))
+            });
+        }
+        run_tool(&["certs", "--dir", path_str(&topology.certs)]);
         // Users first: every other service fetches its token keys from it.
         topology.spawn("users-0");
         topology.wait_ready("users-0").await;
