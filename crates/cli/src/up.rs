@@ -1,7 +1,8 @@
 //! `tessera up`: the whole mesh in one process for development. Every service still has its
 //! own ports, its own certificate and its own database, and speaks mTLS to the others.
 //! `--replicas posts=2` runs several replicas of a service (on PostgreSQL, see
-//! [`crate::databases`]), each on its own ports, with every caller balancing over all of them.
+//! [`crate::databases`]), each on its own ports and a process of its own (see
+//! [`crate::supervise`]), with every caller balancing over all of them.
 
 use std::{
     collections::BTreeMap,
@@ -41,9 +42,10 @@ pub struct UpArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "warn")]
     pub log: String,
-    /// Replicas per service, e.g. `posts=2,comments=2` (at most 9 each; the rest run one).
-    /// Replica r of service i listens on BASE+10r+i, admin BASE+100+10r+i, and a gateway
-    /// replica's public port is BASE+443+r. Needs DATABASE_URL: replicas share a database.
+    /// Replicas per service, e.g. `posts=2,comments=2` (at most 9 each; the rest run one),
+    /// each a `tessera serve` process, started again when it dies. Replica r of service i
+    /// listens on BASE+10r+i, admin BASE+100+10r+i, and a gateway replica's public port is
+    /// BASE+443+r. Needs DATABASE_URL: replicas share a database.
     #[arg(long, value_name = "SERVICE=N[,SERVICE=N]")]
     pub replicas: Option<String>,
     /// A PostgreSQL server: each service gets its own database there, `<db>_<service>` for
@@ -227,7 +229,8 @@ pub async fn start_mesh(
     .await
 }
 
-/// [`start_mesh`] with replicas and databases from `options`. Each service's database is
+/// [`start_mesh`] with replicas and databases from `options`, every replica in this process
+/// (`tessera up --replicas` runs them as processes instead). Each service's database is
 /// created (when missing) before anything starts; `progress` names replicas `posts[1]`.
 pub async fn start_mesh_with(
     data_dir: &Path,
