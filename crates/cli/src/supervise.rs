@@ -117,6 +117,17 @@ impl Replica {
     }
 }
 
+impl Drop for Replica {
+    /// A replica is stopped (and reaped) by `stop_all`; one still running here means `up` is
+    /// failing or unwinding, and must not leave it behind.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `tessera up` with `--replicas`: start every replica as a process, print the table, keep
 /// them running until SIGTERM or Ctrl-C, then stop them all.
 pub async fn run(args: &UpArgs, options: &MeshOptions) -> anyhow::Result<()> {
@@ -167,13 +178,17 @@ pub async fn run(args: &UpArgs, options: &MeshOptions) -> anyhow::Result<()> {
         }
         println!(" ready (pid {})", replicas.last().map_or(0, Replica::pid));
     }
-    write_endpoints(
+    let written = write_endpoints(
         &prepared.endpoints_path,
         &prepared.certs_dir,
         &prepared.identities,
         &addrs,
         Some(&pids(&replicas)),
-    )?;
+    );
+    if let Err(err) = written {
+        stop_all(&mut replicas).await;
+        return Err(err);
+    }
     print_table(
         &addrs,
         &prepared.certs_dir,
