@@ -5,8 +5,9 @@
 //! replicas behind `static:a,b`, one of every other service, the gateway in front. Clients
 //! call the gateway's public port as end users do and retry as the README's client policy
 //! says (idempotent methods on UNAVAILABLE, 3 tries, 25 ms backoff doubling to 250 ms);
-//! writes are retried with the same `request_id`. Each test asserts 0 failed idempotent
-//! calls and exactly-once effects, and prints the calls made and the longest latency.
+//! writes are retried with the same `request_id`, and some are sent again at the end as a
+//! client whose answer was lost would. Each test asserts 0 failed idempotent calls and
+//! exactly-once effects, and prints the calls made and the longest latency.
 //!
 //! Skipped, with a printed reason, when `TESSERA_TEST_DATABASE_URL` is unset. The tests run
 //! one at a time (each topology is seven processes on a 2-core machine).
@@ -233,7 +234,7 @@ impl Load {
                         &token,
                         CreatePostRequest {
                             title: request_id.clone(),
-                            body: "written under chaos".into(),
+                            body: WRITTEN_BODY.into(),
                             tags: vec![],
                             request_id: request_id.clone(),
                         },
@@ -420,13 +421,52 @@ fn assert_none_failed(test: &str, what: &str, tally: &Tally) {
     );
 }
 
+/// The body of every post the writers create.
+const WRITTEN_BODY: &str = "written under chaos";
+
+/// Sends up to `n` acknowledged writes again, as a client whose acknowledgement was lost
+/// would: each must answer with the post it first created.
+async fn replay_writes(
+    test: &str,
+    channel: &Channel,
+    token: &str,
+    acked: &BTreeMap<String, String>,
+    n: usize,
+) {
+    let mut posts = PostServiceClient::new(channel.clone());
+    for (request_id, post_id) in acked.iter().take(n) {
+        let again = posts
+            .create_post(bearer(
+                token,
+                CreatePostRequest {
+                    title: request_id.clone(),
+                    body: WRITTEN_BODY.into(),
+                    tags: vec![],
+                    request_id: request_id.clone(),
+                },
+            ))
+            .await
+            .unwrap_or_else(|s| panic!("{test}: CreatePost {request_id} again: {s:?}"))
+            .into_inner()
+            .post
+            .map(|p| p.post_id);
+        assert_eq!(
+            again.as_deref(),
+            Some(post_id.as_str()),
+            "{test}: {request_id} sent again created another post"
+        );
+    }
+}
+
 /// Exactly once: every acknowledged write is stored once, under the post id it was
-/// acknowledged with, and nothing else was stored for these writers.
+/// acknowledged with, and nothing else was stored for these writers beyond the `failed`
+/// writes (which may or may not have happened).
 async fn assert_exactly_once(
     test: &str,
     channel: &Channel,
     author: &str,
     acked: &BTreeMap<String, String>,
+    failed: u64,
     tags: &[&str],
 ) {
     let stored = stored_posts(channel, author).await;
@@ -442,11 +482,10 @@ async fn assert_exactly_once(
         .iter()
         .filter(|(title, _)| tags.iter().any(|t| title.starts_with(&format!("{t}-"))))
         .count();
-    // A write still failing at the end may or may not have happened; any other surplus is
-    // a duplicate or a write nobody asked for.
+    // Any surplus beyond the failed writes is a duplicate or a write nobody asked for.
     assert!(
-        ours >= acked.len(),
-        "{test}: {} writes acknowledged, {ours} stored",
+        ours >= acked.len() && ours as u64 <= acked.len() as u64 + failed,
+        "{test}: {} writes acknowledged, {failed} failed, {ours} stored",
         acked.len()
     );
     println!(
@@ -456,7 +495,7 @@ async fn assert_exactly_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_a_posts_replica_under_read_load_fails_no_read() {
+async fn kill_9_of_a_posts_replica_under_load_fails_no_read_and_duplicates_no_write() {
     let Some(server) = topology::test_server("kill") else {
         return;
     };
@@ -464,6 +503,7 @@ async fn kill_9_of_a_posts_replica_under_read_load_fails_no_read() {
     let mut mesh = Topology::start(server, 2).await;
     let channel = mesh.public_channel().await;
     let author = sign_up(&channel, "kill_author").await;
+    let writer = sign_up(&channel, "kill_writer").await;
     let posts = create_posts(&channel, &author, 20).await;
 
     let started = Instant::now();
@@ -473,7 +513,15 @@ async fn kill_9_of_a_posts_replica_under_read_load_fails_no_read() {
         let channel = mesh.public_channel().await;
         load.read_posts(&channel, 2, &posts);
     }
+    // Writes too: one in flight on the killed replica may have committed without an answer,
+    // and its retry (same request_id, on the other replica) must not create it twice.
+    let acked = Arc::new(tokio::sync::Mutex::new(BTreeMap::new()));
+    let mut writes = Load::new();
+    for tag in ["k0", "k1"] {
+        writes.write_posts(&channel, &writer, tag, acked.clone());
+    }
     load.progress(300).await;
+    writes.progress(20).await;
     // The reads reach both replicas, so the kill hits calls in flight.
     for name in mesh.replicas_of("posts") {
         let mesh = &mesh;
@@ -495,9 +543,35 @@ async fn kill_9_of_a_posts_replica_under_read_load_fails_no_read() {
         first_call(&mesh, "posts-1").await
     );
     load.progress(1000).await;
+    writes.progress(20).await;
     let reads = load.stop().await;
+    let write_tally = writes.stop().await;
     report("kill", "GetPost", &reads, started.elapsed());
+    report("kill", "CreatePost", &write_tally, started.elapsed());
+    println!(
+        "chaos kill: UNAUTHENTICATED answers to valid tokens: {}",
+        write_tally.token_rejections
+    );
     assert_none_failed("kill", "reads", &reads);
+    assert_none_failed("kill", "writes", &write_tally);
+    if LIFEA_FIXES {
+        // lifeA: the restarted replica has its token keys before it is ready.
+        assert_eq!(
+            write_tally.token_rejections, 0,
+            "a fresh replica rejected valid tokens"
+        );
+    }
+    let acked = acked.lock().await.clone();
+    replay_writes("kill", &channel, &writer.token, &acked, 20).await;
+    assert_exactly_once(
+        "kill",
+        &channel,
+        &writer.user_id,
+        &acked,
+        write_tally.failed,
+        &["k0", "k1"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,7 +648,16 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
         );
     }
     let acked = acked.lock().await.clone();
-    assert_exactly_once("roll", &channel, &writer.user_id, &acked, &["w0", "w1"]).await;
+    replay_writes("roll", &channel, &writer.token, &acked, 20).await;
+    assert_exactly_once(
+        "roll",
+        &channel,
+        &writer.user_id,
+        &acked,
+        write_tally.failed,
+        &["w0", "w1"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
