@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod databases;
 pub mod probe;
+pub mod supervise;
 pub mod up;
 pub mod wiring;

@@ -212,12 +212,21 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Up(args) => runtime().block_on(async {
-            match up::run(args).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => fail(&err),
-            }
-        }),
+        Command::Up(args) => {
+            let options = match args.options() {
+                Ok(options) => options,
+                Err(err) => {
+                    eprintln!("tessera: {err}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            runtime().block_on(async {
+                match up::run(args, options).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => fail(&err),
+                }
+            })
+        }
     }
 }
 

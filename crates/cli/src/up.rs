@@ -1,5 +1,8 @@
 //! `tessera up`: the whole mesh in one process for development. Every service still has its
 //! own ports, its own certificate and its own database, and speaks mTLS to the others.
+//! `--replicas posts=2` runs several replicas of a service (on PostgreSQL, see
+//! [`crate::databases`]), each on its own ports and a process of its own (see
+//! [`crate::supervise`]), with every caller balancing over all of them.
 
 use std::{
     collections::BTreeMap,
@@ -11,13 +14,21 @@ use std::{
 use anyhow::Context;
 use serde::Serialize;
 use tessera_mesh::{
-    config::{SERVICES, Settings},
+    config::{ConfigError, SERVICES, Settings},
     identity::{DEFAULT_TRUST_DOMAIN, SpiffeId},
     server::{Listeners, bind},
     shutdown::{Shutdown, ShutdownTrigger},
 };
 
-use crate::{certs, probe, wiring};
+use crate::{
+    certs,
+    databases::{self, ServerUrl},
+    probe, wiring,
+};
+
+/// The most replicas of one service `--replicas` runs: replica r of service i listens on
+/// BASE+10r+i, so ten would reach the admin ports at BASE+100.
+pub const MAX_REPLICAS: usize = 9;
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -31,7 +42,96 @@ pub struct UpArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "warn")]
     pub log: String,
+    /// Replicas per service, e.g. `posts=2,comments=2` (at most 9 each; the rest run one),
+    /// each a `tessera serve` process, started again when it dies. Replica r of service i
+    /// listens on BASE+10r+i, admin BASE+100+10r+i, and a gateway replica's public port is
+    /// BASE+443+r. Needs DATABASE_URL: replicas share a database.
+    #[arg(long, value_name = "SERVICE=N[,SERVICE=N]")]
+    pub replicas: Option<String>,
+    /// A PostgreSQL server: each service gets its own database there, `<db>_<service>` for
+    /// the database `<db>` the URL names (`tessera` if none), created if missing. Unset:
+    /// SQLite files under the data dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
+
+impl UpArgs {
+    /// Checks `--replicas` and `DATABASE_URL` before anything starts; the error names the
+    /// setting (the binary exits 64 with it).
+    pub fn options(&self) -> Result<MeshOptions, ConfigError> {
+        let database = self
+            .database_url
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
+            .map(|url| ServerUrl::parse(url).map_err(|e| ConfigError::new("DATABASE_URL", e)))
+            .transpose()?;
+        let replicas = match &self.replicas {
+            Some(spec) => parse_replicas(spec)?,
+            None => BTreeMap::new(),
+        };
+        if database.is_none()
+            && let Some((name, n)) = replicas.iter().find(|(_, n)| **n > 1)
+        {
+            return Err(ConfigError::new(
+                "--replicas",
+                format!(
+                    "{name}={n} needs DATABASE_URL=postgres://user:password@host:port/PREFIX: \
+                     replicas share their service's database, and a SQLite file cannot be \
+                     shared safely"
+                ),
+            ));
+        }
+        Ok(MeshOptions { replicas, database })
+    }
+}
+
+/// `SERVICE=N[,SERVICE=N]` into replicas per service.
+fn parse_replicas(spec: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
+    let bad = |message: String| Err(ConfigError::new("--replicas", message));
+    let mut replicas = BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, count)) = part.split_once('=') else {
+            return bad(format!("expected SERVICE=N, got {part:?}"));
+        };
+        let name = name.trim();
+        if !SERVICES.contains(&name) {
+            return bad(format!(
+                "unknown service {name:?}; expected one of {}",
+                SERVICES.join(", ")
+            ));
+        }
+        let count: usize = match count.trim().parse() {
+            Ok(n) if (1..=MAX_REPLICAS).contains(&n) => n,
+            _ => {
+                return bad(format!(
+                    "{name}: expected a number of replicas from 1 to {MAX_REPLICAS}, got {count:?}"
+                ));
+            }
+        };
+        if replicas.insert(name.to_owned(), count).is_some() {
+            return bad(format!("{name} is given twice"));
+        }
+    }
+    Ok(replicas)
+}
+
+/// What `tessera up` runs beyond the ports: replicas per service and where data lives.
+#[derive(Clone, Debug, Default)]
+pub struct MeshOptions {
+    /// Replicas per service; a service not named runs one.
+    pub replicas: BTreeMap<String, usize>,
+    /// One database per service on this PostgreSQL server; SQLite files when `None`.
+    pub database: Option<ServerUrl>,
+}
+
+impl MeshOptions {
+    fn replicas_of(&self, service: &str) -> usize {
+        self.replicas.get(service).copied().unwrap_or(1).max(1)
+    }
+}
+
+/// One replica's addresses: (grpc, admin, public).
+pub type ReplicaAddrs = (SocketAddr, SocketAddr, Option<SocketAddr>);
 
 #[derive(Serialize)]
 struct Endpoints {
@@ -53,6 +153,19 @@ struct ServiceEndpoints {
     identity: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     public: Option<String>,
+    /// Every replica, the first one (whose addresses are above) included.
+    replicas: Vec<ReplicaEndpoints>,
+}
+
+#[derive(Serialize)]
+struct ReplicaEndpoints {
+    grpc: String,
+    admin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public: Option<String>,
+    /// With `--replicas` each replica is a process of its own: `kill -9` it to watch failover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
 }
 
 fn port(base: u16, offset: u16) -> anyhow::Result<u16> {
@@ -72,8 +185,10 @@ pub struct Mesh {
     pub data_dir: PathBuf,
     pub certs_dir: PathBuf,
     pub endpoints_path: PathBuf,
-    /// service → (grpc, admin, public)
-    pub addrs: BTreeMap<String, (SocketAddr, SocketAddr, Option<SocketAddr>)>,
+    /// service → (grpc, admin, public) of its first replica
+    pub addrs: BTreeMap<String, ReplicaAddrs>,
+    /// service → every replica's addresses, the first one first
+    pub replicas: BTreeMap<String, Vec<ReplicaAddrs>>,
     trigger: ShutdownTrigger,
     running: Vec<(String, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 }
@@ -102,8 +217,118 @@ pub async fn start_mesh(
     data_dir: &Path,
     port_base: u16,
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
+    progress: impl FnMut(&str, bool),
+) -> anyhow::Result<Mesh> {
+    start_mesh_with(
+        data_dir,
+        port_base,
+        &MeshOptions::default(),
+        tracer,
+        progress,
+    )
+    .await
+}
+
+/// [`start_mesh`] with replicas and databases from `options`, every replica in this process
+/// (`tessera up --replicas` runs them as processes instead). Each service's database is
+/// created (when missing) before anything starts; `progress` names replicas `posts[1]`.
+pub async fn start_mesh_with(
+    data_dir: &Path,
+    port_base: u16,
+    options: &MeshOptions,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
     mut progress: impl FnMut(&str, bool),
 ) -> anyhow::Result<Mesh> {
+    let Prepared {
+        data_dir,
+        certs_dir,
+        endpoints_path,
+        identities,
+    } = prepare(data_dir, options).await?;
+    let bound = bind_all(port_base, options).await?;
+    let replicas = addrs_of(&bound)?;
+    let addrs: BTreeMap<String, ReplicaAddrs> = replicas
+        .iter()
+        .filter_map(|(name, list)| Some((name.clone(), *list.first()?)))
+        .collect();
+
+    let (trigger, shutdown) = Shutdown::new();
+    let mut mesh = Mesh {
+        endpoints_path,
+        data_dir: data_dir.clone(),
+        certs_dir: certs_dir.clone(),
+        addrs: addrs.clone(),
+        replicas: replicas.clone(),
+        trigger,
+        running: Vec::new(),
+    };
+    for Bound {
+        name,
+        replica,
+        label,
+        grpc,
+        admin,
+        public,
+    } in bound
+    {
+        progress(&label, false);
+        let started = async {
+            let mut settings = settings_for(
+                name,
+                replica,
+                &data_dir,
+                &certs_dir,
+                &replicas,
+                options.database.as_ref(),
+            )?;
+            settings.server.tracer = tracer.clone();
+            let handle = wiring::start(
+                settings,
+                Listeners {
+                    grpc,
+                    admin,
+                    public,
+                },
+                shutdown.clone(),
+            )
+            .await?;
+            mesh.running.push((label.clone(), handle));
+            wait_ready(
+                &replicas[name][replica].1.to_string(),
+                Duration::from_secs(60),
+            )
+            .await
+        }
+        .await
+        .with_context(|| format!("starting {label}"));
+        if let Err(err) = started {
+            // Stop what did start before reporting.
+            let _ = mesh.shutdown().await;
+            return Err(err);
+        }
+        progress(&label, true);
+    }
+    write_endpoints(
+        &mesh.endpoints_path,
+        &certs_dir,
+        &identities,
+        &replicas,
+        None,
+    )?;
+    Ok(mesh)
+}
+
+/// A data dir made ready for a run.
+pub(crate) struct Prepared {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) certs_dir: PathBuf,
+    pub(crate) endpoints_path: PathBuf,
+    pub(crate) identities: BTreeMap<String, SpiffeId>,
+}
+
+/// Creates the data dir, removes a previous run's endpoints.json, creates (or reuses) the
+/// certificates and, on PostgreSQL, each service's database.
+pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::Result<Prepared> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir)
@@ -128,99 +353,135 @@ pub async fn start_mesh(
         identities.insert(name.to_owned(), id);
     }
 
-    // Bind everything before starting anything, so a taken port fails fast and clearly.
+    if let Some(server) = &options.database {
+        for name in databases::OWNERS {
+            databases::ensure_database(&server.service_url(name))
+                .await
+                .with_context(|| {
+                    format!(
+                        "DATABASE_URL: cannot create or reach database {}",
+                        server.database_name(name)
+                    )
+                })?;
+        }
+    }
+
+    Ok(Prepared {
+        data_dir,
+        certs_dir,
+        endpoints_path,
+        identities,
+    })
+}
+
+/// One replica's listeners, bound before anything starts.
+pub(crate) struct Bound {
+    pub(crate) name: &'static str,
+    pub(crate) replica: usize,
+    /// `posts` or, with several replicas, `posts[1]`.
+    pub(crate) label: String,
+    pub(crate) grpc: tokio::net::TcpListener,
+    pub(crate) admin: tokio::net::TcpListener,
+    pub(crate) public: Option<tokio::net::TcpListener>,
+}
+
+/// Binds every replica's ports, so a taken port fails fast and clearly.
+pub(crate) async fn bind_all(port_base: u16, options: &MeshOptions) -> anyhow::Result<Vec<Bound>> {
     let mut bound = Vec::new();
     for (i, name) in SERVICES.iter().enumerate() {
         let i = i as u16 + 1;
-        let grpc = bind_local(port(port_base, i)?).await?;
-        let admin = bind_local(port(port_base, 100 + i)?).await?;
-        let public = if *name == "gateway" {
-            Some(bind_local(port(port_base, 443)?).await?)
-        } else {
-            None
-        };
-        bound.push((*name, grpc, admin, public));
-    }
-    let mut addrs = BTreeMap::new();
-    for (name, grpc, admin, public) in &bound {
-        addrs.insert(
-            (*name).to_owned(),
-            (
-                grpc.local_addr()?,
-                admin.local_addr()?,
-                public.as_ref().map(|p| p.local_addr()).transpose()?,
-            ),
-        );
-    }
-
-    let (trigger, shutdown) = Shutdown::new();
-    let mut mesh = Mesh {
-        endpoints_path,
-        data_dir: data_dir.clone(),
-        certs_dir: certs_dir.clone(),
-        addrs: addrs.clone(),
-        trigger,
-        running: Vec::new(),
-    };
-    for (name, grpc, admin, public) in bound {
-        progress(name, false);
-        let started = async {
-            let mut settings = settings_for(name, &data_dir, &certs_dir, &addrs)?;
-            settings.server.tracer = tracer.clone();
-            let handle = wiring::start(
-                settings,
-                Listeners {
-                    grpc,
-                    admin,
-                    public,
-                },
-                shutdown.clone(),
-            )
-            .await?;
-            mesh.running.push((name.to_owned(), handle));
-            wait_ready(&addrs[name].1.to_string(), Duration::from_secs(60)).await
+        let count = options.replicas_of(name);
+        for replica in 0..count {
+            let r = replica as u16;
+            let grpc = bind_local(port(port_base, 10 * r + i)?).await?;
+            let admin = bind_local(port(port_base, 100 + 10 * r + i)?).await?;
+            let public = if *name == "gateway" {
+                Some(bind_local(port(port_base, 443 + r)?).await?)
+            } else {
+                None
+            };
+            let label = if count > 1 {
+                format!("{name}[{replica}]")
+            } else {
+                (*name).to_owned()
+            };
+            bound.push(Bound {
+                name,
+                replica,
+                label,
+                grpc,
+                admin,
+                public,
+            });
         }
-        .await
-        .with_context(|| format!("starting {name}"));
-        if let Err(err) = started {
-            // Stop what did start before reporting.
-            let _ = mesh.shutdown().await;
-            return Err(err);
-        }
-        progress(name, true);
     }
+    Ok(bound)
+}
 
+/// Every replica's addresses by service, in replica order.
+pub(crate) fn addrs_of(bound: &[Bound]) -> anyhow::Result<BTreeMap<String, Vec<ReplicaAddrs>>> {
+    let mut replicas: BTreeMap<String, Vec<ReplicaAddrs>> = BTreeMap::new();
+    for b in bound {
+        replicas.entry(b.name.to_owned()).or_default().push((
+            b.grpc.local_addr()?,
+            b.admin.local_addr()?,
+            b.public.as_ref().map(|p| p.local_addr()).transpose()?,
+        ));
+    }
+    Ok(replicas)
+}
+/// Writes `endpoints.json`: replica 0 of each service in the original shape, every replica
+/// (with its process id when it is a process of its own) in `replicas`.
+pub(crate) fn write_endpoints(
+    path: &Path,
+    certs_dir: &Path,
+    identities: &BTreeMap<String, SpiffeId>,
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
+    pids: Option<&BTreeMap<String, Vec<u32>>>,
+) -> anyhow::Result<()> {
     let endpoints = Endpoints {
         ca: certs_dir.join("ca.crt"),
         operator: OperatorFiles {
             cert: certs_dir.join("operator/tls.crt"),
             key: certs_dir.join("operator/tls.key"),
         },
-        services: addrs
+        services: replicas
             .iter()
-            .map(|(name, (grpc, admin, public))| {
-                (
+            .filter_map(|(name, list)| {
+                let (grpc, admin, public) = list.first()?;
+                let pids = pids.and_then(|p| p.get(name));
+                Some((
                     name.clone(),
                     ServiceEndpoints {
                         grpc: grpc.to_string(),
                         admin: admin.to_string(),
-                        identity: identities[name].to_string(),
+                        identity: identities.get(name)?.to_string(),
                         public: public.map(|p| p.to_string()),
+                        replicas: list
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (grpc, admin, public))| ReplicaEndpoints {
+                                grpc: grpc.to_string(),
+                                admin: admin.to_string(),
+                                public: public.map(|p| p.to_string()),
+                                pid: pids.and_then(|p| p.get(i).copied()),
+                            })
+                            .collect(),
                     },
-                )
+                ))
             })
             .collect(),
     };
     // Written aside and renamed into place, so a reader never sees half a file.
-    let partial = mesh.endpoints_path.with_extension("json.partial");
+    let partial = path.with_extension("json.partial");
     std::fs::write(&partial, serde_json::to_string_pretty(&endpoints)?)
-        .and_then(|()| std::fs::rename(&partial, &mesh.endpoints_path))
-        .with_context(|| format!("writing {}", mesh.endpoints_path.display()))?;
-    Ok(mesh)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `tessera up`: start the mesh, print how to reach it, run until SIGTERM or Ctrl-C.
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+/// With `--replicas`, every replica is a process of its own (see [`crate::supervise`]).
+pub async fn run(args: UpArgs, options: MeshOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let telemetry = tessera_mesh::telemetry::init(
         "tessera",
@@ -228,10 +489,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tessera_mesh::telemetry::LogFormat::Pretty,
         std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().as_deref(),
     )?;
+    if args.replicas.is_some() {
+        return crate::supervise::run(&args, &options).await;
+    }
     use std::io::Write as _;
-    let mesh = start_mesh(
+    let mesh = start_mesh_with(
         &args.data_dir,
         args.port_base,
+        &options,
         telemetry.tracer(),
         |name, ready| {
             if ready {
@@ -243,7 +508,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    print_table(&mesh.addrs, &mesh.certs_dir, started.elapsed());
+    print_table(
+        &mesh.replicas,
+        &mesh.certs_dir,
+        options.database.as_ref(),
+        started.elapsed(),
+        None,
+    );
     println!("endpoints: {}", mesh.endpoints_path.display());
     println!("Ctrl-C stops the mesh.");
     tessera_mesh::shutdown::signal().await;
@@ -255,11 +526,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 fn settings_for(
     name: &str,
+    replica: usize,
     data_dir: &Path,
     certs_dir: &Path,
-    addrs: &BTreeMap<String, (SocketAddr, SocketAddr, Option<SocketAddr>)>,
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
+    database: Option<&ServerUrl>,
 ) -> anyhow::Result<Settings> {
-    let (grpc, admin, public) = addrs[name];
+    let env = env_for(name, replica, data_dir, certs_dir, replicas, database);
+    // The process environment still applies (TESSERA_BOOTSTRAP_ADMIN, ...) where `up` sets
+    // nothing itself.
+    let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());
+    Ok(Settings::from_lookup(name, &lookup)?)
+}
+
+/// The `TESSERA_*` settings `up` gives replica `replica` of `name`: its ports, certificates,
+/// database and every upstream's replicas.
+pub(crate) fn env_for(
+    name: &str,
+    replica: usize,
+    data_dir: &Path,
+    certs_dir: &Path,
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
+    database: Option<&ServerUrl>,
+) -> BTreeMap<String, String> {
+    let (grpc, admin, public) = replicas[name][replica];
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("TESSERA_GRPC_ADDR".into(), grpc.to_string());
     env.insert("TESSERA_ADMIN_ADDR".into(), admin.to_string());
@@ -276,19 +566,23 @@ fn settings_for(
     env.insert("TESSERA_ALLOW_OPERATOR".into(), "true".into());
     env.insert("TESSERA_DRAIN_DELAY_MS".into(), "0".into());
     env.insert("TESSERA_DRAIN_TIMEOUT_MS".into(), "5000".into());
-    // One SQLite file per service under the data dir: a shared DATABASE_URL would put every
-    // service's tables into one database.
-    env.insert("DATABASE_URL".into(), String::new());
-    for (other, (grpc, _, _)) in addrs {
+    // One database per service (its replicas share it): on PostgreSQL its own database on
+    // the server, else its own SQLite file under the data dir. Never DATABASE_URL itself, which
+    // would put every service's tables into one database.
+    let url = match database {
+        Some(server) if databases::OWNERS.contains(&name) => server.service_url(name),
+        _ => String::new(),
+    };
+    env.insert("DATABASE_URL".into(), url);
+    // Callers balance over every replica.
+    for (other, list) in replicas {
+        let grpcs: Vec<String> = list.iter().map(|(grpc, _, _)| grpc.to_string()).collect();
         env.insert(
             format!("TESSERA_{}_TARGET", other.to_ascii_uppercase()),
-            format!("static:{grpc}"),
+            format!("static:{}", grpcs.join(",")),
         );
     }
-    // The process environment still applies (DATABASE_URL, TESSERA_BOOTSTRAP_ADMIN, ...)
-    // where `up` sets nothing itself.
-    let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());
-    Ok(Settings::from_lookup(name, &lookup)?)
+    env
 }
 
 async fn wait_ready(admin: &str, bound: Duration) -> anyhow::Result<()> {
@@ -305,33 +599,59 @@ async fn wait_ready(admin: &str, bound: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn print_table(
-    addrs: &BTreeMap<String, (SocketAddr, SocketAddr, Option<SocketAddr>)>,
+/// The table of addresses (and, when replicas are processes, their PIDs) and how to try it.
+pub(crate) fn print_table(
+    replicas: &BTreeMap<String, Vec<ReplicaAddrs>>,
     certs_dir: &Path,
+    database: Option<&ServerUrl>,
     elapsed: Duration,
+    pids: Option<&BTreeMap<String, Vec<u32>>>,
 ) {
     println!();
     println!("Tessera is up ({:.1}s)", elapsed.as_secs_f64());
     println!();
+    let pid_header = if pids.is_some() { "   PID" } else { "" };
     println!(
-        "{:<14} {:<18} {:<18} {:<18} HEALTH",
+        "{:<14} {:<18} {:<18} {:<18} HEALTH{pid_header}",
         "SERVICE", "GRPC (mTLS)", "ADMIN", "PUBLIC (TLS)"
     );
     for name in SERVICES {
-        let (grpc, admin, public) = addrs[name];
-        println!(
-            "{:<14} {:<18} {:<18} {:<18} SERVING",
-            name,
-            grpc.to_string(),
-            admin.to_string(),
-            public.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
-        );
+        let list = replicas.get(name).map(Vec::as_slice).unwrap_or_default();
+        for (replica, (grpc, admin, public)) in list.iter().enumerate() {
+            let label = if list.len() > 1 {
+                format!("{name}[{replica}]")
+            } else {
+                name.to_owned()
+            };
+            let pid = pids
+                .and_then(|p| p.get(name)?.get(replica))
+                .map(|pid| format!("  {pid}"))
+                .unwrap_or_default();
+            println!(
+                "{:<14} {:<18} {:<18} {:<18} SERVING{pid}",
+                label,
+                grpc.to_string(),
+                admin.to_string(),
+                public.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+            );
+        }
     }
+    if let Some(server) = database {
+        let names: Vec<String> = databases::OWNERS
+            .iter()
+            .map(|s| server.database_name(s))
+            .collect();
+        println!();
+        println!("PostgreSQL databases: {}", names.join(", "));
+    }
+    let first = |name: &str| replicas.get(name).and_then(|list| list.first().copied());
     let ca = certs_dir.join("ca.crt");
     let op = certs_dir.join("operator");
-    let (users, _, _) = addrs["users"];
-    let public = addrs["gateway"]
-        .2
+    let users = first("users")
+        .map(|(grpc, _, _)| grpc.to_string())
+        .unwrap_or_default();
+    let public = first("gateway")
+        .and_then(|(_, _, public)| public)
         .map(|p| p.to_string())
         .unwrap_or_default();
     println!();
@@ -347,4 +667,55 @@ fn print_table(
         ca.display()
     );
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(replicas: Option<&str>, database_url: Option<&str>) -> UpArgs {
+        UpArgs {
+            data_dir: ".tessera".into(),
+            port_base: 7000,
+            log: "warn".into(),
+            replicas: replicas.map(str::to_owned),
+            database_url: database_url.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn replicas_per_service_on_postgres() {
+        let options = args(Some("posts=2, comments=3"), Some("postgres://u@h/shop"))
+            .options()
+            .unwrap();
+        assert_eq!(options.replicas_of("posts"), 2);
+        assert_eq!(options.replicas_of("comments"), 3);
+        assert_eq!(options.replicas_of("users"), 1);
+        assert_eq!(options.database.unwrap().prefix(), "shop");
+        // One replica each needs no PostgreSQL.
+        let options = args(Some("posts=1"), None).options().unwrap();
+        assert!(options.database.is_none());
+        assert!(args(None, Some("")).options().unwrap().database.is_none());
+    }
+
+    #[test]
+    fn bad_replicas_name_the_setting() {
+        for (replicas, url, setting) in [
+            (Some("posts=2"), None, "--replicas"),
+            (Some("posts=0"), Some("postgres://h/x"), "--replicas"),
+            (Some("posts=10"), Some("postgres://h/x"), "--replicas"),
+            (Some("posts"), Some("postgres://h/x"), "--replicas"),
+            (Some("blog=2"), Some("postgres://h/x"), "--replicas"),
+            (
+                Some("posts=2,posts=3"),
+                Some("postgres://h/x"),
+                "--replicas",
+            ),
+            (Some("posts=2"), Some("sqlite://x.db"), "DATABASE_URL"),
+        ] {
+            let err = args(replicas, url).options().unwrap_err();
+            assert_eq!(err.setting, setting, "{replicas:?} {url:?}: {err}");
+        }
+    }
 }
