@@ -57,12 +57,14 @@
 
 mod error;
 pub mod feed;
+pub mod http_json;
 pub mod proxy;
 pub mod public;
 pub mod rate_limit;
 
 pub use error::GatewayError;
 pub use feed::Feed;
+pub use http_json::{Edge, HttpJson};
 pub use proxy::{ClientAddr, PublicProxy};
 pub use public::{PublicMethod, public_methods, public_methods_in};
 pub use rate_limit::{Quota, RateLimits};
