@@ -40,6 +40,8 @@ enum Command {
     Probe(ProbeArgs),
     /// Print the access matrix read from the contracts.
     Policy(PolicyArgs),
+    /// Print the OpenAPI 3 document of the public HTTP/JSON API (as served at /openapi.json).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +134,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Openapi => match tessera_gateway::HttpJson::new(&[], usize::MAX) {
+            Ok(edge) => {
+                println!("{}", String::from_utf8_lossy(&edge.openapi_json()));
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&anyhow::Error::from(err)),
+        },
         Command::Certs(args) => match run_certs(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&err),

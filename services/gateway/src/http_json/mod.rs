@@ -99,6 +99,17 @@ impl HttpJson {
     }
 }
 
+/// The edge as the public port's outermost layer (see `Workload::with_public_edge`).
+pub fn public_edge(
+    cors_origins: &[String],
+    max_body: usize,
+) -> Result<tessera_mesh::server::PublicEdge, GatewayError> {
+    let edge = HttpJson::new(cors_origins, max_body)?;
+    Ok(Arc::new(move |path| {
+        tessera_mesh::server::GrpcService::new(edge.wrap(path))
+    }))
+}
+
 /// The tower service of [`HttpJson::wrap`].
 #[derive(Clone)]
 pub struct Edge<S> {
@@ -271,7 +282,6 @@ where
             );
         }
     };
-    let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();
     let body = match http_body_util::Limited::new(body, shared.max_body)
@@ -296,19 +306,8 @@ where
             );
         }
     };
-    if !body.is_empty()
-        && let Some(ct) = content_type
-        && !ct
-            .as_bytes()
-            .to_ascii_lowercase()
-            .starts_with(b"application/json")
-    {
-        return error_response(
-            api,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &Status::invalid_argument("the body must be application/json"),
-        );
-    }
+    // Any content type is read as JSON (curl's `-d` says form-urlencoded): the token travels
+    // in a header, never a cookie, so a cross-site form post carries no credentials.
     let message = match transcode::request_message(binding, vars, query.as_deref(), &body) {
         Ok(m) => m,
         Err(status) => return status_response(api, &status),

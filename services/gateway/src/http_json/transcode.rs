@@ -183,6 +183,25 @@ fn scalar(kind: &Kind, raw: &str) -> Result<Value, String> {
             }
             Err(_) => Value::String(raw.into()),
         },
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => Value::from(
+            raw.parse::<i32>()
+                .map_err(|e| format!("expected a 32-bit integer, got {raw:?}: {e}"))?,
+        ),
+        Kind::Uint32 | Kind::Fixed32 => Value::from(
+            raw.parse::<u32>()
+                .map_err(|e| format!("expected an unsigned 32-bit integer, got {raw:?}: {e}"))?,
+        ),
+        // 64-bit integers stay strings, as proto3 JSON writes them; checked here all the same.
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            raw.parse::<i64>()
+                .map_err(|e| format!("expected a 64-bit integer, got {raw:?}: {e}"))?;
+            Value::String(raw.into())
+        }
+        Kind::Uint64 | Kind::Fixed64 => {
+            raw.parse::<u64>()
+                .map_err(|e| format!("expected an unsigned 64-bit integer, got {raw:?}: {e}"))?;
+            Value::String(raw.into())
+        }
         Kind::Enum(_) => match raw.parse::<i64>() {
             Ok(n) => Value::from(n),
             Err(_) => Value::String(raw.into()),
@@ -388,11 +407,17 @@ mod tests {
     fn bad_inputs_are_invalid_argument_with_the_field() {
         let api = Api::contracts().unwrap();
         let (b, _) = found(&api, Method::GET, "/v1/posts");
-        for query in ["page_size=ten", "nope=1", "page_size=99999999999", "x=%zz"] {
+        for (query, field) in [
+            ("page_size=ten", "page_size"),
+            ("nope=1", "nope"),
+            ("pageSize=99999999999", "pageSize"),
+            ("x=%zz", "x=%zz"),
+        ] {
             let err = request_message(b, vec![], Some(query), b"").unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{query}");
             let violations = err.get_error_details().bad_request().unwrap().clone();
             assert_eq!(violations.field_violations.len(), 1, "{query}");
+            assert_eq!(violations.field_violations[0].field, field, "{query}");
         }
         let (b, _) = found(&api, Method::POST, "/v1/posts");
         for body in [
