@@ -134,12 +134,12 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Openapi => match tessera_gateway::HttpJson::new(&[], usize::MAX) {
-            Ok(edge) => {
-                println!("{}", String::from_utf8_lossy(&edge.openapi_json()));
+        Command::Openapi => match tessera_cli::openapi::document() {
+            Ok(doc) => {
+                println!("{doc}");
                 ExitCode::SUCCESS
             }
-            Err(err) => fail(&anyhow::Error::from(err)),
+            Err(err) => fail(&err),
         },
         Command::Certs(args) => match run_certs(args) {
             Ok(()) => ExitCode::SUCCESS,

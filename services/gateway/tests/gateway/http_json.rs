@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use prost::Message;
 use tessera::posts::v1::{GetPostRequest, GetPostResponse, Post};
 use tessera_gateway::HttpJson;
+use tessera_mesh::server::GrpcService;
 use tonic::{Status, body::Body};
 use tower::ServiceExt;
 
@@ -38,17 +39,7 @@ fn frame(message: &impl Message) -> Bytes {
 
 /// A gRPC service that records each request and answers GetPost for post "p1" (NOT_FOUND,
 /// trailers-only, for anything else).
-fn recording() -> (
-    impl tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static,
-    Arc<Mutex<Vec<Seen>>>,
-) {
+fn recording() -> (GrpcService, Arc<Mutex<Vec<Seen>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let svc = tower::service_fn(move |req: Request<Body>| {
@@ -86,7 +77,7 @@ fn recording() -> (
             Ok(resp)
         }
     });
-    (svc, seen)
+    (GrpcService::new(svc), seen)
 }
 
 fn full(bytes: Bytes) -> Body {
