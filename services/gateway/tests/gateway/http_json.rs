@@ -275,3 +275,61 @@ async fn openapi_and_the_front_end_are_served_without_a_call() {
     }
     assert!(seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_server_stream_becomes_newline_delimited_json_ending_with_its_error() {
+    use tessera::notifications::v1::{Notification, SubscribeNotificationsResponse};
+    let svc = tower::service_fn(|req: Request<Body>| async move {
+        assert_eq!(
+            req.uri().path(),
+            "/tessera.notifications.v1.NotificationService/SubscribeNotifications"
+        );
+        let item = |id: &str| SubscribeNotificationsResponse {
+            notification: Some(Notification {
+                notification_id: id.into(),
+                ..Default::default()
+            }),
+        };
+        // Two messages in one chunk and a third split across two, then a failing status.
+        let mut first = frame(&item("n1")).to_vec();
+        first.extend_from_slice(&frame(&item("n2")));
+        let third = frame(&item("n3"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        trailers.insert("grpc-message", "going away".parse().unwrap());
+        let frames = futures::stream::iter([
+            Ok::<_, Status>(Frame::data(Bytes::from(first))),
+            Ok(Frame::data(third.slice(..3))),
+            Ok(Frame::data(third.slice(3..))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        Ok::<_, Infallible>(Response::new(Body::new(http_body_util::StreamBody::new(
+            frames,
+        ))))
+    });
+    let edge = HttpJson::new(&[], 1 << 20)
+        .unwrap()
+        .wrap(GrpcService::new(svc));
+    let resp = edge
+        .oneshot(
+            Request::get("/v1/notifications:subscribe")
+                .body(Body::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    let lines: Vec<serde_json::Value> = std::str::from_utf8(&text)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    for (line, id) in lines.iter().zip(["n1", "n2", "n3"]) {
+        assert_eq!(line["notification"]["notificationId"], id);
+    }
+    assert_eq!(lines[3]["error"]["code"], 14);
+    assert_eq!(lines[3]["error"]["message"], "going away");
+}
