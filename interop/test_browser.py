@@ -179,6 +179,34 @@ def artifacts():
     return pathlib.Path(os.environ.get("TESSERA_ARTIFACTS", ROOT / "target" / "artifacts"))
 
 
+def other_user_comments(base, ca, post_id, suffix, author_token):
+    """A second user, over the JSON API, comments on the post; returns their display name once
+    the author's notification exists (a bounded poll: notifications follow through events)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+
+    def call(method, path, body=None, token=None):
+        req = urllib.request.Request(
+            base + path, data=json.dumps(body).encode() if body is not None else None, method=method
+        )
+        req.add_header("content-type", "application/json")
+        if token:
+            req.add_header("authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, context=context, timeout=10) as r:
+            return json.load(r)
+
+    name = f"other{suffix}"
+    call("POST", "/v1/users", {"username": name, "email": f"{name}@example.com", "password": "another password", "displayName": "Other Person"})
+    token = call("POST", "/v1/auth/login", {"username": name, "password": "another password"})["accessToken"]
+    call("POST", f"/v1/posts/{post_id}/comments", {"body": "A comment from elsewhere."}, token)
+    deadline = time.monotonic() + STEP_BOUND
+    while call("GET", "/v1/notifications?unreadOnly=true", token=author_token).get("unreadCount") != "1":
+        assert time.monotonic() < deadline, f"no notification within {STEP_BOUND}s"
+        time.sleep(0.1)
+    return "Other Person"
+
+
 def test_sign_up_post_comment_and_read_the_thread_in_a_browser(browser, mesh):  # noqa: F811
     page = browser
     suffix = str(int(time.time() * 1000))[-6:]
@@ -222,10 +250,22 @@ def test_sign_up_post_comment_and_read_the_thread_in_a_browser(browser, mesh):  
             f"[...document.querySelectorAll('#posts a.title')].some(a => a.textContent === {json.dumps(title)})",
             "the post among the latest",
         )
+
+        # Someone else comments (over the API); the author sees it in their notifications.
+        author_token = page.js("localStorage.getItem('tessera.token')")
+        other = other_user_comments(page.base, mesh["ca"], post_id, suffix, author_token)
+        page.call("Page.reload")
+        page.wait(
+            "document.querySelector('#nav-notifications .badge')?.textContent === '1'",
+            "the unread badge",
+        )
         page.js("location.hash = '#/notifications'")
-        page.wait("!document.getElementById('view-notifications').hidden", "the notifications view")
+        page.wait(
+            f"[...document.querySelectorAll('#notifications li.unread')].some(li => li.textContent.includes({json.dumps(other + ' commented on your post')}))",
+            "the notification of the other user's comment",
+        )
         page.js(f"location.hash = '#/posts/{post_id}'")
-        page.wait("document.querySelectorAll('#thread-comments li').length === 1", "the thread again")
+        page.wait("document.querySelectorAll('#thread-comments li').length === 2", "the thread again")
         if os.environ.get("TESSERA_KEEP_SCREENSHOTS"):
             print("screenshot:", page.screenshot(artifacts() / "web-front-end.png"))
     except BaseException:
@@ -246,4 +286,7 @@ def test_sign_up_post_comment_and_read_the_thread_in_a_browser(browser, mesh):  
     assert thread["post"]["title"] == title
     assert thread["post"]["tags"] == ["web", "test"]
     assert thread["author"]["username"] == username
-    assert [c["comment"]["body"] for c in thread["comments"]] == ["A comment from the browser."]
+    assert [c["comment"]["body"] for c in thread["comments"]] == [
+        "A comment from the browser.",
+        "A comment from elsewhere.",
+    ]
