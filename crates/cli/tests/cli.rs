@@ -530,6 +530,7 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
     for (service, key, value) in [
         ("users", "TESSERA_MAX_CONCURRENCY", "0"),
         ("gateway", "TESSERA_RATE_LIMIT_USER_PER_SEC", "-1"),
+        ("gateway", "TESSERA_CORS_ORIGINS", "*"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);
