@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
 use super::rules::{Api, Binding, BodyRule};
@@ -105,6 +105,9 @@ fn operation(b: &Binding, schemas: &mut BTreeMap<String, Value>) -> Value {
             "content": {"application/json": {"schema": schema}}
         });
     }
+    if let Some(text) = comment(&b.method.parent_file(), b.method.path()) {
+        op["description"] = Value::String(text);
+    }
     if b.user {
         op["security"] = json!([{"bearer": []}]);
     }
@@ -156,6 +159,19 @@ fn query_parameters(
     }
 }
 
+/// The leading comment of the element at `path` in its file, if the contract has one.
+fn comment(file: &FileDescriptor, path: &[i32]) -> Option<String> {
+    let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+    let text = info
+        .location
+        .iter()
+        .find(|l| l.path == path)?
+        .leading_comments
+        .as_deref()?
+        .trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
 fn is_well_known(m: &MessageDescriptor) -> bool {
     m.full_name().starts_with("google.protobuf.")
 }
@@ -174,12 +190,21 @@ fn schema_ref(m: &MessageDescriptor, schemas: &mut BTreeMap<String, Value>) -> V
         schemas.insert(name.clone(), Value::Null);
         let mut properties = Map::new();
         for field in m.fields() {
-            properties.insert(field.json_name().to_owned(), field_schema(&field, schemas));
+            let mut schema = field_schema(&field, schemas);
+            if let Some(text) = comment(&field.parent_file(), field.path()) {
+                // OpenAPI 3.0 ignores siblings of $ref; wrap it to keep the description.
+                if schema.get("$ref").is_some() {
+                    schema = json!({"allOf": [schema]});
+                }
+                schema["description"] = Value::String(text);
+            }
+            properties.insert(field.json_name().to_owned(), schema);
         }
-        schemas.insert(
-            name.clone(),
-            json!({"type": "object", "properties": properties}),
-        );
+        let mut schema = json!({"type": "object", "properties": properties});
+        if let Some(text) = comment(&m.parent_file(), m.path()) {
+            schema["description"] = Value::String(text);
+        }
+        schemas.insert(name.clone(), schema);
     }
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -294,5 +319,16 @@ mod tests {
         assert!(names.contains(&"update_mask"));
         assert!(names.contains(&"etag"));
         assert!(!names.iter().any(|n| n.starts_with("post.title")));
+        // The contracts' comments become descriptions.
+        assert_eq!(
+            update["description"],
+            "Updates the fields named in update_mask; the etag must match the stored one."
+        );
+        assert!(
+            post["etag"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("Changes on every update")
+        );
     }
 }
