@@ -386,10 +386,7 @@ async fn unary_response(api: &Api, binding: &Binding, resp: Response<Body>) -> R
     let json = transcode::single_message(collected.to_bytes())
         .and_then(|payload| transcode::response_json(binding, &payload));
     match json {
-        Ok(json) => match serde_json::to_vec(&json) {
-            Ok(bytes) => json_response(StatusCode::OK, bytes.into(), "application/json"),
-            Err(e) => status_response(api, &Status::internal(e.to_string())),
-        },
+        Ok(bytes) => json_response(StatusCode::OK, bytes.into(), "application/json"),
         Err(status) => {
             tracing::error!(method = %binding.grpc_path, error = %status.message(), "cannot transcode a response");
             status_response(api, &Status::internal("internal error"))
@@ -441,7 +438,10 @@ fn stream_response(shared: Arc<Shared>, binding: Binding, resp: Response<Body>) 
                     let mut frame = st.buf.split_to(5 + len).freeze();
                     frame.advance(5);
                     let out = match transcode::response_json(&st.binding, &frame) {
-                        Ok(json) => line(&json),
+                        Ok(mut bytes) => {
+                            bytes.push(b'\n');
+                            Ok(http_body::Frame::data(Bytes::from(bytes)))
+                        }
                         Err(status) => error_line(&mut st, &status),
                     };
                     return Some((out, st));

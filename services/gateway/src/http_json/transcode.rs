@@ -221,18 +221,21 @@ fn scalar(kind: &Kind, raw: &str) -> Result<Value, String> {
     })
 }
 
-/// The JSON of a decoded response (or of its `response_body` field).
-pub fn response_json(binding: &Binding, payload: &[u8]) -> Result<Value, Status> {
+/// The JSON of a decoded response (or of its `response_body` field), fields in contract order.
+pub fn response_json(binding: &Binding, payload: &[u8]) -> Result<Vec<u8>, Status> {
     let message = DynamicMessage::decode(binding.method.output(), payload)
         .map_err(|e| Status::internal(format!("undecodable response: {e}")))?;
-    let value = match &binding.response_body {
-        Some(field) => {
-            let value = message.get_field(field).into_owned();
-            return value_json(&value, field);
-        }
-        None => message,
-    };
-    to_json(&value)
+    let render = |e: &dyn std::fmt::Display| Status::internal(format!("cannot render: {e}"));
+    if let Some(field) = &binding.response_body {
+        let value = message.get_field(field).into_owned();
+        return serde_json::to_vec(&value_json(&value, field)?).map_err(|e| render(&e));
+    }
+    // Straight to bytes rather than through `serde_json::Value`, whose map would sort the keys.
+    let mut out = Vec::with_capacity(payload.len() * 2);
+    message
+        .serialize_with_options(&mut serde_json::Serializer::new(&mut out), &options())
+        .map_err(|e| render(&e))?;
+    Ok(out)
 }
 
 fn to_json(message: &DynamicMessage) -> Result<Value, Status> {
@@ -445,14 +448,22 @@ mod tests {
             ..Default::default()
         };
         let resp = tessera::posts::v1::GetPostResponse { post: Some(post) };
-        let json = response_json(b, &resp.encode_to_vec()).unwrap();
+        let bytes = response_json(b, &resp.encode_to_vec()).unwrap();
+        // Fields in the contract's order, as grpcurl prints them.
+        assert!(
+            std::str::from_utf8(&bytes)
+                .unwrap()
+                .starts_with(r#"{"post":{"postId":"p1","title":"Hi","#)
+        );
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"post": {"postId": "p1", "title": "Hi", "createTime": "2023-11-14T22:13:20Z"}})
         );
         let (b, _) = found(&api, Method::POST, "/v1/notifications:markRead");
         let resp = tessera::notifications::v1::MarkNotificationsReadResponse { unread_count: 7 };
-        let json = response_json(b, &resp.encode_to_vec()).unwrap();
+        let json: Value =
+            serde_json::from_slice(&response_json(b, &resp.encode_to_vec()).unwrap()).unwrap();
         assert_eq!(json, serde_json::json!({"unreadCount": "7"}));
     }
 
