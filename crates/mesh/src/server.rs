@@ -192,6 +192,7 @@ impl Workload {
 
     /// The gateway's public request path: no client certificate, so no caller identity or
     /// access check here; `service` itself routes only public methods and checks tokens.
+    /// The public edge ([`Workload::with_public_edge`]), if any, goes in front of it.
     pub fn public_service(&self, service: GrpcService) -> GrpcService {
         let path = BoxCloneSyncService::new(self.request_path(None).layer().layer(service));
         match &self.public_edge {
@@ -498,7 +499,10 @@ where
     let builder = Arc::new(if mutual {
         http2_builder().http2_only()
     } else {
-        http2_builder()
+        let mut builder = http2_builder();
+        // hyper's HTTP/1.1 header-read timeout (30 s) only works with a timer.
+        builder.http1().timer(TokioTimer::new());
+        builder
     });
     let trust_domain = tls.identity().trust_domain().to_owned();
     loop {
