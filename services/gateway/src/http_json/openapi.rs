@@ -112,10 +112,12 @@ fn operation(b: &Binding, schemas: &mut BTreeMap<String, Value>) -> Value {
         op["security"] = json!([{"bearer": []}]);
     }
     if b.method.is_server_streaming() {
-        op["description"] = Value::String(
-            "A server stream: answered as newline-delimited JSON, one response message per line."
-                .into(),
-        );
+        // One response message per line, as it comes; a failure ends it with {"error": ...}.
+        let schema = op["responses"]["200"]["content"]["application/json"].take();
+        op["responses"]["200"] = json!({
+            "description": "A stream: one JSON response message per line; a failure ends it with a line {\"error\": Status}.",
+            "content": {"application/x-ndjson": schema},
+        });
     }
     op
 }
@@ -318,6 +320,8 @@ mod tests {
         assert!(names.contains(&"post.post_id"));
         assert!(names.contains(&"update_mask"));
         assert!(names.contains(&"etag"));
+        let subscribe = &doc["paths"]["/v1/notifications:subscribe"]["get"]["responses"]["200"];
+        assert!(subscribe["content"]["application/x-ndjson"]["schema"]["$ref"].is_string());
         assert!(!names.iter().any(|n| n.starts_with("post.title")));
         // The contracts' comments become descriptions.
         assert_eq!(
