@@ -4,7 +4,7 @@ signs up, writes a post, comments on it and reads the thread, against `tessera u
 Chromium trusts only the gateway's own key (`--ignore-certificate-errors-spki-list`), not every
 certificate. A screenshot is written to $TESSERA_ARTIFACTS (default target/artifacts) when a
 step fails, for CI to keep; with TESSERA_KEEP_SCREENSHOTS=1 also after the last step.
-Skips with a reason when Chromium or websocket-client is missing.
+Skips with a reason when Chromium, openssl or websocket-client is missing.
 """
 
 import base64
@@ -120,6 +120,8 @@ def browser(mesh, tmp_path):  # noqa: F811
     if binary is None:
         pytest.skip("no chromium on PATH (apt-get install chromium)")
     pytest.importorskip("websocket", reason="websocket-client is not installed")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl on PATH (to pin the gateway's key for chromium)")
     public = mesh["services"]["gateway"]["public"]
     cert = pathlib.Path(mesh["ca"]).parent / "gateway" / "tls.crt"
     proc = subprocess.Popen(
