@@ -435,6 +435,33 @@ mod tests {
     }
 
     #[test]
+    fn hostile_inputs_are_errors_not_panics() {
+        let api = Api::contracts().unwrap();
+        let (b, _) = found(&api, Method::POST, "/v1/posts");
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let nested = format!("{}1{}", r#"{"a":"#.repeat(5_000), "}".repeat(5_000));
+        for body in [
+            deep.as_bytes(),
+            nested.as_bytes(),
+            b"\xff\xfe",
+            b"null",
+            b"{\"tags\": {}}",
+        ] {
+            let err = request_message(b, vec![], None, body).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+        }
+        let (b, _) = found(&api, Method::GET, "/v1/users:batchGet");
+        let many = vec!["userIds=x"; 10_000].join("&");
+        let bytes = request_message(b, vec![], Some(&many), b"").unwrap();
+        let req = tessera::users::v1::BatchGetUsersRequest::decode(bytes).unwrap();
+        assert_eq!(req.user_ids.len(), 10_000);
+        for query in ["=", "&&&", "a.b.c.d=1", "pageToken.x=1", "%=1"] {
+            let (b, _) = found(&api, Method::GET, "/v1/posts");
+            let _ = request_message(b, vec![], Some(query), b"");
+        }
+    }
+
+    #[test]
     fn responses_are_canonical_proto3_json() {
         let api = Api::contracts().unwrap();
         let (b, _) = found(&api, Method::GET, "/v1/posts/x");
