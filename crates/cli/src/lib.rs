@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod databases;
+pub mod openapi;
 pub mod probe;
 pub mod supervise;
 pub mod up;

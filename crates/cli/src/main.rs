@@ -40,6 +40,8 @@ enum Command {
     Probe(ProbeArgs),
     /// Print the access matrix read from the contracts.
     Policy(PolicyArgs),
+    /// Print the OpenAPI 3 document of the public HTTP/JSON API (as served at /openapi.json).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +134,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Openapi => match tessera_cli::openapi::document() {
+            Ok(doc) => {
+                println!("{doc}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
         Command::Certs(args) => match run_certs(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&err),

@@ -266,6 +266,14 @@ pub async fn start(
         Some(keys),
         settings.server.clone(),
     );
+    // The gateway's public port also answers HTTP/JSON, gRPC-Web, /openapi.json and `/`.
+    let workload = match settings.service.as_str() {
+        "gateway" => workload.with_public_edge(tessera_gateway::http_json::public_edge(
+            &settings.cors_origins,
+            max,
+        )?),
+        _ => workload,
+    };
     let served: Vec<String> = served.into_iter().map(str::to_owned).collect();
     Ok(tokio::spawn(async move {
         let served: Vec<&str> = served.iter().map(String::as_str).collect();

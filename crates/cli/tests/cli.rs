@@ -533,6 +533,7 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
         ("users", "TESSERA_PASSWORD_HASH_CONCURRENCY", "0"),
         ("users", "TESSERA_LOGIN_FAILURES_PER_MIN", "many"),
         ("notifications", "TESSERA_SUBSCRIPTION_MAX_LIFETIME_S", "0"),
+        ("gateway", "TESSERA_CORS_ORIGINS", "*"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);

@@ -5,7 +5,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,7 +35,7 @@ type Refresh =
 pub struct TokenKeys {
     current: Arc<ArcSwap<Verifier>>,
     refresh: Option<Refresh>,
-    last_refresh: Arc<Mutex<Option<Instant>>>,
+    last_refresh: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 /// Unknown key ids trigger at most one refresh per this interval, so forged tokens with
@@ -75,26 +75,68 @@ impl TokenKeys {
     pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
         let kid = Verifier::peek_kid(token)?;
         if !self.current.load().knows(&kid) {
-            self.try_refresh().await;
+            self.try_refresh(&kid).await;
         }
         self.current.load().verify(token)
     }
 
-    async fn try_refresh(&self) {
+    /// One refresh at a time: callers that arrive while one is in flight wait for it and then
+    /// look again, rather than failing on the keys from before it (a page that logs in and
+    /// makes two calls at once used to get UNAUTHENTICATED on the second).
+    async fn try_refresh(&self, kid: &str) {
         let Some(refresh) = &self.refresh else { return };
-        {
-            let mut last = self
-                .last_refresh
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
-                return;
-            }
-            *last = Some(Instant::now());
+        let mut last = self.last_refresh.lock().await;
+        if self.current.load().knows(kid) {
+            return;
         }
+        if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
         match refresh().await {
             Ok(v) => self.set(v),
             Err(err) => tracing::warn!(error = %err, "refreshing token keys failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::token::Signer;
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_refresh() {
+        let signer = Arc::new(Signer::generate().unwrap());
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let keys = {
+            let signer = signer.clone();
+            let fetches = fetches.clone();
+            TokenKeys::fetched(move || {
+                let signer = signer.clone();
+                let fetches = fetches.clone();
+                async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    // A slow JWKS call, so the other callers arrive while it is in flight.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let mut v = Verifier::new();
+                    v.add_key(signer.kid(), signer.public_key());
+                    Ok(v)
+                }
+            })
+        };
+        let (token, _) = signer.sign("u1", "USER", Duration::from_secs(60));
+        let calls = (0..4).map(|_| {
+            let keys = keys.clone();
+            let token = token.clone();
+            async move { keys.verify(&token).await }
+        });
+        for result in futures::future::join_all(calls).await {
+            assert_eq!(result.unwrap().sub, "u1");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
     }
 }

@@ -77,6 +77,8 @@ pub struct Settings {
     pub rate_limits: PublicRateLimits,
     /// Password hashing, login throttling and subscription limits (users, notifications).
     pub service_limits: crate::service_limits::ServiceLimits,
+    /// Browser origins allowed to call the public port cross-origin (`TESSERA_CORS_ORIGINS`).
+    pub cors_origins: Vec<String>,
     pub server: ServerOptions,
 }
 
@@ -137,6 +139,34 @@ fn millis(
 
 fn non_empty(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Option<String> {
     lookup(key).filter(|v| !v.trim().is_empty())
+}
+
+/// `TESSERA_CORS_ORIGINS`: comma-separated exact origins (`https://app.example.com`); none by
+/// default. No wildcard: the API takes bearer tokens, so each origin is named on purpose.
+fn cors_origins(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "TESSERA_CORS_ORIGINS";
+    let mut out = Vec::new();
+    for origin in non_empty(lookup, KEY).unwrap_or_default().split(',') {
+        let origin = origin.trim();
+        if origin.is_empty() {
+            continue;
+        }
+        let host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        match host {
+            Some(h) if !h.is_empty() && !h.contains(['/', '*', ' ', '?', '#']) => {
+                out.push(origin.to_owned());
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    KEY,
+                    format!("expected origins such as https://app.example.com, got {origin:?}"),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Settings {
@@ -231,6 +261,7 @@ impl Settings {
                 }
             },
             service_limits: crate::service_limits::ServiceLimits::from_lookup(lookup)?,
+            cors_origins: cors_origins(lookup)?,
             server: ServerOptions {
                 max_concurrency: parse(
                     lookup,
@@ -336,5 +367,28 @@ mod tests {
         }
         let err = Settings::from_lookup("nope", &lookup(&[])).unwrap_err();
         assert_eq!(err.setting, "service");
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins() {
+        let s = Settings::from_lookup("gateway", &lookup(&[])).unwrap();
+        assert!(s.cors_origins.is_empty());
+        let s = Settings::from_lookup(
+            "gateway",
+            &lookup(&[(
+                "TESSERA_CORS_ORIGINS",
+                "https://a.example, http://localhost:3000",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.cors_origins,
+            ["https://a.example", "http://localhost:3000"]
+        );
+        for bad in ["*", "a.example", "https://a.example/path", "ftp://x"] {
+            let err = Settings::from_lookup("gateway", &lookup(&[("TESSERA_CORS_ORIGINS", bad)]))
+                .unwrap_err();
+            assert_eq!(err.setting, "TESSERA_CORS_ORIGINS", "{bad}");
+        }
     }
 }

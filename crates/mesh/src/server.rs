@@ -24,6 +24,10 @@ use crate::{
 /// A boxed gRPC service, the unit every port serves.
 pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
+/// Wraps the public port's whole request path, outermost (the gateway's HTTP/JSON and
+/// gRPC-Web front, which turns those calls into gRPC calls through that path).
+pub type PublicEdge = Arc<dyn Fn(GrpcService) -> GrpcService + Send + Sync>;
+
 /// Tunables of the request path and of shutdown.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -78,6 +82,7 @@ pub struct Workload {
     metrics: Metrics,
     health: HealthReporter,
     admin_health: HealthReporter,
+    public_edge: Option<PublicEdge>,
 }
 
 /// Service names reported on the admin port, for kubelet's probes.
@@ -101,7 +106,14 @@ impl Workload {
             metrics: Metrics::new(),
             health: HealthReporter::new(),
             admin_health: HealthReporter::new(),
+            public_edge: None,
         }
+    }
+
+    /// Puts `edge` in front of the public port's request path.
+    pub fn with_public_edge(mut self, edge: PublicEdge) -> Self {
+        self.public_edge = Some(edge);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -180,8 +192,13 @@ impl Workload {
 
     /// The gateway's public request path: no client certificate, so no caller identity or
     /// access check here; `service` itself routes only public methods and checks tokens.
+    /// The public edge ([`Workload::with_public_edge`]), if any, goes in front of it.
     pub fn public_service(&self, service: GrpcService) -> GrpcService {
-        BoxCloneSyncService::new(self.request_path(None).layer().layer(service))
+        let path = BoxCloneSyncService::new(self.request_path(None).layer().layer(service));
+        match &self.public_edge {
+            Some(edge) => edge(path),
+            None => path,
+        }
     }
 
     /// Serves until `shutdown` fires, then drains: readiness NOT_SERVING (liveness stays
@@ -478,7 +495,15 @@ where
     S::Future: Send + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new(http2_builder().http2_only());
+    // The public port also speaks HTTP/1.1 (JSON API, gRPC-Web, the web front end).
+    let builder = Arc::new(if mutual {
+        http2_builder().http2_only()
+    } else {
+        let mut builder = http2_builder();
+        // hyper's HTTP/1.1 header-read timeout (30 s) only works with a timer.
+        builder.http1().timer(TokioTimer::new());
+        builder
+    });
     let trust_domain = tls.identity().trust_domain().to_owned();
     loop {
         let (tcp, remote_addr) = tokio::select! {

@@ -250,7 +250,7 @@ fn build(files: &TlsFiles, raw: [Vec<u8>; 3]) -> Result<Built, TlsError> {
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             certified.clone(),
         )));
-    public_server.alpn_protocols = vec![b"h2".to_vec()];
+    public_server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
     let verifier = SpiffeServerVerifier {
         roots,

@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// The contracts' descriptor set could not be read.
     #[error("reading the descriptor set: {0}")]
     Descriptor(#[from] prost::DecodeError),
+    /// A `google.api.http` rule in the contracts cannot be served as written.
+    #[error("HTTP rule: {0}")]
+    HttpRule(String),
     /// Anything else unexpected.
     #[error("{0}")]
     Internal(String),
@@ -62,6 +65,7 @@ impl From<GatewayError> for Status {
             GatewayError::Status(status) => status,
             e @ (GatewayError::NotPublic(_)
             | GatewayError::Descriptor(_)
+            | GatewayError::HttpRule(_)
             | GatewayError::Internal(_)) => tessera_mesh::errors::internal(e),
         }
     }

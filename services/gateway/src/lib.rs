@@ -4,7 +4,10 @@
 //! from several internal services with a bounded number of downstream calls. [`PublicProxy`]
 //! is the tower service behind the public port: it forwards the methods the contracts mark
 //! `public` to the internal services unchanged (streams included), after checking the
-//! end user's token and per-user and per-address rate limits.
+//! end user's token and per-user and per-address rate limits. [`HttpJson`] is the front of the
+//! public port for everything that is not native gRPC: HTTP/JSON transcoded from the contracts'
+//! `google.api.http` options, gRPC-Web, CORS, `/openapi.json` and the web front end, each call
+//! turned into a gRPC call through the same public request path.
 //!
 //! Not for: TLS, listeners, reflection or the internal mTLS port (`tessera-mesh` and the
 //! binary wire those up), nor any business rule of the services behind it — the services
@@ -57,12 +60,14 @@
 
 mod error;
 pub mod feed;
+pub mod http_json;
 pub mod proxy;
 pub mod public;
 pub mod rate_limit;
 
 pub use error::GatewayError;
 pub use feed::Feed;
+pub use http_json::{Edge, HttpJson};
 pub use proxy::{ClientAddr, PublicProxy};
 pub use public::{PublicMethod, public_methods, public_methods_in};
 pub use rate_limit::{Quota, RateLimits};

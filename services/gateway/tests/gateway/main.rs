@@ -5,4 +5,5 @@
 
 mod fakes;
 mod feed;
+mod http_json;
 mod proxy;
