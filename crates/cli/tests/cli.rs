@@ -530,6 +530,9 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
     for (service, key, value) in [
         ("users", "TESSERA_MAX_CONCURRENCY", "0"),
         ("gateway", "TESSERA_RATE_LIMIT_USER_PER_SEC", "-1"),
+        ("users", "TESSERA_TLS_RELOAD_MS", "0"),
+        ("posts", "TESSERA_DEADLINE_CAP_MS", "0"),
+        ("comments", "TESSERA_DRAIN_TIMEOUT_MS", "-1"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);
