@@ -124,8 +124,10 @@ pub mod watch;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use consumer::{Consumer, run_consumer};
-pub use db::{Backend, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx};
+pub use consumer::{Consumer, HALTED_RETRY, run_consumer};
+pub use db::{
+    Backend, CursorState, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx,
+};
 pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
 

@@ -72,6 +72,10 @@ impl Consumer for PostsConsumer {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e PostEvent) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: PostEvent) -> Result<(), StoreError> {
         match event.event {
             Some(PostKind::PostDeleted(deleted)) => {
@@ -113,6 +117,10 @@ impl Consumer for UsersConsumer {
 
     fn sequence(&self, event: &UserEvent) -> i64 {
         event.sequence
+    }
+
+    fn epoch<'e>(&self, event: &'e UserEvent) -> Option<&'e str> {
+        Some(&event.epoch)
     }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {

@@ -49,6 +49,10 @@ impl tessera_store::Consumer for UserEvents {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e WatchEventsResponse) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         let Some(Event::UserDeleted(deleted)) = event.event else {
             return Ok(());
