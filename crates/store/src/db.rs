@@ -694,6 +694,45 @@ impl Tx {
         Ok(seq)
     }
 
+    /// Waits for, then holds until this transaction ends, the exclusive lock on `key` in
+    /// `space` (e.g. `("post", post_id)`): for the writer of a tombstone, whose cascade must
+    /// not miss a child row inserted by a transaction that checked the tombstone before it
+    /// existed. Pair it with [`Tx::lock_key_shared`] in the inserting transactions.
+    ///
+    /// A row lock cannot do this on PostgreSQL: the tombstone row does not exist yet when the
+    /// inserter looks, so there is nothing to lock, and READ COMMITTED lets the cascade's
+    /// `DELETE` miss the uncommitted child. A transaction-scoped advisory lock on the key is
+    /// the row lock of a row that may not exist (keys are hashed: a collision only makes
+    /// unrelated writers wait). SQLite needs nothing: write transactions already hold the
+    /// database's one write lock from their start.
+    pub async fn lock_key(&mut self, space: &str, key: &str) -> Result<()> {
+        self.advisory_lock(space, key, "pg_advisory_xact_lock")
+            .await
+    }
+
+    /// The shared side of [`Tx::lock_key`]: for transactions that check a tombstone and then
+    /// insert under it. They do not wait for each other, only for (or hold off) the tombstone
+    /// writer. Take it before the check.
+    pub async fn lock_key_shared(&mut self, space: &str, key: &str) -> Result<()> {
+        self.advisory_lock(space, key, "pg_advisory_xact_lock_shared")
+            .await
+    }
+
+    async fn advisory_lock(&mut self, space: &str, key: &str, function: &str) -> Result<()> {
+        if self.backend() != Backend::Postgres {
+            return Ok(());
+        }
+        // `::text`: the Any driver cannot decode PostgreSQL's `void`.
+        sqlx::query(&format!(
+            "SELECT {function}(hashtext($1), hashtext($2))::text"
+        ))
+        .bind(space)
+        .bind(key)
+        .execute(&mut **self)
+        .await?;
+        Ok(())
+    }
+
     /// Consumer `name`'s cursor as seen by this transaction (0 if it never ran).
     pub async fn cursor(&mut self, name: &str) -> Result<i64> {
         let pos: Option<i64> =
