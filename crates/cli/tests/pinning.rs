@@ -93,7 +93,7 @@ fn serve_refuses_an_upstream_presenting_another_workloads_certificate() {
         &impostor_log,
     );
     wait_for_line(&impostor_log, &mut impostor, "the impostor serving", |l| {
-        l.contains(&port.to_string())
+        l.contains(&impostor_addr)
     });
 
     // posts follows UserService.WatchEvents from the start, so it dials "users" at once.

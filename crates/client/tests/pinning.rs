@@ -77,11 +77,16 @@ fn issue(ca: &Ca, service: &str, dir: &std::path::Path) -> TlsFiles {
         .unwrap()
 }
 
-fn builder(files: TlsFiles) -> ClientBuilder {
+/// Refused connects fail after `connect_timeout`; calls that should succeed get a patient
+/// builder, so a slow handshake on a busy machine is not mistaken for a refusal.
+fn builder(files: TlsFiles, connect_timeout: Duration) -> ClientBuilder {
     ClientBuilder::mtls_files(files, Duration::from_secs(60))
         .unwrap()
-        .connect_timeout(Duration::from_millis(400))
+        .connect_timeout(connect_timeout)
 }
+
+const REFUSED: Duration = Duration::from_millis(400);
+const PATIENT: Duration = Duration::from_secs(5);
 
 async fn get_user(channel: Channel) -> Result<String, tonic::Status> {
     let response = UserServiceClient::new(channel)
@@ -135,13 +140,15 @@ async fn a_server_with_another_workloads_certificate_fails_the_handshake() {
             .mtls_server_config(),
     )
     .await;
-    let posts = builder(issue(&ca, "posts", dir.path()));
+    let posts_files = issue(&ca, "posts", dir.path());
+    let posts = builder(posts_files.clone(), REFUSED);
+    let patient = builder(posts_files, PATIENT);
 
     // The real users replica answers a channel pinned to users, by name or by id.
-    let ok = get_user(posts.channel_to("users", &target(&[&users])).unwrap()).await;
+    let ok = get_user(patient.channel_to("users", &target(&[&users])).unwrap()).await;
     assert_eq!(ok.unwrap(), "u-1");
     let ok = get_user(
-        posts
+        patient
             .channel_for(&spiffe("users"), &target(&[&users]))
             .unwrap(),
     )
@@ -194,7 +201,7 @@ async fn a_server_with_another_workloads_certificate_fails_the_handshake() {
     .await;
 
     // With both replicas behind one target, every call lands on the real one.
-    let both = posts
+    let both = patient
         .channel_to("users", &target(&[&users, &impostor]))
         .unwrap();
     let before = users.behaviour.gets();
@@ -208,7 +215,7 @@ async fn a_server_with_another_workloads_certificate_fails_the_handshake() {
 async fn a_pinned_name_that_is_no_service_account_is_refused_at_build() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("tessera test CA").unwrap();
-    let posts = builder(issue(&ca, "posts", dir.path()));
+    let posts = builder(issue(&ca, "posts", dir.path()), REFUSED);
     let err = posts
         .channel_to("Users/x", "static:127.0.0.1:1")
         .unwrap_err();
