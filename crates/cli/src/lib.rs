@@ -9,6 +9,7 @@
 pub mod certs;
 pub mod databases;
 pub mod openapi;
+pub mod cursor;
 pub mod probe;
 pub mod supervise;
 pub mod up;

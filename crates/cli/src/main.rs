@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_cli::{certs, probe, up, wiring};
+use tessera_cli::{certs, cursor, probe, up, wiring};
 use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -42,6 +42,10 @@ enum Command {
     Policy(PolicyArgs),
     /// Print the OpenAPI 3 document of the public HTTP/JSON API (as served at /openapi.json).
     Openapi,
+    /// Show or reset the event consumers' cursors in a service's database (DATABASE_URL, or
+    /// the SQLite file under --data-dir).
+    #[command(subcommand)]
+    Cursor(cursor::CursorCommand),
 }
 
 #[derive(clap::Args)]
@@ -231,6 +235,21 @@ fn main() -> ExitCode {
             };
             runtime().block_on(async {
                 match up::run(args, options).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => fail(&err),
+                }
+            })
+        }
+        Command::Cursor(command) => {
+            let database_url = std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|url| !url.trim().is_empty());
+            if let Err(err) = cursor::check(&command, database_url.as_deref()) {
+                eprintln!("tessera: {err}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            runtime().block_on(async {
+                match cursor::run(command, database_url.as_deref()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => fail(&err),
                 }

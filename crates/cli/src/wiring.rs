@@ -120,13 +120,14 @@ pub async fn start(
             tls.identity()
         );
     }
-    // One balanced channel per upstream, shared by the typed clients and the gateway proxy.
+    // One balanced channel per upstream, shared by the typed clients and the gateway proxy,
+    // each pinned to its upstream's SPIFFE id (this workload's trust domain and namespace).
     let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));
     let mut channels: HashMap<&str, Channel> = HashMap::new();
     for upstream in ["users", "posts", "comments", "notifications"] {
         if let Some(target) = settings.target(upstream) {
             let channel = builder
-                .channel(target)
+                .channel_to(upstream, target)
                 .with_context(|| format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()))?;
             channels.insert(upstream, channel);
         }

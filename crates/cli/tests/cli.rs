@@ -534,6 +534,9 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
         ("users", "TESSERA_LOGIN_FAILURES_PER_MIN", "many"),
         ("notifications", "TESSERA_SUBSCRIPTION_MAX_LIFETIME_S", "0"),
         ("gateway", "TESSERA_CORS_ORIGINS", "*"),
+        ("users", "TESSERA_TLS_RELOAD_MS", "0"),
+        ("posts", "TESSERA_DEADLINE_CAP_MS", "0"),
+        ("comments", "TESSERA_DRAIN_TIMEOUT_MS", "-1"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);

@@ -2,7 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tessera_mesh::tls::{ClientTls, TlsFiles};
+use tessera_mesh::{
+    identity::SpiffeId,
+    tls::{ClientTls, TlsFiles},
+};
 use tower::{balance::p2c::Balance, retry::budget::TpsBudget};
 
 use crate::{
@@ -159,7 +162,42 @@ impl ClientBuilder {
 
     /// A channel to `target`: `static:host:port[,host:port...]`, `dns:name:port` (re-resolved
     /// every refresh interval; a Kubernetes headless Service), or a bare `host:port`.
+    ///
+    /// Over mTLS it accepts any server of the workload's trust domain: for tools and tests.
+    /// Mesh clients dial one service and pin it with [`ClientBuilder::channel_to`] (or
+    /// [`ClientBuilder::clients`], which does).
     pub fn channel(&self, target: &str) -> Result<Channel, Error> {
+        self.channel_pinned(None, target)
+    }
+
+    /// A channel to `target` that accepts only the server identity of `service`: the SPIFFE id
+    /// with that service name in this workload's own trust domain and namespace. A replica
+    /// presenting any other certificate (another workload's, or the `operator`'s) fails the
+    /// handshake, logged with both ids, and gets no call.
+    pub fn channel_to(&self, service: &str, target: &str) -> Result<Channel, Error> {
+        let pin = match &self.security {
+            Security::Mtls(tls) => {
+                Some(
+                    tls.identity()
+                        .sibling(service)
+                        .map_err(|_| Error::InvalidSetting {
+                            setting: "channel_to",
+                            reason: "the service is not a valid SPIFFE service-account name",
+                        })?,
+                )
+            }
+            Security::Plaintext => None,
+        };
+        self.channel_pinned(pin, target)
+    }
+
+    /// A channel to `target` that accepts only a server presenting exactly `server` (any trust
+    /// domain or namespace); see [`ClientBuilder::channel_to`]. Plaintext channels ignore it.
+    pub fn channel_for(&self, server: &SpiffeId, target: &str) -> Result<Channel, Error> {
+        self.channel_pinned(Some(server.clone()), target)
+    }
+
+    fn channel_pinned(&self, pin: Option<SpiffeId>, target: &str) -> Result<Channel, Error> {
         let name = target;
         let target = Target::parse(target)?;
         let authority = target.authority();
@@ -169,29 +207,35 @@ impl ClientBuilder {
             Arc::new(target.into_resolver()),
             &server_name,
             authority,
+            pin,
         )
     }
 
     /// A channel whose replicas come from `resolver`. `server_name` is what TLS is told (any
-    /// valid name: servers are verified by SPIFFE id); each replica's address is its
-    /// `:authority`.
+    /// valid name: servers are verified by SPIFFE id, here any of the trust domain, as with
+    /// [`ClientBuilder::channel`]); each replica's address is its `:authority`.
     pub fn channel_with_resolver(
         &self,
         resolver: impl Resolve,
         server_name: &str,
     ) -> Result<Channel, Error> {
-        self.build(server_name, Arc::new(resolver), server_name, None)
+        self.build(server_name, Arc::new(resolver), server_name, None, None)
     }
 
-    /// Typed clients for the services in `targets`.
+    /// Typed clients for the services in `targets`, each channel pinned to its service's
+    /// identity ([`ClientBuilder::channel_to`]).
     pub fn clients(&self, targets: &Targets) -> Result<Clients, Error> {
-        let channel =
-            |target: &Option<String>| target.as_deref().map(|t| self.channel(t)).transpose();
+        let channel = |service: &str, target: &Option<String>| {
+            target
+                .as_deref()
+                .map(|t| self.channel_to(service, t))
+                .transpose()
+        };
         Ok(Clients::from_channels(
-            channel(&targets.users)?,
-            channel(&targets.posts)?,
-            channel(&targets.comments)?,
-            channel(&targets.notifications)?,
+            channel("users", &targets.users)?,
+            channel("posts", &targets.posts)?,
+            channel("comments", &targets.comments)?,
+            channel("notifications", &targets.notifications)?,
         ))
     }
 
@@ -201,6 +245,7 @@ impl ClientBuilder {
         resolver: Arc<dyn Resolve>,
         server_name: &str,
         authority: Option<String>,
+        pin: Option<SpiffeId>,
     ) -> Result<Channel, Error> {
         self.validate()?;
         let methods = MethodTable::tessera()?;
@@ -216,7 +261,12 @@ impl ClientBuilder {
             })
             .transpose()?;
         let factory = EndpointFactory {
-            connector: Connector::new(self.security.clone(), server_name, self.connect_timeout),
+            connector: Connector::new(
+                self.security.clone(),
+                pin,
+                server_name,
+                self.connect_timeout,
+            ),
             authority,
             default_rtt: self.ewma.0,
             decay: self.ewma.1,

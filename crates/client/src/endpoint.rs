@@ -20,7 +20,7 @@ use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tessera_mesh::tls::ClientTls;
+use tessera_mesh::{identity::SpiffeId, tls::ClientTls};
 use tokio::net::TcpStream;
 use tonic::body::Body;
 use tower::Service;
@@ -50,13 +50,20 @@ pub(crate) struct Connector {
 
 struct ConnectorInner {
     security: Security,
+    /// mTLS: the one server identity accepted (`None`: any of the trust domain).
+    pin: Option<SpiffeId>,
     server_name: ServerName<'static>,
     connect_timeout: Duration,
     scheme: Scheme,
 }
 
 impl Connector {
-    pub(crate) fn new(security: Security, server_name: &str, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        security: Security,
+        pin: Option<SpiffeId>,
+        server_name: &str,
+        connect_timeout: Duration,
+    ) -> Self {
         // Any valid name does: servers are verified by SPIFFE id, not by name.
         let server_name = ServerName::try_from(server_name.to_owned())
             .or_else(|_| ServerName::try_from("tessera.invalid"))
@@ -70,6 +77,7 @@ impl Connector {
         Self {
             inner: Arc::new(ConnectorInner {
                 security,
+                pin,
                 server_name,
                 connect_timeout,
                 scheme,
@@ -97,7 +105,15 @@ impl Connector {
         match &self.inner.security {
             Security::Plaintext => handshake(addr, TokioIo::new(tcp)).await,
             Security::Mtls(tls) => {
-                let tls = tokio_rustls::TlsConnector::from(tls.config())
+                // Pinned per handshake: the configuration is cached by the TLS source, so a
+                // connect costs one map lookup more and a call nothing.
+                let config = match &self.inner.pin {
+                    Some(expected) => tls
+                        .config_for(expected)
+                        .map_err(|e| connect_error(std::io::Error::other(e)))?,
+                    None => tls.config(),
+                };
+                let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(self.inner.server_name.clone(), tcp)
                     .await
                     .map_err(connect_error)?;

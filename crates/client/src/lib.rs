@@ -1,5 +1,6 @@
 //! Typed clients for Tessera's services, over channels that make a workload a good mesh
-//! citizen without code in its handlers: they present the workload certificate (mTLS), find
+//! citizen without code in its handlers: they present the workload certificate (mTLS) and
+//! accept only the SPIFFE id of the service they dial ([`ClientBuilder::channel_to`]), find
 //! the replicas of a target (`static:` lists, `dns:` names re-resolved for Kubernetes headless
 //! Services), balance calls with power of two choices over peak-EWMA latency, carry the
 //! remaining deadline, the end user's token and the trace context of the call being handled,

@@ -129,12 +129,33 @@ fn burst(
     }
 }
 
+/// A duration in milliseconds that may be zero (a wait that can be skipped).
 fn millis(
     lookup: &dyn Fn(&str) -> Option<String>,
     key: &str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    parse(lookup, key, default.as_millis() as u64, "milliseconds").map(Duration::from_millis)
+    parse(
+        lookup,
+        key,
+        default.as_millis() as u64,
+        "a whole number of milliseconds",
+    )
+    .map(Duration::from_millis)
+}
+
+/// A duration in milliseconds above zero: an interval, bound or timeout, where zero would spin,
+/// panic or refuse everything. Negative values fail to parse, so they are refused too.
+fn positive_millis(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let what = "a whole number of milliseconds above 0";
+    match parse(lookup, key, default.as_millis() as u64, what)? {
+        0 => Err(ConfigError::new(key, format!("expected {what}, got 0"))),
+        ms => Ok(Duration::from_millis(ms)),
+    }
 }
 
 fn non_empty(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Option<String> {
@@ -229,7 +250,11 @@ impl Settings {
             tls_dir: non_empty(lookup, "TESSERA_TLS_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/run/tessera/tls")),
-            tls_reload_interval: millis(lookup, "TESSERA_TLS_RELOAD_MS", Duration::from_secs(10))?,
+            tls_reload_interval: positive_millis(
+                lookup,
+                "TESSERA_TLS_RELOAD_MS",
+                Duration::from_secs(10),
+            )?,
             trust_domain,
             namespace,
             log_format: parse(
@@ -269,7 +294,11 @@ impl Settings {
                     defaults.max_concurrency,
                     "a positive integer",
                 )?,
-                deadline_cap: millis(lookup, "TESSERA_DEADLINE_CAP_MS", defaults.deadline_cap)?,
+                deadline_cap: positive_millis(
+                    lookup,
+                    "TESSERA_DEADLINE_CAP_MS",
+                    defaults.deadline_cap,
+                )?,
                 max_message_size: parse(
                     lookup,
                     "TESSERA_MAX_MESSAGE_BYTES",
@@ -277,7 +306,11 @@ impl Settings {
                     "a byte count",
                 )?,
                 drain_delay: millis(lookup, "TESSERA_DRAIN_DELAY_MS", defaults.drain_delay)?,
-                drain_timeout: millis(lookup, "TESSERA_DRAIN_TIMEOUT_MS", defaults.drain_timeout)?,
+                drain_timeout: positive_millis(
+                    lookup,
+                    "TESSERA_DRAIN_TIMEOUT_MS",
+                    defaults.drain_timeout,
+                )?,
                 allow_operator: parse(lookup, "TESSERA_ALLOW_OPERATOR", false, "true or false")?,
                 // Comes from the telemetry set up with these settings, not from a variable.
                 tracer: None,
@@ -361,6 +394,14 @@ mod tests {
             ("TESSERA_RATE_LIMIT_ADDR_PER_SEC", "NaN"),
             ("TESSERA_RATE_LIMIT_USER_BURST", "0"),
             ("TESSERA_RATE_LIMIT_ADDR_BURST", "1.5"),
+            ("TESSERA_TLS_RELOAD_MS", "0"),
+            ("TESSERA_TLS_RELOAD_MS", "-1"),
+            ("TESSERA_DEADLINE_CAP_MS", "0"),
+            ("TESSERA_DEADLINE_CAP_MS", "-30000"),
+            ("TESSERA_DRAIN_TIMEOUT_MS", "0"),
+            ("TESSERA_DRAIN_TIMEOUT_MS", "-5"),
+            ("TESSERA_DRAIN_DELAY_MS", "-1"),
+            ("TESSERA_DRAIN_DELAY_MS", "1.5"),
         ] {
             let err = Settings::from_lookup("posts", &lookup(&[(key, value)])).unwrap_err();
             assert_eq!(err.setting, key, "{err}");

@@ -3,13 +3,17 @@
 //!
 //! Live connections keep the configuration they were accepted or made with; only new
 //! handshakes see the new certificate. Workload identity is the SPIFFE URI SAN: servers take
-//! the caller's from its verified client certificate, and clients accept a server whose
-//! certificate chains to the trust bundle and names a SPIFFE id in the same trust domain
-//! (DNS names are not checked on internal hops: pods are addressed by IP).
+//! the caller's from its verified client certificate, and clients pin the server: its
+//! certificate must chain to the trust bundle and name exactly the SPIFFE id of the service
+//! being dialled ([`TlsSource::client_config_for`]), as Linkerd and Istio do. Otherwise any
+//! workload of the mesh could answer for any other (a fake `users` planting token keys). DNS
+//! names are not checked on internal hops: pods are addressed by IP. The pin is checked once
+//! per handshake; calls on the connection pay nothing for it.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -71,10 +75,22 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// The shortest certificate reload interval [`TlsSource::watch`] polls at.
+pub const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The identity a development `operator` certificate carries: a person with grpcurl, never a
+/// server, so no client accepts it on the server side of a handshake.
+pub const OPERATOR: &str = "operator";
+
 struct Built {
     mtls_server: Arc<ServerConfig>,
     public_server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// Client configurations pinned to one server identity, made on first use and kept until
+    /// the material is reloaded (each also keeps its own TLS session cache).
+    pinned: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    roots: Arc<RootCertStore>,
+    certified: Arc<CertifiedKey>,
     identity: SpiffeId,
     /// The raw file contents the configs were built from, to notice changes.
     stamp: Vec<u8>,
@@ -101,7 +117,20 @@ impl TlsSource {
     /// Like [`TlsSource::load`], then polls the files every `interval` on a background task
     /// (polling, because Kubernetes swaps Secret volumes through symlinks that file watchers
     /// miss). The task ends when the last clone of the source is dropped.
+    /// An interval below [`MIN_RELOAD_INTERVAL`] (zero included) is raised to it: the
+    /// configuration refuses such values, and a library caller passing one gets polling, not a
+    /// panicking task and a rotation that silently stops.
     pub fn watch(files: TlsFiles, interval: Duration) -> Result<Self, TlsError> {
+        let interval = if interval < MIN_RELOAD_INTERVAL {
+            tracing::warn!(
+                ?interval,
+                min = ?MIN_RELOAD_INTERVAL,
+                "certificate reload interval too short; using the minimum"
+            );
+            MIN_RELOAD_INTERVAL
+        } else {
+            interval
+        };
         let source = Self::load(files)?;
         let weak: Weak<ArcSwap<Built>> = Arc::downgrade(&source.built);
         let files = source.files.clone();
@@ -136,9 +165,33 @@ impl TlsSource {
         self.built.load().public_server.clone()
     }
 
-    /// Client configuration that presents this workload's certificate.
+    /// Client configuration that presents this workload's certificate and accepts any server
+    /// of the trust domain (except the `operator` identity). For tools and tests that dial
+    /// more than one workload; mesh clients use [`TlsSource::client_config_for`].
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.built.load().client.clone()
+    }
+
+    /// Client configuration that presents this workload's certificate and accepts only a
+    /// server whose certificate names exactly `expected`. Another identity fails the
+    /// handshake, logged with both ids. Cheap after the first call for an id (cached until the
+    /// files change).
+    pub fn client_config_for(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
+        let built = self.built.load();
+        let mut pinned = built
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(config) = pinned.get(expected) {
+            return Ok(config.clone());
+        }
+        let config = client_config(
+            built.roots.clone(),
+            built.certified.clone(),
+            ServerIdentity::Exactly(expected.clone()),
+        )?;
+        pinned.insert(expected.clone(), config.clone());
+        Ok(config)
     }
 
     /// The SPIFFE id in this workload's certificate.
@@ -161,9 +214,16 @@ impl ClientTls {
         TlsSource::watch(files, reload_interval).map(Self)
     }
 
-    /// The freshest client configuration (TLS 1.3, ALPN h2, client certificate presented).
+    /// The freshest client configuration (TLS 1.3, ALPN h2, client certificate presented),
+    /// accepting any server of the trust domain; see [`TlsSource::client_config`].
     pub fn config(&self) -> Arc<ClientConfig> {
         self.0.client_config()
+    }
+
+    /// The freshest client configuration that accepts only a server named `expected`; see
+    /// [`TlsSource::client_config_for`].
+    pub fn config_for(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
+        self.0.client_config_for(expected)
     }
 
     pub fn identity(&self) -> SpiffeId {
@@ -227,11 +287,7 @@ fn build(files: &TlsFiles, raw: [Vec<u8>; 3]) -> Result<Built, TlsError> {
     }
     let roots = Arc::new(roots);
     let provider = provider();
-    let certified = Arc::new(CertifiedKey::from_der(
-        chain.clone(),
-        key.clone_key(),
-        &provider,
-    )?);
+    let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider)?);
     certified.keys_match().map_err(TlsError::KeyMismatch)?;
 
     let client_verifier =
@@ -252,33 +308,82 @@ fn build(files: &TlsFiles, raw: [Vec<u8>; 3]) -> Result<Built, TlsError> {
         )));
     public_server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
+    let client = client_config(
+        roots.clone(),
+        certified.clone(),
+        ServerIdentity::InTrustDomain(identity.trust_domain().to_owned()),
+    )?;
+
+    Ok(Built {
+        mtls_server: Arc::new(mtls_server),
+        public_server: Arc::new(public_server),
+        client,
+        pinned: Mutex::new(HashMap::new()),
+        roots,
+        certified,
+        identity,
+        stamp: raw.concat(),
+    })
+}
+
+/// TLS 1.3 and ALPN h2, presenting `certified`, verifying the server as `server` says.
+fn client_config(
+    roots: Arc<RootCertStore>,
+    certified: Arc<CertifiedKey>,
+    server: ServerIdentity,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
     let verifier = SpiffeServerVerifier {
         roots,
-        trust_domain: identity.trust_domain().to_owned(),
+        server,
         algorithms: provider.signature_verification_algorithms,
     };
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(chain, key)?;
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     client.alpn_protocols = vec![b"h2".to_vec()];
-
-    Ok(Built {
-        mtls_server: Arc::new(mtls_server),
-        public_server: Arc::new(public_server),
-        client: Arc::new(client),
-        identity,
-        stamp: raw.concat(),
-    })
+    Ok(Arc::new(client))
 }
 
-/// Verifies a server by chain and SPIFFE trust domain instead of DNS name.
+/// Which server identities a client accepts.
+#[derive(Debug)]
+enum ServerIdentity {
+    /// Exactly this workload: what mesh clients dial.
+    Exactly(SpiffeId),
+    /// Any workload of the trust domain but `operator`.
+    InTrustDomain(String),
+}
+
+/// The server named another SPIFFE id than the client pinned.
+#[derive(Debug, thiserror::Error)]
+#[error("the server is {presented}, expected {expected}")]
+pub struct IdentityMismatch {
+    pub expected: String,
+    pub presented: String,
+}
+
+/// Verifies a server by chain and SPIFFE id instead of DNS name.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    trust_domain: String,
+    server: ServerIdentity,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    fn refuse(expected: String, presented: String) -> rustls::Error {
+        // The handshake error reaches the caller only as a failed connect; this line is
+        // what tells an operator which workload answered in whose place.
+        tracing::warn!(%expected, %presented, "refused a server presenting another identity");
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(IdentityMismatch {
+                expected,
+                presented,
+            }),
+        )))
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -303,10 +408,19 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 rustls::CertificateError::ApplicationVerificationFailure,
             )
         })?;
-        if id.trust_domain() != self.trust_domain {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
+        match &self.server {
+            ServerIdentity::Exactly(expected) if id != *expected => {
+                return Err(Self::refuse(expected.to_string(), id.to_string()));
+            }
+            ServerIdentity::InTrustDomain(domain)
+                if id.trust_domain() != domain || id.service() == OPERATOR =>
+            {
+                return Err(Self::refuse(
+                    format!("spiffe://{domain}/ns/*/sa/* (not {OPERATOR})"),
+                    id.to_string(),
+                ));
+            }
+            _ => {}
         }
         Ok(ServerCertVerified::assertion())
     }

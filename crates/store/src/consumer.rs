@@ -18,7 +18,7 @@ pub trait Consumer: Send + Sync {
     /// One upstream event.
     type Event: Send;
     /// Why opening or reading the upstream stream failed.
-    type Error: Display + Send;
+    type Error: Display + Send + 'static;
     /// The upstream stream of events.
     type Stream: Stream<Item = Result<Self::Event, Self::Error>> + Send;
 
@@ -33,6 +33,30 @@ pub trait Consumer: Send + Sync {
 
     /// The event's sequence in the upstream outbox.
     fn sequence(&self, event: &Self::Event) -> i64;
+
+    /// The upstream outbox's epoch the event carries (`WatchEventsResponse.epoch`). The cursor
+    /// follows one epoch: an event from another stops the consumer. `None` or empty (a
+    /// producer that sends none) is not checked; Tessera's consumers all return the field.
+    fn epoch<'e>(&self, event: &'e Self::Event) -> Option<&'e str> {
+        let _ = event;
+        None
+    }
+
+    /// The service whose events these are, for log lines and halts (by default the cursor
+    /// name without its `-events` suffix).
+    fn producer(&self) -> &str {
+        let name = self.name();
+        name.strip_suffix("-events").unwrap_or(name)
+    }
+
+    /// Whether `error` says the producer's outbox no longer continues this cursor, so that
+    /// only an operator can fix it: by default a `tonic::Status` OUT_OF_RANGE (the events
+    /// after the cursor were pruned, or the cursor is ahead of an outbox that went back).
+    fn diverged(&self, error: &Self::Error) -> bool {
+        (error as &dyn std::any::Any)
+            .downcast_ref::<tonic::Status>()
+            .is_some_and(|status| status.code() == tonic::Code::OutOfRange)
+    }
 
     /// Applies one event's effect inside `tx` (the cursor has already been advanced in the
     /// same transaction, so the effect and the cursor commit together or not at all).
@@ -49,10 +73,17 @@ pub trait Consumer: Send + Sync {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long a halted consumer waits before looking again: it needs an operator, so retrying
+/// fast would only fill the log (each look logs the halt once more, at ERROR).
+pub const HALTED_RETRY: Duration = Duration::from_secs(30);
+
 /// Why one connection to the upstream ended.
 enum Ended {
     Shutdown,
     Retry,
+    /// The producer's outbox is not the history the cursor follows (another epoch, pruned past
+    /// the cursor, or behind it): recorded in the database and retried slowly.
+    Halted,
 }
 
 /// Follows `consumer`'s upstream until `shutdown` turns `true` (or its sender is dropped).
@@ -63,6 +94,14 @@ enum Ended {
 /// failed apply is logged, and the loop reconnects from the committed cursor after a
 /// backoff. An event whose apply always fails is retried forever (and logged each time);
 /// it never gets skipped silently.
+///
+/// The cursor also records the producer's outbox epoch ([`Consumer::epoch`]) with the first
+/// event it applies. An event from another epoch, or an OUT_OF_RANGE from the producer (the
+/// events after the cursor were pruned, or the outbox ends below the cursor), halts the
+/// consumer: nothing of that stream is applied, the reason is logged at ERROR naming the
+/// producer and kept in the database ([`Db::cursor_state`]), and the consumer looks again
+/// every [`HALTED_RETRY`] until an operator resets the cursor ([`Db::reset_cursor`],
+/// `tessera cursor reset`).
 pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -73,22 +112,26 @@ pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch:
             ended = follow(&db, &consumer, &mut backoff) => ended,
             _ = shutdown.wait_for(|stop| *stop) => Ended::Shutdown,
         };
-        match ended {
+        let wait = match ended {
             Ended::Shutdown => return,
-            Ended::Retry => {}
-        }
+            Ended::Retry => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+            Ended::Halted => HALTED_RETRY,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> Ended {
     let name = consumer.name();
-    let after = match db.cursor(name).await {
-        Ok(after) => after,
+    let (after, mut followed, mut halted) = match db.cursor_state(name).await {
+        Ok(state) => (state.position, state.epoch, state.halted.is_some()),
         Err(err) => {
             tracing::warn!(consumer = name, error = %err, "reading the consumer cursor failed");
             return Ended::Retry;
@@ -96,6 +139,9 @@ async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> E
     };
     let stream = match consumer.open(after).await {
         Ok(stream) => stream,
+        Err(err) if consumer.diverged(&err) => {
+            return halt(db, consumer, after, describe(&err)).await;
+        }
         Err(err) => {
             tracing::warn!(consumer = name, after, error = %err, "opening the event stream failed");
             return Ended::Retry;
@@ -106,15 +152,53 @@ async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> E
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
+            Err(err) if consumer.diverged(&err) => {
+                return halt(db, consumer, after, describe(&err)).await;
+            }
             Err(err) => {
                 tracing::warn!(consumer = name, error = %err, "the event stream failed");
                 return Ended::Retry;
             }
         };
         let sequence = consumer.sequence(&event);
-        if let Err(err) = apply_one(db, consumer, sequence, event).await {
-            tracing::error!(consumer = name, sequence, error = %err, "applying an event failed");
-            return Ended::Retry;
+        let epoch = consumer
+            .epoch(&event)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned);
+        if let (Some(epoch), Some(known)) = (&epoch, &followed)
+            && epoch != known
+        {
+            let reason = epoch_changed(consumer, known, epoch, sequence);
+            return halt(db, consumer, after, reason).await;
+        }
+        // The first epoch seen is recorded with the event (or, if another replica recorded a
+        // different one meanwhile, the event is refused).
+        let record = epoch.filter(|_| followed.is_none());
+        match apply_one(db, consumer, sequence, record.as_deref(), event).await {
+            Ok(Applied::Done) => {}
+            Ok(Applied::OtherEpoch(known)) => {
+                let seen = record.unwrap_or_default();
+                let reason = epoch_changed(consumer, &known, &seen, sequence);
+                return halt(db, consumer, after, reason).await;
+            }
+            Err(err) => {
+                tracing::error!(consumer = name, sequence, error = %err, "applying an event failed");
+                return Ended::Retry;
+            }
+        }
+        if record.is_some() {
+            followed = record;
+        }
+        if std::mem::take(&mut halted) {
+            // The producer continues the cursor again (e.g. its database was put back).
+            if let Err(err) = db.set_halted(name, None).await {
+                tracing::warn!(consumer = name, error = %err, "clearing the halt failed");
+            }
+            tracing::info!(
+                consumer = name,
+                sequence,
+                "the consumer follows its producer again"
+            );
         }
         *backoff = FIRST_BACKOFF;
     }
@@ -122,18 +206,72 @@ async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> E
     Ended::Retry
 }
 
+/// The error's own words: a status's message without its code and metadata.
+fn describe<E: Display + 'static>(err: &E) -> String {
+    match (err as &dyn std::any::Any).downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_owned(),
+        None => err.to_string(),
+    }
+}
+
+fn epoch_changed<C: Consumer>(consumer: &C, known: &str, seen: &str, sequence: i64) -> String {
+    format!(
+        "{} sent event {sequence} from outbox epoch {seen}, but this cursor follows epoch \
+         {known}: its outbox was recreated",
+        consumer.producer()
+    )
+}
+
+/// Records and logs why `consumer` stopped; nothing more is applied until a reset.
+async fn halt<C: Consumer>(db: &Db, consumer: &C, after: i64, reason: String) -> Ended {
+    let name = consumer.name();
+    let producer = consumer.producer();
+    let reason = format!(
+        "halted at {after}: {reason}; check {producer} and reset the cursor \
+         (tessera cursor reset --producer {producer} ...)"
+    );
+    tracing::error!(
+        consumer = name,
+        producer,
+        after,
+        reason,
+        "the producer's events no longer continue this consumer's cursor; no event is applied \
+         until an operator resets it"
+    );
+    if let Err(err) = db.set_halted(name, Some(&reason)).await {
+        tracing::warn!(consumer = name, error = %err, "recording the halt failed");
+    }
+    Ended::Halted
+}
+
+enum Applied {
+    /// Applied now, or before (the cursor was already past it).
+    Done,
+    /// Not applied: the cursor follows this other epoch.
+    OtherEpoch(String),
+}
+
 async fn apply_one<C: Consumer>(
     db: &Db,
     consumer: &C,
     sequence: i64,
+    record_epoch: Option<&str>,
     event: C::Event,
-) -> Result<(), StoreError> {
+) -> Result<Applied, StoreError> {
     let mut tx = db.begin().await?;
     if !tx.advance_cursor(consumer.name(), sequence).await? {
         // Applied before (a replay after reconnecting, or another replica got there first).
         tx.rollback().await?;
-        return Ok(());
+        return Ok(Applied::Done);
+    }
+    if let Some(epoch) = record_epoch {
+        let followed = tx.follow_epoch(consumer.name(), epoch).await?;
+        if followed != epoch {
+            tx.rollback().await?;
+            return Ok(Applied::OtherEpoch(followed));
+        }
     }
     consumer.apply(&mut tx, event).await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(Applied::Done)
 }

@@ -3,7 +3,7 @@
 use std::{
     ops::{Deref, DerefMut},
     path::Path,
-    sync::{Arc, Once},
+    sync::{Arc, Once, OnceLock},
     time::Duration,
 };
 
@@ -128,6 +128,8 @@ pub(crate) struct Inner {
     /// How long a write transaction waits for its turn (the busy timeout).
     turn_timeout: Duration,
     outbox_retention: Option<Duration>,
+    /// This database's outbox epoch, read (or made) by [`Db::migrate`].
+    epoch: OnceLock<String>,
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
@@ -161,6 +163,16 @@ CREATE TABLE IF NOT EXISTS tessera_cursors (
     name TEXT PRIMARY KEY,
     position BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tessera_outbox_epoch (
+    id BIGINT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    create_time BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_cursor_epochs (
+    name TEXT PRIMARY KEY,
+    epoch TEXT,
+    halted TEXT
+);
 ";
 
 const STORE_TABLES_POSTGRES: &str = "
@@ -177,6 +189,16 @@ CREATE TABLE IF NOT EXISTS tessera_outbox (
 CREATE TABLE IF NOT EXISTS tessera_cursors (
     name TEXT PRIMARY KEY,
     position BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_outbox_epoch (
+    id BIGINT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    create_time BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tessera_cursor_epochs (
+    name TEXT PRIMARY KEY,
+    epoch TEXT,
+    halted TEXT
 );
 ";
 
@@ -330,6 +352,7 @@ impl Db {
                 write_turn: (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1))),
                 turn_timeout: options.busy_timeout,
                 outbox_retention: options.outbox_retention,
+                epoch: OnceLock::new(),
             }),
         })
     }
@@ -351,7 +374,23 @@ impl Db {
                 script(&mut tx, "SELECT pg_advisory_xact_lock(7365735)::text").await?;
             }
             script(&mut tx, store_tables).await?;
+            // The outbox's epoch is drawn once, when its tables are created (or, for an
+            // outbox older than epochs, on the first start that knows them), and never
+            // changes: a recreated database has a new one, which consumers notice.
+            sqlx::query(
+                "INSERT INTO tessera_outbox_epoch (id, epoch, create_time) VALUES (1, $1, $2) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(uuid::Uuid::now_v7().simple().to_string())
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+            let epoch: String =
+                sqlx::query_scalar("SELECT epoch FROM tessera_outbox_epoch WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await?;
             tx.commit().await?;
+            let _ = self.inner.epoch.set(epoch);
         }
 
         for (i, migration) in migrations.iter().enumerate() {
@@ -409,6 +448,13 @@ impl Db {
         self.inner.backend
     }
 
+    /// The outbox's epoch: a random id drawn when the outbox was created and carried by every
+    /// event it streams, so consumers can tell this outbox from a recreated one whose
+    /// sequences start again. `None` before [`Db::migrate`] ran.
+    pub fn epoch(&self) -> Option<&str> {
+        self.inner.epoch.get().map(String::as_str)
+    }
+
     /// The pool, for reads outside a transaction: `sqlx::query(..).fetch_all(db.pool())`.
     /// Placeholders are `$1, $2, ...` on both engines.
     pub fn pool(&self) -> &AnyPool {
@@ -461,6 +507,84 @@ impl Db {
                 .await?;
         Ok(pos.unwrap_or(0))
     }
+
+    /// Consumer `name`'s cursor: position, the producer epoch it follows (once it has seen
+    /// one), and why it halted, if it did (see [`crate::run_consumer`]).
+    pub async fn cursor_state(&self, name: &str) -> Result<CursorState> {
+        let position = self.cursor(name).await?;
+        let row: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT epoch, halted FROM tessera_cursor_epochs WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?;
+        let (epoch, halted) = row.unwrap_or_default();
+        Ok(CursorState {
+            name: name.to_owned(),
+            position,
+            epoch,
+            halted,
+        })
+    }
+
+    /// Every consumer cursor in this database, by name.
+    pub async fn cursor_states(&self) -> Result<Vec<CursorState>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM tessera_cursors UNION SELECT name FROM tessera_cursor_epochs \
+             ORDER BY 1",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.push(self.cursor_state(&name).await?);
+        }
+        Ok(out)
+    }
+
+    /// Records that consumer `name` halted, and why (kept until its cursor is reset or it
+    /// applies an event again); `None` clears it.
+    pub async fn set_halted(&self, name: &str, reason: Option<&str>) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO tessera_cursor_epochs (name, epoch, halted) VALUES ($1, NULL, $2) \
+             ON CONFLICT (name) DO UPDATE SET halted = excluded.halted",
+        )
+        .bind(name)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// The operator's deliberate resynchronisation: sets consumer `name`'s cursor to
+    /// `position` and forgets the producer epoch it followed and any halt, so the consumer
+    /// resumes after `position` in whatever outbox the producer has now. Returns the state
+    /// before the reset.
+    pub async fn reset_cursor(&self, name: &str, position: i64) -> Result<CursorState> {
+        let before = self.cursor_state(name).await?;
+        let mut tx = self.begin().await?;
+        tx.set_cursor(name, position).await?;
+        sqlx::query("DELETE FROM tessera_cursor_epochs WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(before)
+    }
+}
+
+/// Where a consumer stands; see [`Db::cursor_state`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CursorState {
+    /// The cursor name (by convention `<producer>-events`).
+    pub name: String,
+    /// The last applied sequence.
+    pub position: i64,
+    /// The producer's outbox epoch the position belongs to; `None` until an event with one
+    /// was applied (or after a reset).
+    pub epoch: Option<String>,
+    /// Why the consumer stopped applying events, until an operator resets the cursor.
+    pub halted: Option<String>,
 }
 
 /// A write transaction. Dereferences to the connection, so queries run on it with
@@ -570,6 +694,45 @@ impl Tx {
         Ok(seq)
     }
 
+    /// Waits for, then holds until this transaction ends, the exclusive lock on `key` in
+    /// `space` (e.g. `("post", post_id)`): for the writer of a tombstone, whose cascade must
+    /// not miss a child row inserted by a transaction that checked the tombstone before it
+    /// existed. Pair it with [`Tx::lock_key_shared`] in the inserting transactions.
+    ///
+    /// A row lock cannot do this on PostgreSQL: the tombstone row does not exist yet when the
+    /// inserter looks, so there is nothing to lock, and READ COMMITTED lets the cascade's
+    /// `DELETE` miss the uncommitted child. A transaction-scoped advisory lock on the key is
+    /// the row lock of a row that may not exist (keys are hashed: a collision only makes
+    /// unrelated writers wait). SQLite needs nothing: write transactions already hold the
+    /// database's one write lock from their start.
+    pub async fn lock_key(&mut self, space: &str, key: &str) -> Result<()> {
+        self.advisory_lock(space, key, "pg_advisory_xact_lock")
+            .await
+    }
+
+    /// The shared side of [`Tx::lock_key`]: for transactions that check a tombstone and then
+    /// insert under it. They do not wait for each other, only for (or hold off) the tombstone
+    /// writer. Take it before the check.
+    pub async fn lock_key_shared(&mut self, space: &str, key: &str) -> Result<()> {
+        self.advisory_lock(space, key, "pg_advisory_xact_lock_shared")
+            .await
+    }
+
+    async fn advisory_lock(&mut self, space: &str, key: &str, function: &str) -> Result<()> {
+        if self.backend() != Backend::Postgres {
+            return Ok(());
+        }
+        // `::text`: the Any driver cannot decode PostgreSQL's `void`.
+        sqlx::query(&format!(
+            "SELECT {function}(hashtext($1), hashtext($2))::text"
+        ))
+        .bind(space)
+        .bind(key)
+        .execute(&mut **self)
+        .await?;
+        Ok(())
+    }
+
     /// Consumer `name`'s cursor as seen by this transaction (0 if it never ran).
     pub async fn cursor(&mut self, name: &str) -> Result<i64> {
         let pos: Option<i64> =
@@ -603,6 +766,27 @@ impl Tx {
         .await?
         .rows_affected();
         Ok(moved == 1)
+    }
+
+    /// Records `epoch` as the producer epoch consumer `name` follows, unless it already
+    /// follows one; returns the epoch it follows now (so a caller seeing another value than
+    /// `epoch` knows the producer changed under it).
+    pub async fn follow_epoch(&mut self, name: &str, epoch: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO tessera_cursor_epochs (name, epoch, halted) VALUES ($1, $2, NULL) \
+             ON CONFLICT (name) DO UPDATE SET epoch = COALESCE(tessera_cursor_epochs.epoch, \
+             excluded.epoch)",
+        )
+        .bind(name)
+        .bind(epoch)
+        .execute(&mut **self)
+        .await?;
+        let followed: Option<String> =
+            sqlx::query_scalar("SELECT epoch FROM tessera_cursor_epochs WHERE name = $1")
+                .bind(name)
+                .fetch_one(&mut **self)
+                .await?;
+        Ok(followed.unwrap_or_else(|| epoch.to_owned()))
     }
 
     /// Sets consumer `name`'s cursor to `position` unconditionally (e.g. to rewind).

@@ -41,6 +41,15 @@ pub enum StoreError {
     )]
     Pruned { after: i64, oldest: i64 },
 
+    /// A consumer asked for events after `after`, but the outbox ends at `last`: it went back
+    /// (restored from a backup, or recreated) and the events the consumer will wait for are
+    /// not the ones it missed. Waiting would silently skip the new events up to `after`.
+    #[error(
+        "the cursor {after} is ahead of the outbox, which ends at {last}: the outbox went back \
+         (restored or recreated); the consumer must be resynchronised"
+    )]
+    Ahead { after: i64, last: i64 },
+
     /// Any other database failure.
     #[error("database error")]
     Database(#[source] sqlx::Error),

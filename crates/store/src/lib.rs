@@ -84,6 +84,14 @@
 //! advance ([`Tx::advance_cursor`]), so its effect happens exactly once even across
 //! reconnects, restarts and concurrent replicas. Errors reconnect with backoff.
 //!
+//! Each outbox has an epoch ([`Db::epoch`]), a random id drawn when it is created and sent
+//! with every `WatchEvents` event. The cursor records the epoch it follows
+//! ([`Consumer::epoch`]); an event from another epoch (the producer's database was
+//! recreated) or an OUT_OF_RANGE from the producer (events pruned past the cursor, or an
+//! outbox restored below it: [`StoreError::Ahead`]) halts the consumer: nothing is applied,
+//! the reason is logged at ERROR and kept ([`Db::cursor_state`]) until an operator resets the
+//! cursor ([`Db::reset_cursor`], `tessera cursor reset`).
+//!
 //! ```ignore
 //! struct UserEvents { users: UserServiceClient<tessera_client::Channel> }
 //! impl tessera_store::Consumer for UserEvents {
@@ -124,8 +132,10 @@ pub mod watch;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use consumer::{Consumer, run_consumer};
-pub use db::{Backend, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx};
+pub use consumer::{Consumer, HALTED_RETRY, run_consumer};
+pub use db::{
+    Backend, CursorState, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx,
+};
 pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
 

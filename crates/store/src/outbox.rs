@@ -62,7 +62,8 @@ impl Db {
     /// PostgreSQL it also re-reads every [`crate::DbOptions::poll_interval`] to see other
     /// replicas' commits. No busy polling. A database error is yielded once and ends the
     /// stream (the client reconnects from its cursor), and so is [`StoreError::Pruned`] when
-    /// the events after `after` are no longer kept. Dropping the stream stops it.
+    /// the events after `after` are no longer kept, and [`StoreError::Ahead`] when `after` is
+    /// beyond the newest event. Dropping the stream stops it.
     pub fn events(&self, after: i64) -> impl Stream<Item = Result<Event>> + Send + 'static {
         struct State {
             db: Db,
@@ -70,6 +71,8 @@ impl Db {
             buffer: VecDeque<Event>,
             wake: watch::Receiver<i64>,
             done: bool,
+            /// Whether the first read is still to come (where a cursor ahead is noticed).
+            first: bool,
         }
         let state = State {
             db: self.clone(),
@@ -77,6 +80,7 @@ impl Db {
             buffer: VecDeque::new(),
             wake: self.inner.committed.subscribe(),
             done: false,
+            first: true,
         };
         futures::stream::unfold(state, |mut st| async move {
             if st.done {
@@ -102,6 +106,23 @@ impl Db {
                     Ok(events) if !events.is_empty() => {
                         st.buffer.extend(events);
                         continue;
+                    }
+                    Ok(_) if std::mem::take(&mut st.first) && st.after > 0 => {
+                        // Nothing after the cursor: either it is up to date, or the outbox
+                        // went back below it (sequences never shrink otherwise: the newest
+                        // event is never pruned).
+                        match st.db.last_sequence().await {
+                            Ok(last) if last < st.after => {
+                                st.done = true;
+                                let after = st.after;
+                                return Some((Err(StoreError::Ahead { after, last }), st));
+                            }
+                            Ok(_) => {}
+                            Err(err) => {
+                                st.done = true;
+                                return Some((Err(err), st));
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(err) => {

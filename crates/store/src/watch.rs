@@ -25,8 +25,9 @@ pub trait OutboxMessage: prost::Message + Default + Send + 'static {
     /// The message with only `event` set: what goes into the outbox.
     fn from_event(event: Self::Event) -> Self;
 
-    /// Fills in what the outbox assigned: the event's sequence and append time.
-    fn stamp(&mut self, sequence: i64, create_time: Timestamp);
+    /// Fills in what the outbox assigned: the event's sequence and append time, and the
+    /// outbox's epoch.
+    fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str);
 }
 
 macro_rules! outbox_messages {
@@ -41,9 +42,10 @@ macro_rules! outbox_messages {
                 }
             }
 
-            fn stamp(&mut self, sequence: i64, create_time: Timestamp) {
+            fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str) {
                 self.sequence = sequence;
                 self.create_time = Some(create_time);
+                self.epoch = epoch.to_owned();
             }
         }
     )+};
@@ -62,7 +64,7 @@ pub async fn append<M: OutboxMessage>(tx: &mut Tx, event: M::Event) -> Result<i6
 }
 
 /// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as `M` and
-/// stamped with its sequence and append time; the backlog first, then new events as they
+/// stamped with its sequence, append time and the outbox epoch; the backlog first, then new events as they
 /// commit (see [`Db::events`]).
 ///
 /// A negative `after_sequence` is INVALID_ARGUMENT naming the field. A storage failure or a
@@ -72,16 +74,20 @@ pub fn stream<M: OutboxMessage>(db: &Db, after_sequence: i64) -> Result<WatchStr
     if after_sequence < 0 {
         return Err(invalid_field("after_sequence", "must not be negative"));
     }
-    let events = db.events(after_sequence).map(|item| {
+    let epoch = db.epoch().unwrap_or_default().to_owned();
+    let events = db.events(after_sequence).map(move |item| {
         let event = item.map_err(|err| match err {
-            // The caller's cursor is older than what is kept: its own problem, said plainly.
-            StoreError::Pruned { .. } => Status::out_of_range(err.to_string()),
+            // The caller's cursor is not in what is kept (older than the retention, or ahead
+            // of an outbox that went back): its own problem, said plainly.
+            StoreError::Pruned { .. } | StoreError::Ahead { .. } => {
+                Status::out_of_range(err.to_string())
+            }
             err => internal(error_chain(&err)),
         })?;
         let mut msg = M::decode(event.payload.as_slice()).map_err(|err| {
             internal(format!("outbox event {} is corrupt: {err}", event.sequence))
         })?;
-        msg.stamp(event.sequence, timestamp(event.create_time));
+        msg.stamp(event.sequence, timestamp(event.create_time), &epoch);
         Ok(msg)
     });
     Ok(Box::pin(events))

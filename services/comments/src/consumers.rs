@@ -22,6 +22,10 @@ use tonic::{Status, Streaming};
 
 use crate::{Comments, service::append};
 
+/// The key spaces of the tombstone locks (`Tx::lock_key`): a post's comments, a user's.
+pub(crate) const POST_KEY: &str = "comments.post";
+pub(crate) const USER_KEY: &str = "comments.user";
+
 /// The cursor name of the posts consumer in the comments database.
 pub const POST_EVENTS_CURSOR: &str = "posts-events";
 /// The cursor name of the users consumer in the comments database.
@@ -72,9 +76,15 @@ impl Consumer for PostsConsumer {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e PostEvent) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: PostEvent) -> Result<(), StoreError> {
         match event.event {
             Some(PostKind::PostDeleted(deleted)) => {
+                // Waits for creates that passed the tombstone check (see `Comments::insert`).
+                tx.lock_key(POST_KEY, &deleted.post_id).await?;
                 sqlx::query(
                     "INSERT INTO deleted_posts (post_id, delete_time) VALUES ($1, $2) \
                      ON CONFLICT (post_id) DO NOTHING",
@@ -115,9 +125,14 @@ impl Consumer for UsersConsumer {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e UserEvent) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {
         match event.event {
             Some(UserKind::UserDeleted(deleted)) => {
+                tx.lock_key(USER_KEY, &deleted.user_id).await?;
                 sqlx::query(
                     "INSERT INTO deleted_users (user_id, delete_time) VALUES ($1, $2) \
                      ON CONFLICT (user_id) DO NOTHING",

@@ -15,7 +15,11 @@ use tessera_mesh::{auth::end_user, errors::Violations};
 use tessera_store::{Db, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
-use crate::{CommentsError, MIGRATIONS, page::PageToken};
+use crate::{
+    CommentsError, MIGRATIONS,
+    consumers::{POST_KEY, USER_KEY},
+    page::PageToken,
+};
 
 /// Longest comment body, in characters.
 pub const MAX_BODY_CHARS: usize = 10_000;
@@ -158,7 +162,12 @@ impl Comments {
         let now = now_micros();
         let mut tx = self.db.begin().await?;
         // The post may have been deleted, or the user, since their events were applied:
-        // the tombstones close that race (the GetPost above saw an older state).
+        // the tombstones close that race (the GetPost above saw an older state). The key
+        // locks close the next one: a cascade writing the tombstone after the check below
+        // waits for this insert to commit, so its DELETE sees the comment (PostgreSQL READ
+        // COMMITTED; see `Tx::lock_key`).
+        tx.lock_key_shared(POST_KEY, &comment.post_id).await?;
+        tx.lock_key_shared(USER_KEY, &comment.author_id).await?;
         let gone_post: Option<String> =
             sqlx::query_scalar("SELECT post_id FROM deleted_posts WHERE post_id = $1")
                 .bind(&comment.post_id)

@@ -88,6 +88,10 @@ impl Consumer for CommentsConsumer {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e CommentEvent) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: CommentEvent) -> Result<(), StoreError> {
         match event.event {
             Some(CommentKind::CommentCreated(created)) => notify(tx, created).await,
@@ -176,6 +180,10 @@ impl Consumer for UsersConsumer {
 
     fn sequence(&self, event: &UserEvent) -> i64 {
         event.sequence
+    }
+
+    fn epoch<'e>(&self, event: &'e UserEvent) -> Option<&'e str> {
+        Some(&event.epoch)
     }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {

@@ -14,6 +14,9 @@ use crate::{
     service::{append, post_deleted},
 };
 
+/// The key space of the tombstone lock (`Tx::lock_key`) on an author's posts.
+pub(crate) const AUTHOR_KEY: &str = "posts.author";
+
 /// The cursor name in posts' database.
 pub const USER_EVENTS_CURSOR: &str = "users-events";
 
@@ -49,6 +52,10 @@ impl tessera_store::Consumer for UserEvents {
         event.sequence
     }
 
+    fn epoch<'e>(&self, event: &'e WatchEventsResponse) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         let Some(Event::UserDeleted(deleted)) = event.event else {
             return Ok(());
@@ -63,6 +70,8 @@ impl tessera_store::Consumer for UserEvents {
 /// their posts, appending PostDeleted for each. All row changes come before the appends,
 /// which take the outbox lock (see `Tx::append_event`).
 async fn delete_author(tx: &mut Tx, author_id: &str) -> Result<usize, StoreError> {
+    // Waits for creates that passed the tombstone check (see `Posts::insert_post`).
+    tx.lock_key(AUTHOR_KEY, author_id).await?;
     sqlx::query(
         "INSERT INTO deleted_authors (author_id, delete_time) VALUES ($1, $2) \
          ON CONFLICT (author_id) DO NOTHING",

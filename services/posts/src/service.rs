@@ -220,6 +220,11 @@ impl Posts {
 
     async fn insert_post(&self, post: &PostRow, request_id: &str) -> Result<(), Error> {
         let mut tx = self.db().begin().await?;
+        // A UserDeleted cascade writing the tombstone after the check below waits for this
+        // insert to commit, so its DELETE sees the post (PostgreSQL READ COMMITTED; see
+        // `Tx::lock_key`).
+        tx.lock_key_shared(crate::consumer::AUTHOR_KEY, &post.author_id)
+            .await?;
         let deleted: Option<String> =
             sqlx::query_scalar("SELECT author_id FROM deleted_authors WHERE author_id = $1")
                 .bind(&post.author_id)

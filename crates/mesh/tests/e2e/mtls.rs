@@ -125,3 +125,32 @@ async fn the_access_rule_decides_which_workloads_may_call() {
         .unwrap();
     assert_eq!(got.into_inner().post.unwrap().post_id, "p2");
 }
+
+#[tokio::test]
+async fn a_client_pinned_to_another_service_refuses_the_server() {
+    let app = spawn_app().await;
+    let gateway = TlsSource::load(app.client_files("gateway")).unwrap();
+    // The app's server is `posts`; a client dialling `users` must not accept it.
+    let pinned = gateway.client_config_for(&spiffe("users")).unwrap();
+    let err = tls_connect(app.grpc, pinned, &Handshakes::default())
+        .await
+        .expect_err("a posts certificate was accepted as users");
+    let message = err.to_string();
+    assert!(
+        message.contains(&spiffe("users").to_string())
+            && message.contains(&spiffe("posts").to_string()),
+        "the error names both ids: {message}"
+    );
+    // Pinned to the right service, the same client gets in and is served.
+    let right = gateway.client_config_for(&spiffe("posts")).unwrap();
+    let channel = connect(app.grpc, right, &Handshakes::default())
+        .await
+        .unwrap();
+    let got = tessera::posts::v1::post_service_client::PostServiceClient::new(channel)
+        .get_post(GetPostRequest {
+            post_id: "p1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner().post.unwrap().post_id, "p1");
+}

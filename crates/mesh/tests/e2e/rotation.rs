@@ -1,9 +1,14 @@
 //! Certificate rotation without a restart: new handshakes get the new certificate, open
 //! connections keep working.
 
-use tessera::posts::v1::{GetPostRequest, post_service_client::PostServiceClient};
+use std::time::Duration;
 
-use crate::support::{Handshakes, connect, eventually, issue_server_cert, serial_of, spawn_app};
+use tessera::posts::v1::{GetPostRequest, post_service_client::PostServiceClient};
+use tessera_mesh::tls::TlsSource;
+
+use crate::support::{
+    Handshakes, connect, eventually, issue_server_cert, serial_of, spawn_app, spiffe,
+};
 
 fn get(id: &str) -> GetPostRequest {
     GetPostRequest { post_id: id.into() }
@@ -48,4 +53,20 @@ async fn rotated_server_certificate_is_served_to_new_connections_only() {
         "the held channel reconnected instead of keeping its connection"
     );
     assert!(!app.done.is_finished(), "the server restarted or stopped");
+}
+
+#[tokio::test]
+async fn a_zero_reload_interval_still_reloads_instead_of_panicking() {
+    let app = spawn_app().await;
+    let files = app.client_files("gateway");
+    let source = TlsSource::watch(files.clone(), Duration::ZERO).unwrap();
+    assert_eq!(source.identity(), spiffe("gateway"));
+    // Replace the files with another workload's; the watcher task is alive and picks it up.
+    let next = app.client_files("comments");
+    for (from, to) in [(&next.cert, &files.cert), (&next.key, &files.key)] {
+        std::fs::copy(from, to).unwrap();
+    }
+    eventually!("the watcher to load the new certificate", {
+        source.identity() == spiffe("comments")
+    });
 }

@@ -64,6 +64,7 @@ fn post_deleted(sequence: i64, post_id: &str) -> PostEvent {
     PostEvent {
         sequence,
         create_time: None,
+        epoch: String::new(),
         event: Some(PostKind::PostDeleted(PostDeleted {
             post_id: post_id.into(),
             author_id: "alice".into(),
@@ -75,6 +76,7 @@ fn user_deleted(sequence: i64, user_id: &str) -> UserEvent {
     UserEvent {
         sequence,
         create_time: None,
+        epoch: String::new(),
         event: Some(UserKind::UserDeleted(UserDeleted {
             user_id: user_id.into(),
         })),
@@ -104,6 +106,7 @@ async fn deleted_posts_take_their_comments() {
         h.posts.log.push(PostEvent {
             sequence: 1,
             create_time: None,
+            epoch: String::new(),
             event: Some(PostKind::PostCreated(PostCreated {
                 post: Some(Post::default()),
             })),

@@ -5,4 +5,5 @@
 
 mod api;
 mod consumers;
+mod race;
 mod support;

@@ -87,6 +87,7 @@ impl Harness {
         self.comments.push(CommentEvent {
             sequence,
             create_time: None,
+            epoch: String::new(),
             event: Some(CommentKind::CommentCreated(CommentCreated {
                 comment: Some(Comment {
                     comment_id: comment_id.into(),
@@ -106,6 +107,7 @@ impl Harness {
         self.comments.push(CommentEvent {
             sequence,
             create_time: None,
+            epoch: String::new(),
             event: Some(CommentKind::CommentDeleted(CommentDeleted {
                 comment_id: comment_id.into(),
                 post_id: post_id.into(),
@@ -119,6 +121,7 @@ impl Harness {
         self.users.push(UserEvent {
             sequence,
             create_time: None,
+            epoch: String::new(),
             event: Some(UserKind::UserDeleted(UserDeleted {
                 user_id: user_id.into(),
             })),
