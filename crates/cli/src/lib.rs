@@ -7,9 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod cursor;
 pub mod databases;
 pub mod openapi;
-pub mod cursor;
 pub mod probe;
 pub mod supervise;
 pub mod up;
