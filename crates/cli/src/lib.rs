@@ -8,5 +8,6 @@
 
 pub mod certs;
 pub mod probe;
+mod readiness;
 pub mod up;
 pub mod wiring;

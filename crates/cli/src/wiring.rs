@@ -208,13 +208,6 @@ pub async fn start(
                     clients.users(),
                     stop.clone(),
                 ));
-                // Open subscription streams would otherwise hold the drain until its bound.
-                let draining = notifications.clone();
-                let mut on_shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    on_shutdown.wait().await;
-                    draining.close_subscriptions();
-                });
                 let server =
                     NotificationServiceServer::new(notifications).max_decoding_message_size(max);
                 (
@@ -248,13 +241,15 @@ pub async fn start(
             other => anyhow::bail!("unknown service {other:?}"),
         };
 
+    let upstreams: Vec<Channel> = channels.values().cloned().collect();
     let workload = Workload::new(
         &settings.service,
         tls,
         policy,
-        Some(keys),
+        Some(keys.clone()),
         settings.server.clone(),
-    );
+    )
+    .ready_when(crate::readiness::gate(keys, upstreams));
     let served: Vec<String> = served.into_iter().map(str::to_owned).collect();
     Ok(tokio::spawn(async move {
         let served: Vec<&str> = served.iter().map(String::as_str).collect();

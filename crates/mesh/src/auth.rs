@@ -1,15 +1,19 @@
 //! End-user authentication as seen by handlers: the verified [`EndUser`] in the request
 //! extensions, and the key set that verifies tokens, refreshed from UserService.GetJwks when
-//! a token names a key it does not know.
+//! a token names a key it does not know (one fetch at a time; calls wait for it).
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tonic::{Request, Status};
 
 pub use crate::token::{EndUser, UserClaims};
@@ -31,16 +35,60 @@ type Refresh =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = anyhow::Result<Verifier>> + Send>> + Send + Sync>;
 
 /// The public keys a service verifies tokens with.
+///
+/// Fetched keys come from one fetch at a time (single-flight): a call that needs keys while a
+/// fetch is in flight waits for that fetch instead of checking against the old set. Before
+/// the first successful fetch, calls wait (up to [`KEY_WAIT`]) for the keys to arrive; after
+/// it, an unknown key id starts at most one fetch per [`MIN_REFRESH_INTERVAL`].
 #[derive(Clone)]
 pub struct TokenKeys {
     current: Arc<ArcSwap<Verifier>>,
     refresh: Option<Refresh>,
-    last_refresh: Arc<Mutex<Option<Instant>>>,
+    fetches: Arc<Fetches>,
+}
+
+/// The bookkeeping of fetches, touched only when a token names a key not in the set (never
+/// on the path of a call whose key is known).
+struct Fetches {
+    state: Mutex<FetchState>,
+    /// Counts finished fetches (successful or not); waiters watch it.
+    finished: watch::Sender<u64>,
+    /// Some fetch has succeeded (always true for fixed keys).
+    loaded: AtomicBool,
+}
+
+#[derive(Default)]
+struct FetchState {
+    in_flight: bool,
+    last_start: Option<Instant>,
 }
 
 /// Unknown key ids trigger at most one refresh per this interval, so forged tokens with
 /// random key ids cannot turn into a flood of GetJwks calls.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Until the first fetch succeeds, fetches are retried this often (by waiting calls and by
+/// [`TokenKeys::until_loaded`]).
+const STARTUP_RETRY: Duration = Duration::from_millis(250);
+/// The longest a call waits for keys before it is checked against what is there.
+pub const KEY_WAIT: Duration = Duration::from_secs(5);
+/// One fetch may take this long; past it, it counts as failed.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Fetches {
+    fn new(loaded: bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::default(),
+            finished: watch::Sender::new(0),
+            loaded: AtomicBool::new(loaded),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FetchState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 impl TokenKeys {
     /// A fixed key set (the users service knows its own keys).
@@ -48,12 +96,12 @@ impl TokenKeys {
         Self {
             current: Arc::new(ArcSwap::from_pointee(verifier)),
             refresh: None,
-            last_refresh: Arc::default(),
+            fetches: Fetches::new(true),
         }
     }
 
-    /// A key set fetched by `refresh` (typically UserService.GetJwks) on first use and
-    /// whenever a token names an unknown key.
+    /// A key set fetched by `refresh` (typically UserService.GetJwks): at start-up
+    /// ([`TokenKeys::until_loaded`]), on first use, and whenever a token names an unknown key.
     pub fn fetched<F, Fut>(refresh: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -62,39 +110,125 @@ impl TokenKeys {
         Self {
             current: Arc::new(ArcSwap::from_pointee(Verifier::new())),
             refresh: Some(Arc::new(move || Box::pin(refresh()))),
-            last_refresh: Arc::default(),
+            fetches: Fetches::new(false),
         }
     }
 
     /// Replaces the key set.
     pub fn set(&self, verifier: Verifier) {
         self.current.store(Arc::new(verifier));
+        self.fetches.loaded.store(true, Ordering::Release);
     }
 
-    /// Verifies a token, refreshing the keys once if it names an unknown key.
+    /// Whether keys are there to verify with: fixed, or fetched at least once.
+    pub fn loaded(&self) -> bool {
+        self.fetches.loaded.load(Ordering::Acquire)
+    }
+
+    /// Fetches until a fetch succeeds (at once if keys are already loaded), retrying every
+    /// [`STARTUP_RETRY`]; each failure is logged. Readiness waits on this.
+    pub async fn until_loaded(&self) {
+        let mut failures = 0u32;
+        while !self.loaded() {
+            let mut finished = self.fetches.finished.subscribe();
+            let seen = *finished.borrow_and_update();
+            if self.start_fetch(STARTUP_RETRY) || self.fetches.lock().in_flight {
+                // Wait for this fetch (ours or one a call started) to finish.
+                let _ = finished.wait_for(|n| *n != seen).await;
+            }
+            if self.loaded() {
+                break;
+            }
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(STARTUP_RETRY.saturating_mul(failures.min(4))).await;
+        }
+    }
+
+    /// Verifies a token, refreshing the keys (once, shared with concurrent calls) if it names
+    /// an unknown key.
     pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
         let kid = Verifier::peek_kid(token)?;
         if !self.current.load().knows(&kid) {
-            self.try_refresh().await;
+            self.wait_for_key(&kid).await;
         }
         self.current.load().verify(token)
     }
 
-    async fn try_refresh(&self) {
-        let Some(refresh) = &self.refresh else { return };
-        {
-            let mut last = self
-                .last_refresh
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
+    /// Returns once `kid` is known, or once nothing more can be learned: the fetch that was
+    /// in flight (or that this call started) finished with keys loaded, a fresh fetch is
+    /// rate-limited, or [`KEY_WAIT`] passed.
+    async fn wait_for_key(&self, kid: &str) {
+        if self.refresh.is_none() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + KEY_WAIT;
+        let mut finished = self.fetches.finished.subscribe();
+        loop {
+            let seen = *finished.borrow_and_update();
+            let interval = if self.loaded() {
+                MIN_REFRESH_INTERVAL
+            } else {
+                STARTUP_RETRY
+            };
+            let started = self.start_fetch(interval);
+            let in_flight = started || self.fetches.lock().in_flight;
+            if self.current.load().knows(kid) {
                 return;
             }
-            *last = Some(Instant::now());
+            if in_flight {
+                let finished = tokio::time::timeout_at(deadline, finished.wait_for(|n| *n != seen));
+                if !matches!(finished.await, Ok(Ok(_))) {
+                    return;
+                }
+                if self.loaded() {
+                    // The fetch this call waited for is the answer, known key or not.
+                    return;
+                }
+            } else if self.loaded() {
+                // Rate-limited: the key set is as fresh as it may be.
+                return;
+            } else {
+                // No keys yet and the last fetch failed a moment ago: wait for the next try.
+                let retry = tokio::time::Instant::now() + STARTUP_RETRY;
+                if retry >= deadline {
+                    return;
+                }
+                let _ = tokio::time::timeout_at(retry, finished.changed()).await;
+            }
         }
-        match refresh().await {
-            Ok(v) => self.set(v),
-            Err(err) => tracing::warn!(error = %err, "refreshing token keys failed"),
+    }
+
+    /// Starts a fetch in the background unless one is in flight or one started less than
+    /// `interval` ago; true if it started one.
+    fn start_fetch(&self, interval: Duration) -> bool {
+        let Some(refresh) = &self.refresh else {
+            return false;
+        };
+        {
+            let mut state = self.fetches.lock();
+            if state.in_flight || state.last_start.is_some_and(|t| t.elapsed() < interval) {
+                return false;
+            }
+            state.in_flight = true;
+            state.last_start = Some(Instant::now());
         }
+        // Its own task: a caller that gives up must not cancel the fetch others wait for.
+        let fetch = refresh();
+        let keys = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+                Ok(Ok(verifier)) => keys.set(verifier),
+                Ok(Err(err)) => tracing::warn!(error = %err, "fetching token keys failed"),
+                Err(_) => tracing::warn!(
+                    timeout = ?FETCH_TIMEOUT,
+                    "fetching token keys failed: no answer in time"
+                ),
+            }
+            keys.fetches.lock().in_flight = false;
+            keys.fetches
+                .finished
+                .send_modify(|n| *n = n.wrapping_add(1));
+        });
+        true
     }
 }
