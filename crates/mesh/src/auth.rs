@@ -232,3 +232,153 @@ impl TokenKeys {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::token::{DEFAULT_TOKEN_TTL, Signer};
+
+    /// Keys fetched by a stand-in for GetJwks that counts its calls, takes `delay`, and
+    /// fails while `failing` is set.
+    fn slow_keys(
+        signer: &Signer,
+        delay: Duration,
+        fetches: Arc<AtomicUsize>,
+        failing: Arc<AtomicBool>,
+    ) -> TokenKeys {
+        let (kid, x) = (signer.kid().to_owned(), signer.public_key_b64());
+        TokenKeys::fetched(move || {
+            let (kid, x) = (kid.clone(), x.clone());
+            let fetches = fetches.clone();
+            let failing = failing.clone();
+            async move {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                if failing.load(Ordering::SeqCst) {
+                    anyhow::bail!("users is unreachable");
+                }
+                let mut verifier = Verifier::new();
+                verifier.add_jwk(&kid, &x)?;
+                Ok(verifier)
+            }
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_calls_wait_for_one_fetch() {
+        let signer = Signer::generate().unwrap();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let keys = slow_keys(
+            &signer,
+            Duration::from_millis(500),
+            fetches.clone(),
+            Arc::default(),
+        );
+        let (token, claims) = signer.sign("u-1", "USER", DEFAULT_TOKEN_TTL);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (keys, token) = (keys.clone(), token.clone());
+            calls.spawn(async move { keys.verify(&token).await });
+        }
+        let mut ok = 0;
+        while let Some(result) = calls.join_next().await {
+            assert_eq!(result.unwrap(), Ok(claims.clone()));
+            ok += 1;
+        }
+        assert_eq!(ok, 50);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "one fetch for all");
+        assert!(keys.loaded());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_key_ids_fetch_at_most_once_per_interval() {
+        let signer = Signer::generate().unwrap();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let keys = slow_keys(
+            &signer,
+            Duration::from_millis(50),
+            fetches.clone(),
+            Arc::default(),
+        );
+        keys.until_loaded().await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // Forged tokens with new key ids, many at once and one after another: the last fetch
+        // was just now, so none of them fetches, and each is refused at once.
+        let stranger = Signer::generate().unwrap();
+        let (forged, _) = stranger.sign("u-1", "ADMIN", DEFAULT_TOKEN_TTL);
+        let started = Instant::now();
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (keys, forged) = (keys.clone(), forged.clone());
+            calls.spawn(async move { keys.verify(&forged).await });
+        }
+        while let Some(result) = calls.join_next().await {
+            assert_eq!(result.unwrap(), Err(TokenError::UnknownKey));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        println!("20 forged tokens refused in {:?}", started.elapsed());
+        // The genuine key still verifies without a fetch.
+        let (token, _) = signer.sign("u-1", "USER", DEFAULT_TOKEN_TTL);
+        assert!(keys.verify(&token).await.is_ok());
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_wait_while_users_is_unreachable_and_go_through_when_it_answers() {
+        let signer = Signer::generate().unwrap();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(AtomicBool::new(true));
+        let keys = slow_keys(
+            &signer,
+            Duration::from_millis(20),
+            fetches.clone(),
+            failing.clone(),
+        );
+        let background = tokio::spawn({
+            let keys = keys.clone();
+            async move { keys.until_loaded().await }
+        });
+        let (token, claims) = signer.sign("u-1", "USER", DEFAULT_TOKEN_TTL);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (keys, token) = (keys.clone(), token.clone());
+            calls.spawn(async move { keys.verify(&token).await });
+        }
+        // Several failed fetches, none loaded, every call still waiting.
+        let until = Instant::now() + Duration::from_secs(5);
+        while fetches.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < until, "fetches are not retried");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!keys.loaded());
+        assert_eq!(calls.len(), 10);
+        assert!(calls.try_join_next().is_none(), "a call gave up early");
+        failing.store(false, Ordering::SeqCst);
+        while let Some(result) = calls.join_next().await {
+            assert_eq!(result.unwrap(), Ok(claims.clone()));
+        }
+        tokio::time::timeout(Duration::from_secs(5), background)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(keys.loaded());
+        println!("fetches until users answered: {}", fetches.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_no_longer_than_the_key_wait() {
+        let signer = Signer::generate().unwrap();
+        let failing = Arc::new(AtomicBool::new(true));
+        let keys = slow_keys(&signer, Duration::ZERO, Arc::default(), failing);
+        let (token, _) = signer.sign("u-1", "USER", DEFAULT_TOKEN_TTL);
+        let started = Instant::now();
+        assert_eq!(keys.verify(&token).await, Err(TokenError::UnknownKey));
+        let waited = started.elapsed();
+        assert!(waited >= KEY_WAIT - Duration::from_millis(300), "{waited:?}");
+        assert!(waited < KEY_WAIT + Duration::from_secs(2), "{waited:?}");
+    }
+}
