@@ -366,7 +366,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(keys.loaded());
-        println!("fetches until users answered: {}", fetches.load(Ordering::SeqCst));
+        println!(
+            "fetches until users answered: {}",
+            fetches.load(Ordering::SeqCst)
+        );
     }
 
     #[tokio::test]
@@ -378,7 +381,10 @@ mod tests {
         let started = Instant::now();
         assert_eq!(keys.verify(&token).await, Err(TokenError::UnknownKey));
         let waited = started.elapsed();
-        assert!(waited >= KEY_WAIT - Duration::from_millis(300), "{waited:?}");
+        assert!(
+            waited >= KEY_WAIT - Duration::from_millis(300),
+            "{waited:?}"
+        );
         assert!(waited < KEY_WAIT + Duration::from_secs(2), "{waited:?}");
     }
 }

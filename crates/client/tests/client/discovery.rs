@@ -152,7 +152,10 @@ async fn a_replica_that_comes_back_gets_calls_within_a_second() {
         failed += get_users(&channel, 10, 2).await.len();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(failed, 0, "idempotent calls failed while a replica was down");
+    assert_eq!(
+        failed, 0,
+        "idempotent calls failed while a replica was down"
+    );
 
     let b = Replica::start_at(b_addr).await;
     let back = Instant::now();

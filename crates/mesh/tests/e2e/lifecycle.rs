@@ -95,7 +95,10 @@ async fn readiness_waits_for_the_gate_while_calls_are_served() {
     let app = spawn_app_gated(test_options(), None, Some(gate)).await;
     let mut admin = app.admin_health().await;
     let mut internal = HealthClient::new(app.channel("gateway").await);
-    assert_eq!(health_status(&mut admin, "liveness").await.unwrap(), SERVING);
+    assert_eq!(
+        health_status(&mut admin, "liveness").await.unwrap(),
+        SERVING
+    );
     for name in ["readiness", ""] {
         assert_eq!(
             health_status(&mut admin, name).await.unwrap(),
