@@ -12,5 +12,6 @@ pub mod databases;
 pub mod openapi;
 pub mod probe;
 pub mod supervise;
+mod readiness;
 pub mod up;
 pub mod wiring;

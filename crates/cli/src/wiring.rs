@@ -220,13 +220,6 @@ pub async fn start(
                     clients.users(),
                     stop.clone(),
                 ));
-                // Open subscription streams would otherwise hold the drain until its bound.
-                let draining = notifications.clone();
-                let mut on_shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    on_shutdown.wait().await;
-                    draining.close_subscriptions();
-                });
                 let server =
                     NotificationServiceServer::new(notifications).max_decoding_message_size(max);
                 (
@@ -260,13 +253,15 @@ pub async fn start(
             other => anyhow::bail!("unknown service {other:?}"),
         };
 
+    let upstreams: Vec<Channel> = channels.values().cloned().collect();
     let workload = Workload::new(
         &settings.service,
         tls,
         policy,
-        Some(keys),
+        Some(keys.clone()),
         settings.server.clone(),
-    );
+    )
+    .ready_when(crate::readiness::gate(keys, upstreams));
     // The gateway's public port also answers HTTP/JSON, gRPC-Web, /openapi.json and `/`.
     let workload = match settings.service.as_str() {
         "gateway" => workload.with_public_edge(tessera_gateway::http_json::public_edge(

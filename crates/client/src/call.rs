@@ -148,6 +148,15 @@ impl Balanced {
     }
 }
 
+impl Balanced {
+    /// Drives discovery and the replicas' connects until one is ready or `within` passes.
+    pub(crate) async fn warm_up(&self, within: Duration) -> bool {
+        let mut balancer = self.shared.balancer.lock().await;
+        let ready = ServiceExt::<http::Request<Body>>::ready(&mut *balancer);
+        matches!(tokio::time::timeout(within, ready).await, Ok(Ok(_)))
+    }
+}
+
 impl Shared {
     async fn send(
         &self,

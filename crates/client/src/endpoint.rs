@@ -31,9 +31,11 @@ use crate::Error;
 /// long the PING may go unanswered.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect backoff after failed connects: doubling from the first to the cap, jittered.
+/// Reconnect backoff after failed connects only (a lost connection is redialled at once):
+/// doubling from the first to the cap, jittered, reset by a successful connect. The cap is
+/// low so a replica that comes back gets calls within about a second.
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
-const RECONNECT_CAP: Duration = Duration::from_secs(5);
+const RECONNECT_CAP: Duration = Duration::from_secs(1);
 
 /// Plaintext (tests, benchmarks) or mTLS with the workload certificate.
 #[derive(Clone)]

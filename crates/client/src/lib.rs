@@ -98,6 +98,17 @@ impl Channel {
         }
     }
 
+    /// Connects to the target's replicas now rather than on the first call, and waits up to
+    /// `within` for one to be ready; true if one is. For start-up (readiness), so the first
+    /// calls do not pay for the handshakes; calls work either way.
+    pub async fn warm_up(&self, within: std::time::Duration) -> bool {
+        match &self.inner {
+            Inner::Balanced(balanced) => balanced.warm_up(within).await,
+            Inner::Service(_) => true,
+            Inner::Failing(_) => false,
+        }
+    }
+
     /// A channel that answers every call with `error`.
     fn failing(error: Error) -> Self {
         Self {

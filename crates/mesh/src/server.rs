@@ -83,7 +83,14 @@ pub struct Workload {
     health: HealthReporter,
     admin_health: HealthReporter,
     public_edge: Option<PublicEdge>,
+    /// What must have happened before readiness says SERVING ([`Workload::ready_when`]).
+    ready_gate: Option<ReadyGate>,
+    /// Fired once the drain delay is over: server streams end (see [`RequestPath::drain`]).
+    drain: Arc<tokio::sync::watch::Sender<bool>>,
 }
+
+/// A start-up condition readiness waits for; shared so the workload stays `Clone`.
+type ReadyGate = futures::future::Shared<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>;
 
 /// Service names reported on the admin port, for kubelet's probes.
 pub const LIVENESS: &str = "liveness";
@@ -107,12 +114,23 @@ impl Workload {
             health: HealthReporter::new(),
             admin_health: HealthReporter::new(),
             public_edge: None,
+            ready_gate: None,
+            drain: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 
     /// Puts `edge` in front of the public port's request path.
     pub fn with_public_edge(mut self, edge: PublicEdge) -> Self {
         self.public_edge = Some(edge);
+        self
+    }
+
+    /// Readiness (admin `readiness` and "", and the service port's health) stays NOT_SERVING
+    /// until `gate` completes, e.g. until signing keys are fetched and upstream connections
+    /// were attempted. Liveness is SERVING from the start; the ports serve calls either way.
+    pub fn ready_when(mut self, gate: impl Future<Output = ()> + Send + 'static) -> Self {
+        let gate: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(gate);
+        self.ready_gate = Some(futures::FutureExt::shared(gate));
         self
     }
 
@@ -187,6 +205,7 @@ impl Workload {
             max_in_flight: self.options.max_concurrency,
             max_message_size: self.options.max_message_size,
             tracer: self.options.tracer.clone(),
+            drain: Some(self.drain.subscribe()),
         }
     }
 
@@ -202,8 +221,10 @@ impl Workload {
     }
 
     /// Serves until `shutdown` fires, then drains: readiness NOT_SERVING (liveness stays
-    /// SERVING, so kubelet does not restart a draining pod), `drain_delay`, listeners close,
-    /// in-flight calls get `drain_timeout`.
+    /// SERVING, so kubelet does not restart a draining pod), `drain_delay`, listeners close
+    /// (GOAWAY on open connections), server streams end with UNAVAILABLE, and in-flight calls
+    /// get `drain_timeout`. Readiness turns SERVING once the [`Workload::ready_when`] gate is
+    /// through.
     pub async fn run(
         self,
         routes: Routes,
@@ -212,19 +233,33 @@ impl Workload {
         public: Option<GrpcService>,
         mut shutdown: Shutdown,
     ) -> std::io::Result<()> {
-        for name in served {
-            self.health
-                .set_service_status(*name, ServingStatus::Serving)
-                .await;
-        }
-        self.health
-            .set_service_status("", ServingStatus::Serving)
+        self.admin_health
+            .set_service_status(LIVENESS, ServingStatus::Serving)
             .await;
-        for name in [LIVENESS, READINESS, ""] {
-            self.admin_health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        let initially = if self.ready_gate.is_some() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        self.set_readiness(served, initially).await;
+        // Whether the drain has begun; the gate may not turn readiness back on after it.
+        let draining = Arc::new(tokio::sync::Mutex::new(false));
+        let gate = self.ready_gate.clone().map(|gate| {
+            let workload = self.clone();
+            let served: Vec<String> = served.iter().map(|s| (*s).to_owned()).collect();
+            let draining = draining.clone();
+            tokio::spawn(async move {
+                gate.await;
+                let draining = draining.lock().await;
+                if !*draining {
+                    let served: Vec<&str> = served.iter().map(String::as_str).collect();
+                    workload
+                        .set_readiness(&served, ServingStatus::Serving)
+                        .await;
+                    tracing::info!(workload = %workload.name, "ready");
+                }
+            })
+        });
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let advertised: Vec<String> = served.iter().map(|s| (*s).to_owned()).collect();
@@ -259,19 +294,19 @@ impl Workload {
 
         shutdown.wait().await;
         tracing::info!(workload = %self.name, "shutting down: readiness off");
-        self.admin_health
-            .set_service_status(READINESS, ServingStatus::NotServing)
-            .await;
-        self.admin_health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        for name in served.iter().copied().chain([""]) {
-            self.health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
+        {
+            let mut draining = draining.lock().await;
+            *draining = true;
+            if let Some(gate) = &gate {
+                gate.abort();
+            }
+            self.set_readiness(served, ServingStatus::NotServing).await;
         }
         tokio::time::sleep(self.options.drain_delay).await;
+        // Listeners close and open connections get GOAWAY; then server streams end, so their
+        // consumers reconnect (to another replica) instead of holding the drain.
         let _ = stop_tx.send(true);
+        self.drain.send_replace(true);
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {
             match joined {
@@ -284,6 +319,16 @@ impl Workload {
         let _ = admin.await;
         tracing::info!(workload = %self.name, "stopped");
         result
+    }
+
+    /// Readiness on the admin port (`readiness` and "") and the service port's health.
+    async fn set_readiness(&self, served: &[&str], status: ServingStatus) {
+        for name in [READINESS, ""] {
+            self.admin_health.set_service_status(name, status).await;
+        }
+        for name in served.iter().copied().chain([""]) {
+            self.health.set_service_status(name, status).await;
+        }
     }
 
     fn admin_service(&self) -> AdminService {

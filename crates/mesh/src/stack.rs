@@ -28,7 +28,7 @@ use opentelemetry::{
     trace::{SpanKind, TraceContextExt, Tracer as _},
 };
 use opentelemetry_sdk::trace::Tracer;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
@@ -74,6 +74,9 @@ pub struct RequestPath {
     /// Where server spans go; without one, calls are not traced here but the caller's
     /// trace context still flows on to downstream calls.
     pub tracer: Option<Tracer>,
+    /// Turns true when the workload drains: open server streams then end with UNAVAILABLE
+    /// (reconnect elsewhere) and new ones are refused the same way.
+    pub drain: Option<watch::Receiver<bool>>,
 }
 
 /// Paths outside the contracts that every port serves; any other unknown path is labelled
@@ -95,6 +98,8 @@ struct Known {
     /// The span's name: the path, shared for the process's life.
     span_name: &'static str,
     rule: Option<MethodRule>,
+    /// A server stream: ended by the drain rather than waited for.
+    streaming: bool,
 }
 
 /// Span names are `Cow<'static, str>`: interning the known paths (a fixed set, from the
@@ -128,6 +133,8 @@ impl Known {
             service: service.into(),
             method: method.into(),
             span_name: intern(path),
+            streaming: rule.as_ref().is_some_and(|r| r.server_streaming)
+                || path == "/grpc.health.v1.Health/Watch",
             rule,
         }
     }
@@ -168,6 +175,7 @@ struct Shared {
     deadline_cap: Duration,
     permits: Arc<Semaphore>,
     max_message_size: usize,
+    drain: Option<watch::Receiver<bool>>,
 }
 
 impl RequestPath {
@@ -192,6 +200,7 @@ impl RequestPath {
             deadline_cap: self.deadline_cap,
             permits: Arc::new(Semaphore::new(self.max_in_flight.max(1))),
             max_message_size: self.max_message_size,
+            drain: self.drain,
         }))
     }
 }
@@ -306,6 +315,19 @@ where
             code: None,
         };
         let rule = known.and_then(|k| k.rule.as_ref());
+        // Only server streams watch the drain; unary calls pay one branch here.
+        let drain = match (&shared.drain, known.is_some_and(|k| k.streaming)) {
+            (Some(drain), true) => {
+                if *drain.borrow() {
+                    return Box::pin(std::future::ready(Ok(observe(
+                        status_response(draining()),
+                        recorder,
+                    ))));
+                }
+                Some(drain.clone())
+            }
+            _ => None,
+        };
         let req = match admit(&shared, req, identity, rule, &ctx) {
             Admitted::Go(req) => req,
             Admitted::Refused(resp) => {
@@ -324,14 +346,14 @@ where
                     match verified {
                         Ok(user) => {
                             req.extensions_mut().insert(user);
-                            call_handler(&shared, inner, req, ctx, recorder).await
+                            call_handler(&shared, inner, req, ctx, recorder, drain).await
                         }
                         Err(status) => Ok(observe(status_response(status), recorder)),
                     }
                 });
             }
         };
-        Box::pin(call_handler(&shared, inner, req, ctx, recorder))
+        Box::pin(call_handler(&shared, inner, req, ctx, recorder, drain))
     }
 }
 
@@ -388,6 +410,7 @@ fn call_handler<S>(
     req: Request<Body>,
     mut ctx: CallContext,
     recorder: Recorder,
+    drain: Option<watch::Receiver<bool>>,
 ) -> Either<Handler<S::Future>, Answered>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
@@ -438,6 +461,7 @@ where
             ),
             timeout,
             permit: Some(permit),
+            drain,
             recorder: Some(recorder),
         }),
         Err(panic) => Either::Right(std::future::ready(Ok(observe(
@@ -459,6 +483,7 @@ pin_project_lite::pin_project! {
         timeout: Duration,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
         recorder: Option<Recorder>,
+        drain: Option<watch::Receiver<bool>>,
     }
 }
 
@@ -483,7 +508,15 @@ where
         };
         this.permit.take();
         match this.recorder.take() {
-            Some(recorder) => Poll::Ready(Ok(observe(resp, recorder))),
+            Some(recorder) => {
+                let resp = match this.drain.take() {
+                    Some(drain) if grpc_code(resp.headers()).is_none() => {
+                        resp.map(|body| Body::new(Drained::new(body, drain)))
+                    }
+                    _ => resp,
+                };
+                Poll::Ready(Ok(observe(resp, recorder)))
+            }
             // Polled again after completion: a caller bug; answer rather than panic.
             None => Poll::Ready(Ok(status_response(Status::internal("internal error")))),
         }
@@ -587,6 +620,83 @@ impl HttpBody for Observed {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a server stream ends with when the workload drains: the consumer should reconnect,
+/// and its balancer will pick another replica (this one has sent GOAWAY).
+fn draining() -> Status {
+    Status::unavailable(DRAINING_MESSAGE)
+}
+
+const DRAINING_MESSAGE: &str = "the server is shutting down; reconnect to another replica";
+
+pin_project_lite::pin_project! {
+    /// A server stream's body that ends with [`draining`] trailers once the drain starts,
+    /// so an open stream does not hold the shutdown until its timeout.
+    struct Drained {
+        #[pin]
+        inner: Body,
+        drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+        done: bool,
+    }
+}
+
+impl Drained {
+    fn new(inner: Body, mut drain: watch::Receiver<bool>) -> Self {
+        let drained = Box::pin(async move {
+            // A dropped sender is a workload that is gone without draining: never fire then.
+            if drain.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        Self {
+            inner,
+            drained,
+            done: false,
+        }
+    }
+}
+
+impl HttpBody for Drained {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if this.drained.as_mut().poll(cx).is_ready() {
+            *this.done = true;
+            let mut trailers = http::HeaderMap::with_capacity(2);
+            trailers.insert(&GRPC_STATUS, http::HeaderValue::from_static("14"));
+            // Printable ASCII only, so no percent-encoding is needed.
+            trailers.insert(
+                "grpc-message",
+                http::HeaderValue::from_static(DRAINING_MESSAGE),
+            );
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            // The stream's own end (or its own trailers): nothing to add after it.
+            Poll::Ready(None) => *this.done = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => *this.done = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

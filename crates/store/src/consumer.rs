@@ -17,7 +17,8 @@ use crate::{
 pub trait Consumer: Send + Sync {
     /// One upstream event.
     type Event: Send;
-    /// Why opening or reading the upstream stream failed.
+    /// Why opening or reading the upstream stream failed. A `tonic::Status` UNAVAILABLE
+    /// while reading is taken as the upstream replica draining: reconnect at once.
     type Error: Display + Send + 'static;
     /// The upstream stream of events.
     type Stream: Stream<Item = Result<Self::Event, Self::Error>> + Send;
@@ -72,6 +73,9 @@ pub trait Consumer: Send + Sync {
 /// is applied.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A stream ended by a draining replica is reopened without waiting, at most once per this
+/// interval (a replica that keeps ending streams at once gets the backoff).
+const IMMEDIATE_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a halted consumer waits before looking again: it needs an operator, so retrying
 /// fast would only fill the log (each look logs the halt once more, at ERROR).
@@ -84,6 +88,16 @@ enum Ended {
     /// The producer's outbox is not the history the cursor follows (another epoch, pruned past
     /// the cursor, or behind it): recorded in the database and retried slowly.
     Halted,
+    /// The upstream ended the stream with UNAVAILABLE: it is draining, another replica (or
+    /// this one after its restart) will serve the stream.
+    Drained,
+}
+
+/// Whether a stream error is a draining server's "reconnect elsewhere".
+fn ended_by_drain<E: 'static>(error: &E) -> bool {
+    (error as &dyn std::any::Any)
+        .downcast_ref::<tonic::Status>()
+        .is_some_and(|status| status.code() == tonic::Code::Unavailable)
 }
 
 /// Follows `consumer`'s upstream until `shutdown` turns `true` (or its sender is dropped).
@@ -92,8 +106,9 @@ enum Ended {
 /// transaction: [`Tx::advance_cursor`] first (skipping events already applied), then
 /// [`Consumer::apply`], then commit. A failure to connect, a stream error or end, or a
 /// failed apply is logged, and the loop reconnects from the committed cursor after a
-/// backoff. An event whose apply always fails is retried forever (and logged each time);
-/// it never gets skipped silently.
+/// backoff. A stream the upstream ends with UNAVAILABLE (a draining replica) is reopened at
+/// once. An event whose apply always fails is retried forever (and logged each time); it
+/// never gets skipped silently.
 ///
 /// The cursor also records the producer's outbox epoch ([`Consumer::epoch`]) with the first
 /// event it applies. An event from another epoch, or an OUT_OF_RANGE from the producer (the
@@ -104,6 +119,7 @@ enum Ended {
 /// `tessera cursor reset`).
 pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = FIRST_BACKOFF;
+    let mut last_immediate: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             return;
@@ -114,7 +130,13 @@ pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch:
         };
         let wait = match ended {
             Ended::Shutdown => return,
-            Ended::Retry => {
+            Ended::Drained
+                if last_immediate.is_none_or(|t| t.elapsed() >= IMMEDIATE_RECONNECT_INTERVAL) =>
+            {
+                last_immediate = Some(std::time::Instant::now());
+                continue;
+            }
+            Ended::Retry | Ended::Drained => {
                 let wait = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 wait
@@ -154,6 +176,10 @@ async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> E
             Ok(event) => event,
             Err(err) if consumer.diverged(&err) => {
                 return halt(db, consumer, after, describe(&err)).await;
+            }
+            Err(err) if ended_by_drain(&err) => {
+                tracing::info!(consumer = name, error = %err, "the upstream ended the event stream; reconnecting at once");
+                return Ended::Drained;
             }
             Err(err) => {
                 tracing::warn!(consumer = name, error = %err, "the event stream failed");

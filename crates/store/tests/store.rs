@@ -663,3 +663,81 @@ async fn consumer_applies_each_event_once_across_reconnects() {
             .unwrap();
     }
 }
+
+/// Fails its first opens so the backoff grows, then serves streams that end at once with
+/// `end` (no events): the time of every open is recorded.
+struct Ending {
+    fail_first: usize,
+    end: tonic::Code,
+    opens: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+}
+
+impl Consumer for Ending {
+    type Event = i64;
+    type Error = tonic::Status;
+    type Stream = BoxStream<'static, Result<i64, tonic::Status>>;
+
+    fn name(&self) -> &str {
+        "ending"
+    }
+
+    async fn open(&self, _after: i64) -> Result<Self::Stream, tonic::Status> {
+        let opened = {
+            let mut opens = self.opens.lock().unwrap();
+            opens.push(std::time::Instant::now());
+            opens.len()
+        };
+        if opened <= self.fail_first {
+            return Err(tonic::Status::unavailable("connection refused"));
+        }
+        let end = tonic::Status::new(self.end, "ended by the server");
+        Ok(futures::stream::iter([Err(end)]).boxed())
+    }
+
+    fn sequence(&self, event: &i64) -> i64 {
+        *event
+    }
+
+    async fn apply(&self, _: &mut Tx, _: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// How long the consumer waited between the stream that ended and the open after it, when
+/// the stream ends with `end` after four failed opens (a backoff grown to 1.6 s).
+async fn reopen_after(end: tonic::Code) -> Duration {
+    let (dbs, _dir) = databases("ending").await;
+    let db = dbs.into_iter().next().unwrap();
+    let opens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(run_consumer(
+        db,
+        Ending {
+            fail_first: 4,
+            end,
+            opens: opens.clone(),
+        },
+        shutdown,
+    ));
+    eventually("the stream to be opened again after it ended", || async {
+        opens.lock().unwrap().len() >= 6
+    })
+    .await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the consumer stops on shutdown")
+        .unwrap();
+    let opens = opens.lock().unwrap();
+    opens[5].duration_since(opens[4])
+}
+
+#[tokio::test]
+async fn a_stream_ended_by_a_draining_upstream_is_reopened_at_once() {
+    let drained = reopen_after(tonic::Code::Unavailable).await;
+    let failed = reopen_after(tonic::Code::Internal).await;
+    println!("reopened after {drained:?} (UNAVAILABLE), {failed:?} (INTERNAL)");
+    assert!(drained < Duration::from_millis(500), "{drained:?}");
+    // Any other failure keeps the backoff it has built up.
+    assert!(failed >= Duration::from_millis(1500), "{failed:?}");
+}

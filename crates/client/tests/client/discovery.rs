@@ -129,3 +129,48 @@ async fn no_reachable_replica_fails_fast_with_unavailable() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_comes_back_gets_calls_within_a_second() {
+    let _serial = serial().await;
+    let a = Replica::start().await;
+    let b = Replica::start().await;
+    let channel = ClientBuilder::plaintext()
+        .channel(&crate::support::target(&[&a, &b]))
+        .unwrap();
+    assert!(get_users(&channel, 100, 4).await.is_empty());
+    assert!(b.behaviour.gets() > 0, "both replicas serve");
+
+    // B goes away long enough for a doubling backoff to grow past any small cap; calls go on
+    // (to A) all the while, which is what drives B's reconnect attempts.
+    let b_addr = b.addr;
+    b.kill();
+    drop(b);
+    let down = Instant::now();
+    let mut failed = 0;
+    while down.elapsed() < Duration::from_secs(6) {
+        failed += get_users(&channel, 10, 2).await.len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        failed, 0,
+        "idempotent calls failed while a replica was down"
+    );
+
+    let b = Replica::start_at(b_addr).await;
+    let back = Instant::now();
+    while b.behaviour.gets() == 0 {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the replica got no call 10 s after it came back"
+        );
+        assert!(get_users(&channel, 4, 2).await.is_empty());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = back.elapsed();
+    println!("the replica that came back got a call after {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "a replica that came back waited {took:?} for calls"
+    );
+}

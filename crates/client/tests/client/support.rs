@@ -192,13 +192,22 @@ impl Replica {
         Self::serve(None).await
     }
 
+    /// A replica on `addr`: one that was killed, coming back.
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        Self::serve_at(None, addr).await
+    }
+
     /// Requires a client certificate chaining to the trust bundle of `tls`.
     pub async fn start_mtls(tls: Arc<rustls::ServerConfig>) -> Self {
         Self::serve(Some(tls)).await
     }
 
     async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_at(tls, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    async fn serve_at(tls: Option<Arc<rustls::ServerConfig>>, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let behaviour = Arc::new(Behaviour::default());
         let routes =

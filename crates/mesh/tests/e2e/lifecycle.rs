@@ -1,12 +1,15 @@
-//! Health on the service and admin ports, and graceful shutdown: readiness off, liveness on,
-//! calls in flight finish.
+//! Health on the service and admin ports, readiness only once the workload can do its job,
+//! and graceful shutdown: readiness off, liveness on, calls in flight finish, server streams
+//! end with UNAVAILABLE.
 
 use std::time::{Duration, Instant};
 
 use tessera::posts::v1::GetPostRequest;
 use tonic_health::{ServingStatus, pb::health_client::HealthClient};
 
-use crate::support::{POSTS, SLOW, eventually, health_status, spawn_app};
+use crate::support::{
+    POSTS, SLOW, eventually, health_status, spawn_app, spawn_app_gated, test_options,
+};
 
 const SERVING: i32 = ServingStatus::Serving as i32;
 const NOT_SERVING: i32 = ServingStatus::NotServing as i32;
@@ -81,4 +84,105 @@ async fn shutdown_turns_readiness_off_keeps_liveness_and_drains_calls() {
     assert!(started.elapsed() >= SLOW);
     // The listener is closed: new connections are refused.
     assert!(tokio::net::TcpStream::connect(app.grpc).await.is_err());
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_gate_while_calls_are_served() {
+    let (open, gate) = tokio::sync::oneshot::channel::<()>();
+    let gate = Box::pin(async move {
+        let _ = gate.await;
+    });
+    let app = spawn_app_gated(test_options(), None, Some(gate)).await;
+    let mut admin = app.admin_health().await;
+    let mut internal = HealthClient::new(app.channel("gateway").await);
+    assert_eq!(
+        health_status(&mut admin, "liveness").await.unwrap(),
+        SERVING
+    );
+    for name in ["readiness", ""] {
+        assert_eq!(
+            health_status(&mut admin, name).await.unwrap(),
+            NOT_SERVING,
+            "admin {name:?} before the gate"
+        );
+    }
+    for name in ["", POSTS] {
+        assert_eq!(
+            health_status(&mut internal, name).await.unwrap(),
+            NOT_SERVING,
+            "service port {name:?} before the gate"
+        );
+    }
+    // Not ready is advice to load balancers: a call that comes anyway is served.
+    let mut client = app.client("gateway").await;
+    let post = client
+        .get_post(GetPostRequest {
+            post_id: "p-1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(post.into_inner().post.unwrap().post_id, "p-1");
+
+    open.send(()).unwrap();
+    eventually!(
+        "readiness to turn SERVING once the gate is through",
+        health_status(&mut admin, "readiness").await.unwrap() == SERVING
+    );
+    assert_eq!(health_status(&mut internal, POSTS).await.unwrap(), SERVING);
+    assert_eq!(health_status(&mut internal, "").await.unwrap(), SERVING);
+}
+
+#[tokio::test]
+async fn shutdown_ends_server_streams_with_unavailable_after_the_drain_delay() {
+    // A long drain timeout: the workload must stop because its streams ended, not because
+    // the timeout cut them.
+    let options = tessera_mesh::server::ServerOptions {
+        drain_timeout: Duration::from_secs(20),
+        ..test_options()
+    };
+    let delay = options.drain_delay;
+    let mut app = crate::support::spawn_app_with(options, None).await;
+    // Health.Watch is a server stream that never ends by itself, like WatchEvents.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut watcher = HealthClient::new(app.channel("comments").await);
+        let mut stream = watcher
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, SERVING);
+        streams.push(stream);
+    }
+
+    let started = Instant::now();
+    app.shutdown();
+    for mut stream in streams {
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(Ok(Some(update))) => assert_eq!(update.status, NOT_SERVING),
+                Ok(Ok(None)) => panic!("the stream ended without a status telling to reconnect"),
+                Ok(Err(status)) => break status,
+                Err(_) => panic!("the stream was not ended by the drain"),
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    }
+    let ended_after = started.elapsed();
+    assert!(
+        ended_after >= delay,
+        "streams ended before the drain delay ({ended_after:?})"
+    );
+    app.stopped().await.unwrap();
+    let stopped_after = started.elapsed();
+    println!(
+        "drain delay {delay:?}: streams ended after {ended_after:?}, workload stopped after {stopped_after:?}"
+    );
+    assert!(
+        stopped_after < delay + Duration::from_secs(2),
+        "stopped after {stopped_after:?}"
+    );
 }

@@ -196,13 +196,25 @@ pub async fn spawn_app() -> App {
 }
 
 pub async fn spawn_app_with(options: ServerOptions, keys: Option<TokenKeys>) -> App {
+    spawn_app_gated(options, keys, None).await
+}
+
+/// [`spawn_app_with`] whose readiness waits for `gate` ([`Workload::ready_when`]).
+pub async fn spawn_app_gated(
+    options: ServerOptions,
+    keys: Option<TokenKeys>,
+    gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+) -> App {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("tessera test CA").unwrap();
     let server_dir = dir.path().join("posts");
     let server_cert = issue_server_cert(&ca);
     let files = server_cert.save(&server_dir).unwrap();
     let tls = TlsSource::watch(files, RELOAD_INTERVAL).unwrap();
-    let workload = Workload::new("posts", tls, Arc::new(Policy::contracts()), keys, options);
+    let mut workload = Workload::new("posts", tls, Arc::new(Policy::contracts()), keys, options);
+    if let Some(gate) = gate {
+        workload = workload.ready_when(gate);
+    }
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
