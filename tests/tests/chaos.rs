@@ -12,9 +12,9 @@
 //! Skipped, with a printed reason, when `TESSERA_TEST_DATABASE_URL` is unset. The tests run
 //! one at a time (each topology is seven processes on a 2-core machine).
 //!
-//! Assertions that depend on lifeA's behaviour fixes (issue 13) are behind [`LIFEA_FIXES`]
-//! and only printed until it is true: a fresh replica must not reject valid tokens; a stop
-//! with stream consumers attached ends within the drain delay + 2 s with no "drain timeout".
+//! Beyond "no failed call": a fresh replica never rejects a valid token (its signing keys
+//! are fetched before it is ready), and a stop with stream consumers attached ends within the
+//! drain delay, never waiting for the drain timeout.
 
 #[path = "chaos/topology.rs"]
 mod topology;
@@ -44,12 +44,6 @@ use tessera_tests::{bearer, eventually};
 use tokio::task::JoinHandle;
 use tonic::{Code, Status, transport::Channel};
 use topology::{DRAIN_DELAY, DRAIN_TIMEOUT, Topology};
-
-/// Turn on when lifeA's fixes for issue 13 are merged: (1) token keys fetched single-flight
-/// and before readiness, so a fresh replica never answers UNAUTHENTICATED "unknown key" to a
-/// valid token; (2) long-lived streams ended on SIGTERM, so a stop takes the drain delay plus
-/// at most 2 s and never logs "drain timeout".
-const LIFEA_FIXES: bool = false;
 
 /// Readers and writers stop on their own after this many calls each, or this long.
 const MAX_CALLS_PER_TASK: u64 = 50_000;
@@ -84,7 +78,7 @@ struct Tally {
     longest: Duration,
     /// The first few failures, for the assertion message.
     errors: Vec<String>,
-    /// UNAUTHENTICATED answers to a valid token (see [`LIFEA_FIXES`]).
+    /// UNAUTHENTICATED answers to a valid token (never expected: they are not retried).
     token_rejections: u64,
 }
 
@@ -264,8 +258,8 @@ impl Load {
 
 /// Tries a write until it succeeds, fails for good, or [`WRITE_TRIES`] are spent. Transient
 /// failures are retried (the caller reuses its `request_id`, so a retry of a write that did
-/// happen answers with the first result). UNAUTHENTICATED to a valid token is counted, and
-/// retried unless [`LIFEA_FIXES`]: it is the fresh-replica bug lifeA fixes.
+/// happen answers with the first result). UNAUTHENTICATED to a valid token is counted and
+/// not retried: a replica must not be ready before it can verify tokens.
 async fn retry_write<T, F: Future<Output = Result<T, Status>>>(
     tally: &mut Tally,
     mut call: impl FnMut() -> F,
@@ -283,7 +277,7 @@ async fn retry_write<T, F: Future<Output = Result<T, Status>>>(
             Code::Unavailable | Code::DeadlineExceeded => true,
             Code::Unauthenticated => {
                 tally.token_rejections += 1;
-                !LIFEA_FIXES
+                false
             }
             _ => false,
         };
@@ -381,7 +375,7 @@ async fn stored_posts(channel: &Channel, author: &str) -> BTreeMap<String, Vec<S
 }
 
 /// How long after it reported ready replica `name` answered its first GetPost from the
-/// gateway (printed, not asserted: lifeA's fix brings it under a second).
+/// gateway (printed, not asserted: timings are not asserted in tests).
 async fn first_call(mesh: &Topology, name: &str) -> String {
     let ready = Instant::now();
     let deadline = ready + BOUND;
@@ -554,13 +548,11 @@ async fn kill_9_of_a_posts_replica_under_load_fails_no_read_and_duplicates_no_wr
     );
     assert_none_failed("kill", "reads", &reads);
     assert_none_failed("kill", "writes", &write_tally);
-    if LIFEA_FIXES {
-        // lifeA: the restarted replica has its token keys before it is ready.
-        assert_eq!(
-            write_tally.token_rejections, 0,
-            "a fresh replica rejected valid tokens"
-        );
-    }
+    // The restarted replica has its token keys before it is ready.
+    assert_eq!(
+        write_tally.token_rejections, 0,
+        "a fresh replica rejected valid tokens"
+    );
     let acked = acked.lock().await.clone();
     replay_writes("kill", &channel, &writer.token, &acked, 20).await;
     assert_exactly_once(
@@ -615,11 +607,9 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
             }
         );
         assert!(status.success(), "{name} exited with {status} on SIGTERM");
-        if LIFEA_FIXES {
-            // lifeA: streams (comments' WatchEvents on posts) end on drain, so the stop
-            // takes the drain delay (printed above), not the drain timeout.
-            assert!(!drain_timeout, "{name} waited for the drain timeout");
-        }
+        // Streams (comments' WatchEvents on posts) end on drain, so the stop takes the
+        // drain delay (printed above), not the drain timeout.
+        assert!(!drain_timeout, "{name} waited for the drain timeout");
         mesh.spawn(&name);
         let ready = mesh.wait_ready(&name).await;
         println!(
@@ -640,13 +630,11 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
     );
     assert_none_failed("roll", "reads", &read_tally);
     assert_none_failed("roll", "writes", &write_tally);
-    if LIFEA_FIXES {
-        // lifeA: a fresh replica has its token keys before it is ready.
-        assert_eq!(
-            write_tally.token_rejections, 0,
-            "a fresh replica rejected valid tokens"
-        );
-    }
+    // A fresh replica has its token keys before it is ready.
+    assert_eq!(
+        write_tally.token_rejections, 0,
+        "a fresh replica rejected valid tokens"
+    );
     let acked = acked.lock().await.clone();
     replay_writes("roll", &channel, &writer.token, &acked, 20).await;
     assert_exactly_once(
