@@ -61,6 +61,8 @@ pub struct Settings {
     /// `tls.crt`, `tls.key`, `ca.crt`.
     pub tls_dir: PathBuf,
     pub tls_reload_interval: Duration,
+    /// The gateway's public certificate (`tls.crt`, `tls.key`); the mesh one when unset.
+    pub public_tls_dir: Option<PathBuf>,
     pub trust_domain: String,
     pub namespace: String,
     pub log_format: LogFormat,
@@ -198,6 +200,7 @@ impl Settings {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/run/tessera/tls")),
             tls_reload_interval: millis(lookup, "TESSERA_TLS_RELOAD_MS", Duration::from_secs(10))?,
+            public_tls_dir: non_empty(lookup, "TESSERA_PUBLIC_TLS_DIR").map(PathBuf::from),
             trust_domain,
             namespace,
             log_format: parse(
