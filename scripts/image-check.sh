@@ -129,6 +129,32 @@ read -r trust_domain namespace <"$WORK/identity"
   sed 's/^/    /'
 done_step
 
+step "a public CA and certificates for the rendered Certificates' DNS names (openssl)"
+# What cert-manager would write into each Certificate's Secret (the gateway's public one):
+# tls.crt and tls.key for its dnsNames, from a CA of this run, so clients can be checked to
+# verify the public name against that CA.
+"$TOOLS/bin/python" - "$WORK/render.yaml" >"$WORK/public-certs" <<'EOF'
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Certificate" and d["spec"].get("dnsNames"):
+        print(d["spec"]["secretName"], ",".join(d["spec"]["dnsNames"]))
+EOF
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=image-check public CA" -keyout "$WORK/public-ca.key" -out "$WORK/public-ca.crt" 2>/dev/null
+while read -r secret names; do
+  dir="$WORK/secrets/$secret"
+  mkdir -p "$dir"
+  san="$(printf 'DNS:%s,' ${names//,/ })"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=${names%%,*}" \
+    -keyout "$dir/tls.key" -out "$dir/tls.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/tls.csr" -CA "$WORK/public-ca.crt" -CAkey "$WORK/public-ca.key" \
+    -CAcreateserial -days 2 -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "${san%,}") \
+    -out "$dir/tls.crt" 2>/dev/null
+  cp "$WORK/public-ca.crt" "$dir/ca.crt"
+  printf '    Secret %s: %s\n' "$secret" "$names"
+done <"$WORK/public-certs"
+done_step
+
 step "every Deployment, run from the image as the pod runs it"
 "$TOOLS/bin/python" - "$WORK" "$rootfs" <<'EOF' || fail "a service did not run from the image as its Deployment says"
 import base64, json, os, shutil, subprocess, sys, time
@@ -142,6 +168,7 @@ config_maps, secrets = by_kind("ConfigMap"), by_kind("Secret")
 image = json.load(open(f"{work}/bundle/config.json"))["process"]
 image_env = dict(e.split("=", 1) for e in image.get("env", []))
 failures = []
+checked_public = []
 
 
 def secret_value(name, key):
@@ -183,6 +210,14 @@ def pod_env(deployment, container):
             if field not in values:
                 raise SystemExit(f"{name}: fieldRef {field} is not simulated here")
             env[var["name"]] = values[field]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            value = config_maps.get(ref["name"], {}).get("data", {}).get(ref["key"])
+            if value is None:
+                if ref.get("optional"):
+                    continue
+                raise SystemExit(f"{name}: ConfigMap {ref['name']} key {ref['key']} is not rendered")
+            env[var["name"]] = value
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
             value = secret_value(ref["name"], ref["key"])
@@ -231,8 +266,12 @@ def run_pod(deployment):
         if "emptyDir" in volume:
             os.chmod(source, 0o777)  # the kubelet's emptyDir mode
         elif "secret" in volume or "csi" in volume:
-            # The workload certificate (cert-manager's layout), owned root:fsGroup.
-            certs = f"{work}/certs/{name}"
+            # A Certificate's Secret (the public one), or else the workload identity
+            # (csi-driver-spiffe, cert-manager's layout); owned root:fsGroup.
+            secret = volume.get("secret", {}).get("secretName", "")
+            certs = f"{work}/secrets/{secret}"
+            if not secret or not os.path.isdir(certs):
+                certs = f"{work}/certs/{name}"
             mode = volume.get("secret", {}).get("defaultMode", 0o644)
             for f in ("tls.crt", "tls.key", "ca.crt"):
                 shutil.copy(f"{certs}/{f}", f"{source}/{f}")
@@ -287,6 +326,25 @@ def run_pod(deployment):
         "  sleep 0.5",
         "done",
         f"echo \"uid $(awk '/^Uid:/ {{print $2}}' /proc/$pid/status 2>/dev/null)\" >{pod}/uid",
+    ]
+    public = next((p for p in container.get("ports", []) if p.get("name") == "public"), None)
+    public_names = [line.split()[1].split(",") for line in open(f"{work}/public-certs")]
+    if public and public_names and shutil.which("grpcurl"):
+        # Internet clients verify the public name against the public issuer; the mesh CA
+        # must not verify it (the mesh certificate is not what is served there).
+        port, server_name = public["containerPort"], public_names[0][0]
+        lines += [
+            f"if [ -n \"$ok\" ]; then",
+            f"  grpcurl -cacert {work}/public-ca.crt -servername {server_name} 127.0.0.1:{port} list >{pod}/public-list 2>&1 ||",
+            f"    {{ echo 'public port: grpcurl with the public CA failed:'; cat {pod}/public-list; kill -KILL $pid; exit 5; }}",
+            f"  ! grpcurl -cacert {work}/certs/ca.crt -servername {server_name} 127.0.0.1:{port} list >/dev/null 2>&1 ||",
+            f"    {{ echo 'public port: the mesh CA verified it'; kill -KILL $pid; exit 6; }}",
+            "fi",
+        ]
+        checked_public.append(name)
+    elif public:
+        print(f"    {name}: public port not checked (no grpcurl or no public Certificate)")
+    lines += [
         "kill -TERM $pid 2>/dev/null || true",
         f"for i in $(seq {grace * 10}); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done",
         "kill -KILL $pid 2>/dev/null && { echo 'not stopped within the grace period'; exit 3; }",
@@ -335,7 +393,8 @@ def run_pod(deployment):
             for line in tail:
                 print(f"      {stream}| {line[:300]}")
     else:
-        print(f"    {name}: ready as uid {uid}, read-only root, stopped cleanly ({elapsed:.1f}s)")
+        extra = ", public port verified by its public name" if name in checked_public else ""
+        print(f"    {name}: ready as uid {uid}, read-only root{extra}, stopped cleanly ({elapsed:.1f}s)")
 
 
 deployments = [d for d in docs if d["kind"] == "Deployment"

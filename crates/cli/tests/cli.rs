@@ -664,8 +664,28 @@ fn certs_writes_files_and_prints_secrets() {
             "a Secret for {name}"
         );
     }
-    assert_eq!(stdout.matches("kind: Secret\n").count(), 6, "{stdout}");
-    assert_eq!(stdout.matches("type: kubernetes.io/tls\n").count(), 6);
+    assert_eq!(stdout.matches("kind: Secret\n").count(), 7, "{stdout}");
+    assert_eq!(stdout.matches("type: kubernetes.io/tls\n").count(), 7);
+    // The CA the manifests' Issuer signs with, for the namespace they deploy into.
+    assert!(
+        stdout.contains("  name: tessera-ca\n  namespace: tessera\n"),
+        "{stdout}"
+    );
+    let ca_key = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+    assert!(stdout.contains(ca_key.lines().nth(1).unwrap()));
+    let users_pem = std::fs::read_to_string(dir.join("users/tls.crt")).unwrap();
+    let identity =
+        tessera_mesh::tls::TlsSource::load(tessera_mesh::tls::TlsFiles::in_dir(&dir.join("users")))
+            .unwrap()
+            .identity();
+    assert_eq!(
+        identity.to_string(),
+        "spiffe://tessera.local/ns/tessera/sa/users"
+    );
+    assert!(!tessera_mesh::certs::expires_within(
+        &users_pem,
+        std::time::Duration::from_secs(7 * 24 * 3600)
+    ));
     let users_cert = std::fs::read_to_string(dir.join("users/tls.crt")).unwrap();
     assert!(
         stdout.contains(users_cert.lines().nth(1).unwrap()),
