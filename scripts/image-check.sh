@@ -49,11 +49,11 @@ fail() {
 [[ -x "$BINARY" ]] || fail "no binary at $BINARY (set TESSERA)"
 [[ -x "$TOOLS/bin/kubectl" ]] || fail "no kubectl in $TOOLS; run scripts/check-manifests.sh first"
 
-if ! command -v buildah >/dev/null || ! command -v umoci >/dev/null; then
-  step "installing buildah and umoci (Debian)"
+if ! command -v buildah >/dev/null || ! command -v umoci >/dev/null || ! command -v openssl >/dev/null; then
+  step "installing buildah, umoci and openssl (Debian)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq buildah umoci >/dev/null
+  apt-get install -y -qq buildah umoci openssl >/dev/null
   done_step
 fi
 
