@@ -705,7 +705,7 @@ fn dev_and_production_deploy_into_any_namespace() {
         println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
         return;
     };
-    for overlay in ["dev", "production"] {
+    for overlay in ["dev", "production", "dev-observability"] {
         for namespace in ["shop", "tessera-staging"] {
             let objects = render_in_namespace(&kubectl, overlay, namespace);
             let problems = namespace_problems(&objects, namespace);

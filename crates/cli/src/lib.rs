@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod database;
 pub mod probe;
 pub mod up;
 pub mod wiring;

@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_cli::{certs, probe, up, wiring};
+use tessera_cli::{certs, database, probe, up, wiring};
 use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -207,22 +207,10 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
-            if let Some(ca) = &settings.database.ca_file
-                && let Err(err) = std::fs::read(ca)
-            {
-                eprintln!("tessera: TESSERA_DATABASE_CA: {}: {err}", ca.display());
+            if let Err(err) = database::apply(&settings.database) {
+                eprintln!("tessera: {err}");
                 return ExitCode::from(EXIT_USAGE);
             }
-            // Every database this process opens starts from these (the services open theirs
-            // by location only).
-            let database = &settings.database;
-            tessera_store::DbOptions::set_process_defaults(tessera_store::DbOptions {
-                max_connections: database.pool_size,
-                acquire_timeout: database.acquire_timeout,
-                statement_timeout: database.statement_timeout,
-                ca_file: database.ca_file.clone(),
-                ..tessera_store::DbOptions::default()
-            });
             if let Some(dir) = &settings.public_tls_dir {
                 let files = tessera_mesh::public_tls::PublicTlsFiles::in_dir(dir);
                 if let Err(err) = tessera_mesh::public_tls::PublicTls::load(files) {
