@@ -702,3 +702,70 @@ fn probe_of_a_closed_port_exits_1() {
     let line = assert_one_line_failure(&out, Some(1));
     assert!(line.contains("127.0.0.1:1"), "{line}");
 }
+
+#[test]
+fn unusable_database_ca_and_public_certificate_exit_64_naming_the_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let mut cmd = tessera();
+    cmd.arg("certs").arg("--dir").arg(&certs).args([
+        "--namespace",
+        "default",
+        "--service",
+        "users",
+        "--service",
+        "gateway",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let serve = |service: &str, key: &str, value: &str| {
+        let mut cmd = tessera();
+        cmd.args([
+            "serve",
+            service,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-dir")
+        .arg(certs.join(service))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .env(key, value);
+        for upstream in ["USERS", "POSTS", "COMMENTS", "NOTIFICATIONS"] {
+            cmd.env(format!("TESSERA_{upstream}_TARGET"), "static:127.0.0.1:1");
+        }
+        run_bounded(cmd, Duration::from_secs(30))
+    };
+    for (service, key, value) in [
+        (
+            "users",
+            "TESSERA_DATABASE_CA",
+            "/nonexistent/database-ca.crt",
+        ),
+        ("users", "TESSERA_DATABASE_POOL_SIZE", "0"),
+        (
+            "gateway",
+            "TESSERA_PUBLIC_TLS_DIR",
+            "/nonexistent/public-tls",
+        ),
+    ] {
+        let out = serve(service, key, value);
+        let line = assert_one_line_failure(&out, Some(64));
+        assert!(line.contains(key), "{line}");
+    }
+    // Files that are there but do not belong together are refused as well.
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(certs.join("gateway/tls.crt"), mixed.join("tls.crt")).unwrap();
+    std::fs::copy(certs.join("users/tls.key"), mixed.join("tls.key")).unwrap();
+    let out = serve("gateway", "TESSERA_PUBLIC_TLS_DIR", mixed.to_str().unwrap());
+    let line = assert_one_line_failure(&out, Some(64));
+    assert!(line.contains("TESSERA_PUBLIC_TLS_DIR"), "{line}");
+}
