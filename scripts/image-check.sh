@@ -49,11 +49,15 @@ fail() {
 [[ -x "$BINARY" ]] || fail "no binary at $BINARY (set TESSERA)"
 [[ -x "$TOOLS/bin/kubectl" ]] || fail "no kubectl in $TOOLS; run scripts/check-manifests.sh first"
 
-if ! command -v buildah >/dev/null || ! command -v umoci >/dev/null || ! command -v openssl >/dev/null; then
-  step "installing buildah, umoci and openssl (Debian)"
+missing=()
+for tool in buildah:buildah umoci:umoci openssl:openssl ip:iproute2 unshare:util-linux readelf:binutils; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if ((${#missing[@]})); then
+  step "installing ${missing[*]} (Debian)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq buildah umoci openssl >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
   done_step
 fi
 
@@ -91,7 +95,8 @@ done_step
 
 step "buildah: the Dockerfile's final stage (--build-arg BINARY=prebuilt)"
 bah=(buildah --storage-driver vfs --root "$WORK/storage" --runroot "$WORK/run")
-"${bah[@]}" bud --quiet --isolation chroot --layers=false \
+# Docker format keeps the HEALTHCHECK (OCI image configs have no field for it).
+"${bah[@]}" bud --quiet --isolation chroot --layers=false --format docker \
   --build-arg BINARY=prebuilt --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   -f "$ROOT/Dockerfile" -t localhost/tessera:check "$ctx" >/dev/null ||
   fail "buildah could not build the final stage"
@@ -103,9 +108,11 @@ step "umoci unpack"
 umoci unpack --image "$WORK/oci:check" "$WORK/bundle" >/dev/null || fail "umoci unpack failed"
 rootfs="$WORK/bundle/rootfs"
 [[ -x "$rootfs/usr/local/bin/tessera" ]] || fail "the image has no /usr/local/bin/tessera"
-printf '    image user %s, entrypoint %s\n' \
-  "$(jq -r '.process.user | "\(.uid):\(.gid)"' "$WORK/bundle/config.json")" \
-  "$(jq -c '.process.args' "$WORK/bundle/config.json")"
+"$TOOLS/bin/python" - "$WORK/bundle/config.json" <<'EOF'
+import json, sys
+process = json.load(open(sys.argv[1]))["process"]
+print(f"    image user {process['user']['uid']}:{process['user']['gid']}, entrypoint {process['args']}")
+EOF
 done_step
 
 step "kubectl kustomize $OVERLAY"
