@@ -467,12 +467,11 @@ fn render_in_namespace(kubectl: &Path, overlay: &str, namespace: &str) -> Vec<Ob
         .join(overlay)
         .canonicalize()
         .unwrap();
-    let tmp = std::env::temp_dir().join(format!(
-        "tessera-k8s-{overlay}-{namespace}-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let tmp = tmp.canonicalize().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("tessera-k8s-{overlay}-{namespace}-"))
+        .tempdir()
+        .unwrap();
+    let tmp = dir.path().canonicalize().unwrap();
     // kustomize takes resources only by relative path.
     let up = "../".repeat(tmp.components().count() - 1);
     let relative = format!(
@@ -503,7 +502,7 @@ fn render_in_namespace(kubectl: &Path, overlay: &str, namespace: &str) -> Vec<Ob
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
-    std::fs::remove_dir_all(&tmp).unwrap();
+    drop(dir);
     assert!(
         out.status.success(),
         "kubectl kustomize ({overlay} in {namespace}): {}",
@@ -743,4 +742,54 @@ fn the_namespace_check_finds_a_namespace_literal() {
         problems.iter().any(|p| p.contains("TESSERA_POSTS_TARGET")),
         "{problems:?}"
     );
+}
+
+#[test]
+fn egress_reaches_dns_caches_and_only_a_set_database_range() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
+        return;
+    };
+    for overlay in ["dev", "production"] {
+        let objects = render_in_namespace(&kubectl, overlay, "shop");
+        let dns = objects
+            .iter()
+            .find(|o| o.is("NetworkPolicy", "allow-dns-egress"))
+            .unwrap();
+        let mut found = Vec::new();
+        strings(&dns.doc, String::new(), &mut found);
+        // kube-dns (CoreDNS) pods, and NodeLocal DNSCache's default link-local address.
+        assert!(found.iter().any(|(_, s)| *s == "kube-dns"), "{overlay}");
+        assert!(
+            found.iter().any(|(_, s)| *s == "169.254.20.10/32"),
+            "{overlay}"
+        );
+        // Nothing opens egress to the whole internet.
+        for object in &objects {
+            let mut found = Vec::new();
+            strings(&object.doc, String::new(), &mut found);
+            for (path, text) in found {
+                assert!(
+                    !(path.ends_with(".cidr") && (text == "0.0.0.0/0" || text == "::/0")),
+                    "{overlay}: {} {}: {path} = {text}",
+                    object.kind(),
+                    object.name()
+                );
+            }
+        }
+    }
+    let production = render_in_namespace(&kubectl, "production", "shop");
+    let database = production
+        .iter()
+        .find(|o| o.is("NetworkPolicy", "allow-database-egress"))
+        .unwrap();
+    let mut found = Vec::new();
+    strings(&database.doc, String::new(), &mut found);
+    let cidrs: Vec<&str> = found
+        .iter()
+        .filter(|(p, _)| p.ends_with(".cidr"))
+        .map(|(_, s)| *s)
+        .collect();
+    // The placeholder (TEST-NET-1, routes nowhere) until the user sets their range.
+    assert_eq!(cidrs, ["192.0.2.0/24"]);
 }
