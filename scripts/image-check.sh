@@ -20,8 +20,11 @@
 #      period; every log line must be JSON with unique keys and none may be at ERROR.
 #
 # DATABASE_URL from the dev overlay's Secrets names the in-cluster PostgreSQL, which does not
-# exist here; it is left out (each service then uses SQLite in its data emptyDir) and said so.
-# PostgreSQL itself is covered by the storage tests.
+# exist here. With TESSERA_TEST_DATABASE_TLS_URL set (scripts/postgres-tls.sh, as CI does),
+# it is replaced by a database of that local cluster per service, reached through its Unix
+# socket (bind-mounted, since the pod has no network to the host), and the check requires
+# the service's migrations there afterwards; without it, DATABASE_URL is left out (SQLite in
+# the data emptyDir) and the check says so.
 #
 # Needs root (namespaces, mounts, chroot). Installs buildah and umoci from Debian when
 # missing. Uses kubectl from scripts/check-manifests.sh's tool directory. Prints step times.
@@ -162,8 +165,26 @@ while read -r secret names; do
 done <"$WORK/public-certs"
 done_step
 
+pg_port=""
+if [[ -n ${TESSERA_TEST_DATABASE_TLS_URL:-} ]]; then
+  pg_port="${TESSERA_TEST_DATABASE_TLS_URL##*:}"
+  pg_port="${pg_port%%/*}"
+  step "a database per service on the local PostgreSQL (port $pg_port, Unix socket)"
+  for db in users posts comments notifications; do
+    su postgres -c "dropdb -p $pg_port --if-exists imagecheck_$db 2>/dev/null; createdb -p $pg_port -O tessera imagecheck_$db" ||
+      fail "cannot create database imagecheck_$db"
+  done
+  drop_databases() {
+    for db in users posts comments notifications; do
+      su postgres -c "dropdb -p $pg_port --if-exists imagecheck_$db 2>/dev/null" || true
+    done
+  }
+  trap 'drop_databases; cleanup' EXIT
+  done_step
+fi
+
 step "every Deployment, run from the image as the pod runs it"
-"$TOOLS/bin/python" - "$WORK" "$rootfs" <<'EOF' || fail "a service did not run from the image as its Deployment says"
+PG_PORT="$pg_port" "$TOOLS/bin/python" - "$WORK" "$rootfs" <<'EOF' || fail "a service did not run from the image as its Deployment says"
 import base64, json, os, shutil, subprocess, sys, time
 
 import yaml
@@ -176,6 +197,8 @@ image = json.load(open(f"{work}/bundle/config.json"))["process"]
 image_env = dict(e.split("=", 1) for e in image.get("env", []))
 failures = []
 checked_public = []
+PG_PORT = os.environ.get("PG_PORT", "")
+uses_postgres = set()
 
 
 def secret_value(name, key):
@@ -229,7 +252,12 @@ def pod_env(deployment, container):
             ref = source["secretKeyRef"]
             value = secret_value(ref["name"], ref["key"])
             if var["name"] == "DATABASE_URL":
-                print(f"    {name}: DATABASE_URL from Secret {ref['name']} left out (no in-cluster PostgreSQL here; SQLite)")
+                if PG_PORT:
+                    env[var["name"]] = (f"postgres://tessera:tessera@localhost/imagecheck_{name}"
+                                        f"?host=/var/run/postgresql&port={PG_PORT}")
+                    uses_postgres.add(name)
+                else:
+                    print(f"    {name}: DATABASE_URL from Secret {ref['name']} left out (no PostgreSQL here; SQLite)")
                 continue
             if value is None:
                 if ref.get("optional"):
@@ -293,6 +321,9 @@ def run_pod(deployment):
     with open(f"{pod}/resolv.conf", "w") as f:
         f.write(f"search {env.get('TESSERA_NAMESPACE', 'default')}.svc.cluster.local svc.cluster.local cluster.local\nnameserver 127.0.0.1\n")
     mounts += [(f"{pod}/hosts", "/etc/hosts", True), (f"{pod}/resolv.conf", "/etc/resolv.conf", True)]
+    if name in uses_postgres:
+        # The database's Unix socket: the pod's stand-in for the in-cluster Service.
+        mounts.append(("/var/run/postgresql", "/var/run/postgresql", False))
 
     startup, readiness = probe_of(container, "startupProbe"), probe_of(container, "readinessProbe")
     grace = spec.get("terminationGracePeriodSeconds", 30)
@@ -390,6 +421,15 @@ def run_pod(deployment):
                 continue
             if str(record.get("level", "")).upper() == "ERROR":
                 problems.append(f"{stream}:{n}: logged at ERROR: {line.strip()[:300]}")
+    if name in uses_postgres:
+        # The service ran its migrations in its PostgreSQL database, not in SQLite.
+        migrated = subprocess.run(
+            ["su", "postgres", "-c",
+             f"psql -p {PG_PORT} -d imagecheck_{name} -tAc 'SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()'"],
+            capture_output=True, text=True)
+        tables = migrated.stdout.strip()
+        if migrated.returncode != 0 or not tables.isdigit() or int(tables) == 0:
+            problems.append(f"no tables in imagecheck_{name}: {migrated.stdout.strip()} {migrated.stderr.strip()}")
     if problems:
         failures.append(name)
         print(f"    {name}: FAILED after {elapsed:.1f}s")
@@ -401,6 +441,7 @@ def run_pod(deployment):
                 print(f"      {stream}| {line[:300]}")
     else:
         extra = ", public port verified by its public name" if name in checked_public else ""
+        extra += ", migrated its PostgreSQL database" if name in uses_postgres else ""
         print(f"    {name}: ready as uid {uid}, read-only root{extra}, stopped cleanly ({elapsed:.1f}s)")
 
 

@@ -7,7 +7,8 @@
 # Prints, for eval:
 #   export TESSERA_TEST_DATABASE_TLS_URL=postgres://tessera:tessera@localhost:<port>/tessera_test
 #   export TESSERA_TEST_DATABASE_TLS_CA=<ca.crt>
-# The certificate names DNS localhost only, so verify-full to 127.0.0.1 fails by design.
+# The certificate names DNS localhost only, so verify-full to 127.0.0.1 fails by design. The
+# role tessera may also log in by password over the local socket (/var/run/postgresql).
 #
 # Remove it with: pg_dropcluster --stop <version> tessera_tls
 set -euo pipefail
@@ -38,7 +39,10 @@ ssl = on
 ssl_cert_file = '$tls/server.crt'
 ssl_key_file = '$tls/server.key'
 EOF
+  # Local socket: the role tessera by password (scripts/image-check.sh connects through it
+  # from inside a chroot, as uid 65532), everyone else as their own OS user.
   cat >"$conf/pg_hba.conf" <<'EOF'
+local   all tessera             scram-sha-256
 local   all all                 peer
 hostssl all all 127.0.0.1/32    scram-sha-256
 hostssl all all ::1/128         scram-sha-256
