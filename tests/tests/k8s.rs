@@ -2,7 +2,10 @@
 //! ServiceAccount, a headless Service, a hardened Deployment with gRPC probes and resource
 //! bounds, a PodDisruptionBudget and a HorizontalPodAutoscaler; and a default-deny
 //! NetworkPolicy. Schemas, checkov and hadolint are scripts/check-manifests.sh's job; this
-//! checks what those cannot know, and needs no tools beyond cargo.
+//! checks what those cannot know, and needs no tools beyond cargo, except for the renders:
+//! dev and production under an overlay that adds nothing but another namespace (every id,
+//! name and target must follow it) and their egress rules, with the kubectl that
+//! scripts/check-manifests.sh installs (skipped, saying so, without it).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -436,8 +439,6 @@ fn the_checks_name_the_service_and_what_is_missing() {
     }
     assert_eq!(problems.len(), 7, "unexpected problems: {problems:#?}");
 }
-
-// ---- Any namespace: an overlay that adds nothing but `namespace:` ------------------------
 
 /// kubectl from scripts/check-manifests.sh's tool directory, or on PATH; None (the test
 /// then says it is skipped) on a machine without it.
