@@ -2,6 +2,11 @@
 
 # Tessera: one binary, many roles (`tessera serve <service>`). Build from the repository root:
 #   docker build -t tessera:0.1.0 --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+#
+# BINARY=prebuilt takes the runtime tree from the build context's `out/` instead of building
+# it (scripts/image-check.sh does this with the binary CI built, so the final stage below is
+# the one that is assembled and run in CI). The default builds it here.
+ARG BINARY=builder
 
 # --- build --------------------------------------------------------------------------------
 # The official Rust image on Alpine: its native target is musl, and Rust links musl binaries
@@ -34,6 +39,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && printf 'nonroot:x:65532:65532:nonroot:/tmp:/sbin/nologin\n' >/out/etc/passwd \
     && printf 'nonroot:x:65532:\n' >/out/etc/group
 
+# --- or: a runtime tree prepared outside (out/ in the build context, same layout as /out) --
+FROM scratch AS prebuilt
+COPY out/ /out/
+
+# The stage named by BINARY (a stage of this file, never a pulled image).
+# checkov:skip=CKV_DOCKER_7:BINARY names a stage of this file (builder or prebuilt), not an image
+FROM ${BINARY} AS binary
+
 # --- run ----------------------------------------------------------------------------------
 # Nothing but the binary: no shell, no package manager, no C library, no CA certificates
 # (the mesh trusts only the CA mounted with each service's certificate).
@@ -47,9 +60,9 @@ LABEL org.opencontainers.image.title="tessera" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://example.invalid/tessera" \
       org.opencontainers.image.base.name="scratch"
-COPY --from=builder /out/etc/passwd /out/etc/group /etc/
-COPY --from=builder --chown=65532:65532 /out/tmp /tmp
-COPY --from=builder /out/usr/local/bin/tessera /usr/local/bin/tessera
+# The whole tree: the binary, passwd/group and /tmp; from `prebuilt`, also the shared
+# libraries a binary built elsewhere needs (scripts/image-check.sh copies them).
+COPY --from=binary /out/ /
 # Numeric, so Kubernetes can check runAsNonRoot.
 USER 65532:65532
 # Internal mTLS gRPC, admin (plaintext gRPC health and /metrics), gateway public port.

@@ -2,7 +2,10 @@
 //! ServiceAccount, a headless Service, a hardened Deployment with gRPC probes and resource
 //! bounds, a PodDisruptionBudget and a HorizontalPodAutoscaler; and a default-deny
 //! NetworkPolicy. Schemas, checkov and hadolint are scripts/check-manifests.sh's job; this
-//! checks what those cannot know, and needs no tools beyond cargo.
+//! checks what those cannot know, and needs no tools beyond cargo, except for the renders:
+//! dev and production under an overlay that adds nothing but another namespace (every id,
+//! name and target must follow it) and their egress rules, with the kubectl that
+//! scripts/check-manifests.sh installs (skipped, saying so, without it).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -435,4 +438,359 @@ fn the_checks_name_the_service_and_what_is_missing() {
         );
     }
     assert_eq!(problems.len(), 7, "unexpected problems: {problems:#?}");
+}
+
+/// kubectl from scripts/check-manifests.sh's tool directory, or on PATH; None (the test
+/// then says it is skipped) on a machine without it.
+fn kubectl() -> Option<PathBuf> {
+    let tools = std::env::var_os("TESSERA_TOOLS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(cache.join("tessera/manifest-tools"))
+        });
+    let candidates = tools.map(|t| t.join("bin/kubectl")).into_iter().chain(
+        std::env::var_os("PATH").into_iter().flat_map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("kubectl"))
+                .collect::<Vec<_>>()
+        }),
+    );
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `kubectl kustomize` of a kustomization that is `resources: [overlay]` plus `namespace`.
+fn render_in_namespace(kubectl: &Path, overlay: &str, namespace: &str) -> Vec<Object> {
+    let overlay_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../k8s/overlays")
+        .join(overlay)
+        .canonicalize()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("tessera-k8s-{overlay}-{namespace}-"))
+        .tempdir()
+        .unwrap();
+    let tmp = dir.path().canonicalize().unwrap();
+    // kustomize takes resources only by relative path.
+    let up = "../".repeat(tmp.components().count() - 1);
+    let relative = format!(
+        "{up}{}",
+        overlay_dir.to_string_lossy().trim_start_matches('/')
+    );
+    std::fs::write(
+        tmp.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {namespace}\nresources:\n  - {relative}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: kustomize renders in well under a second; give it a minute on a busy machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kubectl kustomize {} did not finish in 60 s", tmp.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    drop(dir);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize ({overlay} in {namespace}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&[(
+        format!("{overlay}+namespace {namespace}"),
+        String::from_utf8(out.stdout).unwrap(),
+    )])
+}
+
+/// Every string in `value` with its path, for looking for namespace literals.
+fn strings<'a>(value: &'a Value, path: String, out: &mut Vec<(String, &'a str)>) {
+    match value {
+        Value::String(s) => out.push((path, s)),
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                strings(item, format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Mapping(map) => {
+            for (key, item) in map {
+                let key = key.as_str().unwrap_or("?");
+                strings(item, format!("{path}.{key}"), out);
+            }
+        }
+        Value::Tagged(tagged) => strings(&tagged.value, path, out),
+        _ => {}
+    }
+}
+
+/// Standard base64 (a Secret's `data`), ignoring padding; enough for a test.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let Some(v) = ALPHABET.iter().position(|a| *a == c) else {
+            continue;
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// What would break if `objects` (rendered for `namespace`) were applied there.
+fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let services: Vec<&str> = objects
+        .iter()
+        .filter(|o| o.kind() == "Service")
+        .map(Object::name)
+        .collect();
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterIssuer",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ];
+    for object in objects {
+        let what = format!("{} {}", object.kind(), object.name());
+        if object.kind() == "Namespace" {
+            if object.name() != namespace {
+                problems.push(format!("{what}: a Namespace other than {namespace}"));
+            }
+        } else if !cluster_scoped.contains(&object.kind())
+            && str_at(&object.doc, &["metadata", "namespace"]) != Some(namespace)
+        {
+            problems.push(format!("{what}: not in namespace {namespace}"));
+        }
+        // No other namespace spelled anywhere: not in DNS names, SPIFFE ids, selectors.
+        let mut found = Vec::new();
+        strings(&object.doc, String::new(), &mut found);
+        for (path, text) in found {
+            let spells_tessera = namespace != "tessera"
+                && (text.contains("/ns/tessera/")
+                    || text.contains(".tessera.svc")
+                    || (path.ends_with("kubernetes.io/metadata.name") && text == "tessera"));
+            let elsewhere = path.ends_with(".namespace") && text != namespace;
+            if spells_tessera || elsewhere || text.contains(".svc.cluster.local") {
+                problems.push(format!("{what}: {path} names a namespace: {text:?}"));
+            }
+        }
+    }
+
+    let config = objects
+        .iter()
+        .find(|o| o.kind() == "ConfigMap" && o.name().starts_with("tessera-config"));
+    let Some(config) = config else {
+        return vec!["no ConfigMap tessera-config rendered".into()];
+    };
+    for service in SERVICES.iter().filter(|s| **s != "gateway") {
+        let key = format!("TESSERA_{}_TARGET", service.to_ascii_uppercase());
+        match str_at(&config.doc, &["data", &key]) {
+            // A short name: resolved through the pod's DNS search path, in its namespace.
+            Some(target) if target == format!("dns:{service}:8443") => {}
+            other => problems.push(format!(
+                "{key} is {other:?}, expected the short name dns:{service}:8443"
+            )),
+        }
+        if !services.contains(service) {
+            problems.push(format!("{key}: no Service {service} is rendered"));
+        }
+    }
+
+    for service in SERVICES {
+        let Some(deployment) = objects.iter().find(|o| o.is("Deployment", service)) else {
+            problems.push(format!("{service}: no Deployment"));
+            continue;
+        };
+        let pod = at(&deployment.doc, &["spec", "template", "spec"]).unwrap();
+        // The identity the pod gets (csi-driver-spiffe: its own namespace and ServiceAccount)
+        // must be the one `tessera serve` expects (TESSERA_NAMESPACE and the service name).
+        if str_at(pod, &["serviceAccountName"]) != Some(service) {
+            problems.push(format!("{service}: serviceAccountName is not {service}"));
+        }
+        let container = at(pod, &["containers"]).and_then(|c| c.get(0)).unwrap();
+        let args: Vec<&str> = at(container, &["args"])
+            .and_then(Value::as_sequence)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if args != ["serve", service] {
+            problems.push(format!("{service}: args {args:?}"));
+        }
+        let env = at(container, &["env"])
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
+        let from_namespace = env.iter().any(|e| {
+            str_at(e, &["name"]) == Some("TESSERA_NAMESPACE")
+                && str_at(e, &["valueFrom", "fieldRef", "fieldPath"]) == Some("metadata.namespace")
+        });
+        if !from_namespace {
+            problems.push(format!(
+                "{service}: TESSERA_NAMESPACE does not come from metadata.namespace"
+            ));
+        }
+        let tls_is_spiffe_csi = at(pod, &["volumes"])
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .any(|v| {
+                str_at(v, &["name"]) == Some("tls")
+                    && str_at(v, &["csi", "driver"]) == Some("spiffe.csi.cert-manager.io")
+            });
+        if !tls_is_spiffe_csi {
+            problems.push(format!(
+                "{service}: the tls volume is not issued per pod by csi-driver-spiffe"
+            ));
+        }
+    }
+
+    // Every Issuer a Certificate names is rendered into the same namespace.
+    for cert in objects.iter().filter(|o| o.kind() == "Certificate") {
+        let kind = str_at(&cert.doc, &["spec", "issuerRef", "kind"]).unwrap_or("Issuer");
+        let name = str_at(&cert.doc, &["spec", "issuerRef", "name"]).unwrap_or_default();
+        if kind == "Issuer" && !objects.iter().any(|o| o.is("Issuer", name)) {
+            problems.push(format!(
+                "Certificate {}: Issuer {name} is not rendered",
+                cert.name()
+            ));
+        }
+    }
+    // Database URLs name Services of this namespace by short name, or something outside it.
+    for secret in objects.iter().filter(|o| o.kind() == "Secret") {
+        let Some(data) = at(&secret.doc, &["data"]).and_then(Value::as_mapping) else {
+            continue;
+        };
+        for (key, value) in data {
+            if key.as_str() != Some("DATABASE_URL") {
+                continue;
+            }
+            let url = String::from_utf8_lossy(&base64_decode(value.as_str().unwrap_or_default()))
+                .into_owned();
+            let host = url
+                .split('@')
+                .nth(1)
+                .and_then(|rest| rest.split([':', '/']).next())
+                .unwrap_or_default();
+            if !services.contains(&host) {
+                problems.push(format!(
+                    "Secret {}: DATABASE_URL host {host:?} is not a Service rendered here",
+                    secret.name()
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn dev_and_production_deploy_into_any_namespace() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
+        return;
+    };
+    for overlay in ["dev", "production", "dev-observability"] {
+        for namespace in ["shop", "tessera-staging"] {
+            let objects = render_in_namespace(&kubectl, overlay, namespace);
+            let problems = namespace_problems(&objects, namespace);
+            assert!(
+                problems.is_empty(),
+                "{overlay} in namespace {namespace}:\n{}",
+                problems.join("\n")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_namespace_check_finds_a_namespace_literal() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
+        return;
+    };
+    // Rendered for `tessera` but checked as if for `shop`: everything is out of place.
+    let objects = render_in_namespace(&kubectl, "dev", "tessera");
+    let problems = namespace_problems(&objects, "shop");
+    assert!(
+        problems.iter().any(|p| p.contains("not in namespace shop")),
+        "{problems:?}"
+    );
+    let mut objects = render_in_namespace(&kubectl, "dev", "shop");
+    let config = objects
+        .iter_mut()
+        .find(|o| o.kind() == "ConfigMap" && o.name().starts_with("tessera-config"))
+        .unwrap();
+    let target = at_mut(&mut config.doc, &["data", "TESSERA_POSTS_TARGET"]).unwrap();
+    *target = Value::String("dns:posts.tessera.svc.cluster.local:8443".into());
+    let problems = namespace_problems(&objects, "shop");
+    assert!(
+        problems.iter().any(|p| p.contains("TESSERA_POSTS_TARGET")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn egress_reaches_dns_caches_and_only_a_set_database_range() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
+        return;
+    };
+    for overlay in ["dev", "production"] {
+        let objects = render_in_namespace(&kubectl, overlay, "shop");
+        let dns = objects
+            .iter()
+            .find(|o| o.is("NetworkPolicy", "allow-dns-egress"))
+            .unwrap();
+        let mut found = Vec::new();
+        strings(&dns.doc, String::new(), &mut found);
+        // kube-dns (CoreDNS) pods, and NodeLocal DNSCache's default link-local address.
+        assert!(found.iter().any(|(_, s)| *s == "kube-dns"), "{overlay}");
+        assert!(
+            found.iter().any(|(_, s)| *s == "169.254.20.10/32"),
+            "{overlay}"
+        );
+        // Nothing opens egress to the whole internet.
+        for object in &objects {
+            let mut found = Vec::new();
+            strings(&object.doc, String::new(), &mut found);
+            for (path, text) in found {
+                assert!(
+                    !(path.ends_with(".cidr") && (text == "0.0.0.0/0" || text == "::/0")),
+                    "{overlay}: {} {}: {path} = {text}",
+                    object.kind(),
+                    object.name()
+                );
+            }
+        }
+    }
+    let production = render_in_namespace(&kubectl, "production", "shop");
+    let database = production
+        .iter()
+        .find(|o| o.is("NetworkPolicy", "allow-database-egress"))
+        .unwrap();
+    let mut found = Vec::new();
+    strings(&database.doc, String::new(), &mut found);
+    let cidrs: Vec<&str> = found
+        .iter()
+        .filter(|(p, _)| p.ends_with(".cidr"))
+        .map(|(_, s)| *s)
+        .collect();
+    // The placeholder (TEST-NET-1, routes nowhere) until the user sets their range.
+    assert_eq!(cidrs, ["192.0.2.0/24"]);
 }

@@ -13,6 +13,9 @@ use tessera_mesh::{
     tls::TlsFiles,
 };
 
+/// Certificates closer than this to expiry are reissued rather than reused.
+const RENEW_MARGIN: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// Where the certificates of a data dir live.
 pub fn certs_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("certs")
@@ -22,7 +25,10 @@ pub fn certs_dir(data_dir: &Path) -> PathBuf {
 pub fn load_or_create_ca(dir: &Path) -> anyhow::Result<(Ca, bool)> {
     if dir.join("ca.crt").exists() && dir.join("ca.key").exists() {
         let ca = Ca::load(dir).with_context(|| format!("reading the CA in {}", dir.display()))?;
-        return Ok((ca, false));
+        // A CA about to run out is replaced (and with it every certificate it issued).
+        if !tessera_mesh::certs::expires_within(ca.cert_pem(), RENEW_MARGIN) {
+            return Ok((ca, false));
+        }
     }
     let ca = Ca::generate("Tessera development CA")?;
     ca.save(dir)
@@ -46,6 +52,8 @@ pub fn ensure_workload_cert(
         && files.ca.exists()
         && let Ok(source) = tessera_mesh::tls::TlsSource::load(files.clone())
         && source.identity() == *id
+        && std::fs::read_to_string(&files.cert)
+            .is_ok_and(|pem| !tessera_mesh::certs::expires_within(&pem, RENEW_MARGIN))
     {
         return Ok(files);
     }
@@ -61,6 +69,26 @@ pub fn issue_dev(ca: &Ca, id: &SpiffeId) -> anyhow::Result<Issued> {
         &["localhost", id.service()],
         &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
     )?)
+}
+
+/// The Secret `tessera-ca` (`kubernetes.io/tls`: the CA's certificate and key) that the
+/// manifests' CA Issuer signs workload certificates with.
+pub fn ca_secret_manifest(ca_dir: &Path, namespace: &str) -> anyhow::Result<String> {
+    let read = |name: &str| {
+        let path = ca_dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Ok(format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: tessera-ca\n  namespace: {namespace}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+        indent(&read("ca.crt")?),
+        indent(&read("ca.key")?),
+    ))
 }
 
 /// A Kubernetes `kubernetes.io/tls` Secret named `<service>-tls` holding the files.

@@ -8,10 +8,11 @@
 
 pub mod certs;
 pub mod cursor;
+pub mod database;
 pub mod databases;
 pub mod openapi;
 pub mod probe;
-pub mod supervise;
 mod readiness;
+pub mod supervise;
 pub mod up;
 pub mod wiring;

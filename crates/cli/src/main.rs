@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_cli::{certs, cursor, probe, up, wiring};
+use tessera_cli::{certs, cursor, database, probe, up, wiring};
 use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -79,9 +79,11 @@ struct CertsArgs {
     services: Vec<String>,
     #[arg(long, default_value = tessera_mesh::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    #[arg(long, default_value = "default")]
+    /// The namespace in the SPIFFE ids: by default the one the manifests in k8s/ deploy into.
+    #[arg(long, default_value = "tessera")]
     namespace: String,
-    /// Also print each certificate as a Kubernetes Secret manifest on stdout.
+    /// Also print Kubernetes Secret manifests on stdout: the CA as `tessera-ca` (what the
+    /// manifests' Issuer signs with) and each certificate as `<name>-tls`.
     #[arg(long)]
     k8s: bool,
 }
@@ -218,6 +220,25 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
+            if let Err(err) = database::apply(&settings.database) {
+                eprintln!("tessera: {err}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            if let Some(dir) = &settings.public_tls_dir {
+                let files = tessera_mesh::public_tls::PublicTlsFiles::in_dir(dir);
+                if let Err(err) = tessera_mesh::public_tls::PublicTls::load(files) {
+                    eprintln!(
+                        "tessera: TESSERA_PUBLIC_TLS_DIR: {}: {}",
+                        dir.display(),
+                        anyhow::Error::from(err)
+                            .chain()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join(": ")
+                    );
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
             runtime().block_on(async {
                 match wiring::serve_one(settings).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -279,6 +300,9 @@ fn fail(err: &anyhow::Error) -> ExitCode {
 
 fn run_certs(args: CertsArgs) -> anyhow::Result<()> {
     let (ca, fresh) = certs::load_or_create_ca(&args.dir)?;
+    if args.k8s {
+        print!("{}", certs::ca_secret_manifest(&args.dir, &args.namespace)?);
+    }
     let names: Vec<String> = if args.services.is_empty() {
         tessera_mesh::config::SERVICES
             .iter()

@@ -120,6 +120,17 @@ pub async fn start(
             tls.identity()
         );
     }
+    // The gateway's public port: its own certificate when given, re-read like the mesh one.
+    let tls = match &settings.public_tls_dir {
+        Some(dir) => tls.with_public(
+            tessera_mesh::public_tls::PublicTls::watch(
+                tessera_mesh::public_tls::PublicTlsFiles::in_dir(dir),
+                settings.tls_reload_interval,
+            )
+            .with_context(|| format!("TESSERA_PUBLIC_TLS_DIR {}", dir.display()))?,
+        ),
+        None => tls,
+    };
     // One balanced channel per upstream, shared by the typed clients and the gateway proxy,
     // each pinned to its upstream's SPIFFE id (this workload's trust domain and namespace).
     let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));

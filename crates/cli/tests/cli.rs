@@ -671,8 +671,28 @@ fn certs_writes_files_and_prints_secrets() {
             "a Secret for {name}"
         );
     }
-    assert_eq!(stdout.matches("kind: Secret\n").count(), 6, "{stdout}");
-    assert_eq!(stdout.matches("type: kubernetes.io/tls\n").count(), 6);
+    assert_eq!(stdout.matches("kind: Secret\n").count(), 7, "{stdout}");
+    assert_eq!(stdout.matches("type: kubernetes.io/tls\n").count(), 7);
+    // The CA the manifests' Issuer signs with, for the namespace they deploy into.
+    assert!(
+        stdout.contains("  name: tessera-ca\n  namespace: tessera\n"),
+        "{stdout}"
+    );
+    let ca_key = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+    assert!(stdout.contains(ca_key.lines().nth(1).unwrap()));
+    let users_pem = std::fs::read_to_string(dir.join("users/tls.crt")).unwrap();
+    let identity =
+        tessera_mesh::tls::TlsSource::load(tessera_mesh::tls::TlsFiles::in_dir(&dir.join("users")))
+            .unwrap()
+            .identity();
+    assert_eq!(
+        identity.to_string(),
+        "spiffe://tessera.local/ns/tessera/sa/users"
+    );
+    assert!(!tessera_mesh::certs::expires_within(
+        &users_pem,
+        std::time::Duration::from_secs(7 * 24 * 3600)
+    ));
     let users_cert = std::fs::read_to_string(dir.join("users/tls.crt")).unwrap();
     assert!(
         stdout.contains(users_cert.lines().nth(1).unwrap()),
@@ -688,4 +708,71 @@ fn probe_of_a_closed_port_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let line = assert_one_line_failure(&out, Some(1));
     assert!(line.contains("127.0.0.1:1"), "{line}");
+}
+
+#[test]
+fn unusable_database_ca_and_public_certificate_exit_64_naming_the_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let mut cmd = tessera();
+    cmd.arg("certs").arg("--dir").arg(&certs).args([
+        "--namespace",
+        "default",
+        "--service",
+        "users",
+        "--service",
+        "gateway",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let serve = |service: &str, key: &str, value: &str| {
+        let mut cmd = tessera();
+        cmd.args([
+            "serve",
+            service,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-dir")
+        .arg(certs.join(service))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .env(key, value);
+        for upstream in ["USERS", "POSTS", "COMMENTS", "NOTIFICATIONS"] {
+            cmd.env(format!("TESSERA_{upstream}_TARGET"), "static:127.0.0.1:1");
+        }
+        run_bounded(cmd, Duration::from_secs(30))
+    };
+    for (service, key, value) in [
+        (
+            "users",
+            "TESSERA_DATABASE_CA",
+            "/nonexistent/database-ca.crt",
+        ),
+        ("users", "TESSERA_DATABASE_POOL_SIZE", "0"),
+        (
+            "gateway",
+            "TESSERA_PUBLIC_TLS_DIR",
+            "/nonexistent/public-tls",
+        ),
+    ] {
+        let out = serve(service, key, value);
+        let line = assert_one_line_failure(&out, Some(64));
+        assert!(line.contains(key), "{line}");
+    }
+    // Files that are there but do not belong together are refused as well.
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(certs.join("gateway/tls.crt"), mixed.join("tls.crt")).unwrap();
+    std::fs::copy(certs.join("users/tls.key"), mixed.join("tls.key")).unwrap();
+    let out = serve("gateway", "TESSERA_PUBLIC_TLS_DIR", mixed.to_str().unwrap());
+    let line = assert_one_line_failure(&out, Some(64));
+    assert!(line.contains("TESSERA_PUBLIC_TLS_DIR"), "{line}");
 }

@@ -6,7 +6,11 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use rustls::pki_types::pem::PemObject;
+use x509_parser::time::ASN1Time;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -19,6 +23,8 @@ use crate::{identity::SpiffeId, tls::TlsFiles};
 pub enum CertError {
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("the system clock is outside what a certificate can say")]
+    Clock,
     #[error("cannot write {path}")]
     Io {
         path: PathBuf,
@@ -31,6 +37,47 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// How long a development CA is valid: a year; `tessera up` replaces it when it runs out.
+pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a development workload certificate is valid: days, not centuries, so a copied
+/// key stops working soon; `tessera up` reissues it before it runs out.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Back-dating of `not_before`, for clocks a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// Makes `params` valid from now (less the clock skew) for `validity`.
+fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), CertError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| CertError::Clock)?
+        .as_secs() as i64;
+    // x509-parser's ASN1Time is the way to the `time` types rcgen takes.
+    let at = |secs: i64| {
+        ASN1Time::from_timestamp(secs)
+            .map(|t| t.to_datetime())
+            .map_err(|_| CertError::Clock)
+    };
+    params.not_before = at(now - CLOCK_SKEW.as_secs() as i64)?;
+    params.not_after = at(now + validity.as_secs() as i64)?;
+    Ok(())
+}
+
+/// Whether the first certificate in `pem` has expired or will within `margin` (or cannot be
+/// read, which needs replacing just as much).
+pub fn expires_within(pem: &str, margin: Duration) -> bool {
+    let Some(der) = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+    else {
+        return true;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return true;
+    };
+    let deadline = ASN1Time::now().timestamp() + margin.as_secs() as i64;
+    cert.validity().not_after.timestamp() <= deadline
 }
 
 fn random_serial() -> SerialNumber {
@@ -56,6 +103,7 @@ impl Ca {
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        set_validity(&mut params, CA_VALIDITY)?;
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -129,6 +177,7 @@ impl Ca {
         ];
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, LEAF_VALIDITY)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -170,4 +219,35 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertErro
     #[cfg(not(unix))]
     let _ = private;
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn development_certificates_expire_in_days_and_are_seen_to() {
+        let ca = Ca::generate("test CA").unwrap();
+        let id = SpiffeId::new("tessera.local", "tessera", "posts").unwrap();
+        let leaf = ca.issue(&id, &["localhost"], &[]).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).unwrap();
+        let cert = parsed.parse_x509().unwrap();
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        let expected = (LEAF_VALIDITY + CLOCK_SKEW).as_secs() as i64;
+        assert!((lifetime - expected).abs() <= 5, "{lifetime} s");
+        assert!(cert.validity().is_valid());
+        // Fresh: not within a week of expiry; within 31 days it is.
+        assert!(!expires_within(
+            &leaf.cert_pem,
+            Duration::from_secs(7 * 24 * 3600)
+        ));
+        assert!(expires_within(
+            &leaf.cert_pem,
+            Duration::from_secs(31 * 24 * 3600)
+        ));
+        assert!(!expires_within(ca.cert_pem(), LEAF_VALIDITY));
+        assert!(expires_within("not a certificate", Duration::ZERO));
+    }
 }

@@ -49,6 +49,63 @@ impl Default for PublicRateLimits {
     }
 }
 
+/// The database pool: `TESSERA_DATABASE_POOL_SIZE`, `_ACQUIRE_TIMEOUT_MS`,
+/// `_STATEMENT_TIMEOUT_MS` and `TESSERA_DATABASE_CA` (a PEM CA for `sslmode=verify-full`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    /// Connections per process; `None` keeps the store's default (10 for PostgreSQL).
+    pub pool_size: Option<u32>,
+    pub acquire_timeout: Duration,
+    /// `None` (0 or unset) leaves the server's `statement_timeout`.
+    pub statement_timeout: Option<Duration>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl DatabaseSettings {
+    fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let pool_size = match non_empty(lookup, "TESSERA_DATABASE_POOL_SIZE") {
+            None => None,
+            Some(_) => match parse(
+                lookup,
+                "TESSERA_DATABASE_POOL_SIZE",
+                0u32,
+                "a whole number of connections, at least 1",
+            )? {
+                0 => {
+                    return Err(ConfigError::new(
+                        "TESSERA_DATABASE_POOL_SIZE",
+                        "must be at least 1",
+                    ));
+                }
+                n => Some(n),
+            },
+        };
+        let acquire_timeout = millis(
+            lookup,
+            "TESSERA_DATABASE_ACQUIRE_TIMEOUT_MS",
+            Duration::from_secs(10),
+        )?;
+        if acquire_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "TESSERA_DATABASE_ACQUIRE_TIMEOUT_MS",
+                "must be at least 1",
+            ));
+        }
+        let statement_timeout = Some(millis(
+            lookup,
+            "TESSERA_DATABASE_STATEMENT_TIMEOUT_MS",
+            Duration::ZERO,
+        )?)
+        .filter(|t| !t.is_zero());
+        Ok(Self {
+            pool_size,
+            acquire_timeout,
+            statement_timeout,
+            ca_file: non_empty(lookup, "TESSERA_DATABASE_CA").map(PathBuf::from),
+        })
+    }
+}
+
 /// Everything `tessera serve <service>` needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -61,12 +118,16 @@ pub struct Settings {
     /// `tls.crt`, `tls.key`, `ca.crt`.
     pub tls_dir: PathBuf,
     pub tls_reload_interval: Duration,
+    /// The gateway's public certificate (`tls.crt`, `tls.key`); the mesh one when unset.
+    pub public_tls_dir: Option<PathBuf>,
     pub trust_domain: String,
     pub namespace: String,
     pub log_format: LogFormat,
     pub log_filter: String,
     /// PostgreSQL when set; SQLite under `data_dir` otherwise.
     pub database_url: Option<String>,
+    /// The database pool and its PostgreSQL connection (`TESSERA_DATABASE_*`).
+    pub database: DatabaseSettings,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
     /// Upstream targets by service (`TESSERA_<SERVICE>_TARGET`), e.g. `dns:posts:8443`.
@@ -255,6 +316,7 @@ impl Settings {
                 "TESSERA_TLS_RELOAD_MS",
                 Duration::from_secs(10),
             )?,
+            public_tls_dir: non_empty(lookup, "TESSERA_PUBLIC_TLS_DIR").map(PathBuf::from),
             trust_domain,
             namespace,
             log_format: parse(
@@ -265,6 +327,7 @@ impl Settings {
             )?,
             log_filter: non_empty(lookup, "TESSERA_LOG").unwrap_or_else(|| "info".to_owned()),
             database_url: non_empty(lookup, "DATABASE_URL"),
+            database: DatabaseSettings::from_lookup(lookup)?,
             otlp_endpoint: non_empty(lookup, "OTEL_EXPORTER_OTLP_ENDPOINT"),
             targets,
             bootstrap_admin: non_empty(lookup, "TESSERA_BOOTSTRAP_ADMIN"),
@@ -378,6 +441,30 @@ mod tests {
         assert_eq!(s.target("posts"), Some("dns:posts.tessera.svc:8443"));
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.server.drain_delay, Duration::ZERO);
+
+        let d = Settings::from_lookup("posts", &lookup(&[]))
+            .unwrap()
+            .database;
+        assert_eq!(d.pool_size, None);
+        assert_eq!(d.statement_timeout, None);
+        let d = Settings::from_lookup(
+            "posts",
+            &lookup(&[
+                ("TESSERA_DATABASE_POOL_SIZE", "4"),
+                ("TESSERA_DATABASE_ACQUIRE_TIMEOUT_MS", "2500"),
+                ("TESSERA_DATABASE_STATEMENT_TIMEOUT_MS", "30000"),
+                ("TESSERA_DATABASE_CA", "/var/run/tessera/db/ca.crt"),
+            ]),
+        )
+        .unwrap()
+        .database;
+        assert_eq!(d.pool_size, Some(4));
+        assert_eq!(d.acquire_timeout, Duration::from_millis(2500));
+        assert_eq!(d.statement_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            d.ca_file.as_deref(),
+            Some(std::path::Path::new("/var/run/tessera/db/ca.crt"))
+        );
     }
 
     #[test]
@@ -402,6 +489,10 @@ mod tests {
             ("TESSERA_DRAIN_TIMEOUT_MS", "-5"),
             ("TESSERA_DRAIN_DELAY_MS", "-1"),
             ("TESSERA_DRAIN_DELAY_MS", "1.5"),
+            ("TESSERA_DATABASE_POOL_SIZE", "0"),
+            ("TESSERA_DATABASE_POOL_SIZE", "many"),
+            ("TESSERA_DATABASE_ACQUIRE_TIMEOUT_MS", "0"),
+            ("TESSERA_DATABASE_STATEMENT_TIMEOUT_MS", "-5"),
         ] {
             let err = Settings::from_lookup("posts", &lookup(&[(key, value)])).unwrap_err();
             assert_eq!(err.setting, key, "{err}");

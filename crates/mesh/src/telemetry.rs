@@ -113,6 +113,42 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
+        if self.json && has_repeated_field(event) {
+            // Strict JSON ingesters reject a key given twice. OpenTelemetry's internal
+            // events carry a `message` field beside the (empty) format message; keep the
+            // last value of each key, which is the explicit field. Rare, so it may be slow.
+            let mut line = String::new();
+            self.format_with_call(ctx, Writer::new(&mut line), event)?;
+            return match serde_json::from_str::<serde_json::Value>(line.trim_end()) {
+                Ok(value) => writeln!(writer, "{value}"),
+                Err(_) => writer.write_str(&line),
+            };
+        }
+        self.format_with_call(ctx, writer, event)
+    }
+}
+
+/// Whether two of the event's fields have the same name (`message` and a format message).
+fn has_repeated_field(event: &tracing::Event<'_>) -> bool {
+    let fields = event.metadata().fields();
+    fields
+        .iter()
+        .enumerate()
+        .any(|(i, a)| fields.iter().skip(i + 1).any(|b| a.name() == b.name()))
+}
+
+impl<F> WithCall<F> {
+    fn format_with_call<S, N>(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result
+    where
+        F: FormatEvent<S, N>,
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'w> FormatFields<'w> + 'static,
+    {
         let Some(call) = crate::context::current().filter(|c| c.method.is_some()) else {
             return self.inner.format_event(ctx, writer, event);
         };
@@ -476,7 +512,7 @@ mod tests {
         }
     }
 
-    fn json_lines(f: impl FnOnce()) -> Vec<serde_json::Value> {
+    fn raw_json_lines(f: impl FnOnce()) -> Vec<String> {
         let captured = Captured::default();
         let sink = captured.clone();
         let subscriber = get_subscriber("info", LogFormat::Json, move || sink.clone(), None);
@@ -485,8 +521,41 @@ mod tests {
         String::from_utf8(bytes)
             .unwrap()
             .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn json_lines(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        raw_json_lines(f)
+            .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn an_event_with_a_message_field_and_a_format_message_has_one_message_key() {
+        // The shape of OpenTelemetry's internal events (otel_info! and friends).
+        let call = crate::context::CallContext {
+            method: Some("/tessera.posts.v1.PostService/GetPost".into()),
+            ..Default::default()
+        };
+        let lines = raw_json_lines(|| {
+            tracing::info!(name: "TracerProvider.GlobalSet", name = "TracerProvider.GlobalSet", message = "set", "");
+            crate::context::sync_scope(call, || tracing::info!(message = "inside", ""));
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
+        }
+        assert_eq!(lines[0].matches("\"name\":").count(), 1, "{}", lines[0]);
+        let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(first["fields"]["message"], "set");
+        let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(second["fields"]["message"], "inside");
+        assert_eq!(
+            second["call"]["method"],
+            "/tessera.posts.v1.PostService/GetPost"
+        );
     }
 
     #[test]

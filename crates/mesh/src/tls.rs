@@ -101,6 +101,8 @@ struct Built {
 pub struct TlsSource {
     files: Arc<TlsFiles>,
     built: Arc<ArcSwap<Built>>,
+    /// The gateway's public certificate, when it has its own ([`TlsSource::with_public`]).
+    public: Option<crate::public_tls::PublicTls>,
 }
 
 impl TlsSource {
@@ -111,7 +113,14 @@ impl TlsSource {
         Ok(Self {
             files: Arc::new(files),
             built: Arc::new(ArcSwap::from_pointee(built)),
+            public: None,
         })
+    }
+
+    /// Serves `public` on the public port instead of the mesh certificate.
+    pub fn with_public(mut self, public: crate::public_tls::PublicTls) -> Self {
+        self.public = Some(public);
+        self
     }
 
     /// Like [`TlsSource::load`], then polls the files every `interval` on a background task
@@ -160,9 +169,13 @@ impl TlsSource {
         self.built.load().mtls_server.clone()
     }
 
-    /// Server configuration without client authentication (the gateway's public port).
+    /// Server configuration without client authentication (the gateway's public port): the
+    /// public certificate if one was given, else the mesh certificate (development).
     pub fn public_server_config(&self) -> Arc<ServerConfig> {
-        self.built.load().public_server.clone()
+        match &self.public {
+            Some(public) => public.server_config(),
+            None => self.built.load().public_server.clone(),
+        }
     }
 
     /// Client configuration that presents this workload's certificate and accepts any server

@@ -89,6 +89,28 @@ pub struct DbOptions {
     /// [`PRUNE_EVERY`] appends; `None` keeps every event forever. A consumer whose cursor
     /// falls behind what is kept gets [`StoreError::Pruned`] instead of a silent gap.
     pub outbox_retention: Option<Duration>,
+    /// How long a caller waits for a pooled connection before failing.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL only: the server cancels a statement running longer than this
+    /// (`statement_timeout` on each connection); `None` leaves the server's setting.
+    pub statement_timeout: Option<Duration>,
+    /// PostgreSQL only: trust this CA (PEM) for the server's certificate, as `sslrootcert`
+    /// in the URL does (which wins if both are given); without an `sslmode` in the URL it
+    /// also makes the mode `verify-full`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The pool settings every [`Db`] of this process starts from ([`DbOptions::default`]),
+/// set once by the binary from its configuration; services open their databases with
+/// [`Db::open`] and need not pass them along.
+static PROCESS_DEFAULTS: std::sync::OnceLock<DbOptions> = std::sync::OnceLock::new();
+
+impl DbOptions {
+    /// Makes `options` what [`DbOptions::default`] returns in this process. Only the first
+    /// call counts; false if defaults were already set.
+    pub fn set_process_defaults(options: DbOptions) -> bool {
+        PROCESS_DEFAULTS.set(options).is_ok()
+    }
 }
 
 /// How many appends apart the outbox is pruned (in the appending transaction).
@@ -102,14 +124,54 @@ pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600
 
 impl Default for DbOptions {
     fn default() -> Self {
+        if let Some(options) = PROCESS_DEFAULTS.get() {
+            return options.clone();
+        }
         Self {
             schema: None,
             max_connections: None,
             busy_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             outbox_retention: Some(DEFAULT_OUTBOX_RETENTION),
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+            ca_file: None,
         }
     }
+}
+
+/// `url` with `sslrootcert` (and, when it names no `sslmode`, `sslmode=verify-full`) for
+/// `ca`, unless it already names a root certificate.
+fn with_ca(url: &str, ca: &Path) -> String {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let has = |key: &str| {
+        query
+            .split('&')
+            .any(|pair| pair.split('=').next() == Some(key))
+    };
+    if ["sslrootcert", "ssl-root-cert", "ssl-ca"]
+        .iter()
+        .any(|k| has(k))
+    {
+        return url.to_owned();
+    }
+    // Percent-encode all but unreserved characters and `/`, so any path survives the query.
+    let mut path = String::new();
+    for b in ca.to_string_lossy().bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            path.push(b as char);
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut out = url.to_owned();
+    out.push(if url.contains('?') { '&' } else { '?' });
+    out.push_str("sslrootcert=");
+    out.push_str(&path);
+    if !has("sslmode") && !has("ssl-mode") {
+        out.push_str("&sslmode=verify-full");
+    }
+    out
 }
 
 pub(crate) struct Inner {
@@ -289,6 +351,10 @@ impl Db {
                 }
                 (Backend::Sqlite, sqlite_url(path)?)
             };
+        let url = match (&options.ca_file, backend) {
+            (Some(ca), Backend::Postgres) => with_ca(&url, ca),
+            _ => url,
+        };
         let connect_options: AnyConnectOptions = url
             .parse()
             .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
@@ -314,23 +380,30 @@ impl Db {
         };
 
         let busy_ms = options.busy_timeout.as_millis();
+        let statement_timeout_ms = options.statement_timeout.map(|t| t.as_millis().max(1));
         let max = options.max_connections.unwrap_or(match backend {
             Backend::Sqlite => 8,
             Backend::Postgres => 10,
         });
         let pool = AnyPoolOptions::new()
             .max_connections(max.max(1))
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(options.acquire_timeout)
             .after_connect(move |conn, _meta| {
                 let setup = match backend {
                     Backend::Sqlite => format!(
                         "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
                          PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL;"
                     ),
-                    Backend::Postgres => match &schema {
-                        Some(s) => format!("SET search_path TO \"{s}\""),
-                        None => String::new(),
-                    },
+                    Backend::Postgres => {
+                        let mut setup = match &schema {
+                            Some(s) => format!("SET search_path TO \"{s}\";"),
+                            None => String::new(),
+                        };
+                        if let Some(limit) = statement_timeout_ms {
+                            setup.push_str(&format!("SET statement_timeout = {limit};"));
+                        }
+                        setup
+                    }
                 };
                 Box::pin(async move {
                     if !setup.is_empty() {
@@ -815,6 +888,22 @@ mod tests {
         assert!(!valid_schema("a\"b"));
         assert!(!valid_schema(""));
         assert!(!valid_schema(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn a_ca_file_becomes_sslrootcert_and_verify_full() {
+        let ca = Path::new("/etc/db ca/ca.crt");
+        assert_eq!(
+            with_ca("postgres://u:p@db:5432/posts", ca),
+            "postgres://u:p@db:5432/posts?sslrootcert=/etc/db%20ca/ca.crt&sslmode=verify-full"
+        );
+        // An explicit sslmode is kept; a root certificate in the URL wins.
+        assert_eq!(
+            with_ca("postgres://db/posts?sslmode=verify-ca", ca),
+            "postgres://db/posts?sslmode=verify-ca&sslrootcert=/etc/db%20ca/ca.crt"
+        );
+        let own = "postgres://db/posts?sslrootcert=/mine.crt";
+        assert_eq!(with_ca(own, ca), own);
     }
 
     #[test]
