@@ -31,10 +31,16 @@
 //!
 //! - The signing key is generated on first start and kept in the database, so tokens survive
 //!   restarts. Tokens carry `kid`, `sub` (user id), `role`, `iat`, `exp`.
-//! - `bootstrap_admin`: when a user with exactly that username is created, it gets the ADMIN
-//!   role. Nothing else can create an ADMIN except `SetUserRole` by an ADMIN.
-//! - Role changes apply to tokens issued afterwards; tokens already issued keep their role
-//!   until they expire (`token_ttl`).
+//! - `bootstrap_admin`: when a user with exactly that username is created while no ADMIN
+//!   exists and no bootstrap grant was ever made in this database, it gets the ADMIN role,
+//!   decided inside the insert transaction. Nothing else can create an ADMIN except
+//!   `SetUserRole` by an ADMIN.
+//! - Login returns a short-lived access token (`token_ttl`, minutes) and a refresh token
+//!   (`refresh_token_ttl`); `RefreshToken` rotates it (single use, reuse revokes the session),
+//!   `Logout` revokes it. Changing a user's role or deleting the user revokes their refresh
+//!   tokens; access tokens already issued keep their role until they expire, but privileged
+//!   decisions (`SetUserRole`, `DeleteUser` of another user) re-read the acting user's
+//!   current row, so a deleted or demoted ADMIN is refused at once.
 //! - `DeleteUser` removes the row and appends `UserDeleted` in the same transaction; posts and
 //!   comments follow from that event.
 //! - `CreateUser` with a `request_id` seen before (for the same username and email) returns
@@ -44,13 +50,15 @@
 
 mod error;
 mod service;
+mod sessions;
 
 use std::{sync::Arc, time::Duration};
 
-use tessera_mesh::token::{DEFAULT_TOKEN_TTL, Signer, Verifier};
+use tessera_mesh::token::{Signer, Verifier};
 use tessera_store::{Backend, Db, Migration, now_micros};
 
 pub use error::Error;
+pub use sessions::Refused;
 
 /// The service's schema. Passed to [`Db::open`] by [`Users::open`]; exposed for tools.
 pub const MIGRATIONS: &[Migration] = &[
@@ -84,15 +92,48 @@ pub const MIGRATIONS: &[Migration] = &[
             create_time BIGINT NOT NULL
         )",
     ),
+    // Refresh tokens by their SHA-256 (never the token itself). A family is one login's
+    // chain of rotations; `used_time` marks a rotated token, kept for reuse detection.
+    Migration::portable(
+        "refresh_tokens",
+        "CREATE TABLE refresh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            create_time BIGINT NOT NULL,
+            expire_time BIGINT NOT NULL,
+            used_time BIGINT
+        );
+        CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
+        CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id);",
+    ),
+    // At most one row: the bootstrap admin was granted (once per database).
+    Migration::portable(
+        "bootstrap_admin",
+        "CREATE TABLE bootstrap_admin (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            user_id TEXT NOT NULL,
+            grant_time BIGINT NOT NULL
+        )",
+    ),
 ];
+
+/// Access tokens live minutes: role changes and deletions reach them within this bound.
+pub const DEFAULT_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Refresh tokens live 30 days unless used (and rotated) before.
+pub const DEFAULT_REFRESH_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How UserService behaves beyond its storage.
 #[derive(Clone, Debug)]
 pub struct UsersConfig {
     /// The username that is made ADMIN when it is created (how the first admin comes to be).
     pub bootstrap_admin: Option<String>,
-    /// How long an access token from Login is valid.
+    /// How long an access token (from Login or RefreshToken) is valid: minutes, since it
+    /// cannot be revoked before it expires.
     pub token_ttl: Duration,
+    /// How long a refresh token is valid after it is issued (each rotation issues a new
+    /// one, so a session in use lives on; an idle one ends after this).
+    pub refresh_token_ttl: Duration,
     /// argon2id cost. The default is OWASP's recommendation (19 MiB, 2 passes); tests may
     /// lower it. Hashes record their parameters, so changing this keeps old passwords valid.
     pub password_params: argon2::Params,
@@ -102,7 +143,8 @@ impl Default for UsersConfig {
     fn default() -> Self {
         Self {
             bootstrap_admin: None,
-            token_ttl: DEFAULT_TOKEN_TTL,
+            token_ttl: DEFAULT_ACCESS_TOKEN_TTL,
+            refresh_token_ttl: DEFAULT_REFRESH_TOKEN_TTL,
             password_params: argon2::Params::default(),
         }
     }

@@ -123,6 +123,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
     let (svcs, _dir) = services("bad_inputs").await;
     for svc in svcs {
         let alice = create(&svc, "alice").await;
+        let root = create(&svc, "root").await;
 
         // Each validation rule names its field.
         let cases: Vec<(&str, CreateUserRequest)> = vec![
@@ -282,7 +283,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let bad_role = svc
             .set_user_role(as_user(
-                "admin-id",
+                &root.user_id,
                 "ADMIN",
                 SetUserRoleRequest {
                     user_id: alice.user_id.clone(),
@@ -294,7 +295,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(violated_fields(&bad_role), vec!["role"]);
         let unknown_target = svc
             .set_user_role(as_user(
-                "admin-id",
+                &root.user_id,
                 "ADMIN",
                 SetUserRoleRequest {
                     user_id: "nope".into(),
@@ -325,7 +326,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let admin_unknown = svc
             .delete_user(as_user(
-                "a",
+                &root.user_id,
                 "ADMIN",
                 DeleteUserRequest {
                     user_id: "nope".into(),
@@ -513,10 +514,12 @@ async fn metacharacters_are_stored_verbatim() {
 async fn delete_removes_the_user_and_emits_events() {
     let (svcs, _dir) = services("delete").await;
     for svc in svcs {
+        // The admin's own creation is event 1; the events below come after it.
+        let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest { after_sequence: 1 }))
             .await
             .unwrap()
             .into_inner();
@@ -533,7 +536,7 @@ async fn delete_removes_the_user_and_emits_events() {
         .unwrap();
         // ADMIN deletes someone else.
         svc.delete_user(as_user(
-            "root-id",
+            &root.user_id,
             "ADMIN",
             DeleteUserRequest {
                 user_id: bob.user_id.clone(),
