@@ -159,7 +159,9 @@ pub async fn start(
                 )
             }
             "posts" => {
-                let posts = tessera_posts::Posts::open(&database(&settings)?).await?;
+                let posts = tessera_posts::Posts::open(&database(&settings)?)
+                    .await?
+                    .with_users(clients.users());
                 tokio::spawn(tessera_posts::follow_user_events(
                     posts.clone(),
                     clients.users(),
@@ -176,7 +178,8 @@ pub async fn start(
             "comments" => {
                 let comments =
                     tessera_comments::Comments::open(&database(&settings)?, clients.posts())
-                        .await?;
+                        .await?
+                        .with_users(clients.users());
                 tokio::spawn(tessera_comments::follow_post_events(
                     comments.clone(),
                     clients.posts(),

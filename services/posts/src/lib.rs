@@ -46,6 +46,9 @@ mod service;
 
 use std::sync::Arc;
 
+use tessera::users::v1::user_service_client::UserServiceClient;
+use tessera_client::Channel;
+
 use tessera_store::{Db, Migration};
 
 pub use consumer::{USER_EVENTS_CURSOR, UserEvents, follow_user_events};
@@ -86,6 +89,8 @@ pub struct Posts {
 
 struct Inner {
     db: Db,
+    /// Where a moderator's current role is confirmed; without it, nobody acts as one.
+    users: Option<UserServiceClient<Channel>>,
 }
 
 impl Posts {
@@ -104,7 +109,19 @@ impl Posts {
 
     fn from_migrated(db: Db) -> Posts {
         Posts {
-            inner: Arc::new(Inner { db }),
+            inner: Arc::new(Inner { db, users: None }),
+        }
+    }
+
+    /// Confirms moderator rights with `users` (UserService.GetUser on the caller) before a
+    /// moderator edits or deletes someone else's post: the token's role may be stale.
+    /// Without this, only authors may edit or delete their posts.
+    pub fn with_users(self, users: UserServiceClient<Channel>) -> Posts {
+        Posts {
+            inner: Arc::new(Inner {
+                db: self.inner.db.clone(),
+                users: Some(users),
+            }),
         }
     }
 
