@@ -146,6 +146,8 @@ pub async fn start(
             "users" => {
                 let config = tessera_users::UsersConfig {
                     bootstrap_admin: settings.bootstrap_admin.clone(),
+                    token_ttl: settings.tokens.access_token_ttl,
+                    refresh_token_ttl: settings.tokens.refresh_token_ttl,
                     ..Default::default()
                 };
                 let users = tessera_users::Users::open(&database(&settings)?, config).await?;

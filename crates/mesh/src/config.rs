@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr, t
 
 use crate::{identity::DEFAULT_TRUST_DOMAIN, server::ServerOptions, telemetry::LogFormat};
 
+pub mod tokens;
+
 /// The services Tessera is made of, in start order (dependencies first).
 pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
 
@@ -75,6 +77,8 @@ pub struct Settings {
     pub bootstrap_admin: Option<String>,
     /// The gateway's rate limits (`TESSERA_RATE_LIMIT_*`).
     pub rate_limits: PublicRateLimits,
+    /// Token lifetimes and signing keys (users service; `config/tokens.rs`).
+    pub tokens: tokens::TokenSettings,
     pub server: ServerOptions,
 }
 
@@ -228,6 +232,7 @@ impl Settings {
                     address_burst: burst(lookup, "TESSERA_RATE_LIMIT_ADDR_BURST", d.address_burst)?,
                 }
             },
+            tokens: tokens::TokenSettings::from_lookup(lookup)?,
             server: ServerOptions {
                 max_concurrency: parse(
                     lookup,

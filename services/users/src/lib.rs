@@ -118,10 +118,7 @@ pub const MIGRATIONS: &[Migration] = &[
     ),
 ];
 
-/// Access tokens live minutes: role changes and deletions reach them within this bound.
-pub const DEFAULT_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
-/// Refresh tokens live 30 days unless used (and rotated) before.
-pub const DEFAULT_REFRESH_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub use tessera_mesh::config::tokens::{DEFAULT_ACCESS_TOKEN_TTL, DEFAULT_REFRESH_TOKEN_TTL};
 
 /// How UserService behaves beyond its storage.
 #[derive(Clone, Debug)]
