@@ -104,7 +104,8 @@ pub async fn start_mesh(
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
     mut progress: impl FnMut(&str, bool),
 ) -> anyhow::Result<Mesh> {
-    std::fs::create_dir_all(data_dir)
+    // Owner-only: it holds the CA key, the databases and the key-encryption key.
+    tessera_mesh::private::secure_dir(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir)
         .with_context(|| format!("cannot resolve data dir {}", data_dir.display()))?;

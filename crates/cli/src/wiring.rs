@@ -68,7 +68,7 @@ fn database(settings: &Settings) -> anyhow::Result<String> {
     if let Some(url) = &settings.database_url {
         return Ok(url.clone());
     }
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+    tessera_mesh::private::secure_dir(&settings.data_dir).with_context(|| {
         format!(
             "TESSERA_DATA_DIR: cannot create {}",
             settings.data_dir.display()
