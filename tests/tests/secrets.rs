@@ -129,6 +129,11 @@ async fn tessera_up_keeps_its_data_dir_owner_only() {
     .await;
 
     assert_eq!(mode(&data), 0o700, "the data dir");
+    assert_eq!(
+        mode(&data.join("key-encryption.key")),
+        0o600,
+        "the generated key-encryption key"
+    );
     check_certs(
         &data.join("certs"),
         &[

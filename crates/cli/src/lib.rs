@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod keys;
 pub mod probe;
 pub mod up;
 pub mod wiring;

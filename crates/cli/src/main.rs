@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_cli::{certs, probe, up, wiring};
+use tessera_cli::{certs, keys, probe, up, wiring};
 use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -40,6 +40,8 @@ enum Command {
     Probe(ProbeArgs),
     /// Print the access matrix read from the contracts.
     Policy(PolicyArgs),
+    /// Token signing keys: `keys rotate` makes a new one now.
+    Keys(keys::KeysArgs),
 }
 
 #[derive(clap::Args)]
@@ -191,6 +193,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             }
+            // So is the key that unseals the signing keys.
+            if settings.service == "users"
+                && let Err(err) = keys::key_encryption_key(&settings)
+            {
+                eprintln!("tessera: {err:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             // Certificates are configuration too: check them before any port is bound.
             let files = tessera_mesh::tls::TlsFiles::in_dir(&settings.tls_dir);
             if let Err(err) = tessera_mesh::tls::TlsSource::load(files) {
@@ -208,6 +217,29 @@ fn main() -> ExitCode {
             runtime().block_on(async {
                 match wiring::serve_one(settings).await {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => fail(&err),
+                }
+            })
+        }
+        Command::Keys(keys::KeysArgs {
+            command: keys::KeysCommand::Rotate { data_dir },
+        }) => {
+            let settings = match keys::users_settings(&data_dir) {
+                Ok(s) => s,
+                Err(err) => {
+                    eprintln!("tessera: {err}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            runtime().block_on(async {
+                match keys::rotate(&settings).await {
+                    Ok(kid) => {
+                        println!("{kid}");
+                        eprintln!(
+                            "new signing key {kid}; running users replicas sign with it within 5 s"
+                        );
+                        ExitCode::SUCCESS
+                    }
                     Err(err) => fail(&err),
                 }
             })

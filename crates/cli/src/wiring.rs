@@ -148,10 +148,13 @@ pub async fn start(
                     bootstrap_admin: settings.bootstrap_admin.clone(),
                     token_ttl: settings.tokens.access_token_ttl,
                     refresh_token_ttl: settings.tokens.refresh_token_ttl,
+                    key_rotation: settings.tokens.signing_key_rotation,
+                    key_encryption_key: Some(crate::keys::key_encryption_key(&settings)?),
                     ..Default::default()
                 };
                 let users = tessera_users::Users::open(&database(&settings)?, config).await?;
-                let keys = TokenKeys::fixed(users.verifier());
+                tokio::spawn(users.clone().maintain_keys(stop.clone()));
+                let keys = users.token_keys();
                 let server = UserServiceServer::new(users).max_decoding_message_size(max);
                 (
                     Routes::new(server),

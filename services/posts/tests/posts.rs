@@ -583,6 +583,7 @@ async fn watch_events_streams_creates_and_deletes() {
 async fn deleting_a_user_deletes_their_posts() {
     let users_config = tessera_users::UsersConfig {
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..Default::default()
     };
     let user_dbs = testing::databases("cascade_users", tessera_users::MIGRATIONS).await;

@@ -382,10 +382,12 @@ fn refresh_token_field(token: &str) -> Result<(), Status> {
 
 impl Users {
     fn access_token(&self, user_id: &str, role: &str) -> AccessToken {
-        let (token, claims) = self
-            .inner
-            .signer
-            .sign(user_id, role, self.inner.config.token_ttl);
+        let (token, claims) =
+            self.inner
+                .keys
+                .load()
+                .signer
+                .sign(user_id, role, self.inner.config.token_ttl);
         let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
         AccessToken {
             token,
@@ -606,6 +608,8 @@ impl UserService for Users {
     ) -> Result<Response<GetJwksResponse>, Status> {
         let keys = self
             .inner
+            .keys
+            .load()
             .jwks
             .iter()
             .map(|(kid, x)| Jwk {

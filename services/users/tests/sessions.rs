@@ -20,6 +20,7 @@ fn config() -> UsersConfig {
         bootstrap_admin: Some("root".into()),
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
         token_ttl: Duration::from_secs(300),
+        key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..UsersConfig::default()
     }
 }

@@ -20,6 +20,8 @@ fn config() -> UsersConfig {
         bootstrap_admin: Some("root".into()),
         // Cheap hashing: these tests are about behaviour, not cost.
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        // Fixed, so a reopened database can unseal its signing keys.
+        key_encryption_key: Some(tessera_users::Kek::from_bytes(&[7; 32]).unwrap()),
         ..UsersConfig::default()
     }
 }
