@@ -75,7 +75,6 @@ pub fn users_settings(
 
 /// `tessera keys rotate`: returns the new key id.
 pub async fn rotate(settings: &Settings) -> anyhow::Result<String> {
-    let kek = key_encryption_key(settings)?;
     let target = match &settings.database_url {
         Some(url) => url.clone(),
         None => {
@@ -88,6 +87,7 @@ pub async fn rotate(settings: &Settings) -> anyhow::Result<String> {
             path.display().to_string()
         }
     };
+    let kek = key_encryption_key(settings)?;
     let db = tessera_store::Db::open(&target, tessera_users::MIGRATIONS)
         .await
         .context("opening the users database")?;
