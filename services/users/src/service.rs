@@ -399,6 +399,20 @@ impl Users {
         }
     }
 
+    /// Whether the token's ADMIN claim still holds in the stored row (emails are shown to
+    /// admins; a demoted or deleted one must not see them with a token minutes old).
+    async fn admin_now(&self, claims: &tessera_mesh::auth::UserClaims) -> Result<bool, Error> {
+        if !claims.is_admin() {
+            return Ok(false);
+        }
+        let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE user_id = $1")
+            .bind(&claims.sub)
+            .fetch_optional(self.db().pool())
+            .await
+            .map_err(db_err)?;
+        Ok(role.as_deref() == Some("ADMIN"))
+    }
+
     /// A privileged decision: the acting user must exist and be ADMIN as stored now (not as
     /// the token says, which may be minutes old), read in the deciding transaction.
     async fn require_admin(
@@ -545,7 +559,11 @@ impl UserService for Users {
         let req = request.into_inner();
         required(&req.user_id, "user_id")?;
         let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
-        let show_email = caller.is_some_and(|c| c.sub == user.user_id || c.is_admin());
+        let show_email = match &caller {
+            Some(c) if c.sub == user.user_id => true,
+            Some(c) => self.admin_now(c).await?,
+            None => false,
+        };
         Ok(Response::new(GetUserResponse {
             user: Some(user.to_proto(show_email)),
         }))
@@ -588,15 +606,17 @@ impl UserService for Users {
                 (row.user_id.clone(), row)
             })
             .collect();
+        let admin = match &caller {
+            Some(c) => self.admin_now(c).await?,
+            None => false,
+        };
         let users = req
             .user_ids
             .iter()
             .filter_map(|id| found.get(id))
             .map(|row| {
-                let show = caller
-                    .as_ref()
-                    .is_some_and(|c| c.sub == row.user_id || c.is_admin());
-                row.to_proto(show)
+                let own = caller.as_ref().is_some_and(|c| c.sub == row.user_id);
+                row.to_proto(own || admin)
             })
             .collect();
         Ok(Response::new(BatchGetUsersResponse { users }))

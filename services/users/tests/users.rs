@@ -351,6 +351,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
 async fn email_is_shown_only_to_its_owner_or_an_admin() {
     let (svcs, _dir) = services("email").await;
     for svc in svcs {
+        let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let get = |req: Request<GetUserRequest>| {
@@ -370,9 +371,12 @@ async fn email_is_shown_only_to_its_owner_or_an_admin() {
             "alice@example.org"
         );
         assert_eq!(
-            get(as_user("admin", "ADMIN", id())).await.email,
+            get(as_user(&root.user_id, "ADMIN", id())).await.email,
             "alice@example.org"
         );
+        // A token claiming ADMIN whose user is not (any more) an admin sees no email.
+        assert_eq!(get(as_user(&bob.user_id, "ADMIN", id())).await.email, "");
+        assert_eq!(get(as_user("deleted-admin", "ADMIN", id())).await.email, "");
 
         // Batch: found users in request order, unknown ids left out, same email rule.
         let batch = svc
