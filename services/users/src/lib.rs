@@ -130,7 +130,8 @@ pub const MIGRATIONS: &[Migration] = &[
             used_time BIGINT
         );
         CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
-        CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id);",
+        CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id);
+        CREATE INDEX refresh_tokens_expiry ON refresh_tokens (expire_time);",
     ),
     // At most one row: the bootstrap admin was granted (once per database).
     Migration::portable(

@@ -111,12 +111,12 @@ async fn revoke_family(tx: &mut Tx, family: &str) -> Result<(), Error> {
 
 impl Users {
     /// Starts a new session for `user_id` (Login) and returns its first refresh token.
-    /// Expired tokens of the same user are pruned on the way.
+    /// Expired tokens (anyone's: they are useless, and a reuse past expiry is refused as
+    /// unknown anyway) are pruned on the way, through the expiry index.
     pub(crate) async fn start_session(&self, user_id: &str) -> Result<String, Error> {
         let now = now_micros();
         let mut tx = self.db().begin().await?;
-        sqlx::query("DELETE FROM refresh_tokens WHERE user_id = $1 AND expire_time <= $2")
-            .bind(user_id)
+        sqlx::query("DELETE FROM refresh_tokens WHERE expire_time <= $1")
             .bind(now)
             .execute(&mut *tx)
             .await

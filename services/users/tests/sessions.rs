@@ -209,8 +209,8 @@ async fn bad_unknown_and_expired_refresh_tokens() {
         refresh_token_ttl: Duration::ZERO,
         ..config()
     };
-    let (svcs, _dbs) = services_with("rt_bad", expiring).await;
-    for svc in svcs {
+    let (svcs, dbs) = services_with("rt_bad", expiring).await;
+    for (svc, t) in svcs.into_iter().zip(&dbs) {
         for (bad, why) in [("", "is required"), (&*"x".repeat(129), "too long")] {
             let err = refresh(&svc, bad).await.unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{why}");
@@ -229,6 +229,16 @@ async fn bad_unknown_and_expired_refresh_tokens() {
         let expired = refresh(&svc, &token).await.unwrap_err();
         assert_eq!(expired.code(), Code::Unauthenticated);
         assert!(expired.message().contains("expired"), "{expired:?}");
+
+        // Expired tokens do not pile up: each login prunes them.
+        for _ in 0..3 {
+            login(&svc, "alice").await;
+        }
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM refresh_tokens")
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 1, "{}", t.name);
     }
 }
 
