@@ -49,8 +49,7 @@ pub struct KeysArgs {
 #[derive(clap::Subcommand)]
 pub enum KeysCommand {
     /// Make a new token signing key now; older keys keep verifying until their tokens expire.
-    /// Uses DATABASE_URL, TESSERA_KEY_ENCRYPTION_KEY_FILE and TESSERA_ACCESS_TOKEN_TTL_S like
-    /// `tessera serve users`.
+    /// Uses DATABASE_URL and TESSERA_KEY_ENCRYPTION_KEY_FILE like `tessera serve users`.
     Rotate {
         /// The users service's data directory (its users.db) when DATABASE_URL is unset.
         #[arg(long, default_value = ".tessera")]
@@ -91,7 +90,7 @@ pub async fn rotate(settings: &Settings) -> anyhow::Result<String> {
     let db = tessera_store::Db::open(&target, tessera_users::MIGRATIONS)
         .await
         .context("opening the users database")?;
-    let kid = tessera_users::rotate_now(&db, &kek, settings.tokens.access_token_ttl).await?;
+    let kid = tessera_users::rotate_now(&db, &kek).await?;
     db.close().await;
     Ok(kid)
 }

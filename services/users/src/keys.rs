@@ -302,10 +302,12 @@ pub(crate) async fn sync(
 /// Adds a new signing key now (`tessera keys rotate`), returning its key id. Running users
 /// replicas start signing with it at their next key check (at most 5 s); tokens signed
 /// with earlier keys stay valid until they expire.
-pub async fn rotate_now(db: &Db, kek: &Kek, access_token_ttl: Duration) -> Result<String, Error> {
+pub async fn rotate_now(db: &Db, kek: &Kek) -> Result<String, Error> {
     let policy = KeyPolicy {
         rotation: Duration::MAX,
-        access_token_ttl,
+        // The command does not know the servers' access-token lifetime: retire keys only
+        // past the longest one allowed, never before a server would.
+        access_token_ttl: tessera_mesh::config::tokens::MAX_ACCESS_TOKEN_TTL,
     };
     let ring = sync(db, kek, policy, true).await?;
     Ok(ring.signer.kid().to_owned())

@@ -139,9 +139,7 @@ async fn rotation_on_demand_and_on_schedule_keeps_old_tokens_valid() {
         assert_eq!(published(&svc).await, vec![first_kid.clone()]);
 
         // On demand, from elsewhere (`tessera keys rotate`), picked up by the next check.
-        let new_kid = tessera_users::rotate_now(&t.db, &kek, Duration::from_secs(600))
-            .await
-            .unwrap();
+        let new_kid = tessera_users::rotate_now(&t.db, &kek).await.unwrap();
         assert_ne!(new_kid, first_kid);
         svc.sync_keys(false).await.unwrap();
         let second = token(&svc).await;

@@ -12,6 +12,7 @@ pub const DEFAULT_REFRESH_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 36
 /// A new signing key a day.
 pub const DEFAULT_SIGNING_KEY_ROTATION: Duration = Duration::from_secs(24 * 3600);
 /// An access token longer-lived than a day is not short-lived.
+pub const MAX_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(MAX_ACCESS_TOKEN_TTL_S);
 const MAX_ACCESS_TOKEN_TTL_S: u64 = 24 * 3600;
 
 /// `TESSERA_ACCESS_TOKEN_TTL_S`, `TESSERA_REFRESH_TOKEN_TTL_S`,
