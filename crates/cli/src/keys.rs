@@ -40,6 +40,15 @@ pub fn key_encryption_key(settings: &Settings) -> anyhow::Result<Kek> {
     Kek::load_or_create(&path).with_context(|| format!("{SETTING} (unset, so {})", path.display()))
 }
 
+/// `tessera up`: the data directory's key-encryption key file, created (0600) if missing, so
+/// the mesh's users service has one whatever its database (SQLite or `DATABASE_URL`).
+pub fn data_dir_key_file(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join(tessera_users::keys::DATA_DIR_KEK);
+    Kek::load_or_create(&path)
+        .with_context(|| format!("{SETTING} (unset, so {})", path.display()))?;
+    Ok(path)
+}
+
 #[derive(clap::Args)]
 pub struct KeysArgs {
     #[command(subcommand)]

@@ -286,6 +286,14 @@ fn settings_for(
             format!("static:{grpc}"),
         );
     }
+    // The users service seals its signing keys with the data dir's key unless one is given.
+    if name == "users" && std::env::var_os("TESSERA_KEY_ENCRYPTION_KEY_FILE").is_none() {
+        let file = crate::keys::data_dir_key_file(data_dir)?;
+        env.insert(
+            "TESSERA_KEY_ENCRYPTION_KEY_FILE".into(),
+            file.display().to_string(),
+        );
+    }
     // The process environment still applies (DATABASE_URL, TESSERA_BOOTSTRAP_ADMIN, ...)
     // where `up` sets nothing itself.
     let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());

@@ -232,6 +232,13 @@ pub(crate) async fn sync(
         .map_err(db_err)?;
     }
     if !plain.is_empty() {
+        if db.backend() == Backend::Sqlite {
+            // Zero the freed pages rather than leave the plaintext in the file's free list.
+            sqlx::query("PRAGMA secure_delete = ON")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         sqlx::query("DELETE FROM signing_keys")
             .execute(&mut *tx)
             .await
