@@ -118,8 +118,9 @@ async fn a_key_rotated_on_demand_is_used_and_verified_without_a_restart() {
     let new_kid = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_ne!(new_kid, old_kid);
 
-    // The running users service signs with it after its next key check...
-    let after = eventually(BOUND, async || {
+    // The running users service publishes it at its next key check and signs with it 10 s
+    // later (every replica publishes a key before any signs with it)...
+    let after = eventually(2 * BOUND, async || {
         let token = log_in(&mesh, "bob").await.access_token;
         let kid = Verifier::peek_kid(&token)?;
         anyhow::ensure!(kid == new_kid, "still signing with {kid}");

@@ -5,7 +5,8 @@
 //! a key may have leaked, possibly while the service is unhealthy; the command needs exactly
 //! what can already read the keys (the database and the key-encryption key), and adds no
 //! method that a stolen operator certificate could call over the network. Running replicas
-//! pick the new key up at their next key check (at most 5 s); verifiers in other services
+//! publish the new key at their next key check (at most 5 s) and sign with it 10 s after
+//! it was made; verifiers in other services
 //! fetch it when they first meet its key id.
 
 use std::path::PathBuf;

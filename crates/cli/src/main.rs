@@ -236,7 +236,7 @@ fn main() -> ExitCode {
                     Ok(kid) => {
                         println!("{kid}");
                         eprintln!(
-                            "new signing key {kid}; running users replicas sign with it within 5 s"
+                            "new signing key {kid}: running users replicas publish it within 5 s and sign with it from 10 s on"
                         );
                         ExitCode::SUCCESS
                     }

@@ -2,9 +2,11 @@
 //! sealed at rest with AES-256-GCM under a key-encryption key (KEK) that never enters the
 //! database (a mounted Secret file, or a generated file in the development data directory).
 //!
-//! Rotation: the newest key signs; a new one is made when it is older than the rotation
-//! period (checked by [`Users::maintain_keys`] on every replica) or on demand
-//! ([`rotate_now`], the `tessera keys rotate` command). A key that no longer signs is still
+//! Rotation: the newest key that has started signs. A new one is made when the current one
+//! nears the rotation period (checked by [`Users::maintain_keys`](crate::Users::maintain_keys)
+//! on every replica) or on demand ([`rotate_now`], the `tessera keys rotate` command); it is
+//! published at once and starts signing [`PUBLISH_AHEAD`] later, when every replica serves
+//! it from GetJwks. A key that no longer signs is still
 //! published by GetJwks until every token it signed has expired (its successor's start plus
 //! the access-token lifetime, plus a minute for clock skew), then deleted. Verifiers in other
 //! services meet the new key id in a token and fetch the key set again.
@@ -30,6 +32,10 @@ const SEALED_V1: u8 = 1;
 /// Tokens verified shortly after they expire, on a clock a little behind, still find their
 /// key.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// A new key is published this long before it signs: twice the longest key check, so every
+/// replica serves it from GetJwks before any token signed with it reaches a verifier (which
+/// would otherwise fetch the key set from a replica that does not have it yet).
+pub const PUBLISH_AHEAD: Duration = Duration::from_secs(10);
 
 /// The key-encryption key: 32 bytes for AES-256-GCM.
 #[derive(Clone)]
@@ -194,17 +200,19 @@ async fn insert_key(tx: &mut Tx, kek: &Kek, now: i64) -> Result<String, Error> {
     Ok(signer.kid().to_owned())
 }
 
-/// Brings the key ring in `db` up to date and returns it, in one write transaction
-/// (PostgreSQL: under a table lock, so replicas agree on one new key): plaintext keys of
-/// older versions are sealed and the plaintext deleted; a new key is added when there is
-/// none, when the newest is older than the rotation period, or when `rotate` is set; keys
-/// whose tokens have all expired are deleted.
+/// Brings the key ring in `db` up to date and returns it, with the id of the key it added if
+/// any, in one write transaction (PostgreSQL: under a table lock, so replicas agree on one
+/// new key): plaintext keys of older versions are sealed and the plaintext deleted; a new key
+/// is added when there is none (signing at once), or [`PUBLISH_AHEAD`] before the newest
+/// turns the rotation period old, or when `rotate` is set (both signing from
+/// [`PUBLISH_AHEAD`] later); keys whose tokens have all expired are deleted. The signer is
+/// the newest key whose start has come.
 pub(crate) async fn sync(
     db: &Db,
     kek: &Kek,
     policy: KeyPolicy,
     rotate: bool,
-) -> Result<KeyRing, Error> {
+) -> Result<(KeyRing, Option<String>), Error> {
     let now = now_micros();
     let mut tx = db.begin().await?;
     if db.backend() == Backend::Postgres {
@@ -251,15 +259,23 @@ pub(crate) async fn sync(
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
-    let due = newest.is_none_or(|t| now.saturating_sub(t) >= micros(policy.rotation));
-    if rotate || due {
-        let kid = insert_key(&mut tx, kek, now).await?;
+    let added = if rotate || is_due(newest, now, policy) {
+        // The very first key signs at once: there is nothing to be ahead of.
+        let start = match newest {
+            None => now,
+            Some(_) => now.saturating_add(micros(PUBLISH_AHEAD)),
+        };
+        let kid = insert_key(&mut tx, kek, start).await?;
         tracing::info!(
             kid,
             on_demand = rotate,
-            "a new token signing key signs from now"
+            signs_in_s = (start - now) / 1_000_000,
+            "a new token signing key is published"
         );
-    }
+        Some(kid)
+    } else {
+        None
+    };
 
     let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query_as(
         "SELECT kid, sealed, create_time FROM sealed_signing_keys ORDER BY create_time DESC, kid",
@@ -270,8 +286,8 @@ pub(crate) async fn sync(
     let keep_for = micros(policy.access_token_ttl).saturating_add(micros(CLOCK_SKEW));
     let mut verifier = Verifier::new();
     let mut jwks = Vec::new();
-    let mut signer = None;
-    // The create time of the key after this one: when this one stopped signing.
+    let mut kept: Vec<(i64, Signer)> = Vec::new();
+    // The start of the key after this one: when this one stopped signing.
     let mut successor_start: Option<i64> = None;
     for (kid, sealed, create_time) in rows {
         if successor_start.is_some_and(|s| now.saturating_sub(s) > keep_for) {
@@ -291,24 +307,42 @@ pub(crate) async fn sync(
             }
             verifier.add_key(key.kid(), key.public_key());
             jwks.push((key.kid().to_owned(), key.public_key_b64()));
-            if signer.is_none() {
-                signer = Some(key);
-            }
+            kept.push((create_time, key));
         }
         successor_start = Some(create_time);
     }
     tx.commit().await?;
-    let signer = signer.ok_or_else(|| Error::Corrupt("no signing key after rotation".into()))?;
-    Ok(KeyRing {
+    let starts: Vec<i64> = kept.iter().map(|(start, _)| *start).collect();
+    let index = signer_index(&starts, now)
+        .ok_or_else(|| Error::Corrupt("no signing key after rotation".into()))?;
+    let signer = kept.swap_remove(index).1;
+    let ring = KeyRing {
         signer,
         verifier,
         jwks,
+    };
+    Ok((ring, added))
+}
+
+/// Whether a new key should be added now, given the newest key's start.
+fn is_due(newest: Option<i64>, now: i64, policy: KeyPolicy) -> bool {
+    newest.is_none_or(|t| {
+        now.saturating_sub(t).saturating_add(micros(PUBLISH_AHEAD)) >= micros(policy.rotation)
     })
 }
 
+/// Which of the keys (starts newest first) signs at `now`: the newest that has started; the
+/// oldest if none has (a clock set back), so signing never stops.
+fn signer_index(starts: &[i64], now: i64) -> Option<usize> {
+    starts
+        .iter()
+        .position(|start| *start <= now)
+        .or_else(|| starts.len().checked_sub(1))
+}
+
 /// Adds a new signing key now (`tessera keys rotate`), returning its key id. Running users
-/// replicas start signing with it at their next key check (at most 5 s); tokens signed
-/// with earlier keys stay valid until they expire.
+/// replicas publish it at their next key check (at most 5 s) and sign with it from
+/// [`PUBLISH_AHEAD`] on; tokens signed with earlier keys stay valid until they expire.
 pub async fn rotate_now(db: &Db, kek: &Kek) -> Result<String, Error> {
     let policy = KeyPolicy {
         rotation: Duration::MAX,
@@ -316,8 +350,8 @@ pub async fn rotate_now(db: &Db, kek: &Kek) -> Result<String, Error> {
         // past the longest one allowed, never before a server would.
         access_token_ttl: tessera_mesh::config::tokens::MAX_ACCESS_TOKEN_TTL,
     };
-    let ring = sync(db, kek, policy, true).await?;
-    Ok(ring.signer.kid().to_owned())
+    let (_, added) = sync(db, kek, policy, true).await?;
+    added.ok_or_else(|| Error::Corrupt("rotation added no key".into()))
 }
 
 /// How often each replica looks at the key ring: bounds how long a key made elsewhere (by
@@ -328,9 +362,14 @@ pub(crate) fn check_interval(rotation: Duration) -> Duration {
 }
 
 /// Whether [`sync`] has work to do, from a plain read: a new key is due, a key is past its
-/// retirement, the stored keys differ from `loaded` (kids newest first), or plaintext keys
-/// are left.
-pub(crate) async fn needs_sync(db: &Db, policy: KeyPolicy, loaded: &[&str]) -> Result<bool, Error> {
+/// retirement, the stored keys differ from `loaded` (kids newest first), another key than
+/// `signing` should sign by now, or plaintext keys are left.
+pub(crate) async fn needs_sync(
+    db: &Db,
+    policy: KeyPolicy,
+    loaded: &[&str],
+    signing: &str,
+) -> Result<bool, Error> {
     let now = now_micros();
     let plain: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys")
         .fetch_one(db.pool())
@@ -342,9 +381,9 @@ pub(crate) async fn needs_sync(db: &Db, policy: KeyPolicy, loaded: &[&str]) -> R
     .fetch_all(db.pool())
     .await
     .map_err(db_err)?;
-    let due = rows
-        .first()
-        .is_none_or(|(_, t)| now.saturating_sub(*t) >= micros(policy.rotation));
+    let due = is_due(rows.first().map(|(_, t)| *t), now, policy);
+    let starts: Vec<i64> = rows.iter().map(|(_, t)| *t).collect();
+    let signer_moved = signer_index(&starts, now).is_some_and(|i| rows[i].0 != signing);
     let keep_for = micros(policy.access_token_ttl).saturating_add(micros(CLOCK_SKEW));
     let retiring = rows
         .windows(2)
@@ -353,7 +392,7 @@ pub(crate) async fn needs_sync(db: &Db, policy: KeyPolicy, loaded: &[&str]) -> R
         .iter()
         .map(|(k, _)| k.as_str())
         .ne(loaded.iter().copied());
-    Ok(plain > 0 || due || retiring || changed)
+    Ok(plain > 0 || due || retiring || changed || signer_moved)
 }
 
 #[cfg(test)]

@@ -215,7 +215,7 @@ impl Users {
             .key_encryption_key
             .clone()
             .ok_or(Error::NoKeyEncryptionKey)?;
-        let ring = keys::sync(&db, &kek, Self::policy(&config), false).await?;
+        let (ring, _) = keys::sync(&db, &kek, Self::policy(&config), false).await?;
         let token_keys = TokenKeys::fixed(ring.verifier.clone());
         let dummy_hash = service::hash_password(
             config.password_params.clone(),
@@ -256,14 +256,15 @@ impl Users {
     /// and picks up keys made by other replicas or `tessera keys rotate`.
     pub async fn sync_keys(&self, rotate: bool) -> Result<(), Error> {
         if !rotate {
-            let current = self.inner.keys.load();
+            let current = self.inner.keys.load_full();
             let loaded: Vec<&str> = current.jwks.iter().map(|(kid, _)| kid.as_str()).collect();
             let policy = Self::policy(&self.inner.config);
-            if !keys::needs_sync(&self.inner.db, policy, &loaded).await? {
+            let signing = current.signer.kid();
+            if !keys::needs_sync(&self.inner.db, policy, &loaded, signing).await? {
                 return Ok(());
             }
         }
-        let ring = keys::sync(
+        let (ring, _) = keys::sync(
             &self.inner.db,
             &self.inner.kek,
             Self::policy(&self.inner.config),

@@ -10,7 +10,7 @@ use tessera::users::v1::{
 };
 use tessera_mesh::token::{Signer, Verifier};
 use tessera_store::testing::{self, TestDb};
-use tessera_users::{Kek, MIGRATIONS, Users, UsersConfig};
+use tessera_users::{Kek, MIGRATIONS, Users, UsersConfig, keys::PUBLISH_AHEAD};
 use tonic::Request;
 
 fn config(kek: &Kek) -> UsersConfig {
@@ -138,9 +138,22 @@ async fn rotation_on_demand_and_on_schedule_keeps_old_tokens_valid() {
         svc.sync_keys(false).await.unwrap();
         assert_eq!(published(&svc).await, vec![first_kid.clone()]);
 
-        // On demand, from elsewhere (`tessera keys rotate`), picked up by the next check.
+        // On demand, from elsewhere (`tessera keys rotate`), picked up by the next check:
+        // published at once, signing only once every replica has had time to publish it.
         let new_kid = tessera_users::rotate_now(&t.db, &kek).await.unwrap();
         assert_ne!(new_kid, first_kid);
+        svc.sync_keys(false).await.unwrap();
+        assert_eq!(
+            published(&svc).await,
+            vec![new_kid.clone(), first_kid.clone()]
+        );
+        let early = token(&svc).await;
+        assert_eq!(
+            Verifier::peek_kid(&early).unwrap(),
+            first_kid,
+            "not signing yet"
+        );
+        age_keys(&t, PUBLISH_AHEAD + Duration::from_secs(1)).await;
         svc.sync_keys(false).await.unwrap();
         let second = token(&svc).await;
         assert_eq!(
@@ -164,6 +177,10 @@ async fn rotation_on_demand_and_on_schedule_keeps_old_tokens_valid() {
         assert_eq!(kids.len(), 2, "{}: {kids:?}", t.name);
         assert_eq!(kids[1], new_kid, "the previous key is still published");
         assert!(!kids.contains(&first_kid), "the first key is retired");
+        // The scheduled key is published ahead too, then takes over.
+        assert_eq!(Verifier::peek_kid(&token(&svc).await).unwrap(), new_kid);
+        age_keys(&t, PUBLISH_AHEAD + Duration::from_secs(1)).await;
+        svc.sync_keys(false).await.unwrap();
         let third = token(&svc).await;
         assert_eq!(Verifier::peek_kid(&third).unwrap(), kids[0]);
         assert!(svc.verifier().verify(&second).is_ok());

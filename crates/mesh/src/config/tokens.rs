@@ -40,21 +40,21 @@ impl Default for TokenSettings {
     }
 }
 
-/// Whole seconds, at least 1 and at most `max`.
+/// Whole seconds, from `min` to `max`.
 fn seconds(
     lookup: &dyn Fn(&str) -> Option<String>,
     key: &str,
     default: Duration,
-    max: u64,
+    (min, max): (u64, u64),
 ) -> Result<Duration, ConfigError> {
     let Some(raw) = non_empty(lookup, key) else {
         return Ok(default);
     };
     match raw.trim().parse::<u64>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(Duration::from_secs(n)),
+        Ok(n) if (min..=max).contains(&n) => Ok(Duration::from_secs(n)),
         _ => Err(ConfigError::new(
             key,
-            format!("expected whole seconds from 1 to {max}, got {raw:?}"),
+            format!("expected whole seconds from {min} to {max}, got {raw:?}"),
         )),
     }
 }
@@ -69,19 +69,21 @@ impl TokenSettings {
                 lookup,
                 "TESSERA_ACCESS_TOKEN_TTL_S",
                 d.access_token_ttl,
-                MAX_ACCESS_TOKEN_TTL_S,
+                (1, MAX_ACCESS_TOKEN_TTL_S),
             )?,
             refresh_token_ttl: seconds(
                 lookup,
                 "TESSERA_REFRESH_TOKEN_TTL_S",
                 d.refresh_token_ttl,
-                DECADE,
+                (1, DECADE),
             )?,
             signing_key_rotation: seconds(
                 lookup,
                 "TESSERA_SIGNING_KEY_ROTATION_S",
                 d.signing_key_rotation,
-                DECADE,
+                // Each key is kept until its tokens expire: rotating faster than a minute
+                // would pile up keys for nothing.
+                (60, DECADE),
             )?,
             key_encryption_key_file: non_empty(lookup, "TESSERA_KEY_ENCRYPTION_KEY_FILE")
                 .map(PathBuf::from),
@@ -140,6 +142,7 @@ mod tests {
             ("TESSERA_REFRESH_TOKEN_TTL_S", "0"),
             ("TESSERA_REFRESH_TOKEN_TTL_S", "1.5"),
             ("TESSERA_SIGNING_KEY_ROTATION_S", "0"),
+            ("TESSERA_SIGNING_KEY_ROTATION_S", "59"),
             ("TESSERA_SIGNING_KEY_ROTATION_S", "99999999999999999999"),
         ] {
             let err = from(&[(key, value)]).unwrap_err();
