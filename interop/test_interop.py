@@ -226,6 +226,56 @@ def test_sign_up_post_comment_and_read_the_thread(public, stubs):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
 
 
+def test_refresh_rotates_reuse_and_logout_end_the_session(public, stubs):
+    users = stubs["users_grpc"].UserServiceStub(public)
+    posts = stubs["posts_grpc"].PostServiceStub(public)
+    u, p = stubs["users"], stubs["posts"]
+    users.CreateUser(
+        u.CreateUserRequest(
+            username="pyrefresh",
+            email="pyrefresh@example.com",
+            password="a python password",
+            display_name="Python Refresh",
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    login = users.Login(
+        u.LoginRequest(username="pyrefresh", password="a python password"), timeout=CALL_TIMEOUT
+    )
+    assert login.refresh_token and login.expires_in == 900
+
+    refreshed = users.RefreshToken(
+        u.RefreshTokenRequest(refresh_token=login.refresh_token), timeout=CALL_TIMEOUT
+    )
+    assert refreshed.refresh_token != login.refresh_token
+    assert refreshed.expires_in == 900
+    posts.CreatePost(
+        p.CreatePostRequest(title="refreshed", body="from a refreshed token"),
+        metadata=(("authorization", f"Bearer {refreshed.access_token}"),),
+        timeout=CALL_TIMEOUT,
+    )
+
+    # The first token again: reuse, the whole session is revoked.
+    for token in (login.refresh_token, refreshed.refresh_token):
+        with pytest.raises(grpc.RpcError) as err:
+            users.RefreshToken(u.RefreshTokenRequest(refresh_token=token), timeout=CALL_TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+
+    second = users.Login(
+        u.LoginRequest(username="pyrefresh", password="a python password"), timeout=CALL_TIMEOUT
+    )
+    users.Logout(u.LogoutRequest(refresh_token=second.refresh_token), timeout=CALL_TIMEOUT)
+    with pytest.raises(grpc.RpcError) as err:
+        users.RefreshToken(
+            u.RefreshTokenRequest(refresh_token=second.refresh_token), timeout=CALL_TIMEOUT
+        )
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    with pytest.raises(grpc.RpcError) as err:
+        users.RefreshToken(u.RefreshTokenRequest(refresh_token=""), timeout=CALL_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_internal_health_over_mtls_with_the_operator_certificate(mesh):
     with internal(mesh, "users") as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -19,7 +19,8 @@ START_BOUND=60 # seconds for the mesh to start
 STOP_BOUND=10  # seconds for it to drain and exit after SIGTERM
 
 # README command (found by a fixed string in its README form) -> a check run after it, with
-# its output in $out. `tessera`, CA, OP, TOKEN and POST are as the README sets them.
+# its output in $out. `tessera`, CA, OP, LOGIN, TOKEN, REFRESH and POST are as the README
+# sets them.
 CHECKS=(
   'CA='              '[[ -f $CA ]]'
   'OP='              '[[ -f $OP/tls.crt && -f $OP/tls.key ]]'
@@ -29,7 +30,11 @@ CHECKS=(
   ' describe '       'grep -q "rpc CreatePost" "$out" && ! grep -q "callers" "$out"'
   'Health/Check'     'grep -q "\"status\": \"SERVING\"" "$out"'
   '/CreateUser'      'grep -q "\"userId\"" "$out" && grep -q "\"username\": \"alice\"" "$out"'
+  'LOGIN=$('         'grep -q "\"refreshToken\"" <<<"$LOGIN" && grep -q "\"expiresIn\": \"900\"" <<<"$LOGIN"'
   'TOKEN=$('         '[[ $TOKEN =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]]'
+  'REFRESH=$(echo'   '[[ $REFRESH =~ ^[A-Za-z0-9_-]{43}$ ]] && FIRST=$REFRESH'
+  '/RefreshToken'    '[[ $REFRESH =~ ^[A-Za-z0-9_-]{43}$ && $REFRESH != "$FIRST" ]]'
+  '/Logout'          '[[ $(tr -d " \n" <"$out") == "{}" ]]'
   'POST=$('          '[[ $POST =~ ^[0-9a-f-]{36}$ ]]'
   '/CreateComment'   'grep -q "\"commentId\"" "$out" && grep -q "\"postId\": \"$POST\"" "$out"'
   '/GetPostThread'   'grep -q "\"title\": \"Hello, Tessera\"" "$out" && grep -q "\"body\": \"First!\"" "$out" && grep -q "\"username\": \"alice\"" "$out"'

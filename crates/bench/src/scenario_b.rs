@@ -152,6 +152,11 @@ pub async fn seed(
         &db(dir, "users"),
         tessera_users::UsersConfig {
             password_params: params,
+            // The one `tessera up` generates and uses in the same data dir.
+            key_encryption_key: Some(
+                tessera_users::Kek::load_or_create(&dir.join(tessera_users::keys::DATA_DIR_KEK))
+                    .map_err(|e| setup("key-encryption key")(e.to_string()))?,
+            ),
             ..Default::default()
         },
     )

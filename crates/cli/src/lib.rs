@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cursor;
 pub mod database;
 pub mod databases;
+pub mod keys;
 pub mod openapi;
 pub mod probe;
 mod readiness;

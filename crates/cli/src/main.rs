@@ -11,7 +11,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_cli::{certs, cursor, database, probe, up, wiring};
+use tessera_cli::{certs, cursor, database, keys, probe, up, wiring};
 use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -46,6 +46,8 @@ enum Command {
     /// the SQLite file under --data-dir).
     #[command(subcommand)]
     Cursor(cursor::CursorCommand),
+    /// Token signing keys: `keys rotate` makes a new one now.
+    Keys(keys::KeysArgs),
 }
 
 #[derive(clap::Args)]
@@ -206,6 +208,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             }
+            // So is the key that unseals the signing keys.
+            if settings.service == "users"
+                && let Err(err) = keys::key_encryption_key(&settings)
+            {
+                eprintln!("tessera: {err:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             // Certificates are configuration too: check them before any port is bound.
             let files = tessera_mesh::tls::TlsFiles::in_dir(&settings.tls_dir);
             if let Err(err) = tessera_mesh::tls::TlsSource::load(files) {
@@ -242,6 +251,29 @@ fn main() -> ExitCode {
             runtime().block_on(async {
                 match wiring::serve_one(settings).await {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => fail(&err),
+                }
+            })
+        }
+        Command::Keys(keys::KeysArgs {
+            command: keys::KeysCommand::Rotate { data_dir },
+        }) => {
+            let settings = match keys::users_settings(&data_dir) {
+                Ok(s) => s,
+                Err(err) => {
+                    eprintln!("tessera: {err}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            runtime().block_on(async {
+                match keys::rotate(&settings).await {
+                    Ok(kid) => {
+                        println!("{kid}");
+                        eprintln!(
+                            "new signing key {kid}: running users replicas publish it within 5 s and sign with it from 10 s on"
+                        );
+                        ExitCode::SUCCESS
+                    }
                     Err(err) => fail(&err),
                 }
             })

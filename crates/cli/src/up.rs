@@ -329,7 +329,8 @@ pub(crate) struct Prepared {
 /// Creates the data dir, removes a previous run's endpoints.json, creates (or reuses) the
 /// certificates and, on PostgreSQL, each service's database.
 pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::Result<Prepared> {
-    std::fs::create_dir_all(data_dir)
+    // Owner-only: it holds the CA key, the databases and the key-encryption key.
+    tessera_mesh::private::secure_dir(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir)
         .with_context(|| format!("cannot resolve data dir {}", data_dir.display()))?;
@@ -351,6 +352,10 @@ pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::R
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", name)?;
         certs::ensure_workload_cert(&ca, &certs_dir, &id, fresh_ca)?;
         identities.insert(name.to_owned(), id);
+    }
+
+    if std::env::var_os("TESSERA_KEY_ENCRYPTION_KEY_FILE").is_none() {
+        crate::keys::data_dir_key_file(&data_dir)?;
     }
 
     if let Some(server) = &options.database {
@@ -580,6 +585,17 @@ pub(crate) fn env_for(
         env.insert(
             format!("TESSERA_{}_TARGET", other.to_ascii_uppercase()),
             format!("static:{}", grpcs.join(",")),
+        );
+    }
+    // The users service seals its signing keys with the data dir's key unless one is given
+    // (`prepare` creates the file).
+    if name == "users" && std::env::var_os("TESSERA_KEY_ENCRYPTION_KEY_FILE").is_none() {
+        env.insert(
+            "TESSERA_KEY_ENCRYPTION_KEY_FILE".into(),
+            data_dir
+                .join(tessera_users::keys::DATA_DIR_KEK)
+                .display()
+                .to_string(),
         );
     }
     env

@@ -68,7 +68,7 @@ fn database(settings: &Settings) -> anyhow::Result<String> {
     if let Some(url) = &settings.database_url {
         return Ok(url.clone());
     }
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+    tessera_mesh::private::secure_dir(&settings.data_dir).with_context(|| {
         format!(
             "TESSERA_DATA_DIR: cannot create {}",
             settings.data_dir.display()
@@ -161,10 +161,15 @@ pub async fn start(
                     hash_concurrency: settings.service_limits.password_hash_concurrency,
                     hash_queue: settings.service_limits.password_hash_queue,
                     login_failures_per_minute: settings.service_limits.login_failures_per_minute,
+                    token_ttl: settings.tokens.access_token_ttl,
+                    refresh_token_ttl: settings.tokens.refresh_token_ttl,
+                    key_rotation: settings.tokens.signing_key_rotation,
+                    key_encryption_key: Some(crate::keys::key_encryption_key(&settings)?),
                     ..Default::default()
                 };
                 let users = tessera_users::Users::open(&database(&settings)?, config).await?;
-                let keys = TokenKeys::fixed(users.verifier());
+                tokio::spawn(users.clone().maintain_keys(stop.clone()));
+                let keys = users.token_keys();
                 let server = UserServiceServer::new(users).max_decoding_message_size(max);
                 (
                     Routes::new(server),
@@ -174,7 +179,9 @@ pub async fn start(
                 )
             }
             "posts" => {
-                let posts = tessera_posts::Posts::open(&database(&settings)?).await?;
+                let posts = tessera_posts::Posts::open(&database(&settings)?)
+                    .await?
+                    .with_users(clients.users());
                 tokio::spawn(tessera_posts::follow_user_events(
                     posts.clone(),
                     clients.users(),
@@ -191,7 +198,8 @@ pub async fn start(
             "comments" => {
                 let comments =
                     tessera_comments::Comments::open(&database(&settings)?, clients.posts())
-                        .await?;
+                        .await?
+                        .with_users(clients.users());
                 tokio::spawn(tessera_comments::follow_post_events(
                     comments.clone(),
                     clients.posts(),

@@ -45,6 +45,7 @@ mod error;
 mod load;
 mod methods;
 mod propagate;
+pub mod roles;
 mod target;
 
 use std::task::{Context, Poll};

@@ -17,7 +17,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use crate::{identity::SpiffeId, tls::TlsFiles};
+use crate::{identity::SpiffeId, private, tls::TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -128,9 +128,9 @@ impl Ca {
         Ok(Self { cert_pem, issuer })
     }
 
-    /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`.
+    /// Writes `ca.crt` and `ca.key` (0600 from its creation) into `dir` (0700).
     pub fn save(&self, dir: &Path) -> Result<(), CertError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        private::secure_dir(dir).map_err(io_err(dir))?;
         write_file(&dir.join("ca.crt"), &self.cert_pem, false)?;
         write_file(
             &dir.join("ca.key"),
@@ -195,11 +195,11 @@ pub struct Issued {
 }
 
 impl Issued {
-    /// Writes `tls.crt`, `tls.key` (mode 0600) and `ca.crt` into `dir`, each replaced
-    /// atomically (write to a temporary name, then rename) so a reloading reader never sees
-    /// half a file.
+    /// Writes `tls.crt`, `tls.key` (0600 from its creation) and `ca.crt` into `dir` (0700),
+    /// each replaced atomically (write to a temporary name, then rename) so a reloading
+    /// reader never sees half a file.
     pub fn save(&self, dir: &Path) -> Result<TlsFiles, CertError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        private::secure_dir(dir).map_err(io_err(dir))?;
         let files = TlsFiles::in_dir(dir);
         write_file(&files.ca, &self.ca_pem, false)?;
         write_file(&files.key, &self.key_pem, true)?;
@@ -208,17 +208,8 @@ impl Issued {
     }
 }
 
-fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents).map_err(io_err(&tmp))?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    fs::rename(&tmp, path).map_err(io_err(path))
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
+    private::write_file(path, contents.as_bytes(), secret).map_err(io_err(path))
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr, t
 
 use crate::{identity::DEFAULT_TRUST_DOMAIN, server::ServerOptions, telemetry::LogFormat};
 
+pub mod tokens;
+
 /// The services Tessera is made of, in start order (dependencies first).
 pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
 
@@ -140,6 +142,8 @@ pub struct Settings {
     pub service_limits: crate::service_limits::ServiceLimits,
     /// Browser origins allowed to call the public port cross-origin (`TESSERA_CORS_ORIGINS`).
     pub cors_origins: Vec<String>,
+    /// Token lifetimes and signing keys (users service; `config/tokens.rs`).
+    pub tokens: tokens::TokenSettings,
     pub server: ServerOptions,
 }
 
@@ -350,6 +354,7 @@ impl Settings {
             },
             service_limits: crate::service_limits::ServiceLimits::from_lookup(lookup)?,
             cors_origins: cors_origins(lookup)?,
+            tokens: tokens::TokenSettings::from_lookup(lookup)?,
             server: ServerOptions {
                 max_concurrency: parse(
                     lookup,

@@ -18,6 +18,7 @@ pub mod errors;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod private;
 pub mod public_tls;
 pub mod server;
 pub mod service_limits;

@@ -345,10 +345,14 @@ impl Db {
                 }
                 let path = Path::new(target);
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent).map_err(|e| {
+                    tessera_mesh::private::create_dir(parent).map_err(|e| {
                         StoreError::Config(format!("creating {}: {e}", parent.display()))
                     })?;
                 }
+                // The database holds secrets (password hashes, keys): owner-only from its
+                // creation. SQLite gives its -wal and -shm files the database file's mode.
+                tessera_mesh::private::touch(path)
+                    .map_err(|e| StoreError::Config(format!("creating {}: {e}", path.display())))?;
                 (Backend::Sqlite, sqlite_url(path)?)
             };
         let url = match (&options.ca_file, backend) {

@@ -23,7 +23,10 @@
 //! use tessera_comments::{Comments, follow_post_events, follow_user_events};
 //!
 //! // A SQLite path, or a postgres:// URL; migrations run here.
-//! let comments = Comments::open("/var/lib/tessera/comments.db", posts.clone()).await?;
+//! // Moderators' roles are confirmed with UserService (their tokens may be stale).
+//! let comments = Comments::open("/var/lib/tessera/comments.db", posts.clone())
+//!     .await?
+//!     .with_users(users.clone());
 //! tokio::spawn(follow_post_events(comments.clone(), posts, shutdown.clone()));
 //! tokio::spawn(follow_user_events(comments.clone(), users, shutdown));
 //! let service = CommentServiceServer::new(comments);
@@ -36,7 +39,9 @@
 //! - ListComments does not ask posts whether the post exists: an unknown post lists empty.
 //!   Page sizes: 0 means 20, above 100 is capped to 100, negative is INVALID_ARGUMENT.
 //!   Page tokens are bound to their post.
-//! - DeleteComment of a comment that is gone is NOT_FOUND (also for a retry after success).
+//! - DeleteComment: the comment's author, the post's author, or a MODERATOR or ADMIN as
+//!   UserService stores the role now (GetUser), not as the token says. A comment that is gone
+//!   is NOT_FOUND (also for a retry after success).
 //! - Deleted posts and users leave tombstones, so a CreateComment racing with their events
 //!   gets NOT_FOUND (post) or UNAUTHENTICATED (a token that outlived its user) instead of
 //!   leaving an orphan. Cascades emit one CommentDeleted per removed comment.

@@ -9,6 +9,7 @@ use tessera::{
         watch_events_response::Event,
     },
     posts::v1::{GetPostRequest, post_service_client::PostServiceClient},
+    users::v1::user_service_client::UserServiceClient,
 };
 use tessera_client::Channel;
 use tessera_mesh::{auth::end_user, errors::Violations};
@@ -35,6 +36,8 @@ const MAX_ID_LEN: usize = 128;
 pub struct Comments {
     pub(crate) db: Db,
     posts: PostServiceClient<Channel>,
+    /// Where a moderator's current role is confirmed; without it, nobody acts as one.
+    users: Option<UserServiceClient<Channel>>,
 }
 
 type Result<T, E = CommentsError> = std::result::Result<T, E>;
@@ -83,7 +86,19 @@ impl Comments {
     /// Like [`Comments::open`] over an already connected database; runs [`MIGRATIONS`].
     pub async fn with_db(db: Db, posts: PostServiceClient<Channel>) -> Result<Self> {
         db.migrate(MIGRATIONS).await?;
-        Ok(Self { db, posts })
+        Ok(Self {
+            db,
+            posts,
+            users: None,
+        })
+    }
+
+    /// Confirms moderator rights with `users` (UserService.GetUser on the caller) before a
+    /// moderator deletes someone else's comment: the token's role may be minutes old.
+    /// Without this, only the comment's and the post's authors may delete it.
+    pub fn with_users(mut self, users: UserServiceClient<Channel>) -> Self {
+        self.users = Some(users);
+        self
     }
 
     /// The database, for consumers and tests.
@@ -292,6 +307,15 @@ impl Comments {
         check_id(&mut v, &req.comment_id, "comment_id", true);
         v.into_result().map_err(CommentsError::Invalid)?;
 
+        // Confirmed against the stored role (the token's may be stale), before the
+        // transaction so no write lock is held across a network call; only asked when the
+        // token claims it.
+        let moderator = match (&self.users, caller.is_moderator()) {
+            (Some(users), true) => tessera_client::roles::is_moderator_now(users, &caller.sub)
+                .await
+                .map_err(CommentsError::Upstream)?,
+            _ => false,
+        };
         let mut tx = self.db.begin().await?;
         let row = sqlx::query(
             "SELECT post_id, author_id, post_author_id FROM comments WHERE comment_id = $1",
@@ -303,8 +327,7 @@ impl Comments {
         let post_id: String = row.try_get(0)?;
         let author_id: String = row.try_get(1)?;
         let post_author_id: String = row.try_get(2)?;
-        let allowed =
-            caller.sub == author_id || caller.sub == post_author_id || caller.is_moderator();
+        let allowed = caller.sub == author_id || caller.sub == post_author_id || moderator;
         if !allowed {
             return Err(CommentsError::PermissionDenied(
                 "only the comment's author, the post's author, a moderator or an admin may delete it",

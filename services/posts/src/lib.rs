@@ -15,7 +15,10 @@
 //! use tessera_posts::Posts;
 //!
 //! // A SQLite path, or a postgres:// URL; migrations run here.
-//! let posts = Posts::open("/var/lib/tessera/posts.db").await?;
+//! // Moderators' roles are confirmed with UserService (their tokens may be stale).
+//! let posts = Posts::open("/var/lib/tessera/posts.db")
+//!     .await?
+//!     .with_users(users.clone());
 //! let service = PostServiceServer::new(posts.clone());
 //!
 //! // UserDeleted -> delete that user's posts. Runs until `shutdown` turns true.
@@ -32,7 +35,8 @@
 //!   CreatePost return the first post (per author).
 //! - ListPosts pages newest first with an opaque keyset token (create time and id), so pages
 //!   stay correct while posts are added; a token only fits the `author_id` it was issued for.
-//! - UpdatePost and DeletePost: the author, a MODERATOR or an ADMIN. Updates need the current
+//! - UpdatePost and DeletePost: the author, a MODERATOR or an ADMIN; a moderator's role is
+//!   the one UserService stores now (GetUser), not the token's. Updates need the current
 //!   `etag` (stale gives ABORTED) and produce a new one.
 //! - DeletePost and the user-deletion cascade append `PostDeleted` in the same transaction,
 //!   so comments cascade in turn. After a `UserDeleted`, that user can no longer post
@@ -45,6 +49,9 @@ mod error;
 mod service;
 
 use std::sync::Arc;
+
+use tessera::users::v1::user_service_client::UserServiceClient;
+use tessera_client::Channel;
 
 use tessera_store::{Db, Migration};
 
@@ -86,6 +93,8 @@ pub struct Posts {
 
 struct Inner {
     db: Db,
+    /// Where a moderator's current role is confirmed; without it, nobody acts as one.
+    users: Option<UserServiceClient<Channel>>,
 }
 
 impl Posts {
@@ -104,7 +113,19 @@ impl Posts {
 
     fn from_migrated(db: Db) -> Posts {
         Posts {
-            inner: Arc::new(Inner { db }),
+            inner: Arc::new(Inner { db, users: None }),
+        }
+    }
+
+    /// Confirms moderator rights with `users` (UserService.GetUser on the caller) before a
+    /// moderator edits or deletes someone else's post: the token's role may be stale.
+    /// Without this, only authors may edit or delete their posts.
+    pub fn with_users(self, users: UserServiceClient<Channel>) -> Posts {
+        Posts {
+            inner: Arc::new(Inner {
+                db: self.inner.db.clone(),
+                users: Some(users),
+            }),
         }
     }
 

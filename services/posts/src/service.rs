@@ -8,7 +8,7 @@ use tessera::posts::v1::{
     post_service_server::PostService, watch_events_response::Event,
 };
 use tessera_mesh::{
-    auth::end_user,
+    auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
 use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
@@ -155,6 +155,20 @@ impl PageToken {
             post_id,
             author_id,
         })
+    }
+}
+
+impl Posts {
+    /// A moderator's authority, confirmed against the stored role (the token's may be
+    /// minutes old). Only asked when the token claims it, so authors cost no extra call.
+    async fn is_moderator_now(&self, caller: &UserClaims) -> Result<bool, Status> {
+        if !caller.is_moderator() {
+            return Ok(false);
+        }
+        match &self.inner.users {
+            Some(users) => tessera_client::roles::is_moderator_now(users, &caller.sub).await,
+            None => Ok(false),
+        }
     }
 }
 
@@ -454,7 +468,7 @@ impl PostService for Posts {
             .find_post(&patch.post_id)
             .await?
             .ok_or(Error::NotFound)?;
-        if current.author_id != caller.sub && !caller.is_moderator() {
+        if current.author_id != caller.sub && !self.is_moderator_now(&caller).await? {
             return Err(
                 Error::PermissionDenied("only the author or a MODERATOR may edit a post").into(),
             );
@@ -503,6 +517,8 @@ impl PostService for Posts {
         let caller = end_user(&request)?.claims.clone();
         let req = request.into_inner();
         required(&req.post_id, "post_id")?;
+        // Asked before the transaction, so no write lock is held across a network call.
+        let moderator = self.is_moderator_now(&caller).await?;
         let mut tx = self.db().begin().await.map_err(Error::from)?;
         let author: Option<String> =
             sqlx::query_scalar("SELECT author_id FROM posts WHERE post_id = $1")
@@ -511,7 +527,7 @@ impl PostService for Posts {
                 .await
                 .map_err(Error::from)?;
         let author = author.ok_or(Error::NotFound)?;
-        if author != caller.sub && !caller.is_moderator() {
+        if author != caller.sub && !moderator {
             return Err(Error::PermissionDenied(
                 "only the author or a MODERATOR may delete a post",
             )

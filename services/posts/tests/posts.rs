@@ -13,14 +13,14 @@ use tessera::{
         watch_events_response::Event,
     },
     users::v1::{
-        CreateUserRequest, DeleteUserRequest,
+        CreateUserRequest, DeleteUserRequest, Role, User,
         user_service_client::UserServiceClient,
         user_service_server::{UserService, UserServiceServer},
     },
 };
 use tessera_mesh::errors::violated_fields;
 use tessera_posts::{MIGRATIONS, Posts};
-use tessera_store::testing::{self, TestDb, as_user, eventually};
+use tessera_store::testing::{self, TestDb, as_user, eventually, fakes::FakeUsers};
 use tonic::{Code, Request, Status};
 
 /// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
@@ -28,9 +28,41 @@ async fn services(label: &str) -> (Vec<Posts>, Vec<TestDb>) {
     let dbs = testing::databases(label, MIGRATIONS).await;
     let mut out = Vec::new();
     for t in &dbs {
-        out.push(Posts::with_db(t.db.clone()).await.unwrap());
+        out.push(
+            Posts::with_db(t.db.clone())
+                .await
+                .unwrap()
+                .with_users(stored_roles()),
+        );
     }
     (out, dbs)
+}
+
+/// UserService as it stands now: `mod` and `root` are what their tokens say; `stale` was
+/// demoted to USER after its MODERATOR token was issued; `gone` was deleted (absent).
+fn stored_roles() -> UserServiceClient<tessera_client::Channel> {
+    let users = [
+        ("mod", Role::Moderator),
+        ("root", Role::Admin),
+        ("stale", Role::User),
+    ]
+    .into_iter()
+    .map(|(id, role)| {
+        let user = User {
+            user_id: id.into(),
+            role: role as i32,
+            ..User::default()
+        };
+        (id.to_owned(), user)
+    })
+    .collect();
+    let fake = FakeUsers {
+        users,
+        ..FakeUsers::default()
+    };
+    UserServiceClient::new(tessera_client::Channel::from_service(
+        UserServiceServer::new(fake),
+    ))
 }
 
 fn draft(title: &str) -> CreatePostRequest {
@@ -170,8 +202,19 @@ async fn create_get_update_delete() {
             Code::NotFound
         );
 
-        // ADMIN may delete anyone's.
+        // A demoted moderator or a deleted admin, with tokens that still claim the role, may
+        // neither edit nor delete others' posts: the stored role decides.
         let other = create(&svc, "bob", "Bob's").await;
+        for (who, role) in [("stale", "MODERATOR"), ("gone", "ADMIN")] {
+            let refused = edit(&svc, who, role, update(&other, &[], &other.etag))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{who} edits");
+            let refused = delete(&svc, who, role, &other.post_id).await.unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{who} deletes");
+        }
+
+        // ADMIN may delete anyone's.
         delete(&svc, "root", "ADMIN", &other.post_id).await.unwrap();
     }
 }
@@ -540,6 +583,7 @@ async fn watch_events_streams_creates_and_deletes() {
 async fn deleting_a_user_deletes_their_posts() {
     let users_config = tessera_users::UsersConfig {
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..Default::default()
     };
     let user_dbs = testing::databases("cascade_users", tessera_users::MIGRATIONS).await;

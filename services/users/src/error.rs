@@ -31,6 +31,10 @@ pub enum Error {
     Key(#[from] tessera_mesh::token::TokenError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the key-encryption key is unusable: {0}")]
+    Kek(#[from] crate::keys::KekError),
+    #[error("no key-encryption key configured for the signing keys")]
+    NoKeyEncryptionKey,
     #[error("a blocking task failed")]
     Join(#[from] tokio::task::JoinError),
 }

@@ -1,5 +1,5 @@
-//! UserService: accounts, argon2id password hashes, and the Ed25519 key that signs end-user
-//! access tokens (EdDSA JWTs verified by every other service through `GetJwks`).
+//! UserService: accounts, argon2id password hashes, refresh-token sessions, and the Ed25519
+//! keys that sign end-user access tokens (EdDSA JWTs verified by every other service through `GetJwks`).
 //!
 //! Not for: verifying tokens on requests (the mesh server stack does that) or anything about
 //! posts and comments (they follow `WatchEvents` and clean up after `UserDeleted`).
@@ -9,17 +9,21 @@
 //! ```no_run
 //! # async fn f() -> Result<(), tessera_users::Error> {
 //! use tessera::users::v1::user_service_server::UserServiceServer;
-//! use tessera_users::{Users, UsersConfig};
+//! use tessera_users::{Kek, Users, UsersConfig};
 //!
 //! let config = UsersConfig {
 //!     // The account with this username is created as ADMIN (the first admin).
 //!     bootstrap_admin: Some("root".into()),
+//!     // Seals the signing keys in the database (a mounted Secret file).
+//!     key_encryption_key: Some(Kek::load("/var/run/tessera/kek/key".as_ref())?),
 //!     ..UsersConfig::default()
 //! };
 //! // A SQLite path, or a postgres:// URL.
 //! let users = Users::open("/var/lib/tessera/users.db", config).await?;
-//! // Its own keys, for `TokenKeys::fixed` in the users process.
-//! let keys = tessera_mesh::auth::TokenKeys::fixed(users.verifier());
+//! // Its own keys, for the users process's server stack; kept current as keys rotate.
+//! let keys = users.token_keys();
+//! # let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! tokio::spawn(users.clone().maintain_keys(shutdown));
 //! let service = UserServiceServer::new(users.clone());
 //! # Ok(()) }
 //! ```
@@ -29,12 +33,20 @@
 //!
 //! # Behaviour
 //!
-//! - The signing key is generated on first start and kept in the database, so tokens survive
-//!   restarts. Tokens carry `kid`, `sub` (user id), `role`, `iat`, `exp`.
-//! - `bootstrap_admin`: when a user with exactly that username is created, it gets the ADMIN
-//!   role. Nothing else can create an ADMIN except `SetUserRole` by an ADMIN.
-//! - Role changes apply to tokens issued afterwards; tokens already issued keep their role
-//!   until they expire (`token_ttl`).
+//! - Signing keys live in the database sealed with the key-encryption key (see [`keys`]); a
+//!   new one takes over every `key_rotation` or on demand ([`rotate_now`]), and old ones are
+//!   published until their tokens have expired. Tokens carry `kid`, `sub` (user id), `role`,
+//!   `iat`, `exp`.
+//! - `bootstrap_admin`: when a user with exactly that username is created while no ADMIN
+//!   exists and no bootstrap grant was ever made in this database, it gets the ADMIN role,
+//!   decided inside the insert transaction. Nothing else can create an ADMIN except
+//!   `SetUserRole` by an ADMIN.
+//! - Login returns a short-lived access token (`token_ttl`, minutes) and a refresh token
+//!   (`refresh_token_ttl`); `RefreshToken` rotates it (single use, reuse revokes the session),
+//!   `Logout` revokes it. Changing a user's role or deleting the user revokes their refresh
+//!   tokens; access tokens already issued keep their role until they expire, but privileged
+//!   decisions (`SetUserRole`, `DeleteUser` of another user) re-read the acting user's
+//!   current row, so a deleted or demoted ADMIN is refused at once.
 //! - `DeleteUser` removes the row and appends `UserDeleted` in the same transaction; posts and
 //!   comments follow from that event.
 //! - `CreateUser` with a `request_id` seen before (for the same username and email) returns
@@ -49,15 +61,21 @@
 
 mod error;
 mod hashing;
+pub mod keys;
 mod service;
+mod sessions;
 mod throttle;
 
 use std::{sync::Arc, time::Duration};
 
-use tessera_mesh::token::{DEFAULT_TOKEN_TTL, Signer, Verifier};
-use tessera_store::{Backend, Db, Migration, now_micros};
+use arc_swap::ArcSwap;
+use tessera_mesh::{auth::TokenKeys, token::Verifier};
+use tessera_store::{Db, Migration};
 
 pub use error::Error;
+pub use keys::{Kek, KekError, rotate_now};
+use keys::{KeyPolicy, KeyRing};
+pub use sessions::Refused;
 
 /// The service's schema. Passed to [`Db::open`] by [`Users::open`]; exposed for tools.
 pub const MIGRATIONS: &[Migration] = &[
@@ -91,15 +109,67 @@ pub const MIGRATIONS: &[Migration] = &[
             create_time BIGINT NOT NULL
         )",
     ),
+    // Signing keys sealed with the key-encryption key (AES-256-GCM, AAD = kid). Keys in
+    // `signing_keys` (plaintext, older versions) are moved here and deleted at start.
+    Migration::per_backend(
+        "sealed_signing_keys",
+        "CREATE TABLE sealed_signing_keys (
+            kid TEXT PRIMARY KEY,
+            sealed BLOB NOT NULL,
+            create_time BIGINT NOT NULL
+        )",
+        "CREATE TABLE sealed_signing_keys (
+            kid TEXT PRIMARY KEY,
+            sealed BYTEA NOT NULL,
+            create_time BIGINT NOT NULL
+        )",
+    ),
+    // Refresh tokens by their SHA-256 (never the token itself). A family is one login's
+    // chain of rotations; `used_time` marks a rotated token, kept for reuse detection.
+    Migration::portable(
+        "refresh_tokens",
+        "CREATE TABLE refresh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            create_time BIGINT NOT NULL,
+            expire_time BIGINT NOT NULL,
+            used_time BIGINT
+        );
+        CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
+        CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id);
+        CREATE INDEX refresh_tokens_expiry ON refresh_tokens (expire_time);",
+    ),
+    // At most one row: the bootstrap admin was granted (once per database).
+    Migration::portable(
+        "bootstrap_admin",
+        "CREATE TABLE bootstrap_admin (
+            singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+            user_id TEXT NOT NULL,
+            grant_time BIGINT NOT NULL
+        )",
+    ),
 ];
+
+pub use tessera_mesh::config::tokens::{
+    DEFAULT_ACCESS_TOKEN_TTL, DEFAULT_REFRESH_TOKEN_TTL, DEFAULT_SIGNING_KEY_ROTATION,
+};
 
 /// How UserService behaves beyond its storage.
 #[derive(Clone, Debug)]
 pub struct UsersConfig {
     /// The username that is made ADMIN when it is created (how the first admin comes to be).
     pub bootstrap_admin: Option<String>,
-    /// How long an access token from Login is valid.
+    /// How long an access token (from Login or RefreshToken) is valid: minutes, since it
+    /// cannot be revoked before it expires.
     pub token_ttl: Duration,
+    /// How long a refresh token is valid after it is issued (each rotation issues a new
+    /// one, so a session in use lives on; an idle one ends after this).
+    pub refresh_token_ttl: Duration,
+    /// How often a new signing key takes over.
+    pub key_rotation: Duration,
+    /// Seals signing keys at rest; required ([`Kek::load`], [`Kek::load_or_create`]).
+    pub key_encryption_key: Option<Kek>,
     /// argon2id cost. The default is OWASP's recommendation (19 MiB, 2 passes); tests may
     /// lower it. Hashes record their parameters, so changing this keeps old passwords valid.
     pub password_params: argon2::Params,
@@ -117,7 +187,10 @@ impl Default for UsersConfig {
         let limits = tessera_mesh::service_limits::ServiceLimits::default();
         Self {
             bootstrap_admin: None,
-            token_ttl: DEFAULT_TOKEN_TTL,
+            token_ttl: DEFAULT_ACCESS_TOKEN_TTL,
+            refresh_token_ttl: DEFAULT_REFRESH_TOKEN_TTL,
+            key_rotation: DEFAULT_SIGNING_KEY_ROTATION,
+            key_encryption_key: None,
             password_params: argon2::Params::default(),
             hash_concurrency: limits.password_hash_concurrency,
             hash_queue: limits.password_hash_queue,
@@ -135,10 +208,11 @@ pub struct Users {
 struct Inner {
     db: Db,
     config: UsersConfig,
-    signer: Signer,
-    verifier: Verifier,
-    /// Every stored public key as (kid, base64url x), for GetJwks.
-    jwks: Vec<(String, String)>,
+    kek: Kek,
+    /// The signing key and every published key, swapped whole when the ring changes.
+    keys: ArcSwap<KeyRing>,
+    /// What this process's own server stack verifies tokens with; kept in step with `keys`.
+    token_keys: TokenKeys,
     /// A real hash of a random password, verified against when a login names an unknown
     /// user, so both failures take the same time.
     dummy_hash: String,
@@ -150,7 +224,7 @@ struct Inner {
 
 impl Users {
     /// Opens (creating and migrating if needed) the database at `target` (a SQLite path or a
-    /// `postgres://` URL) and loads or creates the signing key.
+    /// `postgres://` URL) and loads or creates the signing keys.
     pub async fn open(target: &str, config: UsersConfig) -> Result<Users, Error> {
         let db = Db::open(target, MIGRATIONS).await?;
         Self::with_db(db, config).await
@@ -159,7 +233,12 @@ impl Users {
     /// Like [`Users::open`] over an already connected database; runs [`MIGRATIONS`].
     pub async fn with_db(db: Db, config: UsersConfig) -> Result<Users, Error> {
         db.migrate(MIGRATIONS).await?;
-        let (signer, verifier, jwks) = load_or_create_keys(&db).await?;
+        let kek = config
+            .key_encryption_key
+            .clone()
+            .ok_or(Error::NoKeyEncryptionKey)?;
+        let (ring, _) = keys::sync(&db, &kek, Self::policy(&config), false).await?;
+        let token_keys = TokenKeys::fixed(ring.verifier.clone());
         let hashing = hashing::Hashing::new(
             config.password_params.clone(),
             config.hash_concurrency,
@@ -173,9 +252,9 @@ impl Users {
             inner: Arc::new(Inner {
                 db,
                 config,
-                signer,
-                verifier,
-                jwks,
+                kek,
+                keys: ArcSwap::from_pointee(ring),
+                token_keys,
                 dummy_hash,
                 hashing,
                 throttle,
@@ -183,71 +262,65 @@ impl Users {
         })
     }
 
-    /// A verifier for tokens this service signs (every stored key), for
-    /// `tessera_mesh::auth::TokenKeys::fixed` in the users process.
+    fn policy(config: &UsersConfig) -> KeyPolicy {
+        KeyPolicy {
+            rotation: config.key_rotation,
+            access_token_ttl: config.token_ttl,
+        }
+    }
+
+    /// A verifier for tokens this service signs (every published key, as of now).
     pub fn verifier(&self) -> Verifier {
-        self.inner.verifier.clone()
+        self.inner.keys.load().verifier.clone()
+    }
+
+    /// The key set for this process's own server stack (`Workload::new`): updated whenever
+    /// the key ring changes, so tokens signed by a new key verify here too.
+    pub fn token_keys(&self) -> TokenKeys {
+        self.inner.token_keys.clone()
+    }
+
+    /// Re-reads the key ring now: rotates if due (or when `rotate`), retires expired keys,
+    /// and picks up keys made by other replicas or `tessera keys rotate`.
+    pub async fn sync_keys(&self, rotate: bool) -> Result<(), Error> {
+        if !rotate {
+            let current = self.inner.keys.load_full();
+            let loaded: Vec<&str> = current.jwks.iter().map(|(kid, _)| kid.as_str()).collect();
+            let policy = Self::policy(&self.inner.config);
+            let signing = current.signer.kid();
+            if !keys::needs_sync(&self.inner.db, policy, &loaded, signing).await? {
+                return Ok(());
+            }
+        }
+        let (ring, _) = keys::sync(
+            &self.inner.db,
+            &self.inner.kek,
+            Self::policy(&self.inner.config),
+            rotate,
+        )
+        .await?;
+        self.inner.token_keys.set(ring.verifier.clone());
+        self.inner.keys.store(Arc::new(ring));
+        Ok(())
+    }
+
+    /// Keeps the key ring current until `shutdown` turns `true`: checks every
+    /// [`keys::check_interval`] (at most 5 s). Spawn one per process.
+    pub async fn maintain_keys(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = keys::check_interval(self.inner.config.key_rotation);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(err) = self.sync_keys(false).await {
+                tracing::warn!(error = %tessera_store::error_chain(&err), "checking the signing keys failed");
+            }
+        }
     }
 
     /// The service's database.
     pub fn db(&self) -> &Db {
         &self.inner.db
     }
-}
-
-/// Loads every stored key (the newest signs) or, on first start, generates one. Serialized
-/// across replicas by the write transaction (and a table lock on PostgreSQL), so replicas
-/// starting together agree on one key.
-async fn load_or_create_keys(db: &Db) -> Result<(Signer, Verifier, Vec<(String, String)>), Error> {
-    let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
-        sqlx::query("LOCK TABLE signing_keys IN EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await
-            .map_err(tessera_store::StoreError::from)?;
-    }
-    let rows: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys ORDER BY create_time DESC, kid")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(tessera_store::StoreError::from)?;
-    let mut verifier = Verifier::new();
-    let mut jwks = Vec::new();
-    let mut newest = None;
-    for (kid, pkcs8) in rows {
-        let signer = Signer::from_pkcs8(&pkcs8)?;
-        if signer.kid() != kid {
-            return Err(Error::Corrupt(format!(
-                "signing key {kid} has kid {}",
-                signer.kid()
-            )));
-        }
-        verifier.add_key(signer.kid(), signer.public_key());
-        jwks.push((signer.kid().to_owned(), signer.public_key_b64()));
-        if newest.is_none() {
-            newest = Some(signer);
-        }
-    }
-    let signer = match newest {
-        Some(signer) => {
-            tx.rollback().await?;
-            signer
-        }
-        None => {
-            let signer = Signer::generate()?;
-            sqlx::query("INSERT INTO signing_keys (kid, pkcs8, create_time) VALUES ($1, $2, $3)")
-                .bind(signer.kid())
-                .bind(signer.pkcs8())
-                .bind(now_micros())
-                .execute(&mut *tx)
-                .await
-                .map_err(tessera_store::StoreError::from)?;
-            tx.commit().await?;
-            tracing::info!(kid = signer.kid(), "generated a token signing key");
-            verifier.add_key(signer.kid(), signer.public_key());
-            jwks.push((signer.kid().to_owned(), signer.public_key_b64()));
-            signer
-        }
-    };
-    Ok((signer, verifier, jwks))
 }

@@ -3,18 +3,22 @@
 use tessera::users::v1::{
     BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
     DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
-    GetUserResponse, Jwk, LoginRequest, LoginResponse, Role, SetUserRoleRequest,
-    SetUserRoleResponse, User, UserCreated, UserDeleted, WatchEventsRequest, WatchEventsResponse,
+    GetUserResponse, Jwk, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
+    RefreshTokenRequest, RefreshTokenResponse, Role, SetUserRoleRequest, SetUserRoleResponse, User,
+    UserCreated, UserDeleted, WatchEventsRequest, WatchEventsResponse,
     user_service_server::UserService, watch_events_response::Event,
 };
 use tessera_mesh::{
     auth::{end_user, maybe_end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Backend, StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
-use crate::{Error, Users};
+use crate::{
+    Error, Users,
+    sessions::{self, MAX_TOKEN_LEN, share_lock},
+};
 
 /// Most ids one BatchGetUsers may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -166,7 +170,7 @@ fn required(value: &str, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn db_err(err: sqlx::Error) -> Error {
+pub(crate) fn db_err(err: sqlx::Error) -> Error {
     Error::Store(StoreError::from(err))
 }
 
@@ -236,8 +240,59 @@ impl Users {
         Err(Error::UsernameTaken.into())
     }
 
-    async fn insert_user(&self, user: &UserRow, request_id: &str) -> Result<(), Error> {
+    /// Whether a new user named `username` is the bootstrap admin: the configured name, no
+    /// ADMIN exists, and no bootstrap grant was made before in this database. Decided in the
+    /// inserting transaction (PostgreSQL: under a lock on `users`, so a concurrent
+    /// promotion or grant cannot interleave), and recorded there.
+    async fn bootstrap_grant(
+        &self,
+        tx: &mut Tx,
+        username: &str,
+        user_id: &str,
+    ) -> Result<bool, Error> {
+        if self.inner.config.bootstrap_admin.as_deref() != Some(username) {
+            return Ok(false);
+        }
+        if tx.backend() == Backend::Postgres {
+            sqlx::query("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err)?;
+        }
+        let admins: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = 'ADMIN'")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db_err)?;
+        let granted: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bootstrap_admin")
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db_err)?;
+        if admins > 0 || granted > 0 {
+            tracing::warn!(
+                username,
+                "TESSERA_BOOTSTRAP_ADMIN names this user, but an admin exists or was already granted; created as USER"
+            );
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO bootstrap_admin (singleton, user_id, grant_time) VALUES (1, $1, $2)",
+        )
+        .bind(user_id)
+        .bind(now_micros())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn insert_user(&self, user: &mut UserRow, request_id: &str) -> Result<(), Error> {
         let mut tx = self.db().begin().await?;
+        if self
+            .bootstrap_grant(&mut tx, &user.username, &user.user_id)
+            .await?
+        {
+            "ADMIN".clone_into(&mut user.role);
+        }
         sqlx::query(&format!(
             "INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
         ))
@@ -269,6 +324,83 @@ impl Users {
     }
 }
 
+/// A signed access token and when it expires, both ways OAuth2 clients read it.
+struct AccessToken {
+    token: String,
+    expire_time: prost_types::Timestamp,
+    expires_in: i64,
+}
+
+/// The refresh token of a RefreshToken or Logout request, checked before it is hashed.
+fn refresh_token_field(token: &str) -> Result<(), Status> {
+    let mut v = Violations::new();
+    v.check(token.is_empty(), "refresh_token", "is required");
+    v.check(
+        token.len() > MAX_TOKEN_LEN,
+        "refresh_token",
+        "is not a refresh token (too long)",
+    );
+    v.into_result()
+}
+
+impl Users {
+    fn access_token(&self, user_id: &str, role: &str) -> AccessToken {
+        let (token, claims) =
+            self.inner
+                .keys
+                .load()
+                .signer
+                .sign(user_id, role, self.inner.config.token_ttl);
+        let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+        AccessToken {
+            token,
+            expire_time: prost_types::Timestamp {
+                seconds: exp,
+                nanos: 0,
+            },
+            expires_in: exp.saturating_sub(i64::try_from(claims.iat).unwrap_or(0)),
+        }
+    }
+
+    /// Whether the token's ADMIN claim still holds in the stored row (emails are shown to
+    /// admins; a demoted or deleted one must not see them with a token minutes old).
+    async fn admin_now(&self, claims: &tessera_mesh::auth::UserClaims) -> Result<bool, Error> {
+        if !claims.is_admin() {
+            return Ok(false);
+        }
+        let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE user_id = $1")
+            .bind(&claims.sub)
+            .fetch_optional(self.db().pool())
+            .await
+            .map_err(db_err)?;
+        Ok(role.as_deref() == Some("ADMIN"))
+    }
+
+    /// A privileged decision: the acting user must exist and be ADMIN as stored now (not as
+    /// the token says, which may be minutes old), read in the deciding transaction.
+    async fn require_admin(
+        &self,
+        tx: &mut Tx,
+        actor: &str,
+        why: &'static str,
+    ) -> Result<(), Error> {
+        let role: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT role FROM users WHERE user_id = $1{}",
+            share_lock(tx.backend())
+        ))
+        .bind(actor)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        if role.as_deref() == Some("ADMIN") {
+            Ok(())
+        } else {
+            tracing::info!(actor, current_role = ?role, "privileged call refused on the current role");
+            Err(Error::PermissionDenied(why))
+        }
+    }
+}
+
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
     watch::append::<WatchEventsResponse>(tx, event).await?;
@@ -293,17 +425,17 @@ impl UserService for Users {
             return self.taken_or_replay(&req).await;
         }
         let password_hash = self.inner.hashing.hash(req.password.clone()).await?;
-        let is_admin = self.inner.config.bootstrap_admin.as_deref() == Some(req.username.as_str());
-        let user = UserRow {
+        // USER unless this is the bootstrap admin, decided in the insert's transaction.
+        let mut user = UserRow {
             user_id: uuid::Uuid::now_v7().to_string(),
             username: req.username.clone(),
             display_name: req.display_name.trim().to_owned(),
             email: req.email.clone(),
             password_hash,
-            role: if is_admin { "ADMIN" } else { "USER" }.to_owned(),
+            role: "USER".to_owned(),
             create_time: now_micros(),
         };
-        match self.insert_user(&user, &req.request_id).await {
+        match self.insert_user(&mut user, &req.request_id).await {
             Ok(()) => {
                 tracing::info!(user_id = %user.user_id, role = %user.role, "user created");
                 Ok(Response::new(CreateUserResponse {
@@ -344,18 +476,45 @@ impl UserService for Users {
             return Err(Error::BadCredentials.into());
         }
         self.inner.throttle.succeeded(&req.username);
-        let (access_token, claims) =
-            self.inner
-                .signer
-                .sign(&user.user_id, &user.role, self.inner.config.token_ttl);
+        let refresh_token = self.start_session(&user.user_id).await?;
+        let access = self.access_token(&user.user_id, &user.role);
         Ok(Response::new(LoginResponse {
-            access_token,
-            expire_time: Some(prost_types::Timestamp {
-                seconds: i64::try_from(claims.exp).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
+            access_token: access.token,
+            expire_time: Some(access.expire_time),
             user: Some(user.to_proto(true)),
+            refresh_token,
+            expires_in: access.expires_in,
         }))
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<RefreshTokenRequest>,
+    ) -> Result<Response<RefreshTokenResponse>, Status> {
+        let req = request.into_inner();
+        refresh_token_field(&req.refresh_token)?;
+        let rotated = self
+            .rotate(&req.refresh_token)
+            .await?
+            .map_err(|refused| Status::unauthenticated(refused.message()))?;
+        let access = self.access_token(&rotated.user_id, &rotated.role);
+        Ok(Response::new(RefreshTokenResponse {
+            access_token: access.token,
+            refresh_token: rotated.refresh_token,
+            expires_in: access.expires_in,
+            expire_time: Some(access.expire_time),
+        }))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<LogoutRequest>,
+    ) -> Result<Response<LogoutResponse>, Status> {
+        let req = request.into_inner();
+        refresh_token_field(&req.refresh_token)?;
+        let revoked = self.end_session(&req.refresh_token).await?;
+        tracing::debug!(revoked, "logout");
+        Ok(Response::new(LogoutResponse {}))
     }
 
     async fn get_user(
@@ -366,7 +525,11 @@ impl UserService for Users {
         let req = request.into_inner();
         required(&req.user_id, "user_id")?;
         let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
-        let show_email = caller.is_some_and(|c| c.sub == user.user_id || c.is_admin());
+        let show_email = match &caller {
+            Some(c) if c.sub == user.user_id => true,
+            Some(c) => self.admin_now(c).await?,
+            None => false,
+        };
         Ok(Response::new(GetUserResponse {
             user: Some(user.to_proto(show_email)),
         }))
@@ -409,15 +572,17 @@ impl UserService for Users {
                 (row.user_id.clone(), row)
             })
             .collect();
+        let admin = match &caller {
+            Some(c) => self.admin_now(c).await?,
+            None => false,
+        };
         let users = req
             .user_ids
             .iter()
             .filter_map(|id| found.get(id))
             .map(|row| {
-                let show = caller
-                    .as_ref()
-                    .is_some_and(|c| c.sub == row.user_id || c.is_admin());
-                row.to_proto(show)
+                let own = caller.as_ref().is_some_and(|c| c.sub == row.user_id);
+                row.to_proto(own || admin)
             })
             .collect();
         Ok(Response::new(BatchGetUsersResponse { users }))
@@ -429,6 +594,8 @@ impl UserService for Users {
     ) -> Result<Response<GetJwksResponse>, Status> {
         let keys = self
             .inner
+            .keys
+            .load()
             .jwks
             .iter()
             .map(|(kid, x)| Jwk {
@@ -447,8 +614,10 @@ impl UserService for Users {
         &self,
         request: Request<SetUserRoleRequest>,
     ) -> Result<Response<SetUserRoleResponse>, Status> {
-        if !end_user(&request)?.claims.is_admin() {
-            return Err(Error::PermissionDenied("only an ADMIN may change roles").into());
+        const ONLY_ADMIN: &str = "only an ADMIN may change roles";
+        let caller = end_user(&request)?.claims.clone();
+        if !caller.is_admin() {
+            return Err(Error::PermissionDenied(ONLY_ADMIN).into());
         }
         let req = request.into_inner();
         let mut v = Violations::new();
@@ -458,18 +627,28 @@ impl UserService for Users {
         v.into_result()?;
         let role = role.unwrap_or("USER");
         let mut tx = self.db().begin().await.map_err(Error::from)?;
-        let changed = sqlx::query("UPDATE users SET role = $1 WHERE user_id = $2")
-            .bind(role)
-            .bind(&req.user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .rows_affected();
-        if changed == 0 {
-            return Err(Error::NotFound.into());
+        self.require_admin(&mut tx, &caller.sub, ONLY_ADMIN).await?;
+        let current: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT role FROM users WHERE user_id = $1{}",
+            share_lock(tx.backend())
+        ))
+        .bind(&req.user_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let current = current.ok_or(Error::NotFound)?;
+        if current != role {
+            sqlx::query("UPDATE users SET role = $1 WHERE user_id = $2")
+                .bind(role)
+                .bind(&req.user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            // Sessions carry the role into new access tokens: the user logs in again.
+            sessions::revoke_user(&mut tx, &req.user_id).await?;
         }
         tx.commit().await.map_err(Error::from)?;
-        tracing::info!(user_id = %req.user_id, role, "role changed");
+        tracing::info!(user_id = %req.user_id, role, by = %caller.sub, "role changed");
         let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
         Ok(Response::new(SetUserRoleResponse {
             user: Some(user.to_proto(true)),
@@ -489,6 +668,14 @@ impl UserService for Users {
             );
         }
         let mut tx = self.db().begin().await.map_err(Error::from)?;
+        if caller.sub != req.user_id {
+            self.require_admin(
+                &mut tx,
+                &caller.sub,
+                "only the user or an ADMIN may delete a user",
+            )
+            .await?;
+        }
         let deleted = sqlx::query("DELETE FROM users WHERE user_id = $1")
             .bind(&req.user_id)
             .execute(&mut *tx)
@@ -503,6 +690,7 @@ impl UserService for Users {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        sessions::revoke_user(&mut tx, &req.user_id).await?;
         append(
             &mut tx,
             Event::UserDeleted(UserDeleted {

@@ -20,6 +20,8 @@ fn config() -> UsersConfig {
         bootstrap_admin: Some("root".into()),
         // Cheap hashing: these tests are about behaviour, not cost.
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        // Fixed, so a reopened database can unseal its signing keys.
+        key_encryption_key: Some(tessera_users::Kek::from_bytes(&[7; 32]).unwrap()),
         ..UsersConfig::default()
     }
 }
@@ -123,6 +125,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
     let (svcs, _dir) = services("bad_inputs").await;
     for svc in svcs {
         let alice = create(&svc, "alice").await;
+        let root = create(&svc, "root").await;
 
         // Each validation rule names its field.
         let cases: Vec<(&str, CreateUserRequest)> = vec![
@@ -282,7 +285,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let bad_role = svc
             .set_user_role(as_user(
-                "admin-id",
+                &root.user_id,
                 "ADMIN",
                 SetUserRoleRequest {
                     user_id: alice.user_id.clone(),
@@ -294,7 +297,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(violated_fields(&bad_role), vec!["role"]);
         let unknown_target = svc
             .set_user_role(as_user(
-                "admin-id",
+                &root.user_id,
                 "ADMIN",
                 SetUserRoleRequest {
                     user_id: "nope".into(),
@@ -325,7 +328,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(anonymous.code(), Code::Unauthenticated);
         let admin_unknown = svc
             .delete_user(as_user(
-                "a",
+                &root.user_id,
                 "ADMIN",
                 DeleteUserRequest {
                     user_id: "nope".into(),
@@ -348,6 +351,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
 async fn email_is_shown_only_to_its_owner_or_an_admin() {
     let (svcs, _dir) = services("email").await;
     for svc in svcs {
+        let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let get = |req: Request<GetUserRequest>| {
@@ -367,9 +371,12 @@ async fn email_is_shown_only_to_its_owner_or_an_admin() {
             "alice@example.org"
         );
         assert_eq!(
-            get(as_user("admin", "ADMIN", id())).await.email,
+            get(as_user(&root.user_id, "ADMIN", id())).await.email,
             "alice@example.org"
         );
+        // A token claiming ADMIN whose user is not (any more) an admin sees no email.
+        assert_eq!(get(as_user(&bob.user_id, "ADMIN", id())).await.email, "");
+        assert_eq!(get(as_user("deleted-admin", "ADMIN", id())).await.email, "");
 
         // Batch: found users in request order, unknown ids left out, same email rule.
         let batch = svc
@@ -513,10 +520,12 @@ async fn metacharacters_are_stored_verbatim() {
 async fn delete_removes_the_user_and_emits_events() {
     let (svcs, _dir) = services("delete").await;
     for svc in svcs {
+        // The admin's own creation is event 1; the events below come after it.
+        let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest { after_sequence: 1 }))
             .await
             .unwrap()
             .into_inner();
@@ -533,7 +542,7 @@ async fn delete_removes_the_user_and_emits_events() {
         .unwrap();
         // ADMIN deletes someone else.
         svc.delete_user(as_user(
-            "root-id",
+            &root.user_id,
             "ADMIN",
             DeleteUserRequest {
                 user_id: bob.user_id.clone(),

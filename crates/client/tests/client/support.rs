@@ -101,6 +101,20 @@ impl UserService for Handler {
         Err(Status::unimplemented("login"))
     }
 
+    async fn refresh_token(
+        &self,
+        _: Request<tessera::users::v1::RefreshTokenRequest>,
+    ) -> Result<Response<tessera::users::v1::RefreshTokenResponse>, Status> {
+        Err(Status::unimplemented("refresh_token"))
+    }
+
+    async fn logout(
+        &self,
+        _: Request<tessera::users::v1::LogoutRequest>,
+    ) -> Result<Response<tessera::users::v1::LogoutResponse>, Status> {
+        Err(Status::unimplemented("logout"))
+    }
+
     async fn get_user(
         &self,
         request: Request<GetUserRequest>,

@@ -29,8 +29,9 @@ use tessera::{
     users::v1::{
         BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
         DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
-        GetUserResponse, LoginRequest, LoginResponse, SetUserRoleRequest, SetUserRoleResponse,
-        User, WatchEventsRequest as UserWatch, WatchEventsResponse as UserEvent,
+        GetUserResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
+        RefreshTokenRequest, RefreshTokenResponse, SetUserRoleRequest, SetUserRoleResponse, User,
+        WatchEventsRequest as UserWatch, WatchEventsResponse as UserEvent,
         user_service_server::UserService,
     },
 };
@@ -308,7 +309,8 @@ impl CommentService for FakeComments {
     }
 }
 
-/// UserService: BatchGetUsers over `users` (at most 100 ids), WatchEvents from `log`.
+/// UserService: GetUser and BatchGetUsers (at most 100 ids) over `users`, WatchEvents from
+/// `log`.
 #[derive(Default)]
 pub struct FakeUsers {
     pub users: HashMap<String, User>,
@@ -331,8 +333,25 @@ impl UserService for FakeUsers {
 
     async fn get_user(
         &self,
-        _: Request<GetUserRequest>,
+        request: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
+        let id = request.into_inner().user_id;
+        match self.users.get(&id) {
+            Some(user) => Ok(Response::new(GetUserResponse {
+                user: Some(user.clone()),
+            })),
+            None => Err(Status::not_found("user not found")),
+        }
+    }
+
+    async fn refresh_token(
+        &self,
+        _: Request<RefreshTokenRequest>,
+    ) -> Result<Response<RefreshTokenResponse>, Status> {
+        not_faked()
+    }
+
+    async fn logout(&self, _: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
         not_faked()
     }
 

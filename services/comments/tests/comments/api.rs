@@ -300,6 +300,9 @@ async fn who_may_delete_a_comment() {
         ("mod", "MODERATOR", Code::Ok), // a moderator
         ("root", "ADMIN", Code::Ok),    // an admin
         ("eve", "USER", Code::PermissionDenied),
+        // The token says MODERATOR, the stored role no longer does: refused at once.
+        ("stale", "MODERATOR", Code::PermissionDenied),
+        ("gone", "ADMIN", Code::PermissionDenied),
     ];
     for h in harnesses("comments_delete").await {
         let mut c = h.client.clone();

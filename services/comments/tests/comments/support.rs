@@ -11,7 +11,9 @@ use tessera::{
         watch_events_response::Event,
     },
     posts::v1::{post_service_client::PostServiceClient, post_service_server::PostServiceServer},
-    users::v1::{user_service_client::UserServiceClient, user_service_server::UserServiceServer},
+    users::v1::{
+        Role, User, user_service_client::UserServiceClient, user_service_server::UserServiceServer,
+    },
 };
 use tessera_client::Channel;
 use tessera_comments::{Comments, MIGRATIONS};
@@ -67,6 +69,7 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
     });
     let users = Arc::new(FakeUsers {
         log: EventLog::new(replay_all),
+        users: stored_roles(),
         ..FakeUsers::default()
     });
     let posts_client = PostServiceClient::new(Channel::from_service(PostServiceServer::from_arc(
@@ -77,7 +80,8 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
     )));
     let comments = Comments::with_db(db.db.clone(), posts_client.clone())
         .await
-        .unwrap();
+        .unwrap()
+        .with_users(users_client.clone());
     let client = CommentServiceClient::new(Channel::from_service(CommentServiceServer::new(
         comments.clone(),
     )));
@@ -91,6 +95,26 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
         users_client,
         _db: db,
     }
+}
+
+/// The roles UserService holds now: `mod` and `root` are what their tokens say; `stale`
+/// was demoted to USER after its MODERATOR token was issued; `gone` was deleted (absent).
+fn stored_roles() -> std::collections::HashMap<String, User> {
+    [
+        ("mod", Role::Moderator),
+        ("root", Role::Admin),
+        ("stale", Role::User),
+    ]
+    .into_iter()
+    .map(|(id, role)| {
+        let user = User {
+            user_id: id.into(),
+            role: role as i32,
+            ..User::default()
+        };
+        (id.to_owned(), user)
+    })
+    .collect()
 }
 
 /// Every event in the comment outbox so far, decoded.
