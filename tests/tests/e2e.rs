@@ -784,7 +784,7 @@ fn check_endpoints_json(mesh: &TestMesh) {
         assert_eq!(entry["admin"], mesh.admin_addr(name).to_string(), "{name}");
         assert_eq!(
             entry["identity"],
-            format!("spiffe://tessera.local/ns/default/sa/{name}"),
+            format!("spiffe://tessera.local/ns/tessera/sa/{name}"),
             "{name}"
         );
         if name == "gateway" {

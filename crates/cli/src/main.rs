@@ -82,7 +82,7 @@ struct CertsArgs {
     #[arg(long, default_value = tessera_mesh::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// The namespace in the SPIFFE ids: by default the one the manifests in k8s/ deploy into.
-    #[arg(long, default_value = "tessera")]
+    #[arg(long, default_value = tessera_mesh::identity::DEFAULT_NAMESPACE)]
     namespace: String,
     /// Also print Kubernetes Secret manifests on stdout: the CA as `tessera-ca` (what the
     /// manifests' Issuer signs with) and each certificate as `<name>-tls`.

@@ -15,7 +15,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tessera_mesh::{
     config::{ConfigError, SERVICES, Settings},
-    identity::{DEFAULT_TRUST_DOMAIN, SpiffeId},
+    identity::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, SpiffeId},
     server::{Listeners, bind},
     shutdown::{Shutdown, ShutdownTrigger},
 };
@@ -349,7 +349,7 @@ pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::R
     let (ca, fresh_ca) = certs::load_or_create_ca(&certs_dir)?;
     let mut identities = BTreeMap::new();
     for name in SERVICES.iter().copied().chain(["operator"]) {
-        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", name)?;
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, DEFAULT_NAMESPACE, name)?;
         certs::ensure_workload_cert(&ca, &certs_dir, &id, fresh_ca)?;
         identities.insert(name.to_owned(), id);
     }

@@ -273,7 +273,7 @@ fn up_serves_every_port_stops_on_sigterm_and_keeps_its_state() {
         let identity = up.endpoints["services"][service]["identity"].as_str();
         assert_eq!(
             identity,
-            Some(format!("spiffe://tessera.local/ns/default/sa/{service}").as_str())
+            Some(format!("spiffe://tessera.local/ns/tessera/sa/{service}").as_str())
         );
         let admin = up.addr(service, "admin");
         let probe = run_bounded(

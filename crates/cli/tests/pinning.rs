@@ -108,8 +108,8 @@ fn serve_refuses_an_upstream_presenting_another_workloads_certificate() {
     );
     let line = wait_for_line(&posts_log, &mut posts, "a refusal naming both ids", |l| {
         l.contains("another identity")
-            && l.contains("spiffe://tessera.local/ns/default/sa/users")
-            && l.contains("spiffe://tessera.local/ns/default/sa/notifications")
+            && l.contains("spiffe://tessera.local/ns/tessera/sa/users")
+            && l.contains("spiffe://tessera.local/ns/tessera/sa/notifications")
     });
     println!("{line}");
     // The refusal is on the client side: the impostor never served posts a call.

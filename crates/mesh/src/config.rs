@@ -299,8 +299,8 @@ impl Settings {
         }
         let trust_domain = non_empty(lookup, "TESSERA_TRUST_DOMAIN")
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
-        let namespace =
-            non_empty(lookup, "TESSERA_NAMESPACE").unwrap_or_else(|| "default".to_owned());
+        let namespace = non_empty(lookup, "TESSERA_NAMESPACE")
+            .unwrap_or_else(|| crate::identity::DEFAULT_NAMESPACE.to_owned());
         crate::identity::SpiffeId::new(&trust_domain, &namespace, service).map_err(|e| {
             ConfigError::new("TESSERA_TRUST_DOMAIN/TESSERA_NAMESPACE", e.to_string())
         })?;

@@ -5,6 +5,11 @@ use std::{fmt, str::FromStr, sync::Arc};
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "tessera.local";
 
+/// The namespace used when none is configured: the one the manifests in k8s/ deploy into, so
+/// `tessera certs`, `tessera serve` and `tessera up` agree without flags (in Kubernetes the
+/// pod's own namespace is always given, from the downward API).
+pub const DEFAULT_NAMESPACE: &str = "tessera";
+
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`: who a workload is. Cloning is
 /// cheap (shared strings): every request carries its caller's id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
