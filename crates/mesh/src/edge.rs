@@ -242,18 +242,18 @@ where
             let _alive = alive;
             let accepted = Instant::now();
             let first_request_by = accepted + limits.header_timeout;
-            let stream =
-                match tokio::time::timeout_at(first_request_by, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(err)) => {
-                        tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let stream = match tokio::time::timeout_at(first_request_by, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
+                    return;
+                }
+            };
             let activity = Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
                 seen_request: AtomicBool::new(false),
@@ -272,11 +272,22 @@ where
                     let mut service = service.clone();
                     async move {
                         let resp = service.call(req).await?;
-                        Ok::<_, Infallible>(resp.map(|inner| Body::new(Counted { inner, _call: call })))
+                        Ok::<_, Infallible>(
+                            resp.map(|inner| Body::new(Counted { inner, _call: call })),
+                        )
                     }
                 });
             let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
-            watch_connection(conn, |c| c.graceful_shutdown(), &activity, &limits, first_request_by, stop, remote_addr).await;
+            watch_connection(
+                conn,
+                |c| c.graceful_shutdown(),
+                &activity,
+                &limits,
+                first_request_by,
+                stop,
+                remote_addr,
+            )
+            .await;
         });
     }
     drop(listener);
@@ -342,10 +353,7 @@ async fn watch_connection<C>(
     } else {
         CLOSE_GRACE
     };
-    if tokio::time::timeout(grace, conn.as_mut())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, conn.as_mut()).await.is_err() {
         tracing::debug!(peer = %remote_addr, "connection did not close after GOAWAY; dropped");
     }
 }
@@ -363,9 +371,15 @@ mod tests {
         let second = table.try_open(a, 2);
         assert!(first.is_some() && second.is_some());
         assert!(table.try_open(a, 2).is_none(), "a third from one address");
-        assert!(table.try_open(b, 2).is_some(), "another address is not charged");
+        assert!(
+            table.try_open(b, 2).is_some(),
+            "another address is not charged"
+        );
         drop(first);
-        assert!(table.try_open(a, 2).is_some(), "a closed connection frees its slot");
+        assert!(
+            table.try_open(a, 2).is_some(),
+            "a closed connection frees its slot"
+        );
         drop(second);
         assert!(
             table
