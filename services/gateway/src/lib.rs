@@ -47,6 +47,7 @@ pub mod feed;
 pub mod proxy;
 pub mod public;
 pub mod rate_limit;
+mod unread;
 
 pub use edge::{EdgeLimits, Upstreams, public_service};
 pub use error::GatewayError;

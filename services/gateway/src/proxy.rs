@@ -16,7 +16,10 @@
 //!   client that never reads holds gateway memory, bounded by its stream and connection
 //!   limits, and not an upstream stream;
 //! - a streamed response is pumped from upstream into a small per-stream buffer; a client
-//!   that lets it fill is cut off with RESOURCE_EXHAUSTED and the upstream stream is reset.
+//!   that lets it fill is cut off with RESOURCE_EXHAUSTED and the upstream stream is reset;
+//! - what is held unread is also counted per client address, over all its connections and
+//!   streams (see `unread`), so spreading a never-reading client over many streams does not
+//!   multiply the memory it can pin.
 //!
 //! Admission, in order, each step cheaper than the next:
 //! 1. per-address token bucket: counts every request, before any signature is checked, so a
@@ -54,6 +57,7 @@ use crate::{
     GatewayError, RateLimits,
     public::public_methods,
     rate_limit::{Buckets, address_key},
+    unread::{Charge, Ledger},
 };
 
 /// The client's address, inserted into the request extensions by whoever accepts the
@@ -73,6 +77,9 @@ pub struct SizeLimits {
     pub max_response: usize,
     /// Unread bytes held for one streamed response before its client is cut off.
     pub stream_buffer: usize,
+    /// Unread response bytes (unary and streamed) held for one client address at once, over
+    /// all its connections and streams.
+    pub unread_per_address: usize,
 }
 
 impl Default for SizeLimits {
@@ -81,6 +88,7 @@ impl Default for SizeLimits {
             max_request: 4 * 1024 * 1024,
             max_response: 4 * 1024 * 1024,
             stream_buffer: 256 * 1024,
+            unread_per_address: 32 * 1024 * 1024,
         }
     }
 }
@@ -98,6 +106,7 @@ struct Inner {
     per_user: Buckets<String>,
     per_address: Buckets<IpAddr>,
     sizes: SizeLimits,
+    unread: Arc<Ledger>,
 }
 
 /// `Service<http::Request<tonic::body::Body>>` serving the public methods. Cheap to clone.
@@ -151,6 +160,7 @@ impl PublicProxy {
                 per_user: Buckets::new(limits.per_user, limits.max_tracked),
                 per_address: Buckets::new(limits.per_address, limits.max_tracked),
                 sizes,
+                unread: Ledger::new(sizes.unread_per_address),
             }),
         })
     }
@@ -207,6 +217,7 @@ impl Inner {
         req: http::Request<Body>,
         token: Option<Arc<str>>,
     ) -> Result<http::Response<Body>, GatewayError> {
+        let ip = client_ip(&req);
         let req = if route.client_streaming {
             req
         } else {
@@ -221,10 +232,12 @@ impl Inner {
         let resp = context::scope(ctx, route.channel.clone().oneshot(req))
             .await
             .map_err(upstream_error)?;
+        let unread = self.unread.clone();
+        let charge = move |n| unread.charge(ip, n);
         if route.server_streaming {
-            Ok(pumped(resp, self.sizes.stream_buffer))
+            Ok(pumped(resp, self.sizes.stream_buffer, charge))
         } else {
-            whole(resp, self.sizes.max_response).await
+            whole(resp, self.sizes.max_response, charge).await
         }
     }
 }
@@ -278,6 +291,7 @@ async fn one_message(
 async fn whole(
     resp: http::Response<Body>,
     limit: usize,
+    charge: impl Fn(usize) -> Option<Charge>,
 ) -> Result<http::Response<Body>, GatewayError> {
     if resp.headers().contains_key("grpc-status") {
         // Trailers-only: nothing follows.
@@ -300,18 +314,27 @@ async fn whole(
             Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
+    let Some(charge) = charge(data.len()) else {
+        return Err(unread_exhausted());
+    };
     Ok(http::Response::from_parts(
         parts,
         Body::new(Replay {
-            data: Some(data.freeze()).filter(|d| !d.is_empty()),
+            data: Some((data.freeze(), charge)).filter(|(d, _)| !d.is_empty()),
             trailers,
         }),
     ))
 }
 
+fn unread_exhausted() -> GatewayError {
+    Status::resource_exhausted("too many unread responses for this client address; read them first")
+        .into()
+}
+
 /// A response already read: its data, then its trailers.
 struct Replay {
-    data: Option<Bytes>,
+    /// The data, charged to the client's address until the server takes it to send.
+    data: Option<(Bytes, Charge)>,
     trailers: Option<http::HeaderMap>,
 }
 
@@ -324,7 +347,7 @@ impl http_body::Body for Replay {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if let Some(data) = this.data.take() {
+        if let Some((data, _charge)) = this.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
@@ -346,13 +369,17 @@ struct Pumped {
 /// A streamed response whose upstream is read by a task of its own into a buffer of at most
 /// `limit` unread bytes: a client that stops reading is cut off (RESOURCE_EXHAUSTED) and the
 /// upstream stream dropped, instead of its data waiting in the upstream connection's window.
-fn pumped(resp: http::Response<Body>, limit: usize) -> http::Response<Body> {
+fn pumped(
+    resp: http::Response<Body>,
+    limit: usize,
+    charge: impl Fn(usize) -> Option<Charge> + Send + 'static,
+) -> http::Response<Body> {
     if resp.headers().contains_key("grpc-status") {
         return resp;
     }
     let (parts, mut upstream) = resp.into_parts();
     // Frames are also counted: many empty ones must not queue without bound either.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(Result<Frame<Bytes>, Status>, Charge)>(64);
     let shared = Arc::new(Pumped {
         unread: AtomicUsize::new(0),
         overflowed: AtomicBool::new(false),
@@ -371,7 +398,12 @@ fn pumped(resp: http::Response<Body>, limit: usize) -> http::Response<Body> {
                 .and_then(Frame::data_ref)
                 .map_or(0, Bytes::len);
             let unread = pump.unread.fetch_add(len, Ordering::AcqRel) + len;
-            if unread > limit || tx.try_send(frame).is_err() {
+            let charged = charge(len);
+            let sent = match charged {
+                Some(charged) if unread <= limit => tx.try_send((frame, charged)).is_ok(),
+                _ => false,
+            };
+            if !sent {
                 pump.overflowed.store(true, Ordering::Release);
                 // Wake the reader, if it is waiting, to end the stream.
                 drop(tx);
@@ -391,7 +423,7 @@ fn pumped(resp: http::Response<Body>, limit: usize) -> http::Response<Body> {
 }
 
 struct PumpedBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>>,
+    rx: tokio::sync::mpsc::Receiver<(Result<Frame<Bytes>, Status>, Charge)>,
     shared: Arc<Pumped>,
     done: bool,
 }
@@ -419,7 +451,7 @@ impl http_body::Body for PumpedBody {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => {
+            Poll::Ready(Some((frame, _charge))) => {
                 if let Some(data) = frame.as_ref().ok().and_then(Frame::data_ref) {
                     this.shared.unread.fetch_sub(data.len(), Ordering::AcqRel);
                 }

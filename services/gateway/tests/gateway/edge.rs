@@ -57,6 +57,8 @@ fn recording(inner: Channel, seen: SeenTokens) -> Channel {
 
 struct Setup {
     public: Channel,
+    /// The same service, for calls whose response bodies the test holds unread.
+    service: tessera_mesh::server::GrpcService,
     calls: Arc<Calls>,
     /// When set, PostService answers every call with this code.
     posts_fail: Arc<Mutex<Option<Code>>>,
@@ -69,15 +71,26 @@ fn setup(rates: RateLimits, sizes: SizeLimits) -> Setup {
     let calls = Arc::new(Calls::default());
     let posts = FakePosts {
         calls: calls.clone(),
-        posts: Mutex::new(HashMap::from([(
-            "p1".to_owned(),
-            Post {
-                post_id: "p1".into(),
-                author_id: "alice".into(),
-                title: "hello".into(),
-                ..Default::default()
-            },
-        )])),
+        posts: Mutex::new(HashMap::from([
+            (
+                "p1".to_owned(),
+                Post {
+                    post_id: "p1".into(),
+                    author_id: "alice".into(),
+                    title: "hello".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "big".to_owned(),
+                Post {
+                    post_id: "big".into(),
+                    author_id: "alice".into(),
+                    body: "x".repeat(40_000),
+                    ..Default::default()
+                },
+            ),
+        ])),
         ..FakePosts::default()
     };
     // A switch in front of the fake, so a test can make posts answer with any code.
@@ -129,7 +142,8 @@ fn setup(rates: RateLimits, sizes: SizeLimits) -> Setup {
     )
     .unwrap();
     Setup {
-        public: Channel::from_service(public),
+        public: Channel::from_service(public.clone()),
+        service: public,
         calls,
         posts_fail: fail,
         user_tokens,
@@ -415,4 +429,65 @@ impl NotificationService for Endless {
             next: 0,
         })))
     }
+}
+
+/// A raw GetPost from `ip`: the response, its body not read.
+async fn get_post_unread(s: &Setup, ip: &str, post_id: &str) -> http::Response<Body> {
+    use prost::Message as _;
+    let msg = GetPostRequest {
+        post_id: post_id.into(),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("/tessera.posts.v1.PostService/GetPost")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Body::new(http_body_util::Full::new(bytes::Bytes::from(
+            framed,
+        ))))
+        .unwrap();
+    req.extensions_mut()
+        .insert(ClientAddr(ip.parse::<IpAddr>().unwrap()));
+    tower::ServiceExt::oneshot(s.service.clone(), req)
+        .await
+        .unwrap()
+}
+
+fn grpc_status(resp: &http::Response<Body>) -> Option<&str> {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn unread_responses_are_bounded_per_address() {
+    let s = setup(
+        generous(),
+        SizeLimits {
+            unread_per_address: 100_000,
+            ..SizeLimits::default()
+        },
+    );
+    // Two 40 KB responses left unread fit in the address's 100 KB; a third does not.
+    let first = get_post_unread(&s, "192.0.2.7", "big").await;
+    let second = get_post_unread(&s, "192.0.2.7", "big").await;
+    assert_eq!(grpc_status(&first), None, "a response with data follows");
+    assert_eq!(grpc_status(&second), None);
+    let third = get_post_unread(&s, "192.0.2.7", "big").await;
+    assert_eq!(grpc_status(&third), Some("8"), "RESOURCE_EXHAUSTED");
+    // Another address is not charged for them.
+    let other = get_post_unread(&s, "192.0.2.8", "big").await;
+    assert_eq!(grpc_status(&other), None);
+    // Once the client reads (or drops) one, it may have another.
+    let read = http_body_util::BodyExt::collect(first.into_body())
+        .await
+        .unwrap();
+    assert!(read.to_bytes().len() > 40_000);
+    let fourth = get_post_unread(&s, "192.0.2.7", "big").await;
+    assert_eq!(grpc_status(&fourth), None);
+    drop((second, fourth, other));
 }
