@@ -27,6 +27,10 @@ use prost::Message;
 use rustls::{ClientConfig, pki_types::ServerName};
 use tessera::{
     gateway::v1::{GetPostThreadRequest, feed_service_client::FeedServiceClient},
+    notifications::v1::{
+        ListNotificationsRequest, SubscribeNotificationsRequest,
+        notification_service_client::NotificationServiceClient,
+    },
     posts::v1::{CreatePostRequest, GetPostRequest, post_service_client::PostServiceClient},
     users::v1::{CreateUserRequest, LoginRequest, user_service_client::UserServiceClient},
 };
@@ -49,6 +53,7 @@ const HONEST_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const GET_POST: &str = "/tessera.posts.v1.PostService/GetPost";
 const CREATE_POST: &str = "/tessera.posts.v1.PostService/CreatePost";
 const GET_POST_THREAD: &str = "/tessera.gateway.v1.FeedService/GetPostThread";
+const SUBSCRIBE: &str = "/tessera.notifications.v1.NotificationService/SubscribeNotifications";
 
 fn attacker(row: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + row))
@@ -474,6 +479,7 @@ async fn the_public_edge_holds_against_hostile_clients() {
     zero_window_never_reading(&up, &honest, &post.post_id).await;
     header_only_streams(&up, &honest).await;
     feed_flood_and_forged_token(&up, &honest, &post.post_id, &token).await;
+    subscription_flood(&up, &honest, &token).await;
     idle_connections(&up, &honest, baseline_fds).await;
     huge_create_post(&up, &honest, &mallory).await;
 
@@ -664,6 +670,102 @@ async fn feed_flood_and_forged_token(up: &Up, honest: &Honest, post_id: &str, ow
     assert_eq!(mine.author.unwrap().email, "honest@example.com");
     let anonymous = feed.get_post_thread(request).await.unwrap().into_inner();
     assert_eq!(anonymous.author.unwrap().email, "");
+}
+
+/// Row 5: 1080 `SubscribeNotifications` streams from 25 accounts (more than the 1024 streams
+/// one upstream connection carries), spread over six addresses so the per-address rate limit
+/// lets them in. Streams travel on upstream connections of their own: other users'
+/// ListNotifications calls go on. (Subscriptions refused by a per-user or per-replica cap,
+/// RESOURCE_EXHAUSTED, are counted, not failed.)
+async fn subscription_flood(up: &Up, honest: &Honest, honest_token: &str) {
+    let started = Instant::now();
+    let mut tokens = Vec::new();
+    for i in 0..25 {
+        tokens.push(sign_up(&honest.channel, &format!("subscriber{i}")).await.1);
+    }
+    println!(
+        "row 5, subscriptions: 25 accounts signed up in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut conns = Vec::new();
+    for row in 8..14 {
+        for _ in 0..2 {
+            conns.push(raw(attacker(row), up, None).await.unwrap());
+        }
+    }
+    let msg = framed(&SubscribeNotificationsRequest {});
+    let mut held = Vec::new();
+    for i in 0..1080 {
+        let (send, _) = &conns[i % conns.len()];
+        let token = &tokens[i % tokens.len()];
+        let (resp, mut stream) = open(
+            send,
+            grpc_request(SUBSCRIBE, Some(token)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        stream.send_data(msg.clone(), true).unwrap();
+        held.push((resp, stream));
+    }
+    // Wait for each stream's answer: headers of an open stream, or a trailers-only refusal.
+    // (Streams the upstream queues past its limit answer later; they stay held as they are.)
+    let answers = futures::future::join_all(held.into_iter().map(|(resp, stream)| async move {
+        let answer = tokio::time::timeout(Duration::from_secs(5), resp).await;
+        (answer, stream)
+    }))
+    .await;
+    let mut open_streams = 0;
+    let mut refused = 0;
+    let mut waiting = 0;
+    let mut other = Vec::new();
+    for (answer, _) in &answers {
+        match answer {
+            Ok(Ok(resp)) => match grpc_status(resp.headers()) {
+                None => open_streams += 1,
+                Some(8) => {
+                    if refused == 0 {
+                        println!(
+                            "  row 5: refused with {:?}",
+                            resp.headers().get("grpc-message")
+                        );
+                    }
+                    refused += 1;
+                }
+                Some(code) => {
+                    other.push(format!("{code} {:?}", resp.headers().get("grpc-message")))
+                }
+            },
+            Ok(Err(err)) => other.push(err.to_string()),
+            Err(_) => waiting += 1,
+        }
+    }
+    println!(
+        "  row 5: 1080 subscriptions: {open_streams} open, {refused} RESOURCE_EXHAUSTED, {waiting} not yet answered"
+    );
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    let mut notifications = NotificationServiceClient::new(honest.channel.clone());
+    let mut failures = Vec::new();
+    for _ in 0..HONEST_CALLS {
+        match notifications
+            .list_notifications(bearer(honest_token, ListNotificationsRequest::default()))
+            .await
+        {
+            Ok(_) => {
+                honest.served.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => failures.push(format!("{:?} {}", status.code(), status.message())),
+        }
+    }
+    println!(
+        "  row 5: honest client {}/{HONEST_CALLS} ListNotifications served",
+        HONEST_CALLS as usize - failures.len()
+    );
+    assert!(failures.is_empty(), "row 5: {failures:#?}");
+    drop(answers);
+    for (_, task) in conns {
+        task.abort();
+    }
 }
 
 /// Row 6: 3000 TLS connections from one address that never send a request. Past the

@@ -36,6 +36,10 @@ pub struct TokenKeys {
     current: Arc<ArcSwap<Verifier>>,
     refresh: Option<Refresh>,
     last_refresh: Arc<Mutex<Option<Instant>>>,
+    /// One refresh at a time; callers that wait for it then verify with its keys (without
+    /// it, a burst of first tokens on a fresh service saw "unknown key" while the first
+    /// fetch was still on its way).
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Unknown key ids trigger at most one refresh per this interval, so forged tokens with
@@ -49,6 +53,7 @@ impl TokenKeys {
             current: Arc::new(ArcSwap::from_pointee(verifier)),
             refresh: None,
             last_refresh: Arc::default(),
+            refreshing: Arc::default(),
         }
     }
 
@@ -63,6 +68,7 @@ impl TokenKeys {
             current: Arc::new(ArcSwap::from_pointee(Verifier::new())),
             refresh: Some(Arc::new(move || Box::pin(refresh()))),
             last_refresh: Arc::default(),
+            refreshing: Arc::default(),
         }
     }
 
@@ -75,13 +81,18 @@ impl TokenKeys {
     pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
         let kid = Verifier::peek_kid(token)?;
         if !self.current.load().knows(&kid) {
-            self.try_refresh().await;
+            self.try_refresh(&kid).await;
         }
         self.current.load().verify(token)
     }
 
-    async fn try_refresh(&self) {
+    async fn try_refresh(&self, kid: &str) {
         let Some(refresh) = &self.refresh else { return };
+        let _turn = self.refreshing.lock().await;
+        if self.current.load().knows(kid) {
+            // Fetched by the refresh this call waited for.
+            return;
+        }
         {
             let mut last = self
                 .last_refresh
@@ -96,5 +107,43 @@ impl TokenKeys {
             Ok(v) => self.set(v),
             Err(err) => tracing::warn!(error = %err, "refreshing token keys failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::token::{DEFAULT_TOKEN_TTL, Signer};
+
+    #[tokio::test]
+    async fn a_burst_of_first_tokens_waits_for_one_refresh() {
+        let signer = Arc::new(Signer::generate().unwrap());
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (s, f) = (signer.clone(), fetches.clone());
+        let keys = TokenKeys::fetched(move || {
+            let (s, f) = (s.clone(), f.clone());
+            async move {
+                f.fetch_add(1, Ordering::SeqCst);
+                // The fetch takes a while: every other caller arrives meanwhile.
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+                let mut v = Verifier::new();
+                v.add_key(s.kid(), s.public_key());
+                Ok(v)
+            }
+        });
+        let (token, _) = signer.sign("alice", "USER", DEFAULT_TOKEN_TTL);
+        let calls = (0..50).map(|_| {
+            let keys = keys.clone();
+            let token = token.clone();
+            tokio::spawn(async move { keys.verify(&token).await })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            assert_eq!(call.await.unwrap().unwrap().sub, "alice");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
     }
 }
