@@ -4,6 +4,10 @@
 //!
 //! Every step answers failures itself as a gRPC status, so the handler's router never sees
 //! a request that should not reach it and the caller always gets a proper code.
+//!
+//! On the gateway's public port ([`RequestPath::message_deadline`]) a call's first request
+//! message must arrive, under its own deadline, before the call takes a shedding permit:
+//! clients that open streams and send nothing cannot crowd out the others.
 
 use std::{
     borrow::Cow,
@@ -338,7 +342,9 @@ where
                 });
             }
         };
-        if let Some(wait) = shared.message_deadline {
+        if let Some(wait) = shared.message_deadline
+            && is_grpc(req.headers())
+        {
             return Box::pin(async move {
                 match first_message(req, shared.max_message_size, wait).await {
                     Ok(req) => call_handler(&shared, inner, req, ctx, recorder).await,
@@ -348,6 +354,14 @@ where
         }
         Box::pin(call_handler(&shared, inner, req, ctx, recorder))
     }
+}
+
+/// gRPC requests carry length-prefixed messages; anything else on the port (HTTP/JSON) is
+/// not read here.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Waits (up to `wait`) until the request's first message is in whole, or its body ended,
