@@ -285,6 +285,7 @@ where
                 &limits,
                 first_request_by,
                 stop,
+                drain,
                 remote_addr,
             )
             .await;
@@ -308,6 +309,7 @@ async fn watch_connection<C>(
     limits: &PublicLimits,
     first_request_by: Instant,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
     remote_addr: std::net::SocketAddr,
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
@@ -349,7 +351,7 @@ async fn watch_connection<C>(
     goaway(conn.as_mut());
     // Draining calls get the server's drain; an idle or silent peer only a short grace.
     let grace = if why == "server stopping" {
-        Duration::from_secs(3600)
+        drain
     } else {
         CLOSE_GRACE
     };
