@@ -278,17 +278,14 @@ where
                     }
                 });
             let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
-            watch_connection(
-                conn,
-                |c| c.graceful_shutdown(),
-                &activity,
-                &limits,
+            let watch = Watch {
+                activity: &activity,
+                limits: &limits,
                 first_request_by,
-                stop,
                 drain,
                 remote_addr,
-            )
-            .await;
+            };
+            watch_connection(conn, |c| c.graceful_shutdown(), watch, stop).await;
         });
     }
     drop(listener);
@@ -299,21 +296,34 @@ where
     Ok(())
 }
 
+/// What [`watch_connection`] holds one connection to.
+struct Watch<'a> {
+    activity: &'a Activity,
+    limits: &'a PublicLimits,
+    first_request_by: Instant,
+    /// How long calls get once the server stops.
+    drain: Duration,
+    remote_addr: std::net::SocketAddr,
+}
+
 /// Drives one connection, closing it (GOAWAY, then a hard bound) when it sends no request by
 /// `first_request_by`, when it has idled `limits.idle_timeout` with no call in flight, or when
 /// the server stops.
 async fn watch_connection<C>(
     conn: C,
     goaway: impl Fn(Pin<&mut C>),
-    activity: &Activity,
-    limits: &PublicLimits,
-    first_request_by: Instant,
+    watch: Watch<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    drain: Duration,
-    remote_addr: std::net::SocketAddr,
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
+    let Watch {
+        activity,
+        limits,
+        first_request_by,
+        drain,
+        remote_addr,
+    } = watch;
     tokio::pin!(conn);
     let mut idle_since = Instant::now();
     let why = loop {
