@@ -4,7 +4,8 @@
 //! port must not. Here each client address gets at most so many connections, each connection
 //! so many concurrent streams; a connection must finish its TLS handshake and send a request's
 //! headers within a deadline, and one with no call in flight for the idle timeout is closed
-//! (GOAWAY, so a well-behaved client reconnects without losing a call). The request path
+//! (HTTP/2 GOAWAY, or a close between HTTP/1.1 requests, so a well-behaved client reconnects
+//! without losing a call). The request path
 //! then waits for each call's request message under its own deadline before the call takes a
 //! load-shedding permit (see [`crate::stack::RequestPath::message_deadline`]).
 //!
@@ -201,8 +202,16 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // HTTP/2 for gRPC; HTTP/1.1 too, for whatever the port serves over it (an HTTP/JSON
+    // front), with hyper's own header-read timeout for each request on a kept-alive
+    // connection.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams_per_conn)
         .max_header_list_size(64 * 1024);
@@ -277,7 +286,9 @@ where
                         )
                     }
                 });
-            let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), hyper_service)
+                .into_owned();
             let watch = Watch {
                 activity: &activity,
                 limits: &limits,
@@ -309,13 +320,14 @@ struct Watch<'a> {
 /// Drives one connection, closing it (GOAWAY, then a hard bound) when it sends no request by
 /// `first_request_by`, when it has idled `limits.idle_timeout` with no call in flight, or when
 /// the server stops.
-async fn watch_connection<C>(
+async fn watch_connection<C, E>(
     conn: C,
     goaway: impl Fn(Pin<&mut C>),
     watch: Watch<'_>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
-    C: Future<Output = Result<(), hyper::Error>>,
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let Watch {
         activity,
