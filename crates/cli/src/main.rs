@@ -324,9 +324,16 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-/// One line with the whole cause chain; never a backtrace.
+/// One line with the whole cause chain; never a backtrace. A bad setting anywhere in the
+/// chain (`tessera up` reads one per service) is a usage error, 64.
 fn fail(err: &anyhow::Error) -> ExitCode {
     eprintln!("tessera: {err:#}");
+    if err
+        .chain()
+        .any(|e| e.is::<tessera_mesh::config::ConfigError>())
+    {
+        return ExitCode::from(EXIT_USAGE);
+    }
     ExitCode::from(1)
 }
 

@@ -17,15 +17,13 @@ use tessera_mesh::{
     auth::TokenKeys,
     config::Settings,
     policy::Policy,
-    server::{GrpcService, Listeners, Workload, bind, with_health_and_public_reflection},
+    server::{GrpcService, Listeners, Workload, bind},
     shutdown::Shutdown,
-    stack::PeerInfo,
     tls::{ClientTls, TlsFiles, TlsSource},
     token::Verifier,
 };
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
-use tower::ServiceExt;
 
 /// The upstreams each service calls, so `serve` can refuse to start without their targets.
 pub fn required_targets(service: &str) -> &'static [&'static str] {
@@ -256,12 +254,26 @@ pub async fn start(
                     clients.users(),
                 );
                 let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
-                let public = public_service(
-                    &channels,
-                    keys.clone(),
-                    feed_server.clone(),
-                    settings.rate_limits,
-                )?;
+                let mut upstreams = tessera_gateway::Upstreams::new();
+                for (upstream, unary) in &channels {
+                    // Streams get connections of their own, so open subscriptions cannot
+                    // starve the unary calls on the shared ones.
+                    let target = settings.target(upstream).unwrap_or_default();
+                    let streaming = builder.channel_to(upstream, target).with_context(|| {
+                        format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase())
+                    })?;
+                    upstreams.insert(upstream, unary.clone(), streaming);
+                }
+                let sizes = tessera_gateway::SizeLimits {
+                    max_request: max,
+                    max_response: max,
+                    ..Default::default()
+                };
+                let limits = tessera_gateway::EdgeLimits {
+                    rates: tessera_gateway::RateLimits::from(settings.rate_limits),
+                    sizes,
+                };
+                let public = tessera_gateway::public_service(&upstreams, keys.clone(), limits)?;
                 (
                     Routes::new(feed_server),
                     vec!["tessera.gateway.v1.FeedService"],
@@ -297,56 +309,4 @@ pub async fn start(
             .await
             .map_err(anyhow::Error::from)
     }))
-}
-
-/// The gateway's public port: FeedService, health and reflection (listing only what is
-/// public), and every other public method forwarded to its owner over mTLS.
-fn public_service(
-    channels: &HashMap<&str, Channel>,
-    keys: TokenKeys,
-    feed: FeedServiceServer<tessera_gateway::Feed>,
-    limits: tessera_mesh::config::PublicRateLimits,
-) -> anyhow::Result<GrpcService> {
-    // `tessera.posts.v1.PostService` is owned by the `posts` workload.
-    let channel_of =
-        |service: &str| -> Option<Channel> { channels.get(service.split('.').nth(1)?).cloned() };
-    let mut routes = HashMap::new();
-    let mut advertised: Vec<String> = vec!["tessera.gateway.v1.FeedService".into()];
-    for method in tessera_gateway::public_methods()? {
-        if let Some(channel) = channel_of(&method.service) {
-            if !advertised.contains(&method.service) {
-                advertised.push(method.service.clone());
-            }
-            routes.insert(method.path, channel);
-        }
-    }
-    let proxy =
-        tessera_gateway::PublicProxy::new(routes, keys, tessera_gateway::RateLimits::from(limits))?;
-    let health = tonic_health::server::HealthReporter::new();
-    let local = with_health_and_public_reflection(Routes::new(feed), &health, &advertised);
-    let router = local
-        .prepare()
-        .into_axum_router()
-        .fallback_service(
-            proxy.map_request(|mut req: http::Request<axum_body::Body>| {
-                // The proxy rate-limits per client address; the connection handler knows it.
-                if let Some(addr) = req
-                    .extensions()
-                    .get::<PeerInfo>()
-                    .map(|p| p.remote_addr.ip())
-                {
-                    req.extensions_mut()
-                        .insert(tessera_gateway::ClientAddr(addr));
-                }
-                req.map(tonic::body::Body::new)
-            }),
-        );
-    let svc = router
-        .map_request(|req: http::Request<tonic::body::Body>| req)
-        .map_response(|resp: http::Response<axum_body::Body>| resp.map(tonic::body::Body::new));
-    Ok(GrpcService::new(svc))
-}
-
-mod axum_body {
-    pub use axum::body::Body;
 }

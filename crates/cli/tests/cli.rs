@@ -537,6 +537,11 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
         ("users", "TESSERA_TLS_RELOAD_MS", "0"),
         ("posts", "TESSERA_DEADLINE_CAP_MS", "0"),
         ("comments", "TESSERA_DRAIN_TIMEOUT_MS", "-1"),
+        ("gateway", "TESSERA_PUBLIC_MAX_STREAMS_PER_CONN", "0"),
+        ("gateway", "TESSERA_PUBLIC_MAX_CONNS_PER_ADDR", "-2"),
+        ("gateway", "TESSERA_PUBLIC_HEADER_TIMEOUT_MS", "soon"),
+        ("gateway", "TESSERA_PUBLIC_BODY_TIMEOUT_MS", "0"),
+        ("gateway", "TESSERA_PUBLIC_IDLE_TIMEOUT_MS", "-1"),
     ] {
         let mut cmd = tessera();
         cmd.args(["serve", service]).env(key, value);
@@ -544,6 +549,18 @@ fn a_bad_setting_in_the_environment_exits_64_naming_it() {
         let line = assert_one_line_failure(&out, Some(64));
         assert!(line.contains(key), "{line}");
     }
+}
+
+#[test]
+fn a_bad_setting_under_up_exits_64_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = tessera();
+    cmd.args(["up", "--port-base", "0", "--data-dir"])
+        .arg(tmp.path())
+        .env("TESSERA_PUBLIC_IDLE_TIMEOUT_MS", "0");
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    let line = assert_one_line_failure(&out, Some(64));
+    assert!(line.contains("TESSERA_PUBLIC_IDLE_TIMEOUT_MS"), "{line}");
 }
 
 #[test]

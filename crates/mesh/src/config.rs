@@ -223,6 +223,48 @@ fn positive_millis(
     }
 }
 
+/// A count or duration that must be at least 1.
+fn positive<T: FromStr + PartialEq + From<u8>>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    default: T,
+    what: &str,
+) -> Result<T, ConfigError> {
+    let what = format!("{what}, at least 1");
+    let value = parse(lookup, key, default, &what)?;
+    if value == T::from(0) {
+        return Err(ConfigError::new(key, format!("expected {what}, got 0")));
+    }
+    Ok(value)
+}
+
+/// The public port's connection limits (`TESSERA_PUBLIC_*`).
+fn public_limits(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::edge::PublicLimits, ConfigError> {
+    let d = crate::edge::PublicLimits::default();
+    let ms = |key: &str, default: Duration| {
+        positive(lookup, key, default.as_millis() as u64, "milliseconds").map(Duration::from_millis)
+    };
+    Ok(crate::edge::PublicLimits {
+        max_streams_per_conn: positive(
+            lookup,
+            "TESSERA_PUBLIC_MAX_STREAMS_PER_CONN",
+            d.max_streams_per_conn,
+            "a whole number of streams",
+        )?,
+        max_conns_per_addr: positive(
+            lookup,
+            "TESSERA_PUBLIC_MAX_CONNS_PER_ADDR",
+            d.max_conns_per_addr,
+            "a whole number of connections",
+        )?,
+        header_timeout: ms("TESSERA_PUBLIC_HEADER_TIMEOUT_MS", d.header_timeout)?,
+        body_timeout: ms("TESSERA_PUBLIC_BODY_TIMEOUT_MS", d.body_timeout)?,
+        idle_timeout: ms("TESSERA_PUBLIC_IDLE_TIMEOUT_MS", d.idle_timeout)?,
+    })
+}
+
 fn non_empty(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Option<String> {
     lookup(key).filter(|v| !v.trim().is_empty())
 }
@@ -382,6 +424,7 @@ impl Settings {
                 allow_operator: parse(lookup, "TESSERA_ALLOW_OPERATOR", false, "true or false")?,
                 // Comes from the telemetry set up with these settings, not from a variable.
                 tracer: None,
+                public: public_limits(lookup)?,
             },
         };
         if settings.server.max_concurrency == 0 {
@@ -470,6 +513,28 @@ mod tests {
             d.ca_file.as_deref(),
             Some(std::path::Path::new("/var/run/tessera/db/ca.crt"))
         );
+        assert_eq!(s.server.public, crate::edge::PublicLimits::default());
+        let s = Settings::from_lookup(
+            "gateway",
+            &lookup(&[
+                ("TESSERA_PUBLIC_MAX_STREAMS_PER_CONN", "8"),
+                ("TESSERA_PUBLIC_MAX_CONNS_PER_ADDR", "4"),
+                ("TESSERA_PUBLIC_HEADER_TIMEOUT_MS", "1500"),
+                ("TESSERA_PUBLIC_BODY_TIMEOUT_MS", "2500"),
+                ("TESSERA_PUBLIC_IDLE_TIMEOUT_MS", "3500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.server.public,
+            crate::edge::PublicLimits {
+                max_streams_per_conn: 8,
+                max_conns_per_addr: 4,
+                header_timeout: Duration::from_millis(1500),
+                body_timeout: Duration::from_millis(2500),
+                idle_timeout: Duration::from_millis(3500),
+            }
+        );
     }
 
     #[test]
@@ -498,6 +563,16 @@ mod tests {
             ("TESSERA_DATABASE_POOL_SIZE", "many"),
             ("TESSERA_DATABASE_ACQUIRE_TIMEOUT_MS", "0"),
             ("TESSERA_DATABASE_STATEMENT_TIMEOUT_MS", "-5"),
+            ("TESSERA_PUBLIC_MAX_STREAMS_PER_CONN", "0"),
+            ("TESSERA_PUBLIC_MAX_STREAMS_PER_CONN", "-1"),
+            ("TESSERA_PUBLIC_MAX_CONNS_PER_ADDR", "0"),
+            ("TESSERA_PUBLIC_MAX_CONNS_PER_ADDR", "lots"),
+            ("TESSERA_PUBLIC_HEADER_TIMEOUT_MS", "0"),
+            ("TESSERA_PUBLIC_HEADER_TIMEOUT_MS", "-5"),
+            ("TESSERA_PUBLIC_BODY_TIMEOUT_MS", "0"),
+            ("TESSERA_PUBLIC_BODY_TIMEOUT_MS", "1s"),
+            ("TESSERA_PUBLIC_IDLE_TIMEOUT_MS", "0"),
+            ("TESSERA_PUBLIC_IDLE_TIMEOUT_MS", "2.5"),
         ] {
             let err = Settings::from_lookup("posts", &lookup(&[(key, value)])).unwrap_err();
             assert_eq!(err.setting, key, "{err}");

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod context;
+pub mod edge;
 pub mod errors;
 pub mod identity;
 pub mod metrics;

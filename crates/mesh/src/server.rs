@@ -46,6 +46,8 @@ pub struct ServerOptions {
     /// Where server spans go ([`crate::telemetry::TelemetryGuard::tracer`]); without one,
     /// calls are not traced here (trace context is still passed on).
     pub tracer: Option<opentelemetry_sdk::trace::Tracer>,
+    /// What one client may hold open on the gateway's public port.
+    pub public: crate::edge::PublicLimits,
 }
 
 impl Default for ServerOptions {
@@ -58,6 +60,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(20),
             allow_operator: false,
             tracer: None,
+            public: crate::edge::PublicLimits::default(),
         }
     }
 }
@@ -197,7 +200,12 @@ impl Workload {
     }
 
     fn request_path(&self, authorizer: Option<Authorizer>) -> RequestPath {
+        // Only the public port (no authorizer) waits for the message before shedding.
+        let message_deadline = authorizer
+            .is_none()
+            .then_some(self.options.public.body_timeout);
         RequestPath {
+            message_deadline,
             metrics: self.metrics.clone(),
             policy: self.policy.clone(),
             authorizer,
@@ -275,11 +283,11 @@ impl Workload {
             self.options.drain_timeout,
         ));
         if let (Some(listener), Some(public)) = (listeners.public, public) {
-            tasks.spawn(serve_tls(
+            tasks.spawn(crate::edge::serve_public(
                 listener,
                 self.tls.clone(),
-                false,
                 self.public_service(public),
+                self.options.public.clone(),
                 stop_rx.clone(),
                 self.options.drain_timeout,
             ));
@@ -502,7 +510,7 @@ fn http2_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
 /// Dead peers are found by TCP keepalive (idle 30 s, then 3 probes 10 s apart) rather than
 /// HTTP/2 PINGs: hyper's PING keepalive does bookkeeping on every frame of every call, which
 /// showed in the per-call CPU profile; the kernel's probes cost nothing until a link idles.
-fn keepalive(tcp: &tokio::net::TcpStream) {
+pub(crate) fn keepalive(tcp: &tokio::net::TcpStream) {
     let probes = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
@@ -512,7 +520,7 @@ fn keepalive(tcp: &tokio::net::TcpStream) {
     }
 }
 
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it here rather than across a select.
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }

@@ -4,6 +4,10 @@
 //!
 //! Every step answers failures itself as a gRPC status, so the handler's router never sees
 //! a request that should not reach it and the caller always gets a proper code.
+//!
+//! On the gateway's public port ([`RequestPath::message_deadline`]) a call's first request
+//! message must arrive, under its own deadline, before the call takes a shedding permit:
+//! clients that open streams and send nothing cannot crowd out the others.
 
 use std::{
     borrow::Cow,
@@ -77,6 +81,11 @@ pub struct RequestPath {
     /// Turns true when the workload drains: open server streams then end with UNAVAILABLE
     /// (reconnect elsewhere) and new ones are refused the same way.
     pub drain: Option<watch::Receiver<bool>>,
+    /// The public port: wait up to this long for a call's first request message before it
+    /// takes a shedding permit, so clients that send headers and nothing more cannot hold
+    /// permits (DEADLINE_EXCEEDED when it does not come). `None` on internal ports, whose
+    /// callers are other workloads and whose per-call cost stays as it is.
+    pub message_deadline: Option<Duration>,
 }
 
 /// Paths outside the contracts that every port serves; any other unknown path is labelled
@@ -176,6 +185,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     max_message_size: usize,
     drain: Option<watch::Receiver<bool>>,
+    message_deadline: Option<Duration>,
 }
 
 impl RequestPath {
@@ -201,6 +211,7 @@ impl RequestPath {
             permits: Arc::new(Semaphore::new(self.max_in_flight.max(1))),
             max_message_size: self.max_message_size,
             drain: self.drain,
+            message_deadline: self.message_deadline,
         }))
     }
 }
@@ -353,7 +364,111 @@ where
                 });
             }
         };
+        if let Some(wait) = shared.message_deadline
+            && is_grpc(req.headers())
+        {
+            return Box::pin(async move {
+                match first_message(req, shared.max_message_size, wait).await {
+                    Ok(req) => call_handler(&shared, inner, req, ctx, recorder, drain).await,
+                    Err(status) => Ok(observe(status_response(status), recorder)),
+                }
+            });
+        }
         Box::pin(call_handler(&shared, inner, req, ctx, recorder, drain))
+    }
+}
+
+/// gRPC requests carry length-prefixed messages; anything else on the port (HTTP/JSON) is
+/// not read here.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Waits (up to `wait`) until the request's first message is in whole, or its body ended,
+/// and hands the request on with what was read put back in front of the rest. A first
+/// message past `limit` is RESOURCE_EXHAUSTED without reading it.
+async fn first_message(
+    req: Request<Body>,
+    limit: usize,
+    wait: Duration,
+) -> Result<Request<Body>, Status> {
+    let (parts, mut body) = req.into_parts();
+    let mut frames = std::collections::VecDeque::new();
+    let read = async {
+        let mut header = [0u8; 5];
+        let mut have = 0usize;
+        let mut need: Option<usize> = None;
+        loop {
+            let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                .await
+                .transpose()
+                .map_err(|e| Status::cancelled(format!("reading the request: {e}")))?
+            else {
+                return Ok(());
+            };
+            let Some(data) = frame.data_ref() else {
+                // Trailers: the body is over.
+                frames.push_back(frame);
+                return Ok(());
+            };
+            // The 5-byte length prefix may arrive split over frames.
+            if have < 5 {
+                let take = (5 - have).min(data.len());
+                header[have..have + take].copy_from_slice(&data[..take]);
+            }
+            have = have.saturating_add(data.len());
+            if need.is_none() && have >= 5 {
+                let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+                if len > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "message of {len} bytes exceeds the limit of {limit} bytes"
+                    )));
+                }
+                need = Some(5 + len);
+            }
+            frames.push_back(frame);
+            if need.is_some_and(|n| have >= n) {
+                return Ok(());
+            }
+        }
+    };
+    match tokio::time::timeout(wait, read).await {
+        Ok(Ok(())) => Ok(Request::from_parts(
+            parts,
+            Body::new(Prefixed { frames, rest: body }),
+        )),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the request message did not arrive within {wait:?}"
+        ))),
+    }
+}
+
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        match this.frames.pop_front() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => Pin::new(&mut this.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.is_end_stream()
     }
 }
 

@@ -19,11 +19,7 @@ use tessera::{
     users::v1::{BatchGetUsersRequest, User, user_service_client::UserServiceClient},
 };
 use tessera_client::Channel;
-use tessera_mesh::{
-    auth::maybe_end_user,
-    context::{self, CallContext},
-    errors::Violations,
-};
+use tessera_mesh::{auth::maybe_end_user, context, errors::Violations};
 use tonic::{Request, Response, Status};
 
 use crate::GatewayError;
@@ -154,13 +150,12 @@ impl FeedService for Feed {
         request: Request<GetPostThreadRequest>,
     ) -> Result<Response<GetPostThreadResponse>, Status> {
         // Downstream calls carry the caller's token (emails are shown to their owners) and
-        // deadline. The mesh server stack sets this context; when the handler is reached
-        // in-process through the public proxy, build it from the verified user instead.
-        let ctx = context::current().unwrap_or_else(|| CallContext {
-            deadline: None,
-            token: maybe_end_user(&request).map(|u| u.token.clone()),
-            ..CallContext::default()
-        });
+        // deadline. The mesh server stack and the public proxy set this context; wherever it
+        // lacks the token, the verified user in the request has it.
+        let mut ctx = context::current().unwrap_or_default();
+        if ctx.token.is_none() {
+            ctx.token = maybe_end_user(&request).map(|u| u.token.clone());
+        }
         let req = request.into_inner();
         let page_size = comment_page_size(&req)?;
         let reply = context::scope(ctx, self.thread(req.post_id, page_size)).await?;

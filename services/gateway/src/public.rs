@@ -24,6 +24,8 @@ pub struct PublicMethod {
     pub user: bool,
     /// The method streams its responses.
     pub server_streaming: bool,
+    /// The method takes a stream of requests.
+    pub client_streaming: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -54,6 +56,8 @@ struct MethodDescriptorProto {
     name: Option<String>,
     #[prost(message, optional, tag = "4")]
     options: Option<MethodOptions>,
+    #[prost(bool, optional, tag = "5")]
+    client_streaming: Option<bool>,
     #[prost(bool, optional, tag = "6")]
     server_streaming: Option<bool>,
 }
@@ -97,6 +101,7 @@ pub fn public_methods_in(descriptor_set: &[u8]) -> Result<Vec<PublicMethod>, Gat
                     method: name,
                     user: rule.user,
                     server_streaming: method.server_streaming.unwrap_or(false),
+                    client_streaming: method.client_streaming.unwrap_or(false),
                 });
             }
         }

@@ -11,6 +11,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod mtls;
+mod public;
 mod reflection;
 mod rotation;
 mod tokens;

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod edge;
 mod fakes;
 mod feed;
 mod http_json;
