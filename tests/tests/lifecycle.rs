@@ -79,7 +79,12 @@ impl Topology {
         let certs = dir.path().join("certs");
         let (ca, fresh) = tessera_cli::certs::load_or_create_ca(&certs).unwrap();
         for name in ["users", "posts", "comments", "gateway"] {
-            let id = SpiffeId::new("tessera.local", "default", name).unwrap();
+            let id = SpiffeId::new(
+                "tessera.local",
+                tessera_mesh::identity::DEFAULT_NAMESPACE,
+                name,
+            )
+            .unwrap();
             tessera_cli::certs::ensure_workload_cert(&ca, &certs, &id, fresh).unwrap();
         }
         Self { dir, certs }

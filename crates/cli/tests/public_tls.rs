@@ -95,7 +95,7 @@ fn the_public_port_serves_the_public_certificate_and_its_renewals() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mesh = tmp.path().join("mesh");
-    certs(&mesh, "default", "gateway");
+    certs(&mesh, tessera_mesh::identity::DEFAULT_NAMESPACE, "gateway");
     // Two public issuers, each with a certificate for the public name `shop` (development
     // certificates also name localhost and 127.0.0.1; `shop` is the name checked here).
     let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));

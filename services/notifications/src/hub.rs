@@ -42,16 +42,26 @@ pub(crate) struct Delivery {
 /// The per-user channels of this process.
 #[derive(Default)]
 pub(crate) struct Hub {
-    channels: Mutex<HashMap<String, broadcast::Sender<Notification>>>,
+    channels: Mutex<HashMap<String, broadcast::Sender<Published>>>,
+}
+
+/// A notification with the outbox sequence of its delivery record.
+#[derive(Clone)]
+pub(crate) struct Published {
+    sequence: i64,
+    notification: Notification,
 }
 
 impl Hub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Notification>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Published>>> {
         // Never held across an await; a panic while held cannot leave the map inconsistent.
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn subscribe(self: &Arc<Self>, user_id: &str) -> Subscription {
+    /// A subscription to what is delivered after outbox sequence `after`: the fan-out may
+    /// still be publishing older records, which the subscriber never sees (they were created
+    /// before it subscribed; ListNotifications has them).
+    pub(crate) fn subscribe(self: &Arc<Self>, user_id: &str, after: i64) -> Subscription {
         let receiver = self
             .lock()
             .entry(user_id.to_owned())
@@ -59,6 +69,7 @@ impl Hub {
             .subscribe();
         Subscription {
             inner: BroadcastStream::new(receiver),
+            after,
             done: false,
             _guard: Guard {
                 hub: Arc::clone(self),
@@ -67,10 +78,13 @@ impl Hub {
         }
     }
 
-    pub(crate) fn publish(&self, user_id: &str, notification: Notification) {
+    pub(crate) fn publish(&self, user_id: &str, sequence: i64, notification: Notification) {
         if let Some(sender) = self.lock().get(user_id) {
             // No receivers left is fine: the last one is about to remove the channel.
-            let _ = sender.send(notification);
+            let _ = sender.send(Published {
+                sequence,
+                notification,
+            });
         }
     }
 
@@ -111,7 +125,9 @@ impl Drop for Guard {
 pub struct Subscription {
     // Declared before the guard: fields drop in order, so the receiver is gone by the time
     // the guard counts the remaining ones.
-    inner: BroadcastStream<Notification>,
+    inner: BroadcastStream<Published>,
+    /// Records at or before this outbox sequence were created before the subscription.
+    after: i64,
     done: bool,
     _guard: Guard,
 }
@@ -123,22 +139,25 @@ impl Stream for Subscription {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(notification))) => {
-                Poll::Ready(Some(Ok(SubscribeNotificationsResponse {
-                    notification: Some(notification),
-                })))
-            }
-            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
-                // Skipping silently would lose notifications; say so and let the client
-                // re-list and resubscribe.
-                self.done = true;
-                Poll::Ready(Some(Err(Status::aborted(format!(
-                    "the subscriber fell {missed} notifications behind; list them and subscribe again"
-                )))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        loop {
+            return match self.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(published))) if published.sequence <= self.after => continue,
+                Poll::Ready(Some(Ok(published))) => {
+                    Poll::Ready(Some(Ok(SubscribeNotificationsResponse {
+                        notification: Some(published.notification),
+                    })))
+                }
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                    // Skipping silently would lose notifications; say so and let the client
+                    // re-list and resubscribe.
+                    self.done = true;
+                    Poll::Ready(Some(Err(Status::aborted(format!(
+                        "the subscriber fell {missed} notifications behind; list them and subscribe again"
+                    )))))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }
@@ -161,7 +180,7 @@ pub(crate) async fn fan_out(db: Db, hub: Arc<Hub>, mut after: i64, mut stop: wat
                         Ok(Delivery {
                             user_id,
                             notification: Some(n),
-                        }) => hub.publish(&user_id, n),
+                        }) => hub.publish(&user_id, event.sequence, n),
                         Ok(_) => {}
                         Err(err) => tracing::error!(
                             sequence = event.sequence, error = %err, "corrupt delivery record"

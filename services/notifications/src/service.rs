@@ -153,8 +153,10 @@ impl Notifications {
 
     /// A live stream of `user_id`'s new notifications. Not counted against the
     /// [`SubscriptionLimits`]: those apply to SubscribeNotifications calls.
-    pub fn subscribe(&self, user_id: &str) -> Subscription {
-        self.inner.hub.subscribe(user_id)
+    /// Live from now: what was created before the call is not replayed on it.
+    pub async fn subscribe(&self, user_id: &str) -> Result<Subscription> {
+        let after = self.inner.db.last_sequence().await?;
+        Ok(self.inner.hub.subscribe(user_id, after))
     }
 
     async fn list(
@@ -344,7 +346,7 @@ impl NotificationService for Notifications {
         let claims = &end_user(&request)?.claims;
         // Counted before the hub is joined, so a refused call leaves nothing behind.
         let ticket = self.inner.admission.admit(&claims.sub)?;
-        let stream = self.subscribe(&claims.sub);
+        let stream = self.subscribe(&claims.sub).await?;
         Ok(Response::new(
             self.inner.admission.bound(stream, ticket, claims.exp),
         ))

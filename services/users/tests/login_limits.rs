@@ -24,6 +24,7 @@ fn cheap(failures_per_minute: u32) -> UsersConfig {
     UsersConfig {
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
         login_failures_per_minute: failures_per_minute,
+        key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..UsersConfig::default()
     }
 }
@@ -114,6 +115,7 @@ async fn logins_past_the_hashing_queue_are_resource_exhausted() {
         hash_queue: 0,
         // One failure throttles a name: shows which refusals counted as failures.
         login_failures_per_minute: 1,
+        key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..UsersConfig::default()
     };
     let (svcs, _dbs) = services("limits_queue", config).await;

@@ -184,6 +184,9 @@ impl Topology {
             });
         }
         run_tool(&["certs", "--dir", path_str(&topology.certs)]);
+        // Every users replica must unseal the same signing keys: one key-encryption key,
+        // owner-only as a mounted Secret would be.
+        write_owner_only(&topology.key_file(), b"chaos-test-key-encryption-key-32");
         // Users first: every other service fetches its token keys from it.
         topology.spawn("users-0");
         topology.wait_ready("users-0").await;
@@ -260,6 +263,12 @@ impl Topology {
         if databases::OWNERS.contains(&r.service) {
             env.push(("DATABASE_URL".into(), self.server.service_url(r.service)));
         }
+        if r.service == "users" {
+            env.push((
+                "TESSERA_KEY_ENCRYPTION_KEY_FILE".into(),
+                path_str(&self.key_file()).into(),
+            ));
+        }
         for upstream in ["users", "posts", "comments", "notifications"] {
             env.push((
                 format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()),
@@ -267,6 +276,11 @@ impl Topology {
             ));
         }
         env
+    }
+
+    /// The users service's key-encryption key, beside the certificates.
+    fn key_file(&self) -> PathBuf {
+        self.certs.with_file_name("key-encryption.key")
     }
 
     /// Starts replica `name` (which must not be running), its output appended to its log.
@@ -520,4 +534,17 @@ impl Drop for Topology {
 fn path_str(path: &Path) -> &str {
     path.to_str()
         .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
+}
+
+/// Writes `contents` to a new file only its owner may read.
+fn write_owner_only(path: &Path, contents: &[u8]) {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.write_all(contents)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
