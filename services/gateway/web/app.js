@@ -4,21 +4,60 @@
 
 const state = {
   token: localStorage.getItem("tessera.token"),
+  // Access tokens live minutes; the refresh token (single use) gets the next pair.
+  refresh: localStorage.getItem("tessera.refresh"),
   user: JSON.parse(localStorage.getItem("tessera.user") || "null"),
   nextPageToken: "",
   currentPost: null,
 };
 
-// One JSON call. Errors come back as {code, message, details} with an HTTP status.
-async function api(method, path, body) {
+function send(method, path, body) {
   const headers = {};
   if (body !== undefined) headers["content-type"] = "application/json";
   if (state.token) headers["authorization"] = "Bearer " + state.token;
-  const resp = await fetch(path, {
+  return fetch(path, {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
   });
+}
+
+// One refresh at a time: calls that find the access token expired together wait for it, since
+// a refresh token presented twice ends the session.
+let refreshing = null;
+function refreshSession() {
+  if (!refreshing) {
+    const token = state.refresh;
+    refreshing = fetch("/v1/auth/refresh", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ refreshToken: token }),
+    })
+      .then(async (resp) => {
+        if (!resp.ok) return false;
+        const r = await resp.json();
+        state.token = r.accessToken;
+        state.refresh = r.refreshToken;
+        localStorage.setItem("tessera.token", state.token);
+        localStorage.setItem("tessera.refresh", state.refresh);
+        return true;
+      })
+      .catch(() => false)
+      .finally(() => {
+        refreshing = null;
+      });
+  }
+  return refreshing;
+}
+
+// One JSON call. Errors come back as {code, message, details} with an HTTP status. An expired
+// access token is refreshed once and the call sent again.
+async function api(method, path, body) {
+  const sentWith = state.token;
+  let resp = await send(method, path, body);
+  if (resp.status === 401 && sentWith && state.refresh) {
+    if (state.token !== sentWith || (await refreshSession())) resp = await send(method, path, body);
+  }
   const data = await resp.json().catch(() => ({}));
   if (!resp.ok) {
     if (resp.status === 401 && state.token) signOut();
@@ -56,15 +95,19 @@ function when(iso) {
 
 function signIn(login) {
   state.token = login.accessToken;
+  state.refresh = login.refreshToken || null;
   state.user = login.user;
   localStorage.setItem("tessera.token", state.token);
+  if (state.refresh) localStorage.setItem("tessera.refresh", state.refresh);
   localStorage.setItem("tessera.user", JSON.stringify(state.user));
 }
 
 function signOut() {
   state.token = null;
+  state.refresh = null;
   state.user = null;
   localStorage.removeItem("tessera.token");
+  localStorage.removeItem("tessera.refresh");
   localStorage.removeItem("tessera.user");
   renderAuth();
 }
@@ -255,6 +298,14 @@ form("comment-form", async (f) => {
 });
 
 $("logout").addEventListener("click", () => {
+  // Ends the session on the server too (its refresh token can no longer be used).
+  if (state.refresh) {
+    fetch("/v1/auth/logout", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ refreshToken: state.refresh }),
+    }).catch(() => {});
+  }
   signOut();
   route("#/");
 });
