@@ -165,6 +165,9 @@ pub(crate) struct Endpoint {
     connector: Connector,
     state: State,
     failures: u32,
+    /// Successful connects so far: a change tells the load estimate a new connection (often
+    /// a new process at the same address) has replaced the old one.
+    connects: u64,
 }
 
 impl fmt::Debug for Endpoint {
@@ -184,7 +187,13 @@ impl Endpoint {
             connector,
             state: State::Idle,
             failures: 0,
+            connects: 0,
         }
+    }
+
+    /// How many times this replica has been connected.
+    pub(crate) fn connects(&self) -> u64 {
+        self.connects
     }
 }
 
@@ -218,6 +227,7 @@ impl Service<http::Request<Body>> for Endpoint {
                             tracing::info!(addr = %self.addr, "reconnected");
                         }
                         self.failures = 0;
+                        self.connects += 1;
                         self.state = State::Connected(send);
                     }
                     Err(error) => {

@@ -34,12 +34,15 @@ const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 pub(crate) struct Weighed {
     endpoint: Endpoint,
     stats: Arc<Stats>,
+    /// The endpoint's connect count when last ready.
+    connects: u64,
 }
 
 struct Stats {
     in_flight: AtomicU32,
     rtt: Mutex<Rtt>,
     decay_ns: f64,
+    default_rtt_ns: f64,
 }
 
 struct Rtt {
@@ -63,6 +66,14 @@ impl Rtt {
 }
 
 impl Stats {
+    /// Forgets what the old connection earned: the failure penalties of a replica that died
+    /// or drained would otherwise keep its restarted process idle for seconds.
+    fn reset(&self) {
+        let mut estimate = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        estimate.estimate_ns = self.default_rtt_ns;
+        estimate.at = Instant::now();
+    }
+
     fn observe(&self, rtt: Duration) {
         // A poisoned lock only means another thread panicked mid-update; the number is
         // still a number.
@@ -82,7 +93,9 @@ impl Weighed {
                     at: Instant::now(),
                 }),
                 decay_ns: (decay.as_nanos() as f64).max(1.0),
+                default_rtt_ns: default_rtt.as_nanos() as f64,
             }),
+            connects: 0,
         }
     }
 }
@@ -108,7 +121,16 @@ impl Service<http::Request<Body>> for Weighed {
     type Future = Tracked;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.endpoint.poll_ready(cx)
+        ready!(self.endpoint.poll_ready(cx))?;
+        let connects = self.endpoint.connects();
+        if connects != self.connects {
+            // A reconnect (not the first connect): start the new connection's estimate afresh.
+            if self.connects != 0 {
+                self.stats.reset();
+            }
+            self.connects = connects;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Tracked {
@@ -195,5 +217,34 @@ mod tests {
         // Nothing for a long time: close to zero.
         let much_later = later + Duration::from_secs(100);
         assert!(rtt.observe(0.0, much_later, decay) < 1e3);
+    }
+
+    #[test]
+    fn a_reconnect_forgets_the_old_connections_penalties() {
+        let stats = Stats {
+            in_flight: AtomicU32::new(0),
+            rtt: Mutex::new(Rtt {
+                estimate_ns: 1e6,
+                at: Instant::now(),
+            }),
+            decay_ns: Duration::from_secs(2).as_nanos() as f64,
+            default_rtt_ns: 1e6,
+        };
+        // Calls failing as the replica dies: the estimate peaks at the penalty.
+        stats.observe(FAILURE_PENALTY);
+        let peak = stats
+            .rtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .estimate_ns;
+        assert!(peak >= FAILURE_PENALTY.as_nanos() as f64, "{peak}");
+        // The process at that address is back on a new connection: tried like a new replica.
+        stats.reset();
+        let fresh = stats
+            .rtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .estimate_ns;
+        assert_eq!(fresh, 1e6);
     }
 }
