@@ -298,6 +298,7 @@ pub async fn start(
         "gateway" => workload.with_public_edge(tessera_gateway::http_json::public_edge(
             &settings.cors_origins,
             max,
+            settings.server.public.body_timeout,
         )?),
         _ => workload,
     };

@@ -55,6 +55,9 @@ struct Shared {
     cors_origins: Vec<HeaderValue>,
     /// Largest JSON body read, in bytes.
     max_body: usize,
+    /// How long a client has to send the whole body (`TESSERA_PUBLIC_BODY_TIMEOUT_MS`, as for
+    /// gRPC requests on the same port), so a slow sender cannot hold a call open.
+    body_timeout: std::time::Duration,
 }
 
 impl HttpJson {
@@ -77,8 +80,18 @@ impl HttpJson {
                 openapi: openapi.into(),
                 cors_origins,
                 max_body,
+                body_timeout: tessera_mesh::edge::PublicLimits::default().body_timeout,
             }),
         })
+    }
+
+    /// How long a client may take to send a JSON body (by default the public port's
+    /// `TESSERA_PUBLIC_BODY_TIMEOUT_MS` default); past it 408 with DEADLINE_EXCEEDED.
+    pub fn with_body_timeout(mut self, timeout: std::time::Duration) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.body_timeout = timeout;
+        }
+        self
     }
 
     /// The OpenAPI document, as served at `/openapi.json`.
@@ -103,8 +116,9 @@ impl HttpJson {
 pub fn public_edge(
     cors_origins: &[String],
     max_body: usize,
+    body_timeout: std::time::Duration,
 ) -> Result<tessera_mesh::server::PublicEdge, GatewayError> {
-    let edge = HttpJson::new(cors_origins, max_body)?;
+    let edge = HttpJson::new(cors_origins, max_body)?.with_body_timeout(body_timeout);
     Ok(Arc::new(move |path| {
         tessera_mesh::server::GrpcService::new(edge.wrap(path))
     }))
@@ -288,10 +302,21 @@ where
     };
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();
-    let body = match http_body_util::Limited::new(body, shared.max_body)
-        .collect()
-        .await
-    {
+    let read = tokio::time::timeout(
+        shared.body_timeout,
+        http_body_util::Limited::new(body, shared.max_body).collect(),
+    );
+    let Ok(read) = read.await else {
+        return error_response(
+            api,
+            StatusCode::REQUEST_TIMEOUT,
+            &Status::deadline_exceeded(format!(
+                "the request body did not arrive within {:?}",
+                shared.body_timeout
+            )),
+        );
+    };
+    let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             return error_response(

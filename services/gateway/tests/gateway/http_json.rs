@@ -152,6 +152,32 @@ async fn oversized_bodies_are_refused_before_any_call() {
 }
 
 #[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_refused_before_any_call() {
+    let (inner, seen) = recording();
+    let edge = HttpJson::new(&[], 1 << 20)
+        .unwrap()
+        .with_body_timeout(std::time::Duration::from_millis(200))
+        .wrap(inner);
+    // Half a JSON body, then nothing: a slow sender.
+    let half = futures::stream::iter([Ok::<_, Infallible>(Frame::data(Bytes::from_static(
+        b"{\"title\": ",
+    )))]);
+    let body = http_body_util::StreamBody::new(futures::StreamExt::chain(
+        half,
+        futures::stream::pending(),
+    ));
+    let started = std::time::Instant::now();
+    let resp = edge
+        .oneshot(Request::post("/v1/posts").body(Body::new(body)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(body_json(resp).await["code"], 4);
+    assert!(seen.lock().unwrap().is_empty());
+    println!("refused after {:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn grpc_and_grpc_web_reach_the_inner_service_as_grpc() {
     let (inner, seen) = recording();
     let edge = HttpJson::new(&[], 1 << 20).unwrap().wrap(inner);
