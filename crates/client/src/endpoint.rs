@@ -195,6 +195,12 @@ impl Endpoint {
     pub(crate) fn connects(&self) -> u64 {
         self.connects
     }
+
+    /// The connection this replica had is gone (the process died or drained) and nothing has
+    /// polled it since: it must be polled to notice and reconnect.
+    pub(crate) fn is_lost(&self) -> bool {
+        matches!(&self.state, State::Connected(send) if send.is_closed())
+    }
 }
 
 /// What an endpoint's call resolves to.

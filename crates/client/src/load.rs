@@ -42,7 +42,6 @@ struct Stats {
     in_flight: AtomicU32,
     rtt: Mutex<Rtt>,
     decay_ns: f64,
-    default_rtt_ns: f64,
 }
 
 struct Rtt {
@@ -67,10 +66,13 @@ impl Rtt {
 
 impl Stats {
     /// Forgets what the old connection earned: the failure penalties of a replica that died
-    /// or drained would otherwise keep its restarted process idle for seconds.
+    /// or drained would otherwise keep its restarted process idle for seconds. The new
+    /// connection starts at zero, so it is chosen until its first answer sets a real estimate
+    /// (the peak is taken at once): a replica that comes back gets calls right away, and only
+    /// for about one round trip before it competes on its latency like the others.
     fn reset(&self) {
         let mut estimate = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        estimate.estimate_ns = self.default_rtt_ns;
+        estimate.estimate_ns = 0.0;
         estimate.at = Instant::now();
     }
 
@@ -93,7 +95,6 @@ impl Weighed {
                     at: Instant::now(),
                 }),
                 decay_ns: (decay.as_nanos() as f64).max(1.0),
-                default_rtt_ns: default_rtt.as_nanos() as f64,
             }),
             connects: 0,
         }
@@ -108,6 +109,13 @@ impl Load for Weighed {
     type Metric = Cost;
 
     fn load(&self) -> Cost {
+        // The balancer polls only the replica it picks, so a replica whose connection dropped
+        // would sit among the ready ones, shunned for its failures, and never reconnect (nor
+        // get calls once its process is back). Costing nothing, it is picked, polled, and
+        // either reconnects at once or waits in backoff with the replicas that are not ready.
+        if self.endpoint.is_lost() {
+            return Cost(0.0);
+        }
         let in_flight = self.stats.in_flight.load(Ordering::Relaxed);
         let mut rtt = self.stats.rtt.lock().unwrap_or_else(|p| p.into_inner());
         let estimate = rtt.observe(0.0, Instant::now(), self.stats.decay_ns);
@@ -228,7 +236,6 @@ mod tests {
                 at: Instant::now(),
             }),
             decay_ns: Duration::from_secs(2).as_nanos() as f64,
-            default_rtt_ns: 1e6,
         };
         // Calls failing as the replica dies: the estimate peaks at the penalty.
         stats.observe(FAILURE_PENALTY);
@@ -238,13 +245,18 @@ mod tests {
             .unwrap_or_else(|p| p.into_inner())
             .estimate_ns;
         assert!(peak >= FAILURE_PENALTY.as_nanos() as f64, "{peak}");
-        // The process at that address is back on a new connection: tried like a new replica.
+        // The process at that address is back on a new connection: preferred until it answers.
         stats.reset();
-        let fresh = stats
-            .rtt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .estimate_ns;
-        assert_eq!(fresh, 1e6);
+        let estimate = || {
+            stats
+                .rtt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .estimate_ns
+        };
+        assert_eq!(estimate(), 0.0);
+        // Its first answer is its estimate (the peak).
+        stats.observe(Duration::from_micros(300));
+        assert_eq!(estimate(), 300e3);
     }
 }

@@ -169,8 +169,10 @@ async fn a_replica_that_comes_back_gets_calls_within_a_second() {
     }
     let took = back.elapsed();
     println!("the replica that came back got a call after {took:?}");
+    // Expected within the 1 s reconnect cap; the bound is loose for a busy CI machine but still
+    // catches a longer backoff or a replica shunned for its predecessor's failures (seconds).
     assert!(
-        took < Duration::from_millis(1500),
+        took < Duration::from_secs(3),
         "a replica that came back waited {took:?} for calls"
     );
 }
