@@ -244,15 +244,20 @@ where
         let service = service.clone();
         let builder = builder.clone();
         let limits = limits.clone();
-        let stop = stop.clone();
+        let mut stop = stop.clone();
         let alive = alive_tx.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let _alive = alive;
             let accepted = Instant::now();
             let first_request_by = accepted + limits.header_timeout;
-            let stream = match tokio::time::timeout_at(first_request_by, acceptor.accept(tcp)).await
-            {
+            // Dropped when the server stops: a handshake has no call to finish.
+            let handshake = tokio::time::timeout_at(first_request_by, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                done = handshake => done,
+                _ = crate::server::stopped(&mut stop) => return,
+            };
+            let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");

@@ -583,8 +583,19 @@ where
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let trust_domain = trust_domain.clone();
+        let mut stopping = stop.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            // A handshake still under way when the server stops is dropped: it has no call
+            // to finish, and waiting for it would hold the drain for up to its timeout.
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                done = handshake => done,
+                _ = stopped(&mut stopping) => {
+                    tracing::debug!(peer = %remote_addr, "TLS handshake dropped: the server is stopping");
+                    return;
+                }
+            };
+            let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(peer = %remote_addr, error = %err, "TLS handshake failed");

@@ -186,3 +186,31 @@ async fn shutdown_ends_server_streams_with_unavailable_after_the_drain_delay() {
         "stopped after {stopped_after:?}"
     );
 }
+
+#[tokio::test]
+async fn a_handshake_left_unfinished_does_not_hold_the_drain() {
+    let options = tessera_mesh::server::ServerOptions {
+        drain_timeout: Duration::from_secs(20),
+        ..test_options()
+    };
+    let delay = options.drain_delay;
+    let mut app = crate::support::spawn_app_with(options, None).await;
+    // Connected over TCP, never a byte of TLS: a client that stalled mid-connect (the server
+    // gives a handshake 10 s).
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(tokio::net::TcpStream::connect(app.grpc).await.unwrap());
+    }
+    // Let the server accept them before it stops.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    app.shutdown();
+    app.stopped().await.unwrap();
+    let stopped_after = started.elapsed();
+    println!("drain delay {delay:?}: stopped after {stopped_after:?} with 3 unfinished handshakes");
+    assert!(
+        stopped_after < delay + Duration::from_secs(2),
+        "stopped after {stopped_after:?}"
+    );
+    drop(stalled);
+}
