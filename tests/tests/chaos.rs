@@ -610,6 +610,10 @@ async fn rolling_restart_of_posts_under_read_and_write_load_loses_nothing() {
         // Streams (comments' WatchEvents on posts) end on drain, so the stop takes the
         // drain delay (printed above), not the drain timeout.
         assert!(!drain_timeout, "{name} waited for the drain timeout");
+        assert!(
+            stopped < DRAIN_DELAY + Duration::from_secs(2),
+            "{name} took {stopped:?} to stop (drain delay {DRAIN_DELAY:?})"
+        );
         mesh.spawn(&name);
         let ready = mesh.wait_ready(&name).await;
         println!(
