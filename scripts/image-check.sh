@@ -300,6 +300,17 @@ def run_pod(deployment):
         os.makedirs(source)
         if "emptyDir" in volume:
             os.chmod(source, 0o777)  # the kubelet's emptyDir mode
+        elif "secret" in volume and volume["secret"].get("secretName") in secrets:
+            # A Secret the overlay renders (the users key-encryption key): its keys as files.
+            rendered = secrets[volume["secret"]["secretName"]]
+            mode = volume["secret"].get("defaultMode", 0o644)
+            data = {k: base64.b64decode(v) for k, v in rendered.get("data", {}).items()}
+            data.update({k: v.encode() for k, v in rendered.get("stringData", {}).items()})
+            for key, value in data.items():
+                with open(f"{source}/{key}", "wb") as f:
+                    f.write(value)
+                os.chown(f"{source}/{key}", 0, fs_group if fs_group is not None else 0)
+                os.chmod(f"{source}/{key}", mode)
         elif "secret" in volume or "csi" in volume:
             # A Certificate's Secret (the public one), or else the workload identity
             # (csi-driver-spiffe, cert-manager's layout); owned root:fsGroup.
@@ -315,9 +326,26 @@ def run_pod(deployment):
         else:
             raise SystemExit(f"{name}: volume {m['name']}: type not simulated here")
         mounts.append((source, m["mountPath"], bool(m.get("readOnly"))))
+    # Every other service needs users' signing keys to be ready (readiness waits for them), so
+    # its pod gets a users of its own from the same image: on ::1 (the pod under check holds
+    # 0.0.0.0:8443), found as `users` through the pod's hosts file, with users' certificate.
+    helper = name != "users"
+    if helper:
+        for d in ("helper-tls", "helper-data"):
+            os.makedirs(f"{pod}/{d}")
+            os.chown(f"{pod}/{d}", uid, gid)
+        os.chmod(f"{pod}/helper-data", 0o700)
+        for f in ("tls.crt", "tls.key", "ca.crt"):
+            shutil.copy(f"{work}/certs/users/{f}", f"{pod}/helper-tls/{f}")
+            os.chown(f"{pod}/helper-tls/{f}", uid, gid)
+            os.chmod(f"{pod}/helper-tls/{f}", 0o400)
+        mounts += [(f"{pod}/helper-tls", "/var/run/tessera/helper-tls", True),
+                   (f"{pod}/helper-data", "/var/lib/tessera-helper", False)]
     # What the kubelet mounts into every container.
     with open(f"{pod}/hosts", "w") as f:
         f.write(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.0.1\t{name}-check\n")
+        if helper:
+            f.write("::1\tusers\n")
     with open(f"{pod}/resolv.conf", "w") as f:
         f.write(f"search {env.get('TESSERA_NAMESPACE', 'default')}.svc.cluster.local svc.cluster.local cluster.local\nnameserver 127.0.0.1\n")
     mounts += [(f"{pod}/hosts", "/etc/hosts", True), (f"{pod}/resolv.conf", "/etc/resolv.conf", True)]
@@ -352,6 +380,23 @@ def run_pod(deployment):
     # The image has no env(1): chroot runs the entrypoint directly, env -i (from the host)
     # runs chroot with exactly the container's environment.
     run = f"env -i {env_args} chroot --userspec={uid}:{gid} {root}"
+    if helper:
+        helper_env = {
+            "TESSERA_GRPC_ADDR": "[::1]:8443",
+            "TESSERA_ADMIN_ADDR": "[::1]:19090",
+            "TESSERA_TLS_DIR": "/var/run/tessera/helper-tls",
+            "TESSERA_DATA_DIR": "/var/lib/tessera-helper",
+            "TESSERA_LOG_FORMAT": "json",
+        }
+        for key in ("PATH", "TESSERA_TRUST_DOMAIN", "TESSERA_NAMESPACE"):
+            if key in env:
+                helper_env[key] = env[key]
+        helper_args = " ".join(q(f"{k}={v}") for k, v in sorted(helper_env.items()))
+        lines += [
+            f"env -i {helper_args} chroot --userspec={uid}:{gid} {root} /usr/local/bin/tessera serve users >{pod}/helper.log 2>&1 &",
+            "hpid=$!",
+            "trap 'kill -KILL $hpid 2>/dev/null || true' EXIT",
+        ]
     lines += [
         f"{run} {' '.join(q(a) for a in argv)} >{pod}/stdout 2>{pod}/stderr &",
         "pid=$!",
@@ -435,7 +480,9 @@ def run_pod(deployment):
         print(f"    {name}: FAILED after {elapsed:.1f}s")
         for p in problems:
             print(f"      {p}")
-        for stream in ("stdout", "stderr"):
+        for stream in ("stdout", "stderr", "helper.log"):
+            if not os.path.exists(f"{pod}/{stream}"):
+                continue
             tail = open(f"{pod}/{stream}", errors="replace").read().strip().splitlines()[-10:]
             for line in tail:
                 print(f"      {stream}| {line[:300]}")
@@ -449,7 +496,11 @@ deployments = [d for d in docs if d["kind"] == "Deployment"
                and d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "tessera"]
 if not deployments:
     raise SystemExit("no Tessera Deployments rendered")
+# IMAGE_CHECK_ONLY=posts,users runs only those Deployments (when debugging one).
+only = os.environ.get("IMAGE_CHECK_ONLY")
 for deployment in deployments:
+    if only and deployment["metadata"]["name"] not in only.split(","):
+        continue
     run_pod(deployment)
 sys.exit(1 if failures else 0)
 EOF
