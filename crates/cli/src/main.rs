@@ -343,9 +343,8 @@ fn run_certs(args: CertsArgs) -> anyhow::Result<()> {
         print!("{}", certs::ca_secret_manifest(&args.dir, &args.namespace)?);
     }
     let names: Vec<String> = if args.services.is_empty() {
-        tessera_mesh::config::SERVICES
-            .iter()
-            .map(|s| (*s).to_owned())
+        tessera_cli::workloads::names()
+            .map(str::to_owned)
             .chain(["operator".to_owned()])
             .collect()
     } else {
