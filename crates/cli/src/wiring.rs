@@ -127,7 +127,10 @@ pub async fn start(
     // each pinned to its upstream's SPIFFE id (this workload's trust domain and namespace).
     let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));
     let mut channels: HashMap<&str, Channel> = HashMap::new();
-    for upstream in crate::workloads::upstreams(&settings.service).iter().copied() {
+    for upstream in crate::workloads::upstreams(&settings.service)
+        .iter()
+        .copied()
+    {
         if let Some(target) = settings.target(upstream) {
             let channel = builder
                 .channel_to(upstream, target)

@@ -224,9 +224,15 @@ mod tests {
         for (i, w) in WORKLOADS.iter().enumerate() {
             for up in w.upstreams {
                 let at = WORKLOADS.iter().position(|u| u.name == *up);
-                assert!(at.is_some_and(|at| at < i), "{}: {up} is not started before it", w.name);
                 assert!(
-                    graph.get(w.name).is_some_and(|callees| callees.contains(*up)),
+                    at.is_some_and(|at| at < i),
+                    "{}: {up} is not started before it",
+                    w.name
+                );
+                assert!(
+                    graph
+                        .get(w.name)
+                        .is_some_and(|callees| callees.contains(*up)),
                     "{} calls {up}, but no method of {up} admits it",
                     w.name
                 );
@@ -234,7 +240,11 @@ mod tests {
             assert_eq!(w.start.is_some(), w.optional, "{}", w.name);
         }
         assert_eq!(
-            WORKLOADS.iter().filter(|w| w.public).map(|w| w.name).collect::<Vec<_>>(),
+            WORKLOADS
+                .iter()
+                .filter(|w| w.public)
+                .map(|w| w.name)
+                .collect::<Vec<_>>(),
             ["gateway"]
         );
     }

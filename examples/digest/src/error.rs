@@ -23,10 +23,9 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
             Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
-            Error::Upstream(what, status) => Status::new(
-                status.code(),
-                format!("{what}: {}", status.message()),
-            ),
+            Error::Upstream(what, status) => {
+                Status::new(status.code(), format!("{what}: {}", status.message()))
+            }
             other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }

@@ -15,8 +15,9 @@ use tessera::{
         notification_service_server::{NotificationService, NotificationServiceServer},
     },
     posts::v1::{
-        Post, PostCreated, PostDeleted, WatchEventsResponse, post_service_client::PostServiceClient,
-        post_service_server::PostServiceServer, watch_events_response::Event,
+        Post, PostCreated, PostDeleted, WatchEventsResponse,
+        post_service_client::PostServiceClient, post_service_server::PostServiceServer,
+        watch_events_response::Event,
     },
 };
 use tessera_client::Channel;
@@ -110,7 +111,11 @@ fn posts_client(posts: &Arc<FakePosts>) -> PostServiceClient<Channel> {
 fn assert_violation(result: Result<impl std::fmt::Debug, Status>, field: &str, db: &str) {
     let err = result.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{db}: {err:?}");
-    assert_eq!(violated_fields(&err), vec![field.to_owned()], "{db}: {err:?}");
+    assert_eq!(
+        violated_fields(&err),
+        vec![field.to_owned()],
+        "{db}: {err:?}"
+    );
 }
 
 fn created(sequence: i64, post_id: &str, author_id: &str, seconds: i64) -> WatchEventsResponse {
@@ -142,13 +147,21 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
                 },
             )
         };
-        assert_violation(f.digest.follow_author(follow("")).await, "author_id", f.name);
+        assert_violation(
+            f.digest.follow_author(follow("")).await,
+            "author_id",
+            f.name,
+        );
         assert_violation(
             f.digest.follow_author(follow(&"x".repeat(129))).await,
             "author_id",
             f.name,
         );
-        assert_violation(f.digest.follow_author(follow("alice")).await, "author_id", f.name);
+        assert_violation(
+            f.digest.follow_author(follow("alice")).await,
+            "author_id",
+            f.name,
+        );
         for page_size in [-1, 101] {
             let req = as_user("alice", "USER", GetDigestRequest { page_size });
             assert_violation(f.digest.get_digest(req).await, "page_size", f.name);
@@ -200,10 +213,7 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
                 .unwrap()
                 .into_inner();
             (
-                res.posts
-                    .into_iter()
-                    .map(|p| p.post_id)
-                    .collect::<Vec<_>>(),
+                res.posts.into_iter().map(|p| p.post_id).collect::<Vec<_>>(),
                 res.unread_notifications,
             )
         };
@@ -213,7 +223,14 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
         })
         .await;
         assert_eq!(ids(f.digest.clone()).await.1, 3, "{}", f.name);
-        let asked = f.notifications.requests.lock().unwrap().last().cloned().unwrap();
+        let asked = f
+            .notifications
+            .requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap();
         assert!(asked.unread_only, "{}: {asked:?}", f.name);
 
         for (sequence, post_id) in [(5, "p4"), (6, "p3")] {
@@ -258,10 +275,12 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
 async fn an_unavailable_upstream_is_reported_with_its_code() {
     let (fixtures, _dbs) = fixtures("digest_upstream", 0).await;
     for f in &fixtures {
-        sqlx::query("INSERT INTO digest_posts (post_id, author_id, create_time) VALUES ('p1', 'bob', 1)")
-            .execute(f.digest.db().pool())
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO digest_posts (post_id, author_id, create_time) VALUES ('p1', 'bob', 1)",
+        )
+        .execute(f.digest.db().pool())
+        .await
+        .unwrap();
         f.digest
             .follow_author(as_user(
                 "alice",
