@@ -39,7 +39,7 @@ type Refresh =
 /// Fetched keys come from one fetch at a time (single-flight): a call that needs keys while a
 /// fetch is in flight waits for that fetch instead of checking against the old set. Before
 /// the first successful fetch, calls wait (up to [`KEY_WAIT`]) for the keys to arrive; after
-/// it, an unknown key id starts at most one fetch per [`MIN_REFRESH_INTERVAL`].
+/// it, an unknown key id starts at most one fetch per `MIN_REFRESH_INTERVAL` (5 s).
 #[derive(Clone)]
 pub struct TokenKeys {
     current: Arc<ArcSwap<Verifier>>,
@@ -126,7 +126,7 @@ impl TokenKeys {
     }
 
     /// Fetches until a fetch succeeds (at once if keys are already loaded), retrying every
-    /// [`STARTUP_RETRY`]; each failure is logged. Readiness waits on this.
+    /// `STARTUP_RETRY`; each failure is logged. Readiness waits on this.
     pub async fn until_loaded(&self) {
         let mut failures = 0u32;
         while !self.loaded() {
