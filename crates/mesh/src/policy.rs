@@ -241,7 +241,10 @@ mod tests {
         for five in crate::config::SERVICES {
             assert!(owners.contains(five), "{five}: {owners:?}");
         }
-        assert!(!owners.contains("mesh") && !owners.contains("api"), "{owners:?}");
+        assert!(
+            !owners.contains("mesh") && !owners.contains("api"),
+            "{owners:?}"
+        );
         assert!(p.call_graph()["comments"].contains("posts"));
         assert!(
             p.matrix()
