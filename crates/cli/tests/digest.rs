@@ -284,3 +284,30 @@ fn up_with_digest_runs_it_beside_the_five_and_grpcurl_reaches_it() {
     });
     drop(up);
 }
+
+#[test]
+fn digest_settings_and_with_mistakes_exit_64_naming_the_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(TESSERA);
+        cmd.args(args)
+            .env_remove("TESSERA_POSTS_TARGET")
+            .env_remove("DATABASE_URL")
+            .current_dir(tmp.path());
+        run_bounded(cmd, Duration::from_secs(30))
+    };
+    // `serve digest` knows its upstreams from the registration.
+    let out = run(&["serve", "digest", "--tls-dir", "/nonexistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("TESSERA_POSTS_TARGET"), "{stderr}");
+    for (with, says) in [("users", "always runs"), ("nope", "unknown workload")] {
+        let out = run(&["up", "--port-base", "0", "--with", with]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--with {with}: {stderr}");
+        assert!(
+            stderr.contains("--with") && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+}
