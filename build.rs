@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/tessera/comments/v1/comments.proto",
     "proto/tessera/notifications/v1/notifications.proto",
     "proto/tessera/gateway/v1/feed.proto",
+    "proto/tessera/digest/v1/digest.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -57,3 +57,10 @@ pub mod gateway {
         tonic::include_proto!("tessera.gateway.v1");
     }
 }
+
+/// `tessera.digest.v1`: the example service another team adds (`examples/digest`).
+pub mod digest {
+    pub mod v1 {
+        tonic::include_proto!("tessera.digest.v1");
+    }
+}

@@ -8,7 +8,7 @@
 //! ports over a fresh temporary data dir, with typed clients for the gateway's public port
 //! (server-only TLS, verified against the dev CA as `localhost`), clients with a workload's
 //! certificate for the internal ports, [`TestMesh::restart`] on the same data dir, and
-//! [`eventually`] / [`eventually!`] to wait for a condition under a bound instead of sleeping.
+//! [`eventually()`] / [`eventually!`] to wait for a condition under a bound instead of sleeping.
 //!
 //! Set `TESSERA_TEST_LOG` (an EnvFilter, e.g. `info,tessera_gateway=debug`) to see the mesh's
 //! logs in a failing test's output.

@@ -13,7 +13,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_norway::Value;
 
-const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
+/// The workloads k8s/base deploys: every registered one that `tessera up` always runs (an
+/// optional workload such as examples/digest ships no manifests of its own yet).
+fn deployed() -> Vec<&'static str> {
+    tessera_cli::workloads::WORKLOADS
+        .iter()
+        .filter(|w| !w.optional)
+        .map(|w| w.name)
+        .collect()
+}
 /// The plaintext admin port the gRPC health service listens on.
 const ADMIN_PORT: i64 = 9090;
 /// 5 s for endpoints to drop the pod plus up to 20 s for calls in flight.
@@ -326,7 +334,7 @@ fn default_deny_problems(objects: &[Object]) -> Vec<String> {
 }
 
 fn all_problems(objects: &[Object]) -> Vec<String> {
-    let mut problems: Vec<String> = SERVICES
+    let mut problems: Vec<String> = deployed()
         .iter()
         .flat_map(|service| {
             let mut p = deployment_problems(objects, service);
@@ -349,7 +357,7 @@ fn assert_no_problems(problems: &[String]) {
 #[test]
 fn every_service_has_a_hardened_deployment_with_grpc_probes() {
     let objects = load_base();
-    let problems: Vec<String> = SERVICES
+    let problems: Vec<String> = deployed()
         .iter()
         .flat_map(|service| deployment_problems(&objects, service))
         .collect();
@@ -359,7 +367,7 @@ fn every_service_has_a_hardened_deployment_with_grpc_probes() {
 #[test]
 fn every_service_has_a_headless_service_a_pdb_and_an_hpa() {
     let objects = load_base();
-    let problems: Vec<String> = SERVICES
+    let problems: Vec<String> = deployed()
         .iter()
         .flat_map(|service| companion_problems(&objects, service))
         .collect();
@@ -600,7 +608,7 @@ fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
     let Some(config) = config else {
         return vec!["no ConfigMap tessera-config rendered".into()];
     };
-    for service in SERVICES.iter().filter(|s| **s != "gateway") {
+    for service in deployed().iter().filter(|s| **s != "gateway") {
         let key = format!("TESSERA_{}_TARGET", service.to_ascii_uppercase());
         match str_at(&config.doc, &["data", &key]) {
             // A short name: resolved through the pod's DNS search path, in its namespace.
@@ -614,7 +622,7 @@ fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
         }
     }
 
-    for service in SERVICES {
+    for service in deployed() {
         let Some(deployment) = objects.iter().find(|o| o.is("Deployment", service)) else {
             problems.push(format!("{service}: no Deployment"));
             continue;

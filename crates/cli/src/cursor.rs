@@ -59,18 +59,9 @@ impl std::fmt::Display for UsageError {
 
 /// The consumer cursors in each service's database, by producer.
 fn cursors(service: &str) -> Option<&'static [&'static str]> {
-    match service {
-        "posts" => Some(&[tessera_posts::USER_EVENTS_CURSOR]),
-        "comments" => Some(&[
-            tessera_comments::POST_EVENTS_CURSOR,
-            tessera_comments::USER_EVENTS_CURSOR,
-        ]),
-        "notifications" => Some(&[
-            tessera_notifications::COMMENT_EVENTS_CURSOR,
-            tessera_notifications::USER_EVENTS_CURSOR,
-        ]),
-        _ => None,
-    }
+    crate::workloads::find(service)
+        .map(|w| w.cursors)
+        .filter(|c| !c.is_empty())
 }
 
 /// Checks the command line against what exists, before touching any database.
@@ -198,11 +189,11 @@ mod tests {
 
     #[test]
     fn every_cursor_names_its_producer() {
-        for service in tessera_mesh::config::SERVICES {
+        for service in crate::workloads::names() {
             for name in cursors(service).unwrap_or_default() {
                 let producer = producer_of(name).unwrap_or_default();
                 assert!(
-                    tessera_mesh::config::SERVICES.contains(&producer),
+                    crate::workloads::upstreams(service).contains(&producer),
                     "{service}: {name}"
                 );
             }

@@ -17,3 +17,4 @@ mod readiness;
 pub mod supervise;
 pub mod up;
 pub mod wiring;
+pub mod workloads;

@@ -343,9 +343,11 @@ fn run_certs(args: CertsArgs) -> anyhow::Result<()> {
         print!("{}", certs::ca_secret_manifest(&args.dir, &args.namespace)?);
     }
     let names: Vec<String> = if args.services.is_empty() {
-        tessera_mesh::config::SERVICES
+        // The workloads `up` always runs; an optional one's with `--service NAME`.
+        tessera_cli::workloads::WORKLOADS
             .iter()
-            .map(|s| (*s).to_owned())
+            .filter(|w| !w.optional)
+            .map(|w| w.name.to_owned())
             .chain(["operator".to_owned()])
             .collect()
     } else {

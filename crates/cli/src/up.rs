@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use serde::Serialize;
 use tessera_mesh::{
-    config::{ConfigError, SERVICES, Settings},
+    config::{ConfigError, Settings},
     identity::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, SpiffeId},
     server::{Listeners, bind},
     shutdown::{Shutdown, ShutdownTrigger},
@@ -24,6 +24,7 @@ use crate::{
     certs,
     databases::{self, ServerUrl},
     probe, wiring,
+    workloads::{self, WorkloadSpec},
 };
 
 /// The most replicas of one service `--replicas` runs: replica r of service i listens on
@@ -53,6 +54,10 @@ pub struct UpArgs {
     /// SQLite files under the data dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Workloads beyond the five to run beside them, e.g. `digest` (see `tessera_cli::workloads`);
+    /// each on the ports of its place in that list.
+    #[arg(long, value_name = "NAME[,NAME]")]
+    pub with: Option<String>,
 }
 
 impl UpArgs {
@@ -69,6 +74,10 @@ impl UpArgs {
             Some(spec) => parse_replicas(spec)?,
             None => BTreeMap::new(),
         };
+        let with = match &self.with {
+            Some(spec) => parse_with(spec)?,
+            None => Vec::new(),
+        };
         if database.is_none()
             && let Some((name, n)) = replicas.iter().find(|(_, n)| **n > 1)
         {
@@ -81,8 +90,47 @@ impl UpArgs {
                 ),
             ));
         }
-        Ok(MeshOptions { replicas, database })
+        Ok(MeshOptions {
+            replicas,
+            database,
+            with,
+        })
     }
+}
+
+/// `NAME[,NAME]` into the optional workloads to run.
+fn parse_with(spec: &str) -> Result<Vec<String>, ConfigError> {
+    let mut with = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match workloads::find(name) {
+            Some(w) if w.optional => {
+                if !with.iter().any(|n| n == name) {
+                    with.push(name.to_owned());
+                }
+            }
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "--with",
+                    format!("{name} always runs; --with names the optional workloads"),
+                ));
+            }
+            None => {
+                let optional: Vec<&str> = workloads::WORKLOADS
+                    .iter()
+                    .filter(|w| w.optional)
+                    .map(|w| w.name)
+                    .collect();
+                return Err(ConfigError::new(
+                    "--with",
+                    format!(
+                        "unknown workload {name:?}; expected one of {}",
+                        optional.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(with)
 }
 
 /// `SERVICE=N[,SERVICE=N]` into replicas per service.
@@ -94,10 +142,11 @@ fn parse_replicas(spec: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
             return bad(format!("expected SERVICE=N, got {part:?}"));
         };
         let name = name.trim();
-        if !SERVICES.contains(&name) {
+        if workloads::find(name).is_none() {
+            let names: Vec<&str> = workloads::names().collect();
             return bad(format!(
                 "unknown service {name:?}; expected one of {}",
-                SERVICES.join(", ")
+                names.join(", ")
             ));
         }
         let count: usize = match count.trim().parse() {
@@ -122,9 +171,19 @@ pub struct MeshOptions {
     pub replicas: BTreeMap<String, usize>,
     /// One database per service on this PostgreSQL server; SQLite files when `None`.
     pub database: Option<ServerUrl>,
+    /// Optional workloads (`--with`) that run beside the five.
+    pub with: Vec<String>,
 }
 
 impl MeshOptions {
+    /// The workloads this run starts, in start order: every one that is not optional, and
+    /// the optional ones named by `--with`.
+    pub fn workloads(&self) -> impl Iterator<Item = &'static WorkloadSpec> + '_ {
+        workloads::WORKLOADS
+            .iter()
+            .filter(|w| !w.optional || self.with.iter().any(|n| n == w.name))
+    }
+
     fn replicas_of(&self, service: &str) -> usize {
         self.replicas.get(service).copied().unwrap_or(1).max(1)
     }
@@ -348,7 +407,7 @@ pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::R
     let certs_dir = certs::certs_dir(&data_dir);
     let (ca, fresh_ca) = certs::load_or_create_ca(&certs_dir)?;
     let mut identities = BTreeMap::new();
-    for name in SERVICES.iter().copied().chain(["operator"]) {
+    for name in options.workloads().map(|w| w.name).chain(["operator"]) {
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, DEFAULT_NAMESPACE, name)?;
         certs::ensure_workload_cert(&ca, &certs_dir, &id, fresh_ca)?;
         identities.insert(name.to_owned(), id);
@@ -359,7 +418,7 @@ pub(crate) async fn prepare(data_dir: &Path, options: &MeshOptions) -> anyhow::R
     }
 
     if let Some(server) = &options.database {
-        for name in databases::OWNERS {
+        for name in options.workloads().filter(|w| w.database).map(|w| w.name) {
             databases::ensure_database(&server.service_url(name))
                 .await
                 .with_context(|| {
@@ -393,14 +452,15 @@ pub(crate) struct Bound {
 /// Binds every replica's ports, so a taken port fails fast and clearly.
 pub(crate) async fn bind_all(port_base: u16, options: &MeshOptions) -> anyhow::Result<Vec<Bound>> {
     let mut bound = Vec::new();
-    for (i, name) in SERVICES.iter().enumerate() {
-        let i = i as u16 + 1;
+    for spec in options.workloads() {
+        let name = spec.name;
+        let i = workloads::port_offset(name).unwrap_or_default();
         let count = options.replicas_of(name);
         for replica in 0..count {
             let r = replica as u16;
             let grpc = bind_local(port(port_base, 10 * r + i)?).await?;
             let admin = bind_local(port(port_base, 100 + 10 * r + i)?).await?;
-            let public = if *name == "gateway" {
+            let public = if spec.public {
                 Some(bind_local(port(port_base, 443 + r)?).await?)
             } else {
                 None
@@ -408,7 +468,7 @@ pub(crate) async fn bind_all(port_base: u16, options: &MeshOptions) -> anyhow::R
             let label = if count > 1 {
                 format!("{name}[{replica}]")
             } else {
-                (*name).to_owned()
+                name.to_owned()
             };
             bound.push(Bound {
                 name,
@@ -575,7 +635,9 @@ pub(crate) fn env_for(
     // the server, else its own SQLite file under the data dir. Never DATABASE_URL itself, which
     // would put every service's tables into one database.
     let url = match database {
-        Some(server) if databases::OWNERS.contains(&name) => server.service_url(name),
+        Some(server) if workloads::find(name).is_some_and(|w| w.database) => {
+            server.service_url(name)
+        }
         _ => String::new(),
     };
     env.insert("DATABASE_URL".into(), url);
@@ -631,7 +693,7 @@ pub(crate) fn print_table(
         "{:<14} {:<18} {:<18} {:<18} HEALTH{pid_header}",
         "SERVICE", "GRPC (mTLS)", "ADMIN", "PUBLIC (TLS)"
     );
-    for name in SERVICES {
+    for name in workloads::names() {
         let list = replicas.get(name).map(Vec::as_slice).unwrap_or_default();
         for (replica, (grpc, admin, public)) in list.iter().enumerate() {
             let label = if list.len() > 1 {
@@ -653,8 +715,8 @@ pub(crate) fn print_table(
         }
     }
     if let Some(server) = database {
-        let names: Vec<String> = databases::OWNERS
-            .iter()
+        let names: Vec<String> = workloads::database_owners()
+            .filter(|s| replicas.contains_key(*s))
             .map(|s| server.database_name(s))
             .collect();
         println!();
@@ -697,6 +759,7 @@ mod tests {
             log: "warn".into(),
             replicas: replicas.map(str::to_owned),
             database_url: database_url.map(str::to_owned),
+            with: None,
         }
     }
 

@@ -27,13 +27,7 @@ use tonic::service::Routes;
 
 /// The upstreams each service calls, so `serve` can refuse to start without their targets.
 pub fn required_targets(service: &str) -> &'static [&'static str] {
-    match service {
-        "posts" => &["users"],
-        "comments" => &["posts", "users"],
-        "notifications" => &["comments", "users"],
-        "gateway" => &["users", "posts", "comments", "notifications"],
-        _ => &[],
-    }
+    crate::workloads::upstreams(service)
 }
 
 /// `tessera serve <service>`: telemetry, bind, start, wait for SIGTERM/SIGINT, drain.
@@ -133,7 +127,10 @@ pub async fn start(
     // each pinned to its upstream's SPIFFE id (this workload's trust domain and namespace).
     let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));
     let mut channels: HashMap<&str, Channel> = HashMap::new();
-    for upstream in ["users", "posts", "comments", "notifications"] {
+    for upstream in crate::workloads::upstreams(&settings.service)
+        .iter()
+        .copied()
+    {
         if let Some(target) = settings.target(upstream) {
             let channel = builder
                 .channel_to(upstream, target)
@@ -281,7 +278,24 @@ pub async fn start(
                     Some(public),
                 )
             }
-            other => anyhow::bail!("unknown service {other:?}"),
+            // A workload beyond the five starts from its registration.
+            other => match crate::workloads::find(other).and_then(|w| Some((w, w.start?))) {
+                Some((spec, start)) => {
+                    let ctx = crate::workloads::StartContext {
+                        database: database(&settings)?,
+                        clients: clients.clone(),
+                        max_message_size: max,
+                        stop: stop.clone(),
+                    };
+                    (
+                        start(ctx).await?,
+                        vec![spec.served],
+                        fetched_keys(&clients),
+                        None,
+                    )
+                }
+                None => anyhow::bail!("unknown service {other:?}"),
+            },
         };
 
     let upstreams: Vec<Channel> = channels.values().cloned().collect();

@@ -25,6 +25,23 @@ pub struct Targets {
 
 /// Typed clients for Tessera's services, cheap to clone and to call from many tasks. A
 /// service given no target answers every call with FAILED_PRECONDITION.
+///
+/// ```
+/// use tessera::notifications::v1::ListNotificationsRequest;
+/// use tessera_client::Clients;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // A workload that was given no NotificationService target.
+/// let clients = Clients::from_channels(None, None, None, None);
+/// let status = clients
+///     .notifications()
+///     .list_notifications(ListNotificationsRequest::default())
+///     .await
+///     .unwrap_err();
+/// assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Clients {
     users: Channel,

@@ -74,7 +74,42 @@ enum Inner {
 }
 
 impl Channel {
-    /// Wraps any HTTP/2 gRPC service.
+    /// Wraps any HTTP/2 gRPC service: an in-process server in tests, so a typed client calls
+    /// it without sockets or certificates.
+    ///
+    /// ```
+    /// use tessera::posts::v1::{
+    ///     GetPostRequest, GetPostResponse, Post, post_service_client::PostServiceClient,
+    ///     post_service_server::PostServiceServer,
+    /// };
+    /// use tessera_client::Channel;
+    /// # use tessera::posts::v1::{post_service_server::PostService, *};
+    /// # use tonic::{Request, Response, Status};
+    /// # struct OnePost;
+    /// # #[tonic::async_trait]
+    /// # impl PostService for OnePost {
+    /// #     async fn get_post(&self, r: Request<GetPostRequest>) -> Result<Response<GetPostResponse>, Status> {
+    /// #         let post_id = r.into_inner().post_id;
+    /// #         Ok(Response::new(GetPostResponse { post: Some(Post { post_id, ..Default::default() }) }))
+    /// #     }
+    /// #     async fn create_post(&self, _: Request<CreatePostRequest>) -> Result<Response<CreatePostResponse>, Status> { Err(Status::unimplemented("")) }
+    /// #     async fn list_posts(&self, _: Request<ListPostsRequest>) -> Result<Response<ListPostsResponse>, Status> { Err(Status::unimplemented("")) }
+    /// #     async fn update_post(&self, _: Request<UpdatePostRequest>) -> Result<Response<UpdatePostResponse>, Status> { Err(Status::unimplemented("")) }
+    /// #     async fn delete_post(&self, _: Request<DeletePostRequest>) -> Result<Response<DeletePostResponse>, Status> { Err(Status::unimplemented("")) }
+    /// #     type WatchEventsStream = futures::stream::Empty<Result<WatchEventsResponse, Status>>;
+    /// #     async fn watch_events(&self, _: Request<WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> { Err(Status::unimplemented("")) }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // `OnePost` implements the generated PostService trait.
+    /// let channel = Channel::from_service(PostServiceServer::new(OnePost));
+    /// let mut posts = PostServiceClient::new(channel);
+    /// let request = GetPostRequest { post_id: "p-1".into() };
+    /// let post = posts.get_post(request).await.unwrap().into_inner().post.unwrap();
+    /// assert_eq!(post.post_id, "p-1");
+    /// # }
+    /// ```
     pub fn from_service<S>(service: S) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>>

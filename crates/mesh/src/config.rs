@@ -13,6 +13,18 @@ pub mod tokens;
 /// The services Tessera is made of, in start order (dependencies first).
 pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
 
+/// Every workload the contracts define: [`SERVICES`] in start order, then any other owner of
+/// a contract (a service added beside the five, such as `examples/digest`), by name.
+pub fn workloads() -> Vec<String> {
+    let mut all: Vec<String> = SERVICES.iter().map(|s| (*s).to_owned()).collect();
+    for owner in crate::policy::Policy::contracts().owners() {
+        if !all.contains(&owner) {
+            all.push(owner);
+        }
+    }
+    all
+}
+
 /// A setting that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{setting}: {message}")]
@@ -303,12 +315,15 @@ impl Settings {
         service: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        if !SERVICES.contains(&service) {
+        // A workload is known when a contract names it as the owner of a service (the package
+        // `tessera.<name>.v1`), so a new service registers here through its proto alone.
+        let known = workloads();
+        if !known.iter().any(|w| w == service) {
             return Err(ConfigError::new(
                 "service",
                 format!(
                     "unknown service {service:?}; expected one of {}",
-                    SERVICES.join(", ")
+                    known.join(", ")
                 ),
             ));
         }
@@ -325,7 +340,7 @@ impl Settings {
             )
         };
         let mut targets = BTreeMap::new();
-        for s in SERVICES {
+        for s in &known {
             let key = format!("TESSERA_{}_TARGET", s.to_ascii_uppercase());
             if let Some(t) = non_empty(lookup, &key) {
                 if !(t.starts_with("static:") || t.starts_with("dns:")) {

@@ -5,6 +5,20 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// Collects field violations while validating a request.
+///
+/// ```
+/// use tessera_mesh::errors::{Violations, violated_fields};
+/// use tonic::Code;
+///
+/// let (author_id, page_size) = ("", 500);
+/// let mut v = Violations::new();
+/// v.check(author_id.is_empty(), "author_id", "is required");
+/// v.check(page_size > 100, "page_size", "must be at most 100");
+/// let status = v.into_result().unwrap_err();
+/// assert_eq!(status.code(), Code::InvalidArgument);
+/// assert_eq!(violated_fields(&status), ["author_id", "page_size"]);
+/// assert!(Violations::new().into_result().is_ok());
+/// ```
 #[derive(Default, Debug)]
 pub struct Violations {
     details: Vec<(String, String)>,
@@ -74,6 +88,12 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
 }
 
 /// An unexpected failure: the cause chain goes to the log, the caller sees an opaque INTERNAL.
+///
+/// ```
+/// let status = tessera_mesh::errors::internal("disk I/O error: /var/lib/tessera/posts.db");
+/// assert_eq!(status.code(), tonic::Code::Internal);
+/// assert!(!status.message().contains("posts.db"));
+/// ```
 pub fn internal(err: impl std::fmt::Display) -> Status {
     tracing::error!(error = %err, "internal error");
     Status::internal("internal error")

@@ -13,7 +13,65 @@ use crate::{
 /// What [`run_consumer`] needs to follow one upstream event stream.
 ///
 /// The stream item is usually the upstream's generated `WatchEventsResponse` and the error
-/// `tonic::Status`; this crate stays independent of both.
+/// `tonic::Status`; this crate stays independent of both. Here the upstream is a fixed list
+/// of `(sequence, post id)` pairs, and each event records its post:
+///
+/// ```
+/// use futures::stream::{self, Iter};
+/// use tessera_store::{Consumer, Db, Migration, StoreError, Tx, run_consumer};
+///
+/// struct Posts(Vec<(i64, String)>);
+///
+/// impl Consumer for Posts {
+///     type Event = (i64, String);
+///     type Error = String;
+///     type Stream = Iter<std::vec::IntoIter<Result<(i64, String), String>>>;
+///
+///     fn name(&self) -> &str {
+///         "posts-events"
+///     }
+///
+///     async fn open(&self, after: i64) -> Result<Self::Stream, String> {
+///         let rest = self.0.iter().filter(|(seq, _)| *seq > after).cloned().map(Ok);
+///         Ok(stream::iter(rest.collect::<Vec<_>>()))
+///     }
+///
+///     fn sequence(&self, event: &(i64, String)) -> i64 {
+///         event.0
+///     }
+///
+///     async fn apply(&self, tx: &mut Tx, event: (i64, String)) -> Result<(), StoreError> {
+///         sqlx::query("INSERT INTO seen (post_id) VALUES ($1)")
+///             .bind(event.1)
+///             .execute(&mut **tx)
+///             .await?;
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("consumer.db");
+/// let migrations = &[Migration::portable("seen", "CREATE TABLE seen (post_id TEXT PRIMARY KEY)")];
+/// let db = Db::open(path.to_str().unwrap(), migrations).await?;
+///
+/// let (stop, shutdown) = tokio::sync::watch::channel(false);
+/// let events = vec![(1, "p1".to_owned()), (2, "p2".to_owned())];
+/// let running = tokio::spawn(run_consumer(db.clone(), Posts(events), shutdown));
+/// // The cursor commits with each effect; wait (bounded) until both are in.
+/// for _ in 0..500 {
+///     if db.cursor("posts-events").await? == 2 {
+///         break;
+///     }
+///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// }
+/// stop.send(true)?;
+/// running.await?;
+/// let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM seen").fetch_one(db.pool()).await?;
+/// assert_eq!(n, 2);
+/// # Ok(()) }
+/// ```
 pub trait Consumer: Send + Sync {
     /// One upstream event.
     type Event: Send;

@@ -310,6 +310,45 @@ impl Db {
     /// (add `?mode=rwc` to create the file). In-memory SQLite is refused: use a file in a
     /// temporary directory.
     /// SQLite connections use WAL, foreign keys and a busy timeout.
+    ///
+    /// Reads go to [`Db::pool`]; writes through [`Db::begin`] and [`Tx::commit`]:
+    ///
+    /// ```
+    /// use tessera_store::{Db, Migration};
+    ///
+    /// const MIGRATIONS: &[Migration] = &[Migration::portable(
+    ///     "follows",
+    ///     "CREATE TABLE follows (user_id TEXT NOT NULL, author_id TEXT NOT NULL, \
+    ///      PRIMARY KEY (user_id, author_id))",
+    /// )];
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("digest.db");
+    /// let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await?;
+    ///
+    /// let mut tx = db.begin().await?;
+    /// sqlx::query("INSERT INTO follows (user_id, author_id) VALUES ($1, $2)")
+    ///     .bind("alice")
+    ///     .bind("bob")
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// tx.commit().await?;
+    ///
+    /// let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM follows")
+    ///     .fetch_one(db.pool())
+    ///     .await?;
+    /// assert_eq!(n, 1);
+    /// // Reopening finds the migration applied and leaves the data alone.
+    /// db.close().await;
+    /// let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await?;
+    /// let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM follows")
+    ///     .fetch_one(db.pool())
+    ///     .await?;
+    /// assert_eq!(n, 1);
+    /// # Ok(()) }
+    /// ```
     pub async fn open(target: &str, migrations: &[Migration]) -> Result<Db> {
         Self::open_with(target, DbOptions::default(), migrations).await
     }

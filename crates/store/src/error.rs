@@ -63,6 +63,14 @@ impl StoreError {
 
     /// Whether the database was too busy to take the write: worth retrying later
     /// (UNAVAILABLE), unlike the other failures.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tessera_store::StoreError;
+    ///
+    /// assert!(StoreError::Busy(Duration::from_secs(5)).is_busy());
+    /// assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_busy());
+    /// ```
     pub fn is_busy(&self) -> bool {
         matches!(self, StoreError::Busy(_))
     }
@@ -85,6 +93,12 @@ impl From<sqlx::Error> for StoreError {
 
 /// `err: cause: cause ...` on one line: how services log an error that wraps a
 /// [`StoreError`] before answering with an opaque INTERNAL.
+///
+/// ```
+/// let err = tessera_store::StoreError::Database(sqlx::Error::RowNotFound);
+/// let line = tessera_store::error_chain(&err);
+/// assert!(line.contains(&sqlx::Error::RowNotFound.to_string()), "{line}");
+/// ```
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();

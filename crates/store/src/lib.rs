@@ -140,6 +140,12 @@ pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).
+///
+/// ```
+/// let stored = tessera_store::now_micros();
+/// let shown = tessera_store::timestamp(stored);
+/// assert_eq!(shown.seconds, stored / 1_000_000);
+/// ```
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -148,6 +154,11 @@ pub fn now_micros() -> i64 {
 }
 
 /// A stored time (microseconds since the Unix epoch) as a protobuf `Timestamp`.
+///
+/// ```
+/// let t = tessera_store::timestamp(1_500_000);
+/// assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
+/// ```
 pub fn timestamp(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),

@@ -305,7 +305,7 @@ impl Users {
     }
 
     /// Keeps the key ring current until `shutdown` turns `true`: checks every
-    /// [`keys::check_interval`] (at most 5 s). Spawn one per process.
+    /// `keys::check_interval` (at most 5 s). Spawn one per process.
     pub async fn maintain_keys(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let every = keys::check_interval(self.inner.config.key_rotation);
         loop {

@@ -1,0 +1,32 @@
+use tessera_store::{StoreError, error_chain};
+use tonic::Status;
+
+/// Everything DigestService can fail with, mapped to a gRPC status in
+/// [`From<Error> for Status`] (the one place).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    /// An upstream call failed; its status is passed on (UNAVAILABLE, DEADLINE_EXCEEDED, …)
+    /// so the caller sees why.
+    #[error("{0} failed: {1}")]
+    Upstream(&'static str, Status),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Error::Store(StoreError::from(err))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match err {
+            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Upstream(what, status) => {
+                Status::new(status.code(), format!("{what}: {}", status.message()))
+            }
+            other => tessera_mesh::errors::internal(error_chain(&other)),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! DigestService: the example of a service another team adds to the Tessera mesh. A user
+//! follows authors (FollowAuthor) and reads a digest (GetDigest): the newest posts of those
+//! authors, as PostService serves them now, and their count of unread notifications.
+//!
+//! It is written only against the platform crates: the contract lives in
+//! `proto/tessera/digest/v1/digest.proto` with its access rules in the mesh options,
+//! [`tessera_store`] keeps its data and its cursor on posts' `WatchEvents`
+//! ([`follow_post_events`]), and [`tessera_client`] stubs call PostService and
+//! NotificationService with the end user's token carried along. The mesh server
+//! (`tessera_mesh::server::Workload`) around it does identity, access rules, deadlines and
+//! load shedding, so the handlers below only validate and do the work.
+//!
+//! Not for: anything the five services already do; it keeps no posts of its own beyond the ids,
+//! authors and times it needs to order a digest.
+//!
+//! # Constructing it
+//!
+//! ```no_run
+//! # async fn f(clients: tessera_client::Clients) -> Result<(), tessera_example_digest::Error> {
+//! use tessera::digest::v1::digest_service_server::DigestServiceServer;
+//! use tessera_example_digest::Digest;
+//!
+//! let digest = Digest::open("/var/lib/tessera/digest.db", clients.posts(), clients.notifications())
+//!     .await?;
+//! let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! tokio::spawn(tessera_example_digest::follow_post_events(digest.clone(), clients.posts(), shutdown));
+//! let service = DigestServiceServer::new(digest);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod consumer;
+mod error;
+mod service;
+
+use std::sync::Arc;
+
+use tessera::{
+    notifications::v1::notification_service_client::NotificationServiceClient,
+    posts::v1::post_service_client::PostServiceClient,
+};
+use tessera_client::Channel;
+use tessera_store::{Db, Migration};
+
+pub use consumer::{POST_EVENTS_CURSOR, PostEvents, follow_post_events};
+pub use error::Error;
+
+/// The service's schema. Passed to [`Db::open`] by [`Digest::open`].
+pub const MIGRATIONS: &[Migration] = &[Migration::portable(
+    "digest",
+    "CREATE TABLE follows (
+        user_id TEXT NOT NULL,
+        author_id TEXT NOT NULL,
+        PRIMARY KEY (user_id, author_id)
+    );
+    CREATE TABLE digest_posts (
+        post_id TEXT PRIMARY KEY,
+        author_id TEXT NOT NULL,
+        create_time BIGINT NOT NULL
+    );
+    CREATE INDEX digest_posts_by_author ON digest_posts (author_id, create_time, post_id);",
+)];
+
+/// The DigestService implementation. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Digest {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    posts: PostServiceClient<Channel>,
+    notifications: NotificationServiceClient<Channel>,
+}
+
+impl Digest {
+    /// Opens (creating and migrating if needed) the database at `target`, a SQLite path or a
+    /// `postgres://` URL, and reads posts and notifications through the given clients.
+    pub async fn open(
+        target: &str,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Result<Digest, Error> {
+        let db = Db::open(target, MIGRATIONS).await?;
+        Ok(Self::with_migrated(db, posts, notifications))
+    }
+
+    /// Like [`Digest::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(
+        db: Db,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Result<Digest, Error> {
+        db.migrate(MIGRATIONS).await?;
+        Ok(Self::with_migrated(db, posts, notifications))
+    }
+
+    fn with_migrated(
+        db: Db,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Digest {
+        Digest {
+            inner: Arc::new(Inner {
+                db,
+                posts,
+                notifications,
+            }),
+        }
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
