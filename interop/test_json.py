@@ -109,8 +109,11 @@ def test_json_and_grpc_answer_the_same(http, public, stubs):  # noqa: F811
         ),
         (
             f"/v1/posts/{post_id}/thread?comment_page_size=10",
+            # With the reader's token: the thread shows its owner their own email.
             feed.GetPostThread(
-                g.GetPostThreadRequest(post_id=post_id, comment_page_size=10), timeout=CALL_TIMEOUT
+                g.GetPostThreadRequest(post_id=post_id, comment_page_size=10),
+                metadata=auth,
+                timeout=CALL_TIMEOUT,
             ),
         ),
         (
