@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Weak},
+    sync::Arc,
     time::Duration,
 };
 
@@ -63,21 +63,13 @@ impl PublicTls {
     /// task ends with the last clone.
     pub fn watch(files: PublicTlsFiles, interval: Duration) -> Result<Self, TlsError> {
         let source = Self::load(files)?;
-        let weak: Weak<ArcSwap<Built>> = Arc::downgrade(&source.built);
         let files = source.files.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(built) = weak.upgrade() else { return };
-                if let Err(err) = reload_into(&files, &built) {
-                    // Keep the last good certificate; a half-written renewal is picked up
-                    // on a later tick.
-                    tracing::warn!(error = %err, "public certificate reload failed; keeping the current one");
-                }
-            }
-        });
+        crate::tls::poll_reload(
+            interval,
+            &source.built,
+            "public certificate",
+            move |built| reload_into(&files, built),
+        );
         Ok(source)
     }
 

@@ -130,31 +130,10 @@ impl TlsSource {
     /// configuration refuses such values, and a library caller passing one gets polling, not a
     /// panicking task and a rotation that silently stops.
     pub fn watch(files: TlsFiles, interval: Duration) -> Result<Self, TlsError> {
-        let interval = if interval < MIN_RELOAD_INTERVAL {
-            tracing::warn!(
-                ?interval,
-                min = ?MIN_RELOAD_INTERVAL,
-                "certificate reload interval too short; using the minimum"
-            );
-            MIN_RELOAD_INTERVAL
-        } else {
-            interval
-        };
         let source = Self::load(files)?;
-        let weak: Weak<ArcSwap<Built>> = Arc::downgrade(&source.built);
         let files = source.files.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(built) = weak.upgrade() else { return };
-                if let Err(err) = reload_into(&files, &built) {
-                    // Keep serving with the last good material; a half-written rotation is
-                    // picked up on a later tick.
-                    tracing::warn!(error = %err, "certificate reload failed; keeping the current one");
-                }
-            }
+        poll_reload(interval, &source.built, "certificate", move |built| {
+            reload_into(&files, built)
         });
         Ok(source)
     }
@@ -259,6 +238,36 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn read_all(files: &TlsFiles) -> Result<[Vec<u8>; 3], TlsError> {
     Ok([read(&files.cert)?, read(&files.key)?, read(&files.ca)?])
+}
+
+/// Re-reads certificate files every `interval` on a background task that ends when the last
+/// holder of `built` is gone. A failed reload keeps the last good material (a half-written
+/// rotation is picked up on a later tick). An interval below [`MIN_RELOAD_INTERVAL`] (zero
+/// included) is raised to it rather than panicking the task.
+pub(crate) fn poll_reload<B: Send + Sync + 'static>(
+    interval: Duration,
+    built: &Arc<ArcSwap<B>>,
+    what: &'static str,
+    reload: impl Fn(&ArcSwap<B>) -> Result<bool, TlsError> + Send + 'static,
+) {
+    let interval = if interval < MIN_RELOAD_INTERVAL {
+        tracing::warn!(?interval, min = ?MIN_RELOAD_INTERVAL, what, "reload interval too short; using the minimum");
+        MIN_RELOAD_INTERVAL
+    } else {
+        interval
+    };
+    let weak: Weak<ArcSwap<B>> = Arc::downgrade(built);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(built) = weak.upgrade() else { return };
+            if let Err(err) = reload(&built) {
+                tracing::warn!(error = %err, what, "reload failed; keeping the current one");
+            }
+        }
+    });
 }
 
 fn reload_into(files: &TlsFiles, built: &ArcSwap<Built>) -> Result<bool, TlsError> {
