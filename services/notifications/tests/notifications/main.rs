@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod catch_up;
 mod consumers;
 mod limits;
 mod subscribe;
