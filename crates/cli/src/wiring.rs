@@ -179,7 +179,7 @@ pub async fn start(
                     .with_users(clients.users());
                 tokio::spawn(tessera_posts::follow_user_events(
                     posts.clone(),
-                    clients.users(),
+                    clients.channel("users"),
                     stop.clone(),
                 ));
                 let server = PostServiceServer::new(posts).max_decoding_message_size(max);
@@ -197,12 +197,12 @@ pub async fn start(
                         .with_users(clients.users());
                 tokio::spawn(tessera_comments::follow_post_events(
                     comments.clone(),
-                    clients.posts(),
+                    clients.channel("posts"),
                     stop.clone(),
                 ));
                 tokio::spawn(tessera_comments::follow_user_events(
                     comments.clone(),
-                    clients.users(),
+                    clients.channel("users"),
                     stop.clone(),
                 ));
                 let server = CommentServiceServer::new(comments).max_decoding_message_size(max);
@@ -226,12 +226,12 @@ pub async fn start(
                 .await?;
                 tokio::spawn(tessera_notifications::follow_comment_events(
                     notifications.clone(),
-                    clients.comments(),
+                    clients.channel("comments"),
                     stop.clone(),
                 ));
                 tokio::spawn(tessera_notifications::follow_user_events(
                     notifications.clone(),
-                    clients.users(),
+                    clients.channel("users"),
                     stop.clone(),
                 ));
                 let server =

@@ -149,7 +149,7 @@ fn start_digest(ctx: StartContext) -> StartFuture {
         .await?;
         tokio::spawn(tessera_example_digest::follow_post_events(
             digest.clone(),
-            ctx.clients.posts(),
+            ctx.clients.channel("posts"),
             ctx.stop,
         ));
         Ok(Routes::new(

@@ -91,6 +91,19 @@ impl Clients {
     pub fn notifications(&self) -> NotificationServiceClient<Channel> {
         NotificationServiceClient::new(self.notifications.clone())
     }
+
+    /// The channel under the typed client of `service` (`"users"`, `"posts"`, `"comments"`,
+    /// `"notifications"`), for calls made without one: the event consumers' `WatchEvents`
+    /// (`tessera_store::follow`). Another name gets a channel that fails every call.
+    pub fn channel(&self, service: &str) -> Channel {
+        match service {
+            "users" => self.users.clone(),
+            "posts" => self.posts.clone(),
+            "comments" => self.comments.clone(),
+            "notifications" => self.notifications.clone(),
+            _ => Channel::failing(Error::NoTarget("an unknown service")),
+        }
+    }
 }
 
 impl std::fmt::Debug for Clients {

@@ -1,9 +1,16 @@
 //! Following another service's `WatchEvents` with an exactly-once effect.
 
-use std::{fmt::Display, future::Future, time::Duration};
+use std::{fmt::Display, future::Future, marker::PhantomData, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
+use prost::{Message, bytes::Buf};
 use tokio::sync::watch;
+use tonic::{
+    Status, Streaming,
+    client::{Grpc, GrpcService},
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::{Body, Bytes, GrpcMethod, StdError, http::uri::PathAndQuery},
+};
 
 use crate::{
     db::{Db, Tx},
@@ -59,7 +66,7 @@ use crate::{
 /// let (stop, shutdown) = tokio::sync::watch::channel(false);
 /// let events = vec![(1, "p1".to_owned()), (2, "p2".to_owned())];
 /// let running = tokio::spawn(run_consumer(db.clone(), Posts(events), shutdown));
-/// // The cursor commits with each effect; wait (bounded) until both are in.
+/// // The cursor commits with the effects; wait (bounded) until both are in.
 /// for _ in 0..500 {
 ///     if db.cursor("posts-events").await? == 2 {
 ///         break;
@@ -117,14 +124,216 @@ pub trait Consumer: Send + Sync {
             .is_some_and(|status| status.code() == tonic::Code::OutOfRange)
     }
 
-    /// Applies one event's effect inside `tx` (the cursor has already been advanced in the
-    /// same transaction, so the effect and the cursor commit together or not at all).
-    /// Events the consumer does not care about: return `Ok(())`.
+    /// Applies one event's effect inside `tx`, which also advances the cursor past it (and
+    /// may hold other events of the same batch), so the effect and the cursor commit
+    /// together or not at all. Events the consumer does not care about: return `Ok(())`.
     fn apply<'a>(
         &'a self,
         tx: &'a mut Tx,
         event: Self::Event,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+}
+
+/// What a service writes to follow another service's `WatchEvents`: how to apply one event.
+///
+/// [`follow`] does the rest (subscribing, the cursor, batching, retries, halting). The
+/// producer's `WatchEventsResponse` must carry `sequence` as field 1 and `epoch` as field 15,
+/// and its request `after_sequence` as field 1, as every Tessera contract does; the loop reads
+/// them without knowing the message type.
+///
+/// ```ignore
+/// struct PostEvents;
+/// impl tessera_store::Apply for PostEvents {
+///     const PRODUCER: &'static str = post_service_server::SERVICE_NAME;
+///     const CURSOR: &'static str = "posts-events";
+///     type Event = posts::v1::WatchEventsResponse;
+///     async fn apply(&self, tx: &mut Tx, event: Self::Event) -> Result<(), StoreError> {
+///         if let Some(Event::PostDeleted(d)) = event.event { /* delete rows with &mut **tx */ }
+///         Ok(())
+///     }
+/// }
+/// tokio::spawn(tessera_store::follow(db, posts_channel, PostEvents, shutdown));
+/// ```
+pub trait Apply: Send + Sync + 'static {
+    /// The producer's gRPC service (its generated `SERVICE_NAME`, e.g.
+    /// `"tessera.posts.v1.PostService"`).
+    const PRODUCER: &'static str;
+    /// The cursor's name in this service's database (e.g. `"posts-events"`); one per consumer.
+    const CURSOR: &'static str;
+    /// The producer's `WatchEventsResponse`.
+    type Event: Message + Default + Send + 'static;
+
+    /// Applies one event's effect inside `tx`, which also advances the cursor past it (and
+    /// may hold other events of the same batch), so the effect commits together with the
+    /// cursor or not at all. Events the service does not care about: return `Ok(())`.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        event: Self::Event,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+}
+
+/// Follows `A::PRODUCER`'s `WatchEvents` over `channel` until `shutdown` turns `true`,
+/// applying each event with `handler` exactly once (see [`run_consumer`] for the loop).
+pub async fn follow<A, T>(db: Db, channel: T, handler: A, shutdown: watch::Receiver<bool>)
+where
+    A: Apply,
+    T: WatchChannel,
+{
+    let producer = Producer { channel, handler };
+    run_consumer(db, producer, shutdown).await;
+}
+
+/// A gRPC channel [`follow`] can call `WatchEvents` over (e.g. `tessera_client::Channel`).
+pub trait WatchChannel:
+    GrpcService<
+        tonic::body::Body,
+        Error: Into<StdError>,
+        ResponseBody: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> WatchChannel for T where
+    T: GrpcService<
+            tonic::body::Body,
+            Error: Into<StdError>,
+            ResponseBody: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// One producer's `WatchEvents` and the service's [`Apply`]: the [`Consumer`] every service's
+/// event follower is.
+struct Producer<T, A> {
+    channel: T,
+    handler: A,
+}
+
+/// An event as it arrives: the envelope fields the loop needs, and the event itself.
+struct Watched<E> {
+    sequence: i64,
+    epoch: String,
+    event: E,
+}
+
+/// The fields of every `WatchEventsResponse` the loop reads (others are skipped).
+#[derive(Clone, PartialEq, Message)]
+struct Envelope {
+    #[prost(int64, tag = "1")]
+    sequence: i64,
+    #[prost(string, tag = "15")]
+    epoch: String,
+}
+
+/// Every `WatchEventsRequest`.
+#[derive(Clone, PartialEq, Message)]
+struct WatchRequest {
+    #[prost(int64, tag = "1")]
+    after_sequence: i64,
+}
+
+impl<T, A> Consumer for Producer<T, A>
+where
+    A: Apply,
+    T: WatchChannel,
+{
+    type Event = Watched<A::Event>;
+    type Error = Status;
+    type Stream = Streaming<Watched<A::Event>>;
+
+    fn name(&self) -> &str {
+        A::CURSOR
+    }
+
+    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
+        let mut grpc = Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|err| {
+            Status::unavailable(format!("{} is not ready: {}", A::PRODUCER, err.into()))
+        })?;
+        let path = PathAndQuery::try_from(format!("/{}/WatchEvents", A::PRODUCER))
+            .map_err(|err| Status::internal(format!("bad producer name {}: {err}", A::PRODUCER)))?;
+        let mut request = tonic::Request::new(WatchRequest { after_sequence });
+        request
+            .extensions_mut()
+            .insert(GrpcMethod::new(A::PRODUCER, "WatchEvents"));
+        let codec = WatchCodec::<A::Event>(PhantomData);
+        Ok(grpc
+            .server_streaming(request, path, codec)
+            .await?
+            .into_inner())
+    }
+
+    fn sequence(&self, event: &Self::Event) -> i64 {
+        event.sequence
+    }
+
+    fn epoch<'e>(&self, event: &'e Self::Event) -> Option<&'e str> {
+        Some(&event.epoch)
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        event: Self::Event,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
+        self.handler.apply(tx, event.event)
+    }
+}
+
+/// Encodes [`WatchRequest`]; decodes each message twice, as the [`Envelope`] and as `E`
+/// (the envelope skips the rest cheaply, and the loop stays free of the message types).
+struct WatchCodec<E>(PhantomData<fn() -> E>);
+
+impl<E: Message + Default + Send + 'static> Codec for WatchCodec<E> {
+    type Encode = WatchRequest;
+    type Decode = Watched<E>;
+    type Encoder = WatchCodec<WatchRequest>;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WatchCodec(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WatchCodec(PhantomData)
+    }
+}
+
+impl Encoder for WatchCodec<WatchRequest> {
+    type Item = WatchRequest;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchRequest, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(buf)
+            .map_err(|err| Status::internal(format!("encoding WatchEventsRequest: {err}")))
+    }
+}
+
+impl<E: Message + Default + Send + 'static> Decoder for WatchCodec<E> {
+    type Item = Watched<E>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Watched<E>>, Status> {
+        let bytes = buf.copy_to_bytes(buf.remaining());
+        let corrupt =
+            |err: prost::DecodeError| Status::internal(format!("undecodable event: {err}"));
+        let envelope = Envelope::decode(bytes.clone()).map_err(corrupt)?;
+        let event = E::decode(bytes).map_err(corrupt)?;
+        Ok(Some(Watched {
+            sequence: envelope.sequence,
+            epoch: envelope.epoch,
+            event,
+        }))
+    }
 }
 
 /// Reconnect delays: doubling from `FIRST_BACKOFF` up to `MAX_BACKOFF`, reset after an event
@@ -160,13 +369,18 @@ fn ended_by_drain<E: 'static>(error: &E) -> bool {
 
 /// Follows `consumer`'s upstream until `shutdown` turns `true` (or its sender is dropped).
 ///
-/// Reads the cursor, opens the stream after it, and applies each event in its own
-/// transaction: [`Tx::advance_cursor`] first (skipping events already applied), then
-/// [`Consumer::apply`], then commit. A failure to connect, a stream error or end, or a
-/// failed apply is logged, and the loop reconnects from the committed cursor after a
-/// backoff. A stream the upstream ends with UNAVAILABLE (a draining replica) is reopened at
-/// once. An event whose apply always fails is retried forever (and logged each time); it
-/// never gets skipped silently.
+/// Reads the cursor, opens the stream after it, and applies the events in batches: one
+/// event is awaited, then whatever else has already arrived is taken too (up to
+/// [`MAX_BATCH`], never waiting for more), and the batch is applied in one transaction that
+/// locks the cursor, skips the events it is already past, calls [`Consumer::apply`] for the
+/// rest and moves the cursor to the last, then commits. So a lone event is applied as soon
+/// as it arrives, a backlog a batch per commit, and a crash mid-batch leaves neither effects
+/// nor cursor behind: the whole batch is applied again, once. A failure to connect, a stream
+/// error or end, or a failed apply is logged, and the loop reconnects from the committed
+/// cursor after a backoff. A stream the upstream ends with UNAVAILABLE (a draining replica)
+/// is reopened at once. An event whose apply failed is applied alone afterwards (the events
+/// before it commit, the cursor stops right before it); if it always fails it is retried
+/// forever (and logged each time); it never gets skipped silently.
 ///
 /// The cursor also records the producer's outbox epoch ([`Consumer::epoch`]) with the first
 /// event it applies. An event from another epoch, or an OUT_OF_RANGE from the producer (the
@@ -178,12 +392,13 @@ fn ended_by_drain<E: 'static>(error: &E) -> bool {
 pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = FIRST_BACKOFF;
     let mut last_immediate: Option<std::time::Instant> = None;
+    let mut poison = None;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let ended = tokio::select! {
-            ended = follow(&db, &consumer, &mut backoff) => ended,
+            ended = follow_once(&db, &consumer, &mut backoff, &mut poison) => ended,
             _ = shutdown.wait_for(|stop| *stop) => Ended::Shutdown,
         };
         let wait = match ended {
@@ -208,9 +423,14 @@ pub async fn run_consumer<C: Consumer>(db: Db, consumer: C, mut shutdown: watch:
     }
 }
 
-async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> Ended {
+async fn follow_once<C: Consumer>(
+    db: &Db,
+    consumer: &C,
+    backoff: &mut Duration,
+    poison: &mut Option<i64>,
+) -> Ended {
     let name = consumer.name();
-    let (after, mut followed, mut halted) = match db.cursor_state(name).await {
+    let (after, followed, halted) = match db.cursor_state(name).await {
         Ok(state) => (state.position, state.epoch, state.halted.is_some()),
         Err(err) => {
             tracing::warn!(consumer = name, error = %err, "reading the consumer cursor failed");
@@ -228,66 +448,166 @@ async fn follow<C: Consumer>(db: &Db, consumer: &C, backoff: &mut Duration) -> E
         }
     };
     tracing::debug!(consumer = name, after, "following events");
+    let mut cursor = Cursor {
+        after,
+        followed,
+        halted,
+        poison,
+    };
     let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(event) => event,
-            Err(err) if consumer.diverged(&err) => {
-                return halt(db, consumer, after, describe(&err)).await;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // Waits for one event, then takes whatever else has already arrived (up to the cap)
+        // without waiting: a lone event is applied as soon as it comes, a backlog in batches.
+        let mut next = stream.next().await;
+        let mut failed = None;
+        let mut ended = false;
+        loop {
+            match next {
+                Some(Ok(event)) => batch.push(event),
+                Some(Err(err)) => failed = Some(err),
+                None => ended = true,
             }
-            Err(err) if ended_by_drain(&err) => {
+            if failed.is_some() || ended || batch.len() == MAX_BATCH {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            if let Some(ended) = cursor.apply(db, consumer, &mut batch).await {
+                return ended;
+            }
+            *backoff = FIRST_BACKOFF;
+        }
+        match failed {
+            Some(err) if consumer.diverged(&err) => {
+                return halt(db, consumer, cursor.after, describe(&err)).await;
+            }
+            Some(err) if ended_by_drain(&err) => {
                 tracing::info!(consumer = name, error = %err, "the upstream ended the event stream; reconnecting at once");
                 return Ended::Drained;
             }
-            Err(err) => {
+            Some(err) => {
                 tracing::warn!(consumer = name, error = %err, "the event stream failed");
                 return Ended::Retry;
             }
-        };
-        let sequence = consumer.sequence(&event);
-        let epoch = consumer
-            .epoch(&event)
-            .filter(|e| !e.is_empty())
-            .map(str::to_owned);
-        if let (Some(epoch), Some(known)) = (&epoch, &followed)
-            && epoch != known
-        {
-            let reason = epoch_changed(consumer, known, epoch, sequence);
-            return halt(db, consumer, after, reason).await;
-        }
-        // The first epoch seen is recorded with the event (or, if another replica recorded a
-        // different one meanwhile, the event is refused).
-        let record = epoch.filter(|_| followed.is_none());
-        match apply_one(db, consumer, sequence, record.as_deref(), event).await {
-            Ok(Applied::Done) => {}
-            Ok(Applied::OtherEpoch(known)) => {
-                let seen = record.unwrap_or_default();
-                let reason = epoch_changed(consumer, &known, &seen, sequence);
-                return halt(db, consumer, after, reason).await;
-            }
-            Err(err) => {
-                tracing::error!(consumer = name, sequence, error = %err, "applying an event failed");
+            None if ended => {
+                tracing::info!(consumer = name, "the event stream ended; reconnecting");
                 return Ended::Retry;
             }
+            None => {}
         }
-        if record.is_some() {
-            followed = record;
-        }
-        if std::mem::take(&mut halted) {
-            // The producer continues the cursor again (e.g. its database was put back).
-            if let Err(err) = db.set_halted(name, None).await {
-                tracing::warn!(consumer = name, error = %err, "clearing the halt failed");
-            }
-            tracing::info!(
-                consumer = name,
-                sequence,
-                "the consumer follows its producer again"
-            );
-        }
-        *backoff = FIRST_BACKOFF;
     }
-    tracing::info!(consumer = name, "the event stream ended; reconnecting");
-    Ended::Retry
+}
+
+/// The events are applied in batches of at most this many, each in one transaction. A batch
+/// is what has already arrived, so it only grows while the consumer is behind.
+pub const MAX_BATCH: usize = 256;
+
+/// What one connection knows of the cursor.
+struct Cursor<'p> {
+    /// The committed position when the stream was opened (named in halts).
+    after: i64,
+    /// The producer epoch it follows, once known.
+    followed: Option<String>,
+    /// It was halted when the stream was opened.
+    halted: bool,
+    /// The sequence of the last event whose apply failed (kept across connections).
+    poison: &'p mut Option<i64>,
+}
+
+impl Cursor<'_> {
+    /// Applies `batch` (emptying it); `Some` when the connection must end.
+    async fn apply<C: Consumer>(
+        &mut self,
+        db: &Db,
+        consumer: &C,
+        batch: &mut Vec<C::Event>,
+    ) -> Option<Ended> {
+        let name = consumer.name();
+        let mut events: Vec<(i64, C::Event)> = batch
+            .drain(..)
+            .map(|event| (consumer.sequence(&event), event))
+            .collect();
+        let epoch_of = |event: &C::Event| {
+            consumer
+                .epoch(event)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+        };
+        // The epoch the batch must carry: the cursor's, or the first event's if it has none.
+        let expected = self
+            .followed
+            .clone()
+            .or_else(|| events.first().and_then(|(_, e)| epoch_of(e)));
+        // An event from another epoch ends the batch before it; what precedes it is applied,
+        // then the consumer halts.
+        let mut stray = None;
+        if let Some(known) = &expected
+            && let Some(at) = events
+                .iter()
+                .position(|(_, e)| epoch_of(e).is_some_and(|epoch| &epoch != known))
+        {
+            let (sequence, event) = &events[at];
+            let seen = epoch_of(event).unwrap_or_default();
+            stray = Some(epoch_changed(consumer, known, &seen, *sequence));
+            events.truncate(at);
+        }
+        // An event that failed before is applied alone, so the events before it commit and the
+        // cursor stops right before it, as with one transaction per event.
+        let mut chunks = vec![events];
+        if let Some(poison) = *self.poison
+            && let Some(at) = chunks[0]
+                .iter()
+                .position(|(sequence, _)| *sequence == poison)
+        {
+            let mut rest = chunks[0].split_off(at);
+            let after_poison = rest.split_off(1);
+            chunks.extend([rest, after_poison]);
+        }
+        for chunk in chunks {
+            let Some(&(last, _)) = chunk.last() else {
+                continue;
+            };
+            // The first epoch seen is recorded with the batch (or, if another replica
+            // recorded a different one meanwhile, the batch is refused).
+            let record = expected.clone().filter(|_| self.followed.is_none());
+            match apply_batch(db, consumer, record.as_deref(), chunk).await {
+                Ok(Applied::Done) => {}
+                Ok(Applied::OtherEpoch(known)) => {
+                    let seen = record.unwrap_or_default();
+                    let reason = epoch_changed(consumer, &known, &seen, last);
+                    return Some(halt(db, consumer, self.after, reason).await);
+                }
+                Err((sequence, err)) => {
+                    *self.poison = Some(sequence);
+                    tracing::error!(consumer = name, sequence, error = %err, "applying an event failed");
+                    return Some(Ended::Retry);
+                }
+            }
+            if record.is_some() {
+                self.followed = record;
+            }
+            if std::mem::take(&mut self.halted) {
+                // The producer continues the cursor again (e.g. its database was put back).
+                if let Err(err) = db.set_halted(name, None).await {
+                    tracing::warn!(consumer = name, error = %err, "clearing the halt failed");
+                }
+                tracing::info!(
+                    consumer = name,
+                    sequence = last,
+                    "the consumer follows its producer again"
+                );
+            }
+        }
+        match stray {
+            Some(reason) => Some(halt(db, consumer, self.after, reason).await),
+            None => None,
+        }
+    }
 }
 
 /// The error's own words: a status's message without its code and metadata.
@@ -335,27 +655,235 @@ enum Applied {
     OtherEpoch(String),
 }
 
-async fn apply_one<C: Consumer>(
+/// Applies `events` (in increasing sequence order) in one transaction that also moves the
+/// cursor to the last one; those the cursor is already past (a replay after reconnecting, or
+/// another replica got there first) are skipped. A failure names the sequence of the event
+/// whose apply failed (or the last one, when the transaction itself failed).
+async fn apply_batch<C: Consumer>(
     db: &Db,
     consumer: &C,
-    sequence: i64,
     record_epoch: Option<&str>,
-    event: C::Event,
-) -> Result<Applied, StoreError> {
-    let mut tx = db.begin().await?;
-    if !tx.advance_cursor(consumer.name(), sequence).await? {
-        // Applied before (a replay after reconnecting, or another replica got there first).
-        tx.rollback().await?;
-        return Ok(Applied::Done);
-    }
+    events: Vec<(i64, C::Event)>,
+) -> Result<Applied, (i64, StoreError)> {
+    let name = consumer.name();
+    let last = events.last().map_or(0, |(sequence, _)| *sequence);
+    let at_last = |err| (last, err);
+    let mut tx = db.begin().await.map_err(at_last)?;
+    let mut position = lock_cursor(&mut tx, name).await.map_err(at_last)?;
+    let start = position;
     if let Some(epoch) = record_epoch {
-        let followed = tx.follow_epoch(consumer.name(), epoch).await?;
+        let followed = tx.follow_epoch(name, epoch).await.map_err(at_last)?;
         if followed != epoch {
-            tx.rollback().await?;
+            tx.rollback().await.map_err(at_last)?;
             return Ok(Applied::OtherEpoch(followed));
         }
     }
-    consumer.apply(&mut tx, event).await?;
-    tx.commit().await?;
+    for (sequence, event) in events {
+        if sequence <= position {
+            continue;
+        }
+        consumer
+            .apply(&mut tx, event)
+            .await
+            .map_err(|err| (sequence, err))?;
+        position = sequence;
+    }
+    if position == start {
+        // All applied before.
+        tx.rollback().await.map_err(at_last)?;
+        return Ok(Applied::Done);
+    }
+    tx.set_cursor(name, position).await.map_err(at_last)?;
+    tx.commit().await.map_err(at_last)?;
     Ok(Applied::Done)
+}
+
+/// Consumer `name`'s cursor position, created at 0 if missing, its row locked until `tx`
+/// ends (on PostgreSQL; SQLite's write transaction already excludes other writers), so
+/// replicas applying the same events take turns and the later one skips what is done.
+async fn lock_cursor(tx: &mut Tx, name: &str) -> Result<i64, StoreError> {
+    let position: i64 = sqlx::query_scalar(
+        "INSERT INTO tessera_cursors (name, position) VALUES ($1, 0) \
+         ON CONFLICT (name) DO UPDATE SET position = tessera_cursors.position \
+         RETURNING position",
+    )
+    .bind(name)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    };
+
+    use futures::stream::{self, Iter};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::{Migration, testing};
+
+    const MIGRATIONS: &[Migration] = &[Migration::portable(
+        "applied",
+        // No key on purpose: an event applied twice shows as two rows.
+        "CREATE TABLE applied (sequence BIGINT NOT NULL)",
+    )];
+
+    /// A backlog of `events` sequences, all there at once (so they arrive as batches). Event
+    /// `stall_at` parks until `release` is notified (a crash is the task being aborted then);
+    /// event `fail_at` fails while `failing` is set.
+    struct Backlog {
+        events: i64,
+        stall_at: i64,
+        reached: Arc<Notify>,
+        release: Arc<Notify>,
+        fail_at: i64,
+        failing: Arc<AtomicBool>,
+        attempts: Arc<AtomicI64>,
+    }
+
+    impl Backlog {
+        fn new(events: i64) -> Self {
+            Self {
+                events,
+                stall_at: 0,
+                reached: Arc::new(Notify::new()),
+                release: Arc::new(Notify::new()),
+                fail_at: 0,
+                failing: Arc::new(AtomicBool::new(false)),
+                attempts: Arc::new(AtomicI64::new(0)),
+            }
+        }
+    }
+
+    impl Consumer for Backlog {
+        type Event = i64;
+        type Error = String;
+        type Stream = Iter<std::vec::IntoIter<Result<i64, String>>>;
+
+        fn name(&self) -> &str {
+            "backlog-events"
+        }
+
+        async fn open(&self, after: i64) -> Result<Self::Stream, String> {
+            let rest: Vec<_> = (after + 1..=self.events).map(Ok).collect();
+            Ok(stream::iter(rest))
+        }
+
+        fn sequence(&self, event: &i64) -> i64 {
+            *event
+        }
+
+        async fn apply(&self, tx: &mut Tx, event: i64) -> Result<(), StoreError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            sqlx::query("INSERT INTO applied (sequence) VALUES ($1)")
+                .bind(event)
+                .execute(&mut **tx)
+                .await?;
+            if event == self.stall_at {
+                self.reached.notify_one();
+                self.release.notified().await;
+            }
+            if event == self.fail_at && self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Busy(Duration::ZERO));
+            }
+            Ok(())
+        }
+    }
+
+    async fn dbs(label: &str) -> Vec<(String, Db, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.db");
+        let sqlite = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+        let mut out = vec![("sqlite".to_owned(), sqlite, Some(dir))];
+        if let Some(db) = testing::postgres(label, MIGRATIONS).await.unwrap() {
+            out.push(("postgres".to_owned(), db, None));
+        }
+        out
+    }
+
+    /// Each sequence's row count, in order.
+    async fn counts(db: &Db) -> Vec<(i64, i64)> {
+        sqlx::query_as("SELECT sequence, COUNT(*) FROM applied GROUP BY sequence ORDER BY sequence")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn caught_up(db: &Db, position: i64) {
+        testing::eventually(&format!("the cursor reaches {position}"), || async {
+            db.cursor("backlog-events").await.unwrap() >= position
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_mid_batch_replays_the_whole_batch_once() {
+        for (name, db, _dir) in dbs("consumer_crash").await {
+            // 600 events: batches of MAX_BATCH; the crash is in the middle of the second.
+            let mut backlog = Backlog::new(600);
+            backlog.stall_at = MAX_BATCH as i64 + 100;
+            let (reached, release) = (backlog.reached.clone(), backlog.release.clone());
+            let (_stop, shutdown) = watch::channel(false);
+            let running = tokio::spawn(run_consumer(db.clone(), backlog, shutdown.clone()));
+            tokio::time::timeout(Duration::from_secs(30), reached.notified())
+                .await
+                .expect("the consumer reaches the stalling event");
+            // The process dies with the batch's transaction open.
+            running.abort();
+            let _ = running.await;
+            let committed = db.cursor("backlog-events").await.unwrap();
+            assert_eq!(
+                committed, MAX_BATCH as i64,
+                "{name}: the first batch committed whole"
+            );
+            let rows = counts(&db).await;
+            assert_eq!(
+                rows.len(),
+                MAX_BATCH,
+                "{name}: nothing of the crashed batch is kept"
+            );
+            assert!(rows.iter().all(|(_, n)| *n == 1), "{name}: {rows:?}");
+            drop(release);
+
+            // The restarted consumer applies the rest, each event once.
+            let running = tokio::spawn(run_consumer(db.clone(), Backlog::new(600), shutdown));
+            caught_up(&db, 600).await;
+            running.abort();
+            let rows = counts(&db).await;
+            let expected: Vec<(i64, i64)> = (1..=600).map(|s| (s, 1)).collect();
+            assert_eq!(rows, expected, "{name}: every event applied exactly once");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_event_stops_the_cursor_right_before_it() {
+        for (name, db, _dir) in dbs("consumer_poison").await {
+            let mut backlog = Backlog::new(300);
+            backlog.fail_at = 120;
+            backlog.failing.store(true, Ordering::SeqCst);
+            let (failing, attempts) = (backlog.failing.clone(), backlog.attempts.clone());
+            let (stop, shutdown) = watch::channel(false);
+            let running = tokio::spawn(run_consumer(db.clone(), backlog, shutdown));
+            // The events before the failing one commit although they were in its batch.
+            caught_up(&db, 119).await;
+            let before = attempts.load(Ordering::SeqCst);
+            testing::eventually("the failing event is retried", || async {
+                attempts.load(Ordering::SeqCst) > before
+            })
+            .await;
+            assert_eq!(db.cursor("backlog-events").await.unwrap(), 119, "{name}");
+            // Once it applies, the consumer goes on, each event once.
+            failing.store(false, Ordering::SeqCst);
+            caught_up(&db, 300).await;
+            stop.send_replace(true);
+            running.await.unwrap();
+            let rows = counts(&db).await;
+            let expected: Vec<(i64, i64)> = (1..=300).map(|s| (s, 1)).collect();
+            assert_eq!(rows, expected, "{name}");
+        }
+    }
 }

@@ -78,11 +78,14 @@
 //!
 //! # Consuming another service's events
 //!
-//! Implement [`Consumer`] (open the upstream `WatchEvents` after a sequence; apply one event
-//! inside a [`Tx`]) and spawn [`run_consumer`] with a `tokio::sync::watch::Receiver<bool>`
-//! shutdown signal. Each event is applied in one transaction together with the cursor
-//! advance ([`Tx::advance_cursor`]), so its effect happens exactly once even across
-//! reconnects, restarts and concurrent replicas. Errors reconnect with backoff.
+//! Implement [`Apply`] (which producer, the cursor name, and how to apply one event inside a
+//! [`Tx`]) and spawn [`follow`] with a channel to the producer and a
+//! `tokio::sync::watch::Receiver<bool>` shutdown signal; the loop ([`run_consumer`]) owns
+//! subscribing to the producer's `WatchEvents`, the cursor, retries and halts. Events are
+//! applied in batches of what has already arrived (at most [`MAX_BATCH`]), each batch in one
+//! transaction together with the cursor advance, so each effect happens exactly once even
+//! across reconnects, crashes, restarts and concurrent replicas. Errors reconnect with
+//! backoff. ([`Consumer`] is the same loop over any stream of events.)
 //!
 //! Each outbox has an epoch ([`Db::epoch`]), a random id drawn when it is created and sent
 //! with every `WatchEvents` event. The cursor records the epoch it follows
@@ -93,23 +96,17 @@
 //! cursor ([`Db::reset_cursor`], `tessera cursor reset`).
 //!
 //! ```ignore
-//! struct UserEvents { users: UserServiceClient<tessera_client::Channel> }
-//! impl tessera_store::Consumer for UserEvents {
+//! struct UserEvents;
+//! impl tessera_store::Apply for UserEvents {
+//!     const PRODUCER: &'static str = users::v1::user_service_server::SERVICE_NAME;
+//!     const CURSOR: &'static str = "users-events";
 //!     type Event = users::v1::WatchEventsResponse;
-//!     type Error = tonic::Status;
-//!     type Stream = tonic::Streaming<users::v1::WatchEventsResponse>;
-//!     fn name(&self) -> &str { "users-events" }
-//!     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
-//!         let mut users = self.users.clone();
-//!         Ok(users.watch_events(WatchEventsRequest { after_sequence }).await?.into_inner())
-//!     }
-//!     fn sequence(&self, e: &Self::Event) -> i64 { e.sequence }
 //!     async fn apply(&self, tx: &mut Tx, e: Self::Event) -> Result<(), StoreError> {
 //!         if let Some(Event::UserDeleted(d)) = e.event { /* delete rows with &mut **tx */ }
 //!         Ok(())
 //!     }
 //! }
-//! tokio::spawn(tessera_store::run_consumer(db, UserEvents { users }, shutdown_rx));
+//! tokio::spawn(tessera_store::follow(db, users_channel, UserEvents, shutdown_rx));
 //! ```
 //!
 //! # Tests
@@ -127,17 +124,19 @@ mod consumer;
 mod db;
 mod error;
 mod outbox;
+mod page;
 pub mod testing;
 pub mod watch;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use consumer::{Consumer, HALTED_RETRY, run_consumer};
+pub use consumer::{Apply, Consumer, HALTED_RETRY, MAX_BATCH, WatchChannel, follow, run_consumer};
 pub use db::{
     Backend, CursorState, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx,
 };
 pub use error::{Result, StoreError, error_chain};
 pub use outbox::{EVENT_BATCH, Event};
+pub use page::{BadPageToken, PageToken};
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).
 ///

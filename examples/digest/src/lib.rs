@@ -23,14 +23,14 @@
 //! let digest = Digest::open("/var/lib/tessera/digest.db", clients.posts(), clients.notifications())
 //!     .await?;
 //! let (_stop, shutdown) = tokio::sync::watch::channel(false);
-//! tokio::spawn(tessera_example_digest::follow_post_events(digest.clone(), clients.posts(), shutdown));
+//! tokio::spawn(tessera_example_digest::follow_post_events(digest.clone(), clients.channel("posts"), shutdown));
 //! let service = DigestServiceServer::new(digest);
 //! # Ok(()) }
 //! ```
 
 #![forbid(unsafe_code)]
 
-mod consumer;
+mod consumers;
 mod error;
 mod service;
 
@@ -43,7 +43,7 @@ use tessera::{
 use tessera_client::Channel;
 use tessera_store::{Db, Migration};
 
-pub use consumer::{POST_EVENTS_CURSOR, PostEvents, follow_post_events};
+pub use consumers::{POST_EVENTS_CURSOR, follow_post_events};
 pub use error::Error;
 
 /// The service's schema. Passed to [`Db::open`] by [`Digest::open`].

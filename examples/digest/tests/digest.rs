@@ -184,7 +184,7 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let consumer = tokio::spawn(follow_post_events(
             f.digest.clone(),
-            posts_client(&f.posts),
+            Channel::from_service(PostServiceServer::from_arc(f.posts.clone())),
             shutdown,
         ));
         for (post_id, author) in [("p1", "bob"), ("p2", "carol"), ("p3", "bob"), ("p4", "bob")] {

@@ -7,18 +7,17 @@ use sqlx::Row;
 use tessera::{
     comments::v1::{CommentDeleted, watch_events_response::Event},
     posts::v1::{
-        WatchEventsRequest as PostWatch, WatchEventsResponse as PostEvent,
-        post_service_client::PostServiceClient, watch_events_response::Event as PostKind,
+        WatchEventsResponse as PostEvent, post_service_server,
+        watch_events_response::Event as PostKind,
     },
     users::v1::{
-        WatchEventsRequest as UserWatch, WatchEventsResponse as UserEvent,
-        user_service_client::UserServiceClient, watch_events_response::Event as UserKind,
+        WatchEventsResponse as UserEvent, user_service_server,
+        watch_events_response::Event as UserKind,
     },
 };
 use tessera_client::Channel;
-use tessera_store::{Consumer, StoreError, Tx, now_micros, run_consumer};
+use tessera_store::{Apply, StoreError, Tx, follow, now_micros};
 use tokio::sync::watch;
-use tonic::{Status, Streaming};
 
 use crate::{Comments, service::append};
 
@@ -35,50 +34,28 @@ pub const USER_EVENTS_CURSOR: &str = "users-events";
 /// post's comments.
 pub async fn follow_post_events(
     comments: Comments,
-    posts: PostServiceClient<Channel>,
+    posts: Channel,
     shutdown: watch::Receiver<bool>,
 ) {
-    run_consumer(comments.db.clone(), PostsConsumer { posts }, shutdown).await;
+    follow(comments.db.clone(), posts, PostEvents, shutdown).await;
 }
 
 /// Follows UserService.WatchEvents until `shutdown` turns true: UserDeleted deletes the
 /// user's comments.
 pub async fn follow_user_events(
     comments: Comments,
-    users: UserServiceClient<Channel>,
+    users: Channel,
     shutdown: watch::Receiver<bool>,
 ) {
-    run_consumer(comments.db.clone(), UsersConsumer { users }, shutdown).await;
+    follow(comments.db.clone(), users, UserEvents, shutdown).await;
 }
 
-struct PostsConsumer {
-    posts: PostServiceClient<Channel>,
-}
+struct PostEvents;
 
-impl Consumer for PostsConsumer {
+impl Apply for PostEvents {
+    const PRODUCER: &'static str = post_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = PostEvent;
-    type Error = Status;
-    type Stream = Streaming<PostEvent>;
-
-    fn name(&self) -> &str {
-        POST_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
-        let mut posts = self.posts.clone();
-        Ok(posts
-            .watch_events(PostWatch { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &PostEvent) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e PostEvent) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: PostEvent) -> Result<(), StoreError> {
         match event.event {
@@ -100,34 +77,12 @@ impl Consumer for PostsConsumer {
     }
 }
 
-struct UsersConsumer {
-    users: UserServiceClient<Channel>,
-}
+struct UserEvents;
 
-impl Consumer for UsersConsumer {
+impl Apply for UserEvents {
+    const PRODUCER: &'static str = user_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
-    type Error = Status;
-    type Stream = Streaming<UserEvent>;
-
-    fn name(&self) -> &str {
-        USER_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
-        let mut users = self.users.clone();
-        Ok(users
-            .watch_events(UserWatch { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &UserEvent) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e UserEvent) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {
         match event.event {

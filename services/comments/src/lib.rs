@@ -15,18 +15,22 @@
 //!
 //! ```no_run
 //! # async fn f(
-//! #     posts: tessera::posts::v1::post_service_client::PostServiceClient<tessera_client::Channel>,
-//! #     users: tessera::users::v1::user_service_client::UserServiceClient<tessera_client::Channel>,
+//! #     posts: tessera_client::Channel,
+//! #     users: tessera_client::Channel,
 //! #     shutdown: tokio::sync::watch::Receiver<bool>,
 //! # ) -> Result<(), tessera_comments::CommentsError> {
-//! use tessera::comments::v1::comment_service_server::CommentServiceServer;
+//! use tessera::{
+//!     comments::v1::comment_service_server::CommentServiceServer,
+//!     posts::v1::post_service_client::PostServiceClient,
+//!     users::v1::user_service_client::UserServiceClient,
+//! };
 //! use tessera_comments::{Comments, follow_post_events, follow_user_events};
 //!
 //! // A SQLite path, or a postgres:// URL; migrations run here.
 //! // Moderators' roles are confirmed with UserService (their tokens may be stale).
-//! let comments = Comments::open("/var/lib/tessera/comments.db", posts.clone())
+//! let comments = Comments::open("/var/lib/tessera/comments.db", PostServiceClient::new(posts.clone()))
 //!     .await?
-//!     .with_users(users.clone());
+//!     .with_users(UserServiceClient::new(users.clone()));
 //! tokio::spawn(follow_post_events(comments.clone(), posts, shutdown.clone()));
 //! tokio::spawn(follow_user_events(comments.clone(), users, shutdown));
 //! let service = CommentServiceServer::new(comments);
@@ -50,7 +54,6 @@
 
 mod consumers;
 mod error;
-mod page;
 mod service;
 
 use tessera_store::Migration;

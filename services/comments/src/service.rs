@@ -13,13 +13,12 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_mesh::{auth::end_user, errors::Violations};
-use tessera_store::{Db, Tx, now_micros, timestamp, watch};
+use tessera_store::{Db, PageToken, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{
     CommentsError, MIGRATIONS,
     consumers::{POST_KEY, USER_KEY},
-    page::PageToken,
 };
 
 /// Longest comment body, in characters.
@@ -244,27 +243,16 @@ impl Comments {
         let mut v = Violations::new();
         check_id(&mut v, &req.post_id, "post_id", true);
         let size = page_size(&mut v, req.page_size);
-        let after = if req.page_token.is_empty() {
+        let after = PageToken::decode(&req.page_token, &req.post_id).unwrap_or_else(|bad| {
+            v.add("page_token", bad.reason());
             None
-        } else {
-            match PageToken::from_token(&req.page_token) {
-                Some(t) if t.post_id == req.post_id => Some(t),
-                Some(_) => {
-                    v.add("page_token", "belongs to another post");
-                    None
-                }
-                None => {
-                    v.add("page_token", "is not a page token this service issued");
-                    None
-                }
-            }
-        };
+        });
         v.into_result().map_err(CommentsError::Invalid)?;
 
         // Oldest first; (create_time, comment_id) is a total order, so a page boundary
         // between two comments of the same microsecond is still exact.
         let (after_time, after_id) = after
-            .map(|t| (t.create_time, t.comment_id))
+            .map(|t| (t.create_time, t.id))
             .unwrap_or((i64::MIN, String::new()));
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM comments WHERE post_id = $1 \
@@ -284,12 +272,9 @@ impl Comments {
             comments.push(comment_from_row(row)?);
         }
         let next_page_token = match comments.last() {
-            Some(last) if rows.len() > comments.len() => PageToken {
-                post_id: req.post_id,
-                create_time: last_time,
-                comment_id: last.comment_id.clone(),
+            Some(last) if rows.len() > comments.len() => {
+                PageToken::new(req.post_id, last_time, last.comment_id.clone()).encode()
             }
-            .to_token(),
             _ => String::new(),
         };
         Ok(ListCommentsResponse {

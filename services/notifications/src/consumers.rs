@@ -14,19 +14,18 @@
 use prost::Message;
 use tessera::{
     comments::v1::{
-        CommentCreated, WatchEventsRequest as CommentWatch, WatchEventsResponse as CommentEvent,
-        comment_service_client::CommentServiceClient, watch_events_response::Event as CommentKind,
+        CommentCreated, WatchEventsResponse as CommentEvent, comment_service_server,
+        watch_events_response::Event as CommentKind,
     },
     notifications::v1::Notification,
     users::v1::{
-        WatchEventsRequest as UserWatch, WatchEventsResponse as UserEvent,
-        user_service_client::UserServiceClient, watch_events_response::Event as UserKind,
+        WatchEventsResponse as UserEvent, user_service_server,
+        watch_events_response::Event as UserKind,
     },
 };
 use tessera_client::Channel;
-use tessera_store::{Consumer, StoreError, Tx, now_micros, run_consumer, timestamp};
+use tessera_store::{Apply, StoreError, Tx, follow, now_micros, timestamp};
 use tokio::sync::watch;
-use tonic::{Status, Streaming};
 
 use crate::{Notifications, hub::Delivery, service::UNREAD};
 
@@ -38,12 +37,13 @@ pub const USER_EVENTS_CURSOR: &str = "users-events";
 /// Follows CommentService.WatchEvents until `shutdown` turns true.
 pub async fn follow_comment_events(
     notifications: Notifications,
-    comments: CommentServiceClient<Channel>,
+    comments: Channel,
     shutdown: watch::Receiver<bool>,
 ) {
-    run_consumer(
+    follow(
         notifications.db().clone(),
-        CommentsConsumer { comments },
+        comments,
+        CommentEvents,
         shutdown,
     )
     .await;
@@ -52,45 +52,18 @@ pub async fn follow_comment_events(
 /// Follows UserService.WatchEvents until `shutdown` turns true.
 pub async fn follow_user_events(
     notifications: Notifications,
-    users: UserServiceClient<Channel>,
+    users: Channel,
     shutdown: watch::Receiver<bool>,
 ) {
-    run_consumer(
-        notifications.db().clone(),
-        UsersConsumer { users },
-        shutdown,
-    )
-    .await;
+    follow(notifications.db().clone(), users, UserEvents, shutdown).await;
 }
 
-struct CommentsConsumer {
-    comments: CommentServiceClient<Channel>,
-}
+struct CommentEvents;
 
-impl Consumer for CommentsConsumer {
+impl Apply for CommentEvents {
+    const PRODUCER: &'static str = comment_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = COMMENT_EVENTS_CURSOR;
     type Event = CommentEvent;
-    type Error = Status;
-    type Stream = Streaming<CommentEvent>;
-
-    fn name(&self) -> &str {
-        COMMENT_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
-        let mut comments = self.comments.clone();
-        Ok(comments
-            .watch_events(CommentWatch { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &CommentEvent) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e CommentEvent) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: CommentEvent) -> Result<(), StoreError> {
         match event.event {
@@ -157,34 +130,12 @@ async fn notify(tx: &mut Tx, created: CommentCreated) -> Result<(), StoreError> 
     Ok(())
 }
 
-struct UsersConsumer {
-    users: UserServiceClient<Channel>,
-}
+struct UserEvents;
 
-impl Consumer for UsersConsumer {
+impl Apply for UserEvents {
+    const PRODUCER: &'static str = user_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
-    type Error = Status;
-    type Stream = Streaming<UserEvent>;
-
-    fn name(&self) -> &str {
-        USER_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
-        let mut users = self.users.clone();
-        Ok(users
-            .watch_events(UserWatch { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &UserEvent) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e UserEvent) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {
         let Some(UserKind::UserDeleted(deleted)) = event.event else {

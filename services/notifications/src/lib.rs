@@ -16,8 +16,8 @@
 //!
 //! ```no_run
 //! # async fn f(
-//! #     comments: tessera::comments::v1::comment_service_client::CommentServiceClient<tessera_client::Channel>,
-//! #     users: tessera::users::v1::user_service_client::UserServiceClient<tessera_client::Channel>,
+//! #     comments: tessera_client::Channel,
+//! #     users: tessera_client::Channel,
 //! #     shutdown: tokio::sync::watch::Receiver<bool>,
 //! # ) -> Result<(), tessera_notifications::NotificationsError> {
 //! use tessera::notifications::v1::notification_service_server::NotificationServiceServer;
@@ -55,7 +55,6 @@ mod consumers;
 mod error;
 mod hub;
 mod limits;
-mod page;
 mod service;
 
 use tessera_store::Migration;

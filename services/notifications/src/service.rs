@@ -9,7 +9,7 @@ use tessera::notifications::v1::{
     notification_service_server::NotificationService,
 };
 use tessera_mesh::{auth::end_user, errors::Violations};
-use tessera_store::{Db, timestamp};
+use tessera_store::{Db, PageToken, timestamp};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -17,8 +17,12 @@ use crate::{
     MIGRATIONS, NotificationsError,
     hub::{Hub, Subscription, fan_out},
     limits::{Admission, BoundedSubscription, SubscriptionLimits},
-    page::PageToken,
 };
+
+/// What a page token of ListNotifications is bound to: the caller and the unread filter.
+fn page_scope(user_id: &str, unread_only: bool) -> String {
+    format!("{user_id}\n{unread_only}")
+}
 
 /// Notifications per page when the request does not say.
 pub const DEFAULT_PAGE_SIZE: i32 = 20;
@@ -170,32 +174,16 @@ impl Notifications {
             n if n <= 0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         });
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            match PageToken::from_token(&req.page_token) {
-                Some(t) if t.user_id == user_id && t.unread_only == req.unread_only => Some(t),
-                Some(t) if t.user_id == user_id => {
-                    v.add(
-                        "page_token",
-                        "was issued for a different unread_only filter",
-                    );
-                    None
-                }
-                _ => {
-                    v.add(
-                        "page_token",
-                        "is not a page token this service issued for you",
-                    );
-                    None
-                }
-            }
-        };
+        let after = PageToken::decode(&req.page_token, &page_scope(user_id, req.unread_only))
+            .unwrap_or_else(|bad| {
+                v.add("page_token", bad.reason());
+                None
+            });
         v.into_result().map_err(NotificationsError::Invalid)?;
 
         // Newest first; (create_time, notification_id) is a total order.
         let (before_time, before_id) = after
-            .map(|t| (t.create_time, t.notification_id))
+            .map(|t| (t.create_time, t.id))
             .unwrap_or((i64::MAX, String::new()));
         let unread_filter = if req.unread_only {
             "AND is_read = $5"
@@ -224,13 +212,12 @@ impl Notifications {
             notifications.push(notification_from_row(row)?);
         }
         let next_page_token = match notifications.last() {
-            Some(last) if rows.len() > notifications.len() => PageToken {
-                user_id: user_id.to_owned(),
-                unread_only: req.unread_only,
-                create_time: last_time,
-                notification_id: last.notification_id.clone(),
-            }
-            .to_token(),
+            Some(last) if rows.len() > notifications.len() => PageToken::new(
+                page_scope(user_id, req.unread_only),
+                last_time,
+                last.notification_id.clone(),
+            )
+            .encode(),
             _ => String::new(),
         };
         Ok(ListNotificationsResponse {

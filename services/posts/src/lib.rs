@@ -8,17 +8,18 @@
 //! # Constructing it
 //!
 //! ```no_run
-//! # async fn f(
-//! #     users: tessera::users::v1::user_service_client::UserServiceClient<tessera_client::Channel>,
-//! # ) -> Result<(), tessera_posts::Error> {
-//! use tessera::posts::v1::post_service_server::PostServiceServer;
+//! # async fn f(users: tessera_client::Channel) -> Result<(), tessera_posts::Error> {
+//! use tessera::{
+//!     posts::v1::post_service_server::PostServiceServer,
+//!     users::v1::user_service_client::UserServiceClient,
+//! };
 //! use tessera_posts::Posts;
 //!
 //! // A SQLite path, or a postgres:// URL; migrations run here.
 //! // Moderators' roles are confirmed with UserService (their tokens may be stale).
 //! let posts = Posts::open("/var/lib/tessera/posts.db")
 //!     .await?
-//!     .with_users(users.clone());
+//!     .with_users(UserServiceClient::new(users.clone()));
 //! let service = PostServiceServer::new(posts.clone());
 //!
 //! // UserDeleted -> delete that user's posts. Runs until `shutdown` turns true.
@@ -44,7 +45,7 @@
 
 #![forbid(unsafe_code)]
 
-mod consumer;
+mod consumers;
 mod error;
 mod service;
 
@@ -55,7 +56,7 @@ use tessera_client::Channel;
 
 use tessera_store::{Db, Migration};
 
-pub use consumer::{USER_EVENTS_CURSOR, UserEvents, follow_user_events};
+pub use consumers::{USER_EVENTS_CURSOR, follow_user_events};
 pub use error::Error;
 
 /// The service's schema. Passed to [`Db::open`] by [`Posts::open`]; exposed for tools.

@@ -1,6 +1,5 @@
 //! The PostService handlers and the post storage they share with the consumer.
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use tessera::posts::v1::{
     CreatePostRequest, CreatePostResponse, DeletePostRequest, DeletePostResponse, GetPostRequest,
     GetPostResponse, ListPostsRequest, ListPostsResponse, Post, PostCreated, PostDeleted,
@@ -11,7 +10,7 @@ use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{PageToken, StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Posts};
@@ -121,43 +120,6 @@ fn required(value: &str, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Where the next page starts: after the post with this create time and id, for this
-/// author filter. Encoded opaquely; a client must not build one.
-#[derive(Debug, PartialEq, Eq)]
-struct PageToken {
-    create_time: i64,
-    post_id: String,
-    author_id: String,
-}
-
-impl PageToken {
-    fn encode(&self) -> String {
-        B64.encode(format!(
-            "v1\n{}\n{}\n{}",
-            self.create_time, self.post_id, self.author_id
-        ))
-    }
-
-    fn decode(token: &str) -> Option<PageToken> {
-        let raw = String::from_utf8(B64.decode(token).ok()?).ok()?;
-        let mut parts = raw.splitn(4, '\n');
-        if parts.next()? != "v1" {
-            return None;
-        }
-        let create_time = parts.next()?.parse().ok()?;
-        let post_id = parts.next()?.to_owned();
-        let author_id = parts.next()?.to_owned();
-        if post_id.is_empty() {
-            return None;
-        }
-        Some(PageToken {
-            create_time,
-            post_id,
-            author_id,
-        })
-    }
-}
-
 impl Posts {
     /// A moderator's authority, confirmed against the stored role (the token's may be
     /// minutes old). Only asked when the token claims it, so authors cost no extra call.
@@ -237,7 +199,7 @@ impl Posts {
         // A UserDeleted cascade writing the tombstone after the check below waits for this
         // insert to commit, so its DELETE sees the post (PostgreSQL READ COMMITTED; see
         // `Tx::lock_key`).
-        tx.lock_key_shared(crate::consumer::AUTHOR_KEY, &post.author_id)
+        tx.lock_key_shared(crate::consumers::AUTHOR_KEY, &post.author_id)
             .await?;
         let deleted: Option<String> =
             sqlx::query_scalar("SELECT author_id FROM deleted_authors WHERE author_id = $1")
@@ -359,19 +321,8 @@ impl PostService for Posts {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            let token = PageToken::decode(&req.page_token)
-                .ok_or_else(|| invalid_field("page_token", "is not a token ListPosts issued"))?;
-            if token.author_id != req.author_id {
-                return Err(invalid_field(
-                    "page_token",
-                    "was issued for a different author_id",
-                ));
-            }
-            Some(token)
-        };
+        // A token only fits the author filter it was issued for.
+        let after = PageToken::decode(&req.page_token, &req.author_id)?;
 
         // Newest first; keyset on (create_time, post_id) so concurrent inserts never shift
         // a page boundary.
@@ -399,7 +350,7 @@ impl PostService for Posts {
             query = query.bind(&req.author_id);
         }
         if let Some(token) = &after {
-            query = query.bind(token.create_time).bind(&token.post_id);
+            query = query.bind(token.create_time).bind(&token.id);
         }
         let mut rows = query
             .bind(page_size + 1)
@@ -413,11 +364,11 @@ impl PostService for Posts {
             .map(PostRow::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         let next_page_token = match posts.last() {
-            Some(last) if more => PageToken {
-                create_time: last.create_time,
-                post_id: last.post_id.clone(),
-                author_id: req.author_id.clone(),
-            }
+            Some(last) if more => PageToken::new(
+                req.author_id.clone(),
+                last.create_time,
+                last.post_id.clone(),
+            )
             .encode(),
             _ => String::new(),
         };
@@ -549,31 +500,5 @@ impl PostService for Posts {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
         Ok(Response::new(watch::stream(self.db(), after)?))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        let t = PageToken {
-            create_time: 1_700_000_000_000_000,
-            post_id: "p-1".into(),
-            author_id: "a\nb".into(),
-        };
-        assert_eq!(PageToken::decode(&t.encode()).unwrap(), t);
-        for garbage in [
-            "",
-            "!!!",
-            "djE",
-            &B64.encode("v2\n1\np\n"),
-            &B64.encode("v1\nx\np\n"),
-            &B64.encode("v1\n1\n\n"),
-        ] {
-            assert!(PageToken::decode(garbage).is_none(), "{garbage}");
-        }
     }
 }

@@ -622,7 +622,7 @@ async fn deleting_a_user_deletes_their_posts() {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let consumer = tokio::spawn(tessera_posts::follow_user_events(
             posts.clone(),
-            UserServiceClient::new(channel),
+            channel,
             shutdown,
         ));
 

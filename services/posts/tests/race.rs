@@ -10,8 +10,8 @@ use std::{collections::BTreeSet, sync::Arc, time::Instant};
 use tessera::{
     posts::v1::{CreatePostRequest, post_service_server::PostService, watch_events_response},
     users::v1::{
-        UserDeleted, WatchEventsResponse as UserEvent, user_service_client::UserServiceClient,
-        user_service_server::UserServiceServer, watch_events_response::Event,
+        UserDeleted, WatchEventsResponse as UserEvent, user_service_server::UserServiceServer,
+        watch_events_response::Event,
     },
 };
 use tessera_posts::{MIGRATIONS, Posts, USER_EVENTS_CURSOR};
@@ -36,9 +36,8 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
             log: EventLog::new(false),
             ..FakeUsers::default()
         });
-        let client = UserServiceClient::new(tessera_client::Channel::from_service(
-            UserServiceServer::from_arc(users.clone()),
-        ));
+        let client =
+            tessera_client::Channel::from_service(UserServiceServer::from_arc(users.clone()));
         let (stop, shutdown) = watch::channel(false);
         let consumer = tokio::spawn(tessera_posts::follow_user_events(
             posts.clone(),

@@ -115,7 +115,7 @@ async fn deleted_posts_take_their_comments() {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(follow_post_events(
             h.comments.clone(),
-            h.posts_client.clone(),
+            h.posts_channel.clone(),
             rx,
         ));
         eventually("p1's comments are deleted", || async {
@@ -156,7 +156,7 @@ async fn deleted_users_take_their_comments() {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(follow_user_events(
             h.comments.clone(),
-            h.users_client.clone(),
+            h.users_channel.clone(),
             rx,
         ));
         eventually("bob's comments are deleted", || async {
@@ -193,7 +193,7 @@ async fn replayed_events_take_effect_once() {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(follow_post_events(
             h.comments.clone(),
-            h.posts_client.clone(),
+            h.posts_channel.clone(),
             rx,
         ));
         eventually("the cursor reaches the end", || async {
@@ -223,7 +223,7 @@ async fn consumers_stop_on_shutdown_even_while_connected() {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(follow_post_events(
             h.comments.clone(),
-            h.posts_client.clone(),
+            h.posts_channel.clone(),
             rx,
         ));
         eventually("connected", || async { h.posts.log.connections() >= 1 }).await;

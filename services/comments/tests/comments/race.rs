@@ -97,7 +97,7 @@ async fn a_create_racing_a_post_deletion_leaves_no_orphan() {
         let (stop, shutdown) = watch::channel(false);
         let consumer = tokio::spawn(follow_post_events(
             h.comments.clone(),
-            h.posts_client.clone(),
+            h.posts_channel.clone(),
             shutdown,
         ));
         eventually("the consumer connected", || async {
@@ -147,7 +147,7 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
         let (stop, shutdown) = watch::channel(false);
         let consumer = tokio::spawn(follow_user_events(
             h.comments.clone(),
-            h.users_client.clone(),
+            h.users_channel.clone(),
             shutdown,
         ));
         eventually("the consumer connected", || async {

@@ -29,9 +29,10 @@ pub struct Harness {
     pub comments: Comments,
     pub client: CommentServiceClient<Channel>,
     pub posts: Arc<FakePosts>,
-    pub posts_client: PostServiceClient<Channel>,
+    /// The fake PostService's channel (the consumers' `WatchEvents` go over it).
+    pub posts_channel: Channel,
     pub users: Arc<FakeUsers>,
-    pub users_client: UserServiceClient<Channel>,
+    pub users_channel: Channel,
     _db: TestDb,
 }
 
@@ -72,16 +73,12 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
         users: stored_roles(),
         ..FakeUsers::default()
     });
-    let posts_client = PostServiceClient::new(Channel::from_service(PostServiceServer::from_arc(
-        posts.clone(),
-    )));
-    let users_client = UserServiceClient::new(Channel::from_service(UserServiceServer::from_arc(
-        users.clone(),
-    )));
-    let comments = Comments::with_db(db.db.clone(), posts_client.clone())
+    let posts_channel = Channel::from_service(PostServiceServer::from_arc(posts.clone()));
+    let users_channel = Channel::from_service(UserServiceServer::from_arc(users.clone()));
+    let comments = Comments::with_db(db.db.clone(), PostServiceClient::new(posts_channel.clone()))
         .await
         .unwrap()
-        .with_users(users_client.clone());
+        .with_users(UserServiceClient::new(users_channel.clone()));
     let client = CommentServiceClient::new(Channel::from_service(CommentServiceServer::new(
         comments.clone(),
     )));
@@ -90,9 +87,9 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
         comments,
         client,
         posts,
-        posts_client,
+        posts_channel,
         users,
-        users_client,
+        users_channel,
         _db: db,
     }
 }

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use tessera::{
     comments::v1::{
         Comment, CommentCreated, WatchEventsResponse as CommentEvent,
-        comment_service_client::CommentServiceClient, comment_service_server::CommentServiceServer,
-        watch_events_response::Event as CommentKind,
+        comment_service_server::CommentServiceServer, watch_events_response::Event as CommentKind,
     },
     posts::v1::{post_service_client::PostServiceClient, post_service_server::PostServiceServer},
 };
@@ -22,10 +21,7 @@ use tessera_client::Channel;
 use tessera_comments::Comments;
 use tessera_notifications::{COMMENT_EVENTS_CURSOR, Notifications, follow_comment_events};
 use tessera_store::{
-    testing::{
-        self,
-        fakes::FakePosts,
-    },
+    testing::{self, fakes::FakePosts},
     watch,
 };
 
@@ -44,9 +40,7 @@ async fn catch_up() {
             FakePosts::default(),
         )));
         let comments = Comments::with_db(producer.db.clone(), posts).await.unwrap();
-        let comments = CommentServiceClient::new(Channel::from_service(
-            CommentServiceServer::new(comments),
-        ));
+        let comments = Channel::from_service(CommentServiceServer::new(comments));
         let notifications = Notifications::with_db(consumer.db.clone()).await.unwrap();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let started = Instant::now();
@@ -56,8 +50,18 @@ async fn catch_up() {
             shutdown,
         ));
         let deadline = started + Duration::from_secs(600);
-        while notifications.db().cursor(COMMENT_EVENTS_CURSOR).await.unwrap() < backlog {
-            assert!(Instant::now() < deadline, "{}: no catch-up in 600 s", producer.name);
+        while notifications
+            .db()
+            .cursor(COMMENT_EVENTS_CURSOR)
+            .await
+            .unwrap()
+            < backlog
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no catch-up in 600 s",
+                producer.name
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let took = started.elapsed();
@@ -67,7 +71,11 @@ async fn catch_up() {
             .fetch_one(notifications.db().pool())
             .await
             .unwrap();
-        assert_eq!(n, backlog, "{}: one notification per comment", producer.name);
+        assert_eq!(
+            n, backlog,
+            "{}: one notification per comment",
+            producer.name
+        );
         println!(
             "catch-up {}: {backlog} events in {:.2} s = {:.0} events/s",
             producer.name,

@@ -6,8 +6,7 @@ use std::{sync::Arc, time::Duration};
 use tessera::{
     comments::v1::{
         Comment, CommentCreated, CommentDeleted, WatchEventsResponse as CommentEvent,
-        comment_service_client::CommentServiceClient, comment_service_server::CommentServiceServer,
-        watch_events_response::Event as CommentKind,
+        comment_service_server::CommentServiceServer, watch_events_response::Event as CommentKind,
     },
     notifications::v1::{
         ListNotificationsRequest, Notification,
@@ -15,8 +14,8 @@ use tessera::{
         notification_service_server::NotificationServiceServer,
     },
     users::v1::{
-        UserDeleted, WatchEventsResponse as UserEvent, user_service_client::UserServiceClient,
-        user_service_server::UserServiceServer, watch_events_response::Event as UserKind,
+        UserDeleted, WatchEventsResponse as UserEvent, user_service_server::UserServiceServer,
+        watch_events_response::Event as UserKind,
     },
 };
 use tessera_client::Channel;
@@ -35,8 +34,8 @@ pub struct Harness {
     pub client: NotificationServiceClient<Channel>,
     pub comments: Arc<EventLog<CommentEvent>>,
     pub users: Arc<EventLog<UserEvent>>,
-    comments_client: CommentServiceClient<Channel>,
-    users_client: UserServiceClient<Channel>,
+    comments_channel: Channel,
+    users_channel: Channel,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     next_sequence: i64,
@@ -48,12 +47,12 @@ impl Harness {
     pub fn start(&mut self) {
         self.tasks.push(tokio::spawn(follow_comment_events(
             self.service.clone(),
-            self.comments_client.clone(),
+            self.comments_channel.clone(),
             self.shutdown.subscribe(),
         )));
         self.tasks.push(tokio::spawn(follow_user_events(
             self.service.clone(),
-            self.users_client.clone(),
+            self.users_channel.clone(),
             self.shutdown.subscribe(),
         )));
     }
@@ -181,17 +180,14 @@ pub async fn harnesses_with(label: &str, replay_all: bool) -> Vec<Harness> {
 async fn harness(db: TestDb, replay_all: bool) -> Harness {
     let comments = EventLog::new(replay_all);
     let users = EventLog::new(replay_all);
-    let comments_client = CommentServiceClient::new(Channel::from_service(
-        CommentServiceServer::new(FakeComments {
-            log: comments.clone(),
-            ..FakeComments::default()
-        }),
-    ));
-    let users_client =
-        UserServiceClient::new(Channel::from_service(UserServiceServer::new(FakeUsers {
-            log: users.clone(),
-            ..FakeUsers::default()
-        })));
+    let comments_channel = Channel::from_service(CommentServiceServer::new(FakeComments {
+        log: comments.clone(),
+        ..FakeComments::default()
+    }));
+    let users_channel = Channel::from_service(UserServiceServer::new(FakeUsers {
+        log: users.clone(),
+        ..FakeUsers::default()
+    }));
     let service = Notifications::with_db(db.db.clone()).await.unwrap();
     let client = NotificationServiceClient::new(Channel::from_service(
         NotificationServiceServer::new(service.clone()),
@@ -202,8 +198,8 @@ async fn harness(db: TestDb, replay_all: bool) -> Harness {
         client,
         comments,
         users,
-        comments_client,
-        users_client,
+        comments_channel,
+        users_channel,
         shutdown: watch::channel(false).0,
         tasks: Vec::new(),
         next_sequence: 0,

@@ -1,12 +1,9 @@
 //! UserService events → posts: a deleted user's posts are deleted, each with a PostDeleted
 //! event, in the transaction that advances the cursor.
 
-use tessera::users::v1::{
-    WatchEventsRequest, WatchEventsResponse, user_service_client::UserServiceClient,
-    watch_events_response::Event,
-};
+use tessera::users::v1::{WatchEventsResponse, user_service_server, watch_events_response::Event};
 use tessera_client::Channel;
-use tessera_store::{StoreError, Tx, now_micros};
+use tessera_store::{Apply, StoreError, Tx, now_micros};
 use tokio::sync::watch;
 
 use crate::{
@@ -20,41 +17,13 @@ pub(crate) const AUTHOR_KEY: &str = "posts.author";
 /// The cursor name in posts' database.
 pub const USER_EVENTS_CURSOR: &str = "users-events";
 
-/// Follows UserService.WatchEvents for posts; see [`follow_user_events`].
-pub struct UserEvents {
-    users: UserServiceClient<Channel>,
-}
+/// What posts does with UserService's events; see [`follow_user_events`].
+struct UserEvents;
 
-impl UserEvents {
-    pub fn new(users: UserServiceClient<Channel>) -> Self {
-        Self { users }
-    }
-}
-
-impl tessera_store::Consumer for UserEvents {
+impl Apply for UserEvents {
+    const PRODUCER: &'static str = user_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
-    type Error = tonic::Status;
-    type Stream = tonic::Streaming<WatchEventsResponse>;
-
-    fn name(&self) -> &str {
-        USER_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
-        let mut users = self.users.clone();
-        Ok(users
-            .watch_events(WatchEventsRequest { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &WatchEventsResponse) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e WatchEventsResponse) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         let Some(Event::UserDeleted(deleted)) = event.event else {
@@ -99,10 +68,6 @@ async fn delete_author(tx: &mut Tx, author_id: &str) -> Result<usize, StoreError
 /// Follows UserService's events until `shutdown` turns `true`: each `UserDeleted` deletes that
 /// user's posts (each emitting `PostDeleted`, so comments cascade), exactly once, with the
 /// cursor kept in posts' database. Reconnects with backoff when the stream fails.
-pub async fn follow_user_events(
-    posts: Posts,
-    users: UserServiceClient<Channel>,
-    shutdown: watch::Receiver<bool>,
-) {
-    tessera_store::run_consumer(posts.db().clone(), UserEvents::new(users), shutdown).await;
+pub async fn follow_user_events(posts: Posts, users: Channel, shutdown: watch::Receiver<bool>) {
+    tessera_store::follow(posts.db().clone(), users, UserEvents, shutdown).await;
 }

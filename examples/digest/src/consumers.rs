@@ -1,12 +1,9 @@
 //! PostService events → digest: a new post is remembered (id, author, time) so digests can
 //! order it; a deleted one is forgotten. Both in the transaction that advances the cursor.
 
-use tessera::posts::v1::{
-    WatchEventsRequest, WatchEventsResponse, post_service_client::PostServiceClient,
-    watch_events_response::Event,
-};
+use tessera::posts::v1::{WatchEventsResponse, post_service_server, watch_events_response::Event};
 use tessera_client::Channel;
-use tessera_store::{StoreError, Tx, now_micros};
+use tessera_store::{Apply, StoreError, Tx, now_micros};
 use tokio::sync::watch;
 
 use crate::Digest;
@@ -14,41 +11,13 @@ use crate::Digest;
 /// The cursor name in digest's database.
 pub const POST_EVENTS_CURSOR: &str = "posts-events";
 
-/// Follows PostService.WatchEvents for the digest; see [`follow_post_events`].
-pub struct PostEvents {
-    posts: PostServiceClient<Channel>,
-}
+/// What the digest does with PostService's events; see [`follow_post_events`].
+struct PostEvents;
 
-impl PostEvents {
-    pub fn new(posts: PostServiceClient<Channel>) -> Self {
-        Self { posts }
-    }
-}
-
-impl tessera_store::Consumer for PostEvents {
+impl Apply for PostEvents {
+    const PRODUCER: &'static str = post_service_server::SERVICE_NAME;
+    const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
-    type Error = tonic::Status;
-    type Stream = tonic::Streaming<WatchEventsResponse>;
-
-    fn name(&self) -> &str {
-        POST_EVENTS_CURSOR
-    }
-
-    async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
-        let mut posts = self.posts.clone();
-        Ok(posts
-            .watch_events(WatchEventsRequest { after_sequence })
-            .await?
-            .into_inner())
-    }
-
-    fn sequence(&self, event: &WatchEventsResponse) -> i64 {
-        event.sequence
-    }
-
-    fn epoch<'e>(&self, event: &'e WatchEventsResponse) -> Option<&'e str> {
-        Some(&event.epoch)
-    }
 
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         match event.event {
@@ -86,10 +55,6 @@ impl tessera_store::Consumer for PostEvents {
 
 /// Follows PostService's events until `shutdown` turns `true`, exactly once per event, with
 /// the cursor kept in digest's database; reconnects with backoff when the stream fails.
-pub async fn follow_post_events(
-    digest: Digest,
-    posts: PostServiceClient<Channel>,
-    shutdown: watch::Receiver<bool>,
-) {
-    tessera_store::run_consumer(digest.db().clone(), PostEvents::new(posts), shutdown).await;
+pub async fn follow_post_events(digest: Digest, posts: Channel, shutdown: watch::Receiver<bool>) {
+    tessera_store::follow(digest.db().clone(), posts, PostEvents, shutdown).await;
 }
