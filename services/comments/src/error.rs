@@ -4,7 +4,7 @@ use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CommentsError {
+pub enum Error {
     /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
     #[error("invalid argument: {}", .0.message())]
     Invalid(Status),
@@ -24,21 +24,21 @@ pub enum CommentsError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for CommentsError {
+impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         Self::Store(e.into())
     }
 }
 
-impl From<CommentsError> for Status {
-    fn from(err: CommentsError) -> Self {
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
         match err {
-            CommentsError::Invalid(status) | CommentsError::Upstream(status) => status,
-            CommentsError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            CommentsError::PermissionDenied(why) => Status::permission_denied(why),
-            CommentsError::UserGone => Status::unauthenticated("the user no longer exists"),
-            CommentsError::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
-            e @ CommentsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
+            Error::Invalid(status) | Error::Upstream(status) => status,
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::UserGone => Status::unauthenticated("the user no longer exists"),
+            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            e @ Error::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }
 }

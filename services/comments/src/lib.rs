@@ -18,7 +18,7 @@
 //! #     posts: tessera_client::Channel,
 //! #     users: tessera_client::Channel,
 //! #     shutdown: tokio::sync::watch::Receiver<bool>,
-//! # ) -> Result<(), tessera_comments::CommentsError> {
+//! # ) -> Result<(), tessera_comments::Error> {
 //! use tessera::{
 //!     comments::v1::comment_service_server::CommentServiceServer,
 //!     posts::v1::post_service_client::PostServiceClient,
@@ -61,7 +61,7 @@ use tessera_store::Migration;
 pub use consumers::{
     POST_EVENTS_CURSOR, USER_EVENTS_CURSOR, follow_post_events, follow_user_events,
 };
-pub use error::CommentsError;
+pub use error::Error;
 pub use service::{Comments, DEFAULT_PAGE_SIZE, MAX_BODY_CHARS, MAX_PAGE_SIZE};
 
 /// The comment service's schema, in order. Never edit a released entry: append.

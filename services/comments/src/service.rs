@@ -17,7 +17,7 @@ use tessera_store::{Db, PageToken, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    CommentsError, MIGRATIONS,
+    Error, MIGRATIONS,
     consumers::{POST_KEY, USER_KEY},
 };
 
@@ -39,7 +39,7 @@ pub struct Comments {
     users: Option<UserServiceClient<Channel>>,
 }
 
-type Result<T, E = CommentsError> = std::result::Result<T, E>;
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 const COLUMNS: &str = "comment_id, post_id, author_id, body, create_time";
 
@@ -120,7 +120,7 @@ impl Comments {
         } else if req.body.contains('\0') {
             v.add("body", "must not contain NUL characters");
         }
-        v.into_result().map_err(CommentsError::Invalid)?;
+        v.into_result().map_err(Error::Invalid)?;
 
         let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
         if let Some(rid) = request_id
@@ -137,12 +137,12 @@ impl Comments {
             })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => CommentsError::NotFound(format!("post {}", req.post_id)),
-                _ => CommentsError::Upstream(s),
+                tonic::Code::NotFound => Error::NotFound(format!("post {}", req.post_id)),
+                _ => Error::Upstream(s),
             })?
             .into_inner()
             .post
-            .ok_or_else(|| CommentsError::NotFound(format!("post {}", req.post_id)))?;
+            .ok_or_else(|| Error::NotFound(format!("post {}", req.post_id)))?;
 
         let comment = Comment {
             comment_id: uuid::Uuid::now_v7().to_string(),
@@ -152,14 +152,11 @@ impl Comments {
             create_time: None,
         };
         match self.insert(&comment, &post.author_id, request_id).await {
-            Err(CommentsError::Store(e)) if e.is_unique_violation() => {
+            Err(Error::Store(e)) if e.is_unique_violation() => {
                 // A concurrent retry with the same request_id won: return its comment.
                 match request_id {
-                    Some(rid) => self
-                        .by_request(author, rid)
-                        .await?
-                        .ok_or(CommentsError::Store(e)),
-                    None => Err(CommentsError::Store(e)),
+                    Some(rid) => self.by_request(author, rid).await?.ok_or(Error::Store(e)),
+                    None => Err(Error::Store(e)),
                 }
             }
             other => other,
@@ -188,7 +185,7 @@ impl Comments {
                 .fetch_optional(&mut *tx)
                 .await?;
         if gone_post.is_some() {
-            return Err(CommentsError::NotFound(format!("post {}", comment.post_id)));
+            return Err(Error::NotFound(format!("post {}", comment.post_id)));
         }
         let gone_user: Option<String> =
             sqlx::query_scalar("SELECT user_id FROM deleted_users WHERE user_id = $1")
@@ -196,7 +193,7 @@ impl Comments {
                 .fetch_optional(&mut *tx)
                 .await?;
         if gone_user.is_some() {
-            return Err(CommentsError::UserGone);
+            return Err(Error::UserGone);
         }
         sqlx::query(
             "INSERT INTO comments \
@@ -247,7 +244,7 @@ impl Comments {
             v.add("page_token", bad.reason());
             None
         });
-        v.into_result().map_err(CommentsError::Invalid)?;
+        v.into_result().map_err(Error::Invalid)?;
 
         // Oldest first; (create_time, comment_id) is a total order, so a page boundary
         // between two comments of the same microsecond is still exact.
@@ -290,7 +287,7 @@ impl Comments {
     ) -> Result<()> {
         let mut v = Violations::new();
         check_id(&mut v, &req.comment_id, "comment_id", true);
-        v.into_result().map_err(CommentsError::Invalid)?;
+        v.into_result().map_err(Error::Invalid)?;
 
         // Confirmed against the stored role (the token's may be stale), before the
         // transaction so no write lock is held across a network call; only asked when the
@@ -298,7 +295,7 @@ impl Comments {
         let moderator = match (&self.users, caller.is_moderator()) {
             (Some(users), true) => tessera_client::roles::is_moderator_now(users, &caller.sub)
                 .await
-                .map_err(CommentsError::Upstream)?,
+                .map_err(Error::Upstream)?,
             _ => false,
         };
         let mut tx = self.db.begin().await?;
@@ -308,13 +305,13 @@ impl Comments {
         .bind(&req.comment_id)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| CommentsError::NotFound(format!("comment {}", req.comment_id)))?;
+        .ok_or_else(|| Error::NotFound(format!("comment {}", req.comment_id)))?;
         let post_id: String = row.try_get(0)?;
         let author_id: String = row.try_get(1)?;
         let post_author_id: String = row.try_get(2)?;
         let allowed = caller.sub == author_id || caller.sub == post_author_id || moderator;
         if !allowed {
-            return Err(CommentsError::PermissionDenied(
+            return Err(Error::PermissionDenied(
                 "only the comment's author, the post's author, a moderator or an admin may delete it",
             ));
         }
@@ -326,10 +323,7 @@ impl Comments {
         if deleted == 0 {
             // A concurrent delete got there first (PostgreSQL, READ COMMITTED): it emitted
             // the event.
-            return Err(CommentsError::NotFound(format!(
-                "comment {}",
-                req.comment_id
-            )));
+            return Err(Error::NotFound(format!("comment {}", req.comment_id)));
         }
         append(
             &mut tx,

@@ -32,7 +32,7 @@ use tessera_mesh::{
 use tonic::{body::Body, service::Routes};
 use tower::{Service, util::BoxCloneSyncService};
 
-use crate::{Feed, GatewayError, PublicProxy, RateLimits, proxy::SizeLimits, public_methods};
+use crate::{Error, Feed, PublicProxy, RateLimits, proxy::SizeLimits, public_methods};
 
 /// The gRPC service every public method of the gateway itself belongs to.
 pub const FEED_SERVICE: &str = "tessera.gateway.v1.FeedService";
@@ -83,7 +83,7 @@ pub fn public_service(
     upstreams: &Upstreams,
     keys: TokenKeys,
     limits: EdgeLimits,
-) -> Result<GrpcService, GatewayError> {
+) -> Result<GrpcService, Error> {
     let feed = match (
         upstreams.get("posts", false),
         upstreams.get("comments", false),

@@ -6,7 +6,7 @@ use tower::BoxError;
 
 /// Everything that can go wrong in the gateway.
 #[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
+pub enum Error {
     /// The path is not a public method served here.
     #[error("method {0} is not served here")]
     UnknownMethod(String),
@@ -42,31 +42,29 @@ pub enum GatewayError {
     Internal(String),
 }
 
-impl From<GatewayError> for Status {
-    fn from(err: GatewayError) -> Self {
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
         match err {
-            GatewayError::UnknownMethod(path) => {
+            Error::UnknownMethod(path) => {
                 Status::unimplemented(format!("method {path} is not served here"))
             }
-            GatewayError::TokenRequired => Status::unauthenticated("an access token is required"),
-            GatewayError::BadToken(e) => {
-                Status::unauthenticated(format!("invalid access token: {e}"))
-            }
-            GatewayError::BadAuthorizationHeader => {
+            Error::TokenRequired => Status::unauthenticated("an access token is required"),
+            Error::BadToken(e) => Status::unauthenticated(format!("invalid access token: {e}")),
+            Error::BadAuthorizationHeader => {
                 Status::unauthenticated("the authorization header must be \"Bearer <token>\"")
             }
-            GatewayError::RateLimited(what) => {
+            Error::RateLimited(what) => {
                 Status::resource_exhausted(format!("rate limit exceeded for this {what}"))
             }
-            GatewayError::Unavailable(e) => {
+            Error::Unavailable(e) => {
                 tracing::warn!(error = %e, "downstream call failed");
                 Status::unavailable("the service is unavailable")
             }
-            GatewayError::Status(status) => status,
-            e @ (GatewayError::NotPublic(_)
-            | GatewayError::Descriptor(_)
-            | GatewayError::HttpRule(_)
-            | GatewayError::Internal(_)) => tessera_mesh::errors::internal(e),
+            Error::Status(status) => status,
+            e @ (Error::NotPublic(_)
+            | Error::Descriptor(_)
+            | Error::HttpRule(_)
+            | Error::Internal(_)) => tessera_mesh::errors::internal(e),
         }
     }
 }

@@ -22,7 +22,7 @@ use tessera_client::Channel;
 use tessera_mesh::{auth::maybe_end_user, context, errors::Violations};
 use tonic::{Request, Response, Status};
 
-use crate::GatewayError;
+use crate::Error;
 
 /// Comments per thread page when the request does not say.
 pub const DEFAULT_COMMENT_PAGE_SIZE: i32 = 20;
@@ -56,7 +56,7 @@ impl Feed {
         &self,
         post_id: String,
         page_size: i32,
-    ) -> Result<GetPostThreadResponse, GatewayError> {
+    ) -> Result<GetPostThreadResponse, Error> {
         let mut posts = self.posts.clone();
         let mut comments = self.comments.clone();
         let (post, page) = tokio::try_join!(
@@ -72,7 +72,7 @@ impl Feed {
         let post = post
             .into_inner()
             .post
-            .ok_or_else(|| GatewayError::Internal("GetPost returned no post".into()))?;
+            .ok_or_else(|| Error::Internal("GetPost returned no post".into()))?;
         let page = page.into_inner();
 
         // The post's author first, then each comment author once, in order of appearance.

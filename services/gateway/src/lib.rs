@@ -30,7 +30,7 @@
 //! # fn f(
 //! #     channel_for: impl Fn(&str) -> tessera_client::Channel,
 //! #     keys: tessera_mesh::auth::TokenKeys,
-//! # ) -> Result<(), tessera_gateway::GatewayError> {
+//! # ) -> Result<(), tessera_gateway::Error> {
 //! use tessera_gateway::{EdgeLimits, Upstreams, public_service};
 //!
 //! let mut upstreams = Upstreams::new();
@@ -56,7 +56,7 @@ pub mod rate_limit;
 mod unread;
 
 pub use edge::{EdgeLimits, Upstreams, public_service};
-pub use error::GatewayError;
+pub use error::Error;
 pub use feed::Feed;
 pub use http_json::{Edge, HttpJson};
 pub use proxy::{ClientAddr, PublicProxy, SizeLimits};

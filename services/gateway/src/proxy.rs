@@ -54,7 +54,7 @@ use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
 use tower::{BoxError, Service, ServiceExt};
 
 use crate::{
-    GatewayError, RateLimits,
+    Error, RateLimits,
     public::public_methods,
     rate_limit::{Buckets, address_key},
     unread::{Charge, Ledger},
@@ -118,12 +118,12 @@ pub struct PublicProxy {
 impl PublicProxy {
     /// `routes` maps gRPC paths (`/tessera.posts.v1.PostService/CreatePost`) to the channel
     /// of the service that owns them. Every path must be a method the contracts mark public
-    /// (else [`GatewayError::NotPublic`]); whether it needs a token comes from the same rule.
+    /// (else [`Error::NotPublic`]); whether it needs a token comes from the same rule.
     pub fn new(
         routes: HashMap<String, Channel>,
         keys: TokenKeys,
         limits: RateLimits,
-    ) -> Result<Self, GatewayError> {
+    ) -> Result<Self, Error> {
         Self::with_sizes(routes, keys, limits, SizeLimits::default())
     }
 
@@ -133,7 +133,7 @@ impl PublicProxy {
         keys: TokenKeys,
         limits: RateLimits,
         sizes: SizeLimits,
-    ) -> Result<Self, GatewayError> {
+    ) -> Result<Self, Error> {
         let public: HashMap<String, _> = public_methods()?
             .into_iter()
             .map(|m| (m.path.clone(), m))
@@ -141,7 +141,7 @@ impl PublicProxy {
         let mut table = HashMap::with_capacity(routes.len());
         for (path, channel) in routes {
             let Some(method) = public.get(&path) else {
-                return Err(GatewayError::NotPublic(path));
+                return Err(Error::NotPublic(path));
             };
             table.insert(
                 path,
@@ -176,24 +176,24 @@ impl Inner {
     async fn admit(
         &self,
         req: &mut http::Request<Body>,
-    ) -> Result<(&Route, Option<Arc<str>>), GatewayError> {
+    ) -> Result<(&Route, Option<Arc<str>>), Error> {
         if let Some(ip) = client_ip(req)
             && !self.per_address.try_acquire(&address_key(ip))
         {
-            return Err(GatewayError::RateLimited("address"));
+            return Err(Error::RateLimited("address"));
         }
         let path = req.uri().path();
         let route = self
             .routes
             .get(path)
-            .ok_or_else(|| GatewayError::UnknownMethod(path.to_owned()))?;
+            .ok_or_else(|| Error::UnknownMethod(path.to_owned()))?;
 
         let token = bearer_token(req.headers())?;
         match token {
             Some(token) => {
                 let claims = self.keys.verify(&token).await?;
                 if !self.per_user.try_acquire(&claims.sub) {
-                    return Err(GatewayError::RateLimited("user"));
+                    return Err(Error::RateLimited("user"));
                 }
                 // Handlers served in-process (FeedService) read the verified user from here;
                 // over the network the downstream service verifies the header again.
@@ -204,7 +204,7 @@ impl Inner {
                 });
                 Ok((route, Some(token)))
             }
-            None if route.user => Err(GatewayError::TokenRequired),
+            None if route.user => Err(Error::TokenRequired),
             None => Ok((route, None)),
         }
     }
@@ -216,7 +216,7 @@ impl Inner {
         route: &Route,
         req: http::Request<Body>,
         token: Option<Arc<str>>,
-    ) -> Result<http::Response<Body>, GatewayError> {
+    ) -> Result<http::Response<Body>, Error> {
         let ip = client_ip(&req);
         let req = if route.client_streaming {
             req
@@ -244,18 +244,15 @@ impl Inner {
 
 /// A channel's failure: a `Status` it chose (deadline, no ready replica, ...) keeps its code;
 /// anything else means the call could not be carried.
-fn upstream_error(err: BoxError) -> GatewayError {
+fn upstream_error(err: BoxError) -> Error {
     match err.downcast::<Status>() {
-        Ok(status) => GatewayError::Status(*status),
-        Err(other) => GatewayError::Unavailable(other),
+        Ok(status) => Error::Status(*status),
+        Err(other) => Error::Unavailable(other),
     }
 }
 
 /// The request with exactly its first message as the body, read under `limit`.
-async fn one_message(
-    req: http::Request<Body>,
-    limit: usize,
-) -> Result<http::Request<Body>, GatewayError> {
+async fn one_message(req: http::Request<Body>, limit: usize) -> Result<http::Request<Body>, Error> {
     let (parts, mut body) = req.into_parts();
     let mut buf = BytesMut::new();
     let mut need = None;
@@ -292,7 +289,7 @@ async fn whole(
     resp: http::Response<Body>,
     limit: usize,
     charge: impl Fn(usize) -> Option<Charge>,
-) -> Result<http::Response<Body>, GatewayError> {
+) -> Result<http::Response<Body>, Error> {
     if resp.headers().contains_key("grpc-status") {
         // Trailers-only: nothing follows.
         return Ok(resp);
@@ -326,7 +323,7 @@ async fn whole(
     ))
 }
 
-fn unread_exhausted() -> GatewayError {
+fn unread_exhausted() -> Error {
     Status::resource_exhausted("too many unread responses for this client address; read them first")
         .into()
 }
@@ -472,19 +469,15 @@ impl http_body::Body for PumpedBody {
 }
 
 /// The bearer token of the `authorization` header, if there is one.
-fn bearer_token(headers: &http::HeaderMap) -> Result<Option<String>, GatewayError> {
+fn bearer_token(headers: &http::HeaderMap) -> Result<Option<String>, Error> {
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value
-        .to_str()
-        .map_err(|_| GatewayError::BadAuthorizationHeader)?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or(GatewayError::BadAuthorizationHeader)?;
+    let value = value.to_str().map_err(|_| Error::BadAuthorizationHeader)?;
+    let (scheme, token) = value.split_once(' ').ok_or(Error::BadAuthorizationHeader)?;
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-        return Err(GatewayError::BadAuthorizationHeader);
+        return Err(Error::BadAuthorizationHeader);
     }
     Ok(Some(token.to_owned()))
 }
@@ -550,7 +543,7 @@ mod tests {
         for bad in ["Basic abc", "Bearer", "Bearer ", "abc"] {
             h.insert("authorization", http::HeaderValue::from_static(bad));
             assert!(
-                matches!(bearer_token(&h), Err(GatewayError::BadAuthorizationHeader)),
+                matches!(bearer_token(&h), Err(Error::BadAuthorizationHeader)),
                 "{bad:?}"
             );
         }
@@ -571,6 +564,6 @@ mod tests {
             RateLimits::default(),
         )
         .err();
-        assert!(matches!(err, Some(GatewayError::NotPublic(p)) if p.ends_with("WatchEvents")));
+        assert!(matches!(err, Some(Error::NotPublic(p)) if p.ends_with("WatchEvents")));
     }
 }

@@ -7,7 +7,7 @@
 use prost::Message;
 use tessera::mesh::v1::AccessRule;
 
-use crate::GatewayError;
+use crate::Error;
 
 /// A method reachable through the gateway.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,12 +69,12 @@ struct MethodOptions {
 }
 
 /// The public methods of every Tessera contract, in descriptor order.
-pub fn public_methods() -> Result<Vec<PublicMethod>, GatewayError> {
+pub fn public_methods() -> Result<Vec<PublicMethod>, Error> {
     public_methods_in(tessera::FILE_DESCRIPTOR_SET)
 }
 
 /// The public methods described by an encoded `google.protobuf.FileDescriptorSet`.
-pub fn public_methods_in(descriptor_set: &[u8]) -> Result<Vec<PublicMethod>, GatewayError> {
+pub fn public_methods_in(descriptor_set: &[u8]) -> Result<Vec<PublicMethod>, Error> {
     let set = FileDescriptorSet::decode(descriptor_set)?;
     let mut out = Vec::new();
     for file in set.file {
@@ -153,7 +153,7 @@ mod tests {
     fn garbage_descriptor_set_is_an_error() {
         assert!(matches!(
             public_methods_in(b"\xff\xff\xff"),
-            Err(GatewayError::Descriptor(_))
+            Err(Error::Descriptor(_))
         ));
     }
 }

@@ -4,7 +4,7 @@ use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
-pub enum NotificationsError {
+pub enum Error {
     /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
     #[error("invalid argument: {}", .0.message())]
     Invalid(Status),
@@ -24,27 +24,27 @@ pub enum NotificationsError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for NotificationsError {
+impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         Self::Store(e.into())
     }
 }
 
-impl From<NotificationsError> for Status {
-    fn from(err: NotificationsError) -> Self {
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
         match err {
-            NotificationsError::Invalid(status) => status,
-            NotificationsError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            NotificationsError::PermissionDenied(why) => Status::permission_denied(why),
-            NotificationsError::TooManySubscriptions(max) => Status::resource_exhausted(format!(
+            Error::Invalid(status) => status,
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::TooManySubscriptions(max) => Status::resource_exhausted(format!(
                 "you have {max} open subscriptions, the most one user may hold; close one \
                  before subscribing again"
             )),
-            NotificationsError::ReplicaFull(max) => Status::unavailable(format!(
+            Error::ReplicaFull(max) => Status::unavailable(format!(
                 "this replica serves its maximum of {max} subscriptions; try again shortly"
             )),
-            NotificationsError::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
-            e @ NotificationsError::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
+            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            e @ Error::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }
 }

@@ -19,7 +19,7 @@
 //! #     comments: tessera_client::Channel,
 //! #     users: tessera_client::Channel,
 //! #     shutdown: tokio::sync::watch::Receiver<bool>,
-//! # ) -> Result<(), tessera_notifications::NotificationsError> {
+//! # ) -> Result<(), tessera_notifications::Error> {
 //! use tessera::notifications::v1::notification_service_server::NotificationServiceServer;
 //! use tessera_notifications::{Notifications, follow_comment_events, follow_user_events};
 //!
@@ -62,7 +62,7 @@ use tessera_store::Migration;
 pub use consumers::{
     COMMENT_EVENTS_CURSOR, USER_EVENTS_CURSOR, follow_comment_events, follow_user_events,
 };
-pub use error::NotificationsError;
+pub use error::Error;
 pub use hub::Subscription;
 pub use limits::{BoundedSubscription, SubscriptionLimits};
 pub use service::{DEFAULT_PAGE_SIZE, MAX_MARK_IDS, MAX_PAGE_SIZE, Notifications};

@@ -29,7 +29,7 @@ use tessera::notifications::v1::SubscribeNotificationsResponse;
 use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
-use crate::{NotificationsError, hub::Subscription};
+use crate::{Error, hub::Subscription};
 
 /// The bounds; the defaults are those of `tessera_mesh::service_limits::ServiceLimits`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,16 +79,14 @@ impl Admission {
     }
 
     /// Counts a new stream of `user_id`, or refuses it.
-    pub(crate) fn admit(self: &Arc<Self>, user_id: &str) -> Result<Ticket, NotificationsError> {
+    pub(crate) fn admit(self: &Arc<Self>, user_id: &str) -> Result<Ticket, Error> {
         let mut open = self.lock();
         let mine = open.per_user.get(user_id).copied().unwrap_or(0);
         if mine >= self.limits.per_user {
-            return Err(NotificationsError::TooManySubscriptions(
-                self.limits.per_user,
-            ));
+            return Err(Error::TooManySubscriptions(self.limits.per_user));
         }
         if open.total >= self.limits.per_replica {
-            return Err(NotificationsError::ReplicaFull(self.limits.per_replica));
+            return Err(Error::ReplicaFull(self.limits.per_replica));
         }
         open.total += 1;
         *open.per_user.entry(user_id.to_owned()).or_insert(0) += 1;

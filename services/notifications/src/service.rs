@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    MIGRATIONS, NotificationsError,
+    Error, MIGRATIONS,
     hub::{Hub, Subscription, fan_out},
     limits::{Admission, BoundedSubscription, SubscriptionLimits},
 };
@@ -36,7 +36,7 @@ const MAX_ID_LEN: usize = 128;
 pub(crate) const READ: i64 = 1;
 pub(crate) const UNREAD: i64 = 0;
 
-type Result<T, E = NotificationsError> = std::result::Result<T, E>;
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The notification service. Cheap to clone (shared state).
 ///
@@ -179,7 +179,7 @@ impl Notifications {
                 v.add("page_token", bad.reason());
                 None
             });
-        v.into_result().map_err(NotificationsError::Invalid)?;
+        v.into_result().map_err(Error::Invalid)?;
 
         // Newest first; (create_time, notification_id) is a total order.
         let (before_time, before_id) = after
@@ -239,7 +239,7 @@ impl Notifications {
             "notification_ids",
             "must hold non-empty ids of at most 128 bytes without control characters",
         );
-        v.into_result().map_err(NotificationsError::Invalid)?;
+        v.into_result().map_err(Error::Invalid)?;
 
         let mut tx = self.db().begin().await?;
         if req.notification_ids.is_empty() {
@@ -276,9 +276,9 @@ impl Notifications {
             }
             for id in &ids {
                 match owners.get(*id) {
-                    None => return Err(NotificationsError::NotFound(format!("notification {id}"))),
+                    None => return Err(Error::NotFound(format!("notification {id}"))),
                     Some(owner) if owner != user_id => {
-                        return Err(NotificationsError::PermissionDenied(format!(
+                        return Err(Error::PermissionDenied(format!(
                             "notification {id} is not yours"
                         )));
                     }

@@ -36,7 +36,7 @@ use tower::{Layer, Service, ServiceExt};
 
 pub use rules::Api;
 
-use crate::GatewayError;
+use crate::Error;
 use rules::{Binding, Lookup};
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -63,15 +63,15 @@ struct Shared {
 impl HttpJson {
     /// Reads the bindings from the contracts; `cors_origins` are exact origins
     /// (`https://app.example.com`), none by default.
-    pub fn new(cors_origins: &[String], max_body: usize) -> Result<Self, GatewayError> {
+    pub fn new(cors_origins: &[String], max_body: usize) -> Result<Self, Error> {
         let api = Api::contracts()?;
         let openapi = serde_json::to_vec_pretty(&openapi::document(&api))
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let cors_origins = cors_origins
             .iter()
             .map(|o| {
                 HeaderValue::from_str(o)
-                    .map_err(|_| GatewayError::Internal(format!("bad CORS origin {o:?}")))
+                    .map_err(|_| Error::Internal(format!("bad CORS origin {o:?}")))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -117,7 +117,7 @@ pub fn public_edge(
     cors_origins: &[String],
     max_body: usize,
     body_timeout: std::time::Duration,
-) -> Result<tessera_mesh::server::PublicEdge, GatewayError> {
+) -> Result<tessera_mesh::server::PublicEdge, Error> {
     let edge = HttpJson::new(cors_origins, max_body)?.with_body_timeout(body_timeout);
     Ok(Arc::new(move |path| {
         tessera_mesh::server::GrpcService::new(edge.wrap(path))

@@ -6,7 +6,7 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor, Me
 use tessera::google::api::{HttpRule, http_rule::Pattern};
 
 use super::template::Template;
-use crate::{GatewayError, public::public_methods_in};
+use crate::{Error, public::public_methods_in};
 
 /// Where a request's HTTP body goes.
 #[derive(Clone, Debug)]
@@ -51,14 +51,14 @@ pub struct Api {
 
 impl Api {
     /// The bindings of Tessera's own contracts.
-    pub fn contracts() -> Result<Self, GatewayError> {
+    pub fn contracts() -> Result<Self, Error> {
         Self::from_descriptor_set(tessera::FILE_DESCRIPTOR_SET)
     }
 
     /// The bindings of the public methods in an encoded `FileDescriptorSet`; errors name a
     /// rule that cannot be served (a contract defect, so `serve` fails at start).
-    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Self, GatewayError> {
-        let rule_err = |e: &dyn std::fmt::Display| GatewayError::HttpRule(e.to_string());
+    pub fn from_descriptor_set(bytes: &[u8]) -> Result<Self, Error> {
+        let rule_err = |e: &dyn std::fmt::Display| Error::HttpRule(e.to_string());
         let mut pool = DescriptorPool::decode(bytes).map_err(|e| rule_err(&e))?;
         // google.rpc.Status and its details, to render error details as JSON.
         pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
@@ -69,7 +69,7 @@ impl Api {
             let method = pool
                 .get_service_by_name(&public.service)
                 .and_then(|s| s.methods().find(|m| m.name() == public.method))
-                .ok_or_else(|| GatewayError::HttpRule(format!("{} not found", public.path)))?;
+                .ok_or_else(|| Error::HttpRule(format!("{} not found", public.path)))?;
             let Some(ext) = &http_ext else { continue };
             let options = method.options();
             if !options.has_extension(ext) {
@@ -78,15 +78,15 @@ impl Api {
             let rule: HttpRule = options
                 .get_extension(ext)
                 .as_message()
-                .ok_or_else(|| GatewayError::HttpRule(format!("{}: not a message", public.path)))?
+                .ok_or_else(|| Error::HttpRule(format!("{}: not a message", public.path)))?
                 .transcode_to()
-                .map_err(|e| GatewayError::HttpRule(format!("{}: {e}", public.path)))?;
+                .map_err(|e| Error::HttpRule(format!("{}: {e}", public.path)))?;
             let mut rules = vec![rule.clone()];
             rules.extend(rule.additional_bindings.iter().cloned());
             for rule in rules {
                 bindings.push(
                     binding(&method, &public.path, public.user, &rule)
-                        .map_err(|e| GatewayError::HttpRule(format!("{}: {e}", public.path)))?,
+                        .map_err(|e| Error::HttpRule(format!("{}: {e}", public.path)))?,
                 );
             }
         }
