@@ -34,19 +34,13 @@ mod consumers;
 mod error;
 mod service;
 
-use std::sync::Arc;
-
-use tessera::{
-    notifications::v1::notification_service_client::NotificationServiceClient,
-    posts::v1::post_service_client::PostServiceClient,
-};
-use tessera_client::Channel;
-use tessera_store::{Db, Migration};
+use tessera_store::Migration;
 
 pub use consumers::{POST_EVENTS_CURSOR, follow_post_events};
 pub use error::Error;
+pub use service::Digest;
 
-/// The service's schema. Passed to [`Db::open`] by [`Digest::open`].
+/// The service's schema. Passed to `Db::open` by [`Digest::open`].
 pub const MIGRATIONS: &[Migration] = &[Migration::portable(
     "digest",
     "CREATE TABLE follows (
@@ -61,57 +55,3 @@ pub const MIGRATIONS: &[Migration] = &[Migration::portable(
     );
     CREATE INDEX digest_posts_by_author ON digest_posts (author_id, create_time, post_id);",
 )];
-
-/// The DigestService implementation. Cheap to clone (shared state).
-#[derive(Clone)]
-pub struct Digest {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    db: Db,
-    posts: PostServiceClient<Channel>,
-    notifications: NotificationServiceClient<Channel>,
-}
-
-impl Digest {
-    /// Opens (creating and migrating if needed) the database at `target`, a SQLite path or a
-    /// `postgres://` URL, and reads posts and notifications through the given clients.
-    pub async fn open(
-        target: &str,
-        posts: PostServiceClient<Channel>,
-        notifications: NotificationServiceClient<Channel>,
-    ) -> Result<Digest, Error> {
-        let db = Db::open(target, MIGRATIONS).await?;
-        Ok(Self::with_migrated(db, posts, notifications))
-    }
-
-    /// Like [`Digest::open`] over an already connected database; runs [`MIGRATIONS`].
-    pub async fn with_db(
-        db: Db,
-        posts: PostServiceClient<Channel>,
-        notifications: NotificationServiceClient<Channel>,
-    ) -> Result<Digest, Error> {
-        db.migrate(MIGRATIONS).await?;
-        Ok(Self::with_migrated(db, posts, notifications))
-    }
-
-    fn with_migrated(
-        db: Db,
-        posts: PostServiceClient<Channel>,
-        notifications: NotificationServiceClient<Channel>,
-    ) -> Digest {
-        Digest {
-            inner: Arc::new(Inner {
-                db,
-                posts,
-                notifications,
-            }),
-        }
-    }
-
-    /// The service's database.
-    pub fn db(&self) -> &Db {
-        &self.inner.db
-    }
-}

@@ -1,18 +1,78 @@
-//! The DigestService handlers: validate, then read or write the digest's own tables and call
-//! the upstreams through their typed clients.
+//! The DigestService implementation ([`Digest`]): validate, then read or write the digest's
+//! own tables and call the upstreams through their typed clients.
+
+use std::sync::Arc;
 
 use tessera::{
     digest::v1::{
         FollowAuthorRequest, FollowAuthorResponse, GetDigestRequest, GetDigestResponse,
         digest_service_server::DigestService,
     },
-    notifications::v1::ListNotificationsRequest,
-    posts::v1::GetPostRequest,
+    notifications::v1::{
+        ListNotificationsRequest, notification_service_client::NotificationServiceClient,
+    },
+    posts::v1::{GetPostRequest, post_service_client::PostServiceClient},
 };
+use tessera_client::Channel;
 use tessera_mesh::{auth::end_user, errors::Violations};
+use tessera_store::Db;
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Digest, Error};
+use crate::{Error, MIGRATIONS};
+
+/// The DigestService implementation. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Digest {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    posts: PostServiceClient<Channel>,
+    notifications: NotificationServiceClient<Channel>,
+}
+
+impl Digest {
+    /// Opens (creating and migrating if needed) the database at `target`, a SQLite path or a
+    /// `postgres://` URL, and reads posts and notifications through the given clients.
+    pub async fn open(
+        target: &str,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Result<Digest, Error> {
+        let db = Db::open(target, MIGRATIONS).await?;
+        Ok(Self::with_migrated(db, posts, notifications))
+    }
+
+    /// Like [`Digest::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(
+        db: Db,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Result<Digest, Error> {
+        db.migrate(MIGRATIONS).await?;
+        Ok(Self::with_migrated(db, posts, notifications))
+    }
+
+    fn with_migrated(
+        db: Db,
+        posts: PostServiceClient<Channel>,
+        notifications: NotificationServiceClient<Channel>,
+    ) -> Digest {
+        Digest {
+            inner: Arc::new(Inner {
+                db,
+                posts,
+                notifications,
+            }),
+        }
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
 
 /// GetDigest's page size when the request leaves it at 0, and the most it may ask for.
 const DEFAULT_PAGE_SIZE: i32 = 20;

@@ -48,17 +48,17 @@
 
 pub mod edge;
 mod error;
-pub mod feed;
 pub mod http_json;
 pub mod proxy;
 pub mod public;
 pub mod rate_limit;
+pub mod service;
 mod unread;
 
 pub use edge::{EdgeLimits, Upstreams, public_service};
 pub use error::Error;
-pub use feed::Feed;
 pub use http_json::{Edge, HttpJson};
 pub use proxy::{ClientAddr, PublicProxy, SizeLimits};
 pub use public::{PublicMethod, public_methods, public_methods_in};
 pub use rate_limit::{Quota, RateLimits};
+pub use service::Feed;

@@ -49,17 +49,13 @@ mod consumers;
 mod error;
 mod service;
 
-use std::sync::Arc;
-
-use tessera::users::v1::user_service_client::UserServiceClient;
-use tessera_client::Channel;
-
-use tessera_store::{Db, Migration};
+use tessera_store::Migration;
 
 pub use consumers::{USER_EVENTS_CURSOR, follow_user_events};
 pub use error::Error;
+pub use service::Posts;
 
-/// The service's schema. Passed to [`Db::open`] by [`Posts::open`]; exposed for tools.
+/// The service's schema. Passed to `Db::open` by [`Posts::open`]; exposed for tools.
 pub const MIGRATIONS: &[Migration] = &[Migration::portable(
     "posts",
     "CREATE TABLE posts (
@@ -85,53 +81,3 @@ pub const MIGRATIONS: &[Migration] = &[Migration::portable(
         delete_time BIGINT NOT NULL
     );",
 )];
-
-/// The PostService implementation. Cheap to clone (shared state).
-#[derive(Clone)]
-pub struct Posts {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    db: Db,
-    /// Where a moderator's current role is confirmed; without it, nobody acts as one.
-    users: Option<UserServiceClient<Channel>>,
-}
-
-impl Posts {
-    /// Opens (creating and migrating if needed) the database at `target`: a SQLite path or a
-    /// `postgres://` URL.
-    pub async fn open(target: &str) -> Result<Posts, Error> {
-        let db = Db::open(target, MIGRATIONS).await?;
-        Ok(Self::from_migrated(db))
-    }
-
-    /// Like [`Posts::open`] over an already connected database; runs [`MIGRATIONS`].
-    pub async fn with_db(db: Db) -> Result<Posts, Error> {
-        db.migrate(MIGRATIONS).await?;
-        Ok(Self::from_migrated(db))
-    }
-
-    fn from_migrated(db: Db) -> Posts {
-        Posts {
-            inner: Arc::new(Inner { db, users: None }),
-        }
-    }
-
-    /// Confirms moderator rights with `users` (UserService.GetUser on the caller) before a
-    /// moderator edits or deletes someone else's post: the token's role may be stale.
-    /// Without this, only authors may edit or delete their posts.
-    pub fn with_users(self, users: UserServiceClient<Channel>) -> Posts {
-        Posts {
-            inner: Arc::new(Inner {
-                db: self.inner.db.clone(),
-                users: Some(users),
-            }),
-        }
-    }
-
-    /// The service's database.
-    pub fn db(&self) -> &Db {
-        &self.inner.db
-    }
-}

@@ -1,4 +1,7 @@
-//! The PostService handlers and the post storage they share with the consumer.
+//! The PostService implementation ([`Posts`]): its handlers and the post storage they share
+//! with the consumer.
+
+use std::sync::Arc;
 
 use tessera::posts::v1::{
     CreatePostRequest, CreatePostResponse, DeletePostRequest, DeletePostResponse, GetPostRequest,
@@ -6,14 +9,66 @@ use tessera::posts::v1::{
     UpdatePostRequest, UpdatePostResponse, WatchEventsRequest, WatchEventsResponse,
     post_service_server::PostService, watch_events_response::Event,
 };
+use tessera::users::v1::user_service_client::UserServiceClient;
+use tessera_client::Channel;
 use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{PageToken, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Db, PageToken, StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
-use crate::{Error, Posts};
+use crate::{Error, MIGRATIONS};
+
+/// The PostService implementation. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Posts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    /// Where a moderator's current role is confirmed; without it, nobody acts as one.
+    users: Option<UserServiceClient<Channel>>,
+}
+
+impl Posts {
+    /// Opens (creating and migrating if needed) the database at `target`: a SQLite path or a
+    /// `postgres://` URL.
+    pub async fn open(target: &str) -> Result<Posts, Error> {
+        let db = Db::open(target, MIGRATIONS).await?;
+        Ok(Self::from_migrated(db))
+    }
+
+    /// Like [`Posts::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(db: Db) -> Result<Posts, Error> {
+        db.migrate(MIGRATIONS).await?;
+        Ok(Self::from_migrated(db))
+    }
+
+    fn from_migrated(db: Db) -> Posts {
+        Posts {
+            inner: Arc::new(Inner { db, users: None }),
+        }
+    }
+
+    /// Confirms moderator rights with `users` (UserService.GetUser on the caller) before a
+    /// moderator edits or deletes someone else's post: the token's role may be stale.
+    /// Without this, only authors may edit or delete their posts.
+    pub fn with_users(self, users: UserServiceClient<Channel>) -> Posts {
+        Posts {
+            inner: Arc::new(Inner {
+                db: self.inner.db.clone(),
+                users: Some(users),
+            }),
+        }
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
 
 const MAX_TITLE: usize = 200;
 /// Bytes.

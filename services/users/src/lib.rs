@@ -66,15 +66,13 @@ mod service;
 mod sessions;
 mod throttle;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use tessera_mesh::{auth::TokenKeys, token::Verifier};
-use tessera_store::{Db, Migration};
+use tessera_store::Migration;
 
 pub use error::Error;
 pub use keys::{Kek, KekError, rotate_now};
-use keys::{KeyPolicy, KeyRing};
+pub use service::Users;
 pub use sessions::Refused;
 
 /// The service's schema. Passed to [`Db::open`] by [`Users::open`]; exposed for tools.
@@ -196,131 +194,5 @@ impl Default for UsersConfig {
             hash_queue: limits.password_hash_queue,
             login_failures_per_minute: limits.login_failures_per_minute,
         }
-    }
-}
-
-/// The UserService implementation. Cheap to clone (shared state).
-#[derive(Clone)]
-pub struct Users {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    db: Db,
-    config: UsersConfig,
-    kek: Kek,
-    /// The signing key and every published key, swapped whole when the ring changes.
-    keys: ArcSwap<KeyRing>,
-    /// What this process's own server stack verifies tokens with; kept in step with `keys`.
-    token_keys: TokenKeys,
-    /// A real hash of a random password, verified against when a login names an unknown
-    /// user, so both failures take the same time.
-    dummy_hash: String,
-    /// The bound on concurrent password hashing.
-    hashing: hashing::Hashing,
-    /// Failed logins per username.
-    throttle: throttle::LoginThrottle,
-}
-
-impl Users {
-    /// Opens (creating and migrating if needed) the database at `target` (a SQLite path or a
-    /// `postgres://` URL) and loads or creates the signing keys.
-    pub async fn open(target: &str, config: UsersConfig) -> Result<Users, Error> {
-        let db = Db::open(target, MIGRATIONS).await?;
-        Self::with_db(db, config).await
-    }
-
-    /// Like [`Users::open`] over an already connected database; runs [`MIGRATIONS`].
-    pub async fn with_db(db: Db, config: UsersConfig) -> Result<Users, Error> {
-        db.migrate(MIGRATIONS).await?;
-        let kek = config
-            .key_encryption_key
-            .clone()
-            .ok_or(Error::NoKeyEncryptionKey)?;
-        let (ring, _) = keys::sync(&db, &kek, Self::policy(&config), false).await?;
-        let token_keys = TokenKeys::fixed(ring.verifier.clone());
-        let hashing = hashing::Hashing::new(
-            config.password_params.clone(),
-            config.hash_concurrency,
-            config.hash_queue,
-        )?;
-        let dummy_hash = hashing
-            .hash(uuid::Uuid::now_v7().simple().to_string())
-            .await?;
-        let throttle = throttle::LoginThrottle::new(config.login_failures_per_minute);
-        Ok(Users {
-            inner: Arc::new(Inner {
-                db,
-                config,
-                kek,
-                keys: ArcSwap::from_pointee(ring),
-                token_keys,
-                dummy_hash,
-                hashing,
-                throttle,
-            }),
-        })
-    }
-
-    fn policy(config: &UsersConfig) -> KeyPolicy {
-        KeyPolicy {
-            rotation: config.key_rotation,
-            access_token_ttl: config.token_ttl,
-        }
-    }
-
-    /// A verifier for tokens this service signs (every published key, as of now).
-    pub fn verifier(&self) -> Verifier {
-        self.inner.keys.load().verifier.clone()
-    }
-
-    /// The key set for this process's own server stack (`Workload::new`): updated whenever
-    /// the key ring changes, so tokens signed by a new key verify here too.
-    pub fn token_keys(&self) -> TokenKeys {
-        self.inner.token_keys.clone()
-    }
-
-    /// Re-reads the key ring now: rotates if due (or when `rotate`), retires expired keys,
-    /// and picks up keys made by other replicas or `tessera keys rotate`.
-    pub async fn sync_keys(&self, rotate: bool) -> Result<(), Error> {
-        if !rotate {
-            let current = self.inner.keys.load_full();
-            let loaded: Vec<&str> = current.jwks.iter().map(|(kid, _)| kid.as_str()).collect();
-            let policy = Self::policy(&self.inner.config);
-            let signing = current.signer.kid();
-            if !keys::needs_sync(&self.inner.db, policy, &loaded, signing).await? {
-                return Ok(());
-            }
-        }
-        let (ring, _) = keys::sync(
-            &self.inner.db,
-            &self.inner.kek,
-            Self::policy(&self.inner.config),
-            rotate,
-        )
-        .await?;
-        self.inner.token_keys.set(ring.verifier.clone());
-        self.inner.keys.store(Arc::new(ring));
-        Ok(())
-    }
-
-    /// Keeps the key ring current until `shutdown` turns `true`: checks every
-    /// `keys::check_interval` (at most 5 s). Spawn one per process.
-    pub async fn maintain_keys(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let every = keys::check_interval(self.inner.config.key_rotation);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-            if let Err(err) = self.sync_keys(false).await {
-                tracing::warn!(error = %tessera_store::error_chain(&err), "checking the signing keys failed");
-            }
-        }
-    }
-
-    /// The service's database.
-    pub fn db(&self) -> &Db {
-        &self.inner.db
     }
 }

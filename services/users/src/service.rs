@@ -1,5 +1,8 @@
-//! The UserService handlers.
+//! The UserService implementation ([`Users`]): its state, key ring upkeep and handlers.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use tessera::users::v1::{
     BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, CreateUserResponse,
     DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
@@ -9,16 +12,145 @@ use tessera::users::v1::{
     user_service_server::UserService, watch_events_response::Event,
 };
 use tessera_mesh::{
-    auth::{end_user, maybe_end_user},
+    auth::{TokenKeys, end_user, maybe_end_user},
     errors::{Violations, invalid_field},
+    token::Verifier,
 };
-use tessera_store::{Backend, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Backend, Db, StoreError, Tx, now_micros, timestamp, watch};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Error, Users,
+    Error, MIGRATIONS, UsersConfig, hashing,
+    keys::{self, Kek, KeyPolicy, KeyRing},
     sessions::{self, MAX_TOKEN_LEN, share_lock},
+    throttle,
 };
+
+/// The UserService implementation. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Users {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Db,
+    pub(crate) config: UsersConfig,
+    pub(crate) kek: Kek,
+    /// The signing key and every published key, swapped whole when the ring changes.
+    pub(crate) keys: ArcSwap<KeyRing>,
+    /// What this process's own server stack verifies tokens with; kept in step with `keys`.
+    pub(crate) token_keys: TokenKeys,
+    /// A real hash of a random password, verified against when a login names an unknown
+    /// user, so both failures take the same time.
+    pub(crate) dummy_hash: String,
+    /// The bound on concurrent password hashing.
+    pub(crate) hashing: hashing::Hashing,
+    /// Failed logins per username.
+    pub(crate) throttle: throttle::LoginThrottle,
+}
+
+impl Users {
+    /// Opens (creating and migrating if needed) the database at `target` (a SQLite path or a
+    /// `postgres://` URL) and loads or creates the signing keys.
+    pub async fn open(target: &str, config: UsersConfig) -> Result<Users, Error> {
+        let db = Db::open(target, MIGRATIONS).await?;
+        Self::with_db(db, config).await
+    }
+
+    /// Like [`Users::open`] over an already connected database; runs [`MIGRATIONS`].
+    pub async fn with_db(db: Db, config: UsersConfig) -> Result<Users, Error> {
+        db.migrate(MIGRATIONS).await?;
+        let kek = config
+            .key_encryption_key
+            .clone()
+            .ok_or(Error::NoKeyEncryptionKey)?;
+        let (ring, _) = keys::sync(&db, &kek, Self::policy(&config), false).await?;
+        let token_keys = TokenKeys::fixed(ring.verifier.clone());
+        let hashing = hashing::Hashing::new(
+            config.password_params.clone(),
+            config.hash_concurrency,
+            config.hash_queue,
+        )?;
+        let dummy_hash = hashing
+            .hash(uuid::Uuid::now_v7().simple().to_string())
+            .await?;
+        let throttle = throttle::LoginThrottle::new(config.login_failures_per_minute);
+        Ok(Users {
+            inner: Arc::new(Inner {
+                db,
+                config,
+                kek,
+                keys: ArcSwap::from_pointee(ring),
+                token_keys,
+                dummy_hash,
+                hashing,
+                throttle,
+            }),
+        })
+    }
+
+    fn policy(config: &UsersConfig) -> KeyPolicy {
+        KeyPolicy {
+            rotation: config.key_rotation,
+            access_token_ttl: config.token_ttl,
+        }
+    }
+
+    /// A verifier for tokens this service signs (every published key, as of now).
+    pub fn verifier(&self) -> Verifier {
+        self.inner.keys.load().verifier.clone()
+    }
+
+    /// The key set for this process's own server stack (`Workload::new`): updated whenever
+    /// the key ring changes, so tokens signed by a new key verify here too.
+    pub fn token_keys(&self) -> TokenKeys {
+        self.inner.token_keys.clone()
+    }
+
+    /// Re-reads the key ring now: rotates if due (or when `rotate`), retires expired keys,
+    /// and picks up keys made by other replicas or `tessera keys rotate`.
+    pub async fn sync_keys(&self, rotate: bool) -> Result<(), Error> {
+        if !rotate {
+            let current = self.inner.keys.load_full();
+            let loaded: Vec<&str> = current.jwks.iter().map(|(kid, _)| kid.as_str()).collect();
+            let policy = Self::policy(&self.inner.config);
+            let signing = current.signer.kid();
+            if !keys::needs_sync(&self.inner.db, policy, &loaded, signing).await? {
+                return Ok(());
+            }
+        }
+        let (ring, _) = keys::sync(
+            &self.inner.db,
+            &self.inner.kek,
+            Self::policy(&self.inner.config),
+            rotate,
+        )
+        .await?;
+        self.inner.token_keys.set(ring.verifier.clone());
+        self.inner.keys.store(Arc::new(ring));
+        Ok(())
+    }
+
+    /// Keeps the key ring current until `shutdown` turns `true`: checks every
+    /// `keys::check_interval` (at most 5 s). Spawn one per process.
+    pub async fn maintain_keys(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = keys::check_interval(self.inner.config.key_rotation);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(err) = self.sync_keys(false).await {
+                tracing::warn!(error = %tessera_store::error_chain(&err), "checking the signing keys failed");
+            }
+        }
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+}
 
 /// Most ids one BatchGetUsers may ask for.
 pub const MAX_BATCH: usize = 100;

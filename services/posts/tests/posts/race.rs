@@ -3,7 +3,6 @@
 //! cascade's DELETE took its snapshot, would leave a post of a deleted user behind; the key
 //! lock makes the two wait for each other instead. SQLite serializes writers; the test runs
 //! on both.
-#![allow(clippy::unwrap_used)]
 
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 

@@ -1,7 +1,6 @@
 //! The bounds on unauthenticated work: failed-login throttling per username and the
 //! password-hashing queue, through the handlers (no sockets), on SQLite and, when
 //! `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
-#![allow(clippy::unwrap_used)]
 
 use tessera::users::v1::{CreateUserRequest, LoginRequest, user_service_server::UserService};
 use tessera_store::testing::{self, TestDb};

@@ -1,7 +1,6 @@
 //! Refresh tokens (rotation, reuse detection, logout, revocation on role change and
 //! deletion), privileged decisions on the acting user's current row, and the one-time
 //! bootstrap admin; on SQLite and, when `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! Token signing keys: sealed at rest under the key-encryption key, rotated on a schedule and
 //! on demand, old keys published until their tokens have expired, plaintext keys of older
 //! versions sealed at start; on SQLite and, when configured, PostgreSQL.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

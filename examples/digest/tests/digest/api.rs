@@ -1,7 +1,6 @@
 //! DigestService against fake upstreams, on SQLite (and PostgreSQL when
 //! `TESSERA_TEST_DATABASE_URL` is set): validation, the consumer of posts' events, and the
 //! calls to PostService and NotificationService.
-#![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,5 @@
 //! UserService handlers called directly (no sockets), on SQLite and, when
 //! `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

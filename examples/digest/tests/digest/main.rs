@@ -1,0 +1,6 @@
+//! DigestService against fake upstreams, on SQLite and (when `TESSERA_TEST_DATABASE_URL` is
+//! set) PostgreSQL.
+
+#![allow(clippy::unwrap_used)]
+
+mod api;
