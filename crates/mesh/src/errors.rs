@@ -80,6 +80,16 @@ pub fn invalid_field(field: &str, description: &str) -> Status {
 
 /// The fields named in a status's `BadRequest` details (tests use it to check which field
 /// was blamed).
+///
+/// ```
+/// use tessera_mesh::errors::{Violations, violated_fields};
+///
+/// let mut v = Violations::new();
+/// v.add("user_id", "is required");
+/// let status = v.into_result().unwrap_err();
+/// assert_eq!(violated_fields(&status), ["user_id"]);
+/// assert!(violated_fields(&tonic::Status::internal("no details")).is_empty());
+/// ```
 pub fn violated_fields(status: &Status) -> Vec<String> {
     status
         .get_details_bad_request()
