@@ -92,7 +92,7 @@ fn base_files() -> Vec<(String, String)> {
 
 /// Every `*.yaml` file of `dir`, by file name, sorted.
 fn yaml_files(dir: &Path) -> Vec<(String, String)> {
-    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
