@@ -10,10 +10,12 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod context;
+pub mod contracts;
 pub mod edge;
 pub mod errors;
 pub mod identity;
@@ -21,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod private;
 pub mod public_tls;
+pub mod reflection;
 pub mod server;
 pub mod service_limits;
 pub mod shutdown;
