@@ -170,21 +170,8 @@ impl Workload {
         &self.admin_health
     }
 
-    /// The internal port's whole request path around `routes`, plus health and reflection.
-    /// Exposed so tests can call it without sockets (insert a [`PeerInfo`] first).
-    pub fn internal_service(&self, routes: Routes) -> GrpcService {
-        self.internal_service_advertising(routes, None)
-    }
-
-    /// [`Workload::internal_service`] with reflection listing only `served` (plus health).
-    pub fn internal_service_advertising(
-        &self,
-        routes: Routes,
-        served: Option<&[String]>,
-    ) -> GrpcService {
-        BoxCloneSyncService::new(self.internal_path(routes, served))
-    }
-
+    /// The internal port's whole request path around `routes`, plus health and reflection
+    /// listing only `served` (all of the contracts without it).
     fn internal_path(
         &self,
         routes: Routes,
@@ -192,7 +179,6 @@ impl Workload {
     ) -> RequestPathService<Routes> {
         let routes = with_health_and_reflection(routes, &self.health, served);
         let authorizer = Authorizer {
-            policy: self.policy.clone(),
             me: self.tls.identity(),
             allow_operator: self.options.allow_operator,
             keys: self.keys.clone(),
