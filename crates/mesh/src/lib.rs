@@ -33,3 +33,4 @@ pub mod stack;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod token_cache;
