@@ -15,8 +15,10 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod compare;
 pub mod envoy;
 pub mod load;
+pub mod monolith;
 pub mod procfs;
 pub mod procs;
 pub mod report;

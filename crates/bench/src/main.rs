@@ -8,7 +8,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tessera_bench::{BenchError, client, envoy, load, procs, scenario_a, scenario_b, server};
+use tessera_bench::{
+    BenchError, client, envoy, load, monolith, procs, scenario_a, scenario_b, server,
+};
 
 #[derive(Parser)]
 #[command(name = "tessera-bench", about = "Tessera's benchmark")]
@@ -26,6 +28,15 @@ enum Command {
         #[arg(long, value_enum)]
         mode: server::Mode,
         /// tls.crt, tls.key and ca.crt of the server.
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
+    /// Serve scenario B's monolith baseline on DIR's databases until stdin closes (started
+    /// by `run`).
+    Monolith {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// tls.crt and tls.key of the public port (the mesh's gateway certificate).
         #[arg(long)]
         tls_dir: PathBuf,
     },
@@ -113,18 +124,9 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Server { mode, tls_dir } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(server::run(mode, &tls_dir)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
+        Command::Server { mode, tls_dir } => block_on(true, server::run(mode, &tls_dir)),
+        Command::Monolith { data_dir, tls_dir } => {
+            block_on(true, monolith::run(&data_dir, &tls_dir))
         }
         Command::Certs { dir } => match scenario_a::issue_certs(&dir) {
             Ok(()) => ExitCode::SUCCESS,
@@ -135,33 +137,30 @@ fn main() -> ExitCode {
             tls_dir,
             concurrency,
             secs,
-        } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(load(addr, tls_dir, concurrency, secs)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
-        Command::Run(args) => {
-            // One thread for the load generator: it gets a core to itself.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
+        } => block_on(false, load(addr, tls_dir, concurrency, secs)),
+        // One thread for the load generator: it gets a core to itself.
+        Command::Run(args) => block_on(false, run(args)),
+    }
+}
+
+/// Runs `work` on a multi-threaded runtime (servers) or a current-thread one (load).
+fn block_on(multi_thread: bool, work: impl Future<Output = Result<(), BenchError>>) -> ExitCode {
+    let built = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
+        Ok(rt) => rt,
+        Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 
@@ -304,6 +303,7 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
             time: secs(args.b_secs),
             latency_time: secs(args.latency_secs),
             tessera,
+            bench_exe: self_exe.clone(),
             work_dir: work_dir.clone(),
             pin: pin.clone(),
             sources: 64,
