@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod client;
 pub mod compare;
 pub mod envoy;
@@ -24,6 +25,7 @@ pub mod procs;
 pub mod report;
 pub mod scenario_a;
 pub mod scenario_b;
+pub mod scenario_c;
 pub mod schedule;
 pub mod server;
 pub mod stats;

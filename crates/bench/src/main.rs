@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tessera_bench::{
-    BenchError, client, envoy, load, monolith, procs, scenario_a, scenario_b, server,
+    BenchError, client, envoy, load, monolith, procs, scenario_a, scenario_b, scenario_c, server,
 };
 
 #[derive(Parser)]
@@ -66,6 +66,7 @@ enum Scenario {
     All,
     A,
     B,
+    C,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +104,25 @@ struct RunArgs {
     /// Seconds of each scenario B throughput run (the one-in-flight runs take --latency-secs).
     #[arg(long, default_value_t = 4.0)]
     b_secs: f64,
+    /// Scenario C: replica counts of posts and comments, in order (ratios are to the first).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    c_replicas: Vec<usize>,
+    /// Scenario C: CPU quota of each posts and comments replica, in cores.
+    #[arg(long, default_value_t = 0.2)]
+    c_cores: f64,
+    /// Scenario C: GetPost calls in flight.
+    #[arg(long, default_value_t = 32)]
+    c_concurrency: usize,
+    /// Scenario C: seconds of each replica count's run.
+    #[arg(long, default_value_t = 5.0)]
+    c_secs: f64,
+    /// Scenario C: posts seeded into PostgreSQL.
+    #[arg(long, default_value_t = 2000)]
+    c_posts: usize,
+    /// Scenario C's PostgreSQL server (default: TESSERA_BENCH_DATABASE_URL, else
+    /// TESSERA_TEST_DATABASE_URL); the bench creates and drops databases named after it + `_bc_*`.
+    #[arg(long)]
+    database_url: Option<String>,
     /// Skip running each service alone for per-service memory.
     #[arg(long)]
     no_per_service: bool,
@@ -265,7 +285,7 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
     }
     let secs = Duration::from_secs_f64;
 
-    if args.scenario != Scenario::B {
+    if matches!(args.scenario, Scenario::All | Scenario::A) {
         let envoy_bin = envoy::locate(args.envoy.as_deref());
         if let Ok(bin) = &envoy_bin {
             println!("envoy: {} ({})", envoy::version(bin)?, bin.display());
@@ -290,19 +310,19 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
         let table = scenario_a::render(&outcome, &opts);
         println!("\n{table}");
     }
-    if args.scenario != Scenario::A {
-        if !tessera.is_file() {
-            return Err(BenchError::Setup(format!(
-                "{} not found: build it (cargo build --release -p tessera-cli) or pass --tessera",
-                tessera.display()
-            )));
-        }
+    if matches!(args.scenario, Scenario::All | Scenario::B | Scenario::C) && !tessera.is_file() {
+        return Err(BenchError::Setup(format!(
+            "{} not found: build it (cargo build --release -p tessera-cli) or pass --tessera",
+            tessera.display()
+        )));
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::B) {
         let opts = scenario_b::Options {
             scale: args.scale,
             concurrency: args.b_concurrency.max(1),
             time: secs(args.b_secs),
             latency_time: secs(args.latency_secs),
-            tessera,
+            tessera: tessera.clone(),
             bench_exe: self_exe.clone(),
             work_dir: work_dir.clone(),
             pin: pin.clone(),
@@ -314,6 +334,31 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
         let results = scenario_b::run(&opts).await?;
         let table = scenario_b::render(&results, &opts);
         println!("\n{table}");
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::C) {
+        let database_url = args.database_url.clone().or_else(|| {
+            ["TESSERA_BENCH_DATABASE_URL", "TESSERA_TEST_DATABASE_URL"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        });
+        let opts = scenario_c::Options {
+            database_url,
+            replicas: args.c_replicas.clone(),
+            cores: args.c_cores.clamp(0.01, 64.0),
+            concurrency: args.c_concurrency.max(1),
+            time: secs(args.c_secs),
+            posts: args.c_posts.max(1),
+            tessera,
+            work_dir: work_dir.clone(),
+            sources: 64,
+        };
+        println!("\n== Scenario C: scale-out, posts and comments replicas on PostgreSQL ==");
+        // Replicas spread over both cores (their cgroups hold them to the quota).
+        if pin.is_some() {
+            procs::pin_self("0-1")?;
+        }
+        let outcome = scenario_c::run(&opts).await?;
+        println!("\n{}", scenario_c::render(&outcome, &opts));
     }
     if args.work_dir.is_some() {
         println!("logs and data kept in {}", work_dir.display());

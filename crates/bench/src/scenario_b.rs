@@ -40,7 +40,7 @@ use tonic::Request;
 
 use crate::{
     BenchError,
-    client::{Pool, Security, loopback_sources},
+    client::{Conn, Pool, Security, loopback_sources},
     compare::{Comparison, Sample, compare},
     load::{CallFn, closed_loop},
     procfs::{self, CpuSample, MachineCpu},
@@ -123,7 +123,7 @@ fn setup(what: &str) -> impl FnOnce(String) -> BenchError + '_ {
     move |e| BenchError::Setup(format!("{what}: {e}"))
 }
 
-fn as_user(user_id: &str) -> EndUser {
+pub(crate) fn as_user(user_id: &str) -> EndUser {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -214,34 +214,16 @@ pub async fn seed(
         .map(|_| rng.random_range(0..seeded_users.len().max(1)))
         .collect();
     let post_authors = authors.clone();
-    let seeded_posts: Vec<String> = futures::stream::iter(authors.into_iter().enumerate())
-        .map(|(i, author)| {
-            let service = post_service.clone();
-            let author = seeded_users.get(author).map(|u| u.0.clone()).unwrap_or_default();
-            async move {
-                let mut req = Request::new(CreatePostRequest {
-                    title: format!("Benchmark post {i}"),
-                    body: format!(
-                        "Post {i} of the benchmark dataset. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua."
-                    ),
-                    tags: vec!["bench".into(), format!("t{}", i % 50)],
-                    request_id: String::new(),
-                });
-                req.extensions_mut().insert(as_user(&author));
-                let post = service
-                    .create_post(req)
-                    .await
-                    .map_err(BenchError::call("seeding CreatePost"))?
-                    .into_inner()
-                    .post
-                    .ok_or_else(|| BenchError::Setup("CreatePost answered no post".into()))?;
-                Ok::<_, BenchError>(post.post_id)
-            }
+    let author_ids: Vec<String> = authors
+        .iter()
+        .map(|a| {
+            seeded_users
+                .get(*a)
+                .map(|u| u.0.clone())
+                .unwrap_or_default()
         })
-        // In order, so `post_authors[i]` stays the author of `posts[i]`.
-        .buffered(IN_FLIGHT)
-        .try_collect()
-        .await?;
+        .collect();
+    let seeded_posts = seed_posts(&post_service, author_ids).await?;
 
     let picks: Vec<(usize, usize)> = (0..comments)
         .map(|_| {
@@ -289,9 +271,44 @@ pub async fn seed(
     })
 }
 
+/// Creates a post by each of `authors` through the posts handler; the ids in that order.
+pub(crate) async fn seed_posts(
+    service: &tessera_posts::Posts,
+    authors: Vec<String>,
+) -> Result<Vec<String>, BenchError> {
+    // Writers to one database queue on its lock anyway; a few in flight keep it busy.
+    futures::stream::iter(authors.into_iter().enumerate())
+        .map(|(i, author)| {
+            let service = service.clone();
+            async move {
+                let mut req = Request::new(CreatePostRequest {
+                    title: format!("Benchmark post {i}"),
+                    body: format!(
+                        "Post {i} of the benchmark dataset. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua."
+                    ),
+                    tags: vec!["bench".into(), format!("t{}", i % 50)],
+                    request_id: String::new(),
+                });
+                req.extensions_mut().insert(as_user(&author));
+                let post = service
+                    .create_post(req)
+                    .await
+                    .map_err(BenchError::call("seeding CreatePost"))?
+                    .into_inner()
+                    .post
+                    .ok_or_else(|| BenchError::Setup("CreatePost answered no post".into()))?;
+                Ok::<_, BenchError>(post.post_id)
+            }
+        })
+        // In order, so the i-th id is the i-th author's post.
+        .buffered(8)
+        .try_collect()
+        .await
+}
+
 /// Waits until `pids` use less than 2% of a core over two consecutive 250 ms windows (event
 /// consumers have caught up), at most `bound`. Returns how long that took.
-async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
+pub(crate) async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
     let started = Instant::now();
     let window = Duration::from_millis(250);
     let mut quiet = 0;
@@ -316,7 +333,7 @@ async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
 }
 
 /// The gateway's public address and the CA from `endpoints.json`.
-fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
+pub(crate) fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let public = v["services"]["gateway"]["public"].as_str()?.parse().ok()?;
@@ -325,7 +342,7 @@ fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
 }
 
 /// A well-spread index in `0..len` for request `i` (splitmix64).
-fn spread(i: u64, len: usize) -> usize {
+pub(crate) fn spread(i: u64, len: usize) -> usize {
     let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -333,27 +350,36 @@ fn spread(i: u64, len: usize) -> usize {
     (z % len.max(1) as u64) as usize
 }
 
-fn thread_call(pool: Pool, posts: Arc<Vec<String>>) -> CallFn {
+/// Call `i` runs `read` on post `spread(i)` over the connection for `i`.
+pub(crate) fn per_post_call<F, Fut>(pool: Pool, posts: Arc<Vec<String>>, read: F) -> CallFn
+where
+    F: Fn(Conn, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), Failure>> + Send + 'static,
+{
     Arc::new(move |i| {
         let conn = pool.get(i).clone();
         let post_id = posts
             .get(spread(i, posts.len()))
             .cloned()
             .unwrap_or_default();
-        Box::pin(async move {
-            let origin = conn.origin();
-            let thread = FeedServiceClient::with_origin(conn, origin)
-                .get_post_thread(GetPostThreadRequest {
-                    post_id: post_id.clone(),
-                    comment_page_size: 0,
-                })
-                .await?
-                .into_inner();
-            match (&thread.post, &thread.author) {
-                (Some(post), Some(_)) if post.post_id == post_id => Ok(()),
-                _ => Err(Failure::Mismatch),
-            }
-        })
+        Box::pin(read(conn, post_id))
+    })
+}
+
+fn thread_call(pool: Pool, posts: Arc<Vec<String>>) -> CallFn {
+    per_post_call(pool, posts, |conn, post_id| async move {
+        let origin = conn.origin();
+        let thread = FeedServiceClient::with_origin(conn, origin)
+            .get_post_thread(GetPostThreadRequest {
+                post_id: post_id.clone(),
+                comment_page_size: 0,
+            })
+            .await?
+            .into_inner();
+        match (&thread.post, &thread.author) {
+            (Some(post), Some(_)) if post.post_id == post_id => Ok(()),
+            _ => Err(Failure::Mismatch),
+        }
     })
 }
 
@@ -416,7 +442,16 @@ async fn start_up(opts: &Options, data: &Path) -> Result<(Proc, SocketAddr, Path
         .arg("--data-dir")
         .arg(data)
         .args(["--port-base", "0", "--log", "warn"]);
-    let mut up = Proc::spawn("tessera up", cmd, opts.work_dir.join("b-up.log"), false)?;
+    let up = Proc::spawn("tessera up", cmd, opts.work_dir.join("b-up.log"), false)?;
+    until_up(up, data).await
+}
+
+/// Waits for a started `tessera up` to write `data/endpoints.json`: the gateway's public
+/// address and the CA.
+pub(crate) async fn until_up(
+    mut up: Proc,
+    data: &Path,
+) -> Result<(Proc, SocketAddr, PathBuf), BenchError> {
     let endpoints = data.join("endpoints.json");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
