@@ -3,7 +3,7 @@
 //! One process opens the users, posts and comments databases with the services' own
 //! libraries and answers `FeedService.GetPostThread` and `PostService.CreatePost` by calling
 //! their handlers directly: no internal hops, no mTLS between parts, no second token check.
-//! It serves one public TLS port (the gateway's certificate, the mesh's HTTP/2 server) and
+//! It serves one public TLS port (the gateway's certificate and public server) and
 //! verifies a bearer token once per call with the users' Ed25519 keys. GetPostThread is put
 //! together as the gateway's `Feed` does it (GetPost and ListComments at once, then the
 //! authors in batches), so both give the same bytes for the same data; scenario B checks that.
@@ -113,11 +113,13 @@ impl Monolith {
     ) -> Result<(), BenchError> {
         let tls = TlsSource::load(TlsFiles::in_dir(tls_dir))
             .map_err(|e| setup("monolith certificate")(e.to_string()))?;
-        tessera_mesh::server::serve_tls(
+        // The gateway's own public server: the same TLS, HTTP/2 settings and per-client
+        // limits (connections per address, header, body and idle timeouts).
+        tessera_mesh::edge::serve_public(
             listener,
             tls,
-            false,
             self.service(),
+            tessera_mesh::edge::PublicLimits::default(),
             stop,
             Duration::from_secs(1),
         )
