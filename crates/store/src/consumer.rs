@@ -159,6 +159,7 @@ fn ended_by_drain<E: 'static>(error: &E) -> bool {
 }
 
 /// Follows `consumer`'s upstream until `shutdown` turns `true` (or its sender is dropped).
+/// [`Consumer`]'s example runs it against an in-process upstream.
 ///
 /// Reads the cursor, opens the stream after it, and applies each event in its own
 /// transaction: [`Tx::advance_cursor`] first (skipping events already applied), then

@@ -28,6 +28,18 @@ pub enum Backend {
 /// One embedded migration. A service passes its migrations, in order, to [`Db::open`]; the
 /// position in that list (starting at 1) is the version recorded in `tessera_migrations`.
 /// Never edit or reorder a released migration: add a new one.
+///
+/// ```
+/// use tessera_store::Migration;
+///
+/// const MIGRATIONS: &[Migration] = &[
+///     Migration::portable("follows", "CREATE TABLE follows (user_id TEXT, author_id TEXT)"),
+///     Migration::per_backend("avatars", "ALTER TABLE follows ADD COLUMN avatar BLOB",
+///         "ALTER TABLE follows ADD COLUMN avatar BYTEA"),
+/// ];
+/// assert_eq!(MIGRATIONS[0].sqlite, MIGRATIONS[0].postgres);
+/// assert_ne!(MIGRATIONS[1].sqlite, MIGRATIONS[1].postgres);
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Migration {
     /// A short name, recorded with the version; a different name at the same version on an
@@ -195,7 +207,7 @@ pub(crate) struct Inner {
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
-/// clones share the pool.
+/// clones share the pool. [`Db::open`] shows opening, writing and reading one.
 #[derive(Clone)]
 pub struct Db {
     pub(crate) inner: Arc<Inner>,
@@ -705,6 +717,30 @@ pub struct CursorState {
 
 /// A write transaction. Dereferences to the connection, so queries run on it with
 /// `.execute(&mut *tx)`. Dropping it without [`Tx::commit`] rolls back.
+///
+/// ```
+/// use tessera_store::{Db, Migration};
+///
+/// const MIGRATIONS: &[Migration] =
+///     &[Migration::portable("names", "CREATE TABLE names (name TEXT PRIMARY KEY)")];
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let db = Db::open(dir.path().join("names.db").to_str().unwrap(), MIGRATIONS).await?;
+/// let count = || sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM names").fetch_one(db.pool());
+///
+/// let mut tx = db.begin().await?;
+/// sqlx::query("INSERT INTO names (name) VALUES ('alice')").execute(&mut *tx).await?;
+/// drop(tx); // rolled back
+/// assert_eq!(count().await?.0, 0);
+///
+/// let mut tx = db.begin().await?;
+/// sqlx::query("INSERT INTO names (name) VALUES ('alice')").execute(&mut *tx).await?;
+/// tx.commit().await?;
+/// assert_eq!(count().await?.0, 1);
+/// # Ok(()) }
+/// ```
 pub struct Tx {
     inner: Transaction<'static, Any>,
     db: Db,

@@ -26,8 +26,7 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_mesh::{
-    auth::TokenKeys,
-    server::{GrpcService, with_health_and_public_reflection},
+    auth::TokenKeys, reflection::with_health_and_public_reflection, server::GrpcService,
 };
 use tonic::{body::Body, service::Routes};
 use tower::{Service, util::BoxCloneSyncService};

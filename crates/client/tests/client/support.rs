@@ -123,7 +123,10 @@ impl UserService for Handler {
         let deadline = request
             .metadata()
             .get("grpc-timeout")
-            .and_then(|v| tessera_mesh::stack::parse_grpc_timeout(v.to_str().ok()?))
+            .and_then(|v| {
+                let v = http::HeaderValue::from_bytes(v.as_encoded_bytes()).ok()?;
+                tessera_mesh::headers::parse_grpc_timeout(&v)
+            })
             .map(|t| Instant::now() + t);
         self.0.gets.fetch_add(1, Ordering::SeqCst);
         self.0.behave(request.metadata()).await?;

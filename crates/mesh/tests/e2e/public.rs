@@ -11,7 +11,8 @@ use tessera_mesh::{
     certs::Ca,
     edge::PublicLimits,
     policy::Policy,
-    server::{GrpcService, Listeners, ServerOptions, Workload, with_health_and_reflection},
+    reflection::with_health_and_reflection,
+    server::{GrpcService, Listeners, ServerOptions, Workload},
     shutdown::{Shutdown, ShutdownTrigger},
     tls::TlsSource,
 };
