@@ -423,7 +423,10 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert!(get(&svc, &post.post_id).await.is_ok(), "still there");
 
         let negative = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: -5 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: -5,
+                ..Default::default()
+            }))
             .await
             .map(|_| ());
         assert_invalid(negative, "after_sequence");
@@ -551,7 +554,10 @@ async fn watch_events_streams_creates_and_deletes() {
     for svc in svcs {
         let post = create(&svc, "alice", "Evented").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -648,7 +654,10 @@ async fn deleting_a_user_deletes_their_posts() {
 
         // Each deleted post was announced, so comments can cascade in turn.
         let mut events = posts
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();

@@ -339,7 +339,10 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(admin_unknown.code(), Code::NotFound);
 
         let negative = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: -1 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: -1,
+                ..Default::default()
+            }))
             .await
             .err()
             .unwrap();
@@ -525,7 +528,10 @@ async fn delete_removes_the_user_and_emits_events() {
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 1 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 1,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -595,6 +601,7 @@ async fn delete_removes_the_user_and_emits_events() {
         let mut resumed = svc
             .watch_events(Request::new(WatchEventsRequest {
                 after_sequence: seen[2].sequence,
+                ..Default::default()
             }))
             .await
             .unwrap()
