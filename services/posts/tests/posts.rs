@@ -586,6 +586,44 @@ async fn watch_events_streams_creates_and_deletes() {
 }
 
 #[tokio::test]
+async fn a_follower_from_now_sees_edits_and_no_backlog() {
+    let (svcs, _dir) = services("events_from_now").await;
+    for svc in svcs {
+        let post = create(&svc, "alice", "Before").await;
+        let mut events = svc
+            .watch_events(Request::new(WatchEventsRequest {
+                from_now: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut changed = post.clone();
+        changed.title = "After".into();
+        let edited = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&changed, &["title"], &post.etag),
+        )
+        .await
+        .unwrap();
+        // The creation came before the call: the first event is the edit, with the post as
+        // it is now.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match first.event {
+            Some(Event::PostUpdated(u)) => assert_eq!(u.post.unwrap(), edited),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(edited.title, "After");
+    }
+}
+
+#[tokio::test]
 async fn deleting_a_user_deletes_their_posts() {
     let users_config = tessera_users::UsersConfig {
         password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
