@@ -75,7 +75,7 @@ async fn get_posts_by_gateway(mesh: &TestMesh) -> u64 {
     admin.read_to_string(&mut text).await.unwrap();
     text.lines()
         .filter(|l| l.starts_with("tessera_grpc_server_requests_total{"))
-        .filter(|l| l.contains("PostService/GetPost\"") && l.contains("/sa/gateway\""))
+        .filter(|l| l.contains("PostService/GetPost\"") && l.contains("caller=\"gateway\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
