@@ -231,8 +231,21 @@ pub async fn start(
         }
         "gateway" => {
             let keys = fetched_keys(&clients);
+            // Posts and profiles, kept fresh by following their owners' events.
+            let cache = tessera_gateway::Cache::new(Default::default());
+            tokio::spawn(tessera_gateway::cache::follow_post_events(
+                cache.clone(),
+                clients.posts(),
+                stop.clone(),
+            ));
+            tokio::spawn(tessera_gateway::cache::follow_user_events(
+                cache.clone(),
+                clients.users(),
+                stop.clone(),
+            ));
             let feed =
-                tessera_gateway::Feed::new(clients.posts(), clients.comments(), clients.users());
+                tessera_gateway::Feed::new(clients.posts(), clients.comments(), clients.users())
+                    .with_cache(cache.clone());
             let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
             let mut upstreams = tessera_gateway::Upstreams::new();
             for (upstream, unary) in &channels {
@@ -257,7 +270,8 @@ pub async fn start(
                 rates: tessera_gateway::RateLimits::from(settings.rate_limits),
                 sizes,
             };
-            let public = tessera_gateway::public_service(&upstreams, keys.clone(), limits)?;
+            let public =
+                tessera_gateway::public_service_cached(&upstreams, keys.clone(), limits, &cache)?;
             (Routes::new(feed_server), keys, Some(public))
         }
         // A workload beyond the five starts from its registration.

@@ -164,7 +164,8 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         name: "gateway",
         served: <feed_service_server::FeedServiceServer<()> as tonic::server::NamedService>::NAME,
         // The public port proxies every public method of the four, and FeedService composes
-        // GetPost, ListComments and BatchGetUsers; all of those are among them.
+        // GetPost, ListComments and BatchGetUsers; all of those are among them. Its cache of
+        // posts and profiles follows users' and posts' WatchEvents.
         upstreams: &[
             Upstream {
                 name: "users",
@@ -178,6 +179,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
                     TOKEN_KEYS,
                     users::SET_USER_ROLE,
                     users::DELETE_USER,
+                    users::WATCH_EVENTS,
                 ],
             },
             Upstream {
@@ -188,6 +190,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
                     posts::LIST_POSTS,
                     posts::UPDATE_POST,
                     posts::DELETE_POST,
+                    posts::WATCH_EVENTS,
                 ],
             },
             Upstream {

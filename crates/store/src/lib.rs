@@ -101,7 +101,8 @@
 //!     fn name(&self) -> &str { "users-events" }
 //!     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
 //!         let mut users = self.users.clone();
-//!         Ok(users.watch_events(WatchEventsRequest { after_sequence }).await?.into_inner())
+//!         let request = WatchEventsRequest { after_sequence, ..Default::default() };
+//!         Ok(users.watch_events(request).await?.into_inner())
 //!     }
 //!     fn sequence(&self, e: &Self::Event) -> i64 { e.sequence }
 //!     async fn apply(&self, tx: &mut Tx, e: Self::Event) -> Result<(), StoreError> {

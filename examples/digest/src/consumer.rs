@@ -37,7 +37,10 @@ impl tessera_store::Consumer for PostEvents {
     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
         let mut posts = self.posts.clone();
         Ok(posts
-            .watch_events(WatchEventsRequest { after_sequence })
+            .watch_events(WatchEventsRequest {
+                after_sequence,
+                ..Default::default()
+            })
             .await?
             .into_inner())
     }
@@ -78,7 +81,8 @@ impl tessera_store::Consumer for PostEvents {
                     .execute(&mut **tx)
                     .await?;
             }
-            None => {}
+            // An edit changes nothing the digest keeps (id, author, create time).
+            Some(Event::PostUpdated(_)) | None => {}
         }
         Ok(())
     }

@@ -67,7 +67,10 @@ impl Consumer for PostsConsumer {
     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
         let mut posts = self.posts.clone();
         Ok(posts
-            .watch_events(PostWatch { after_sequence })
+            .watch_events(PostWatch {
+                after_sequence,
+                ..Default::default()
+            })
             .await?
             .into_inner())
     }
@@ -116,7 +119,10 @@ impl Consumer for UsersConsumer {
     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
         let mut users = self.users.clone();
         Ok(users
-            .watch_events(UserWatch { after_sequence })
+            .watch_events(UserWatch {
+                after_sequence,
+                ..Default::default()
+            })
             .await?
             .into_inner())
     }

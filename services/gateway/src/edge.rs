@@ -31,7 +31,9 @@ use tessera_mesh::{
 use tonic::{body::Body, service::Routes};
 use tower::{Service, util::BoxCloneSyncService};
 
-use crate::{Feed, GatewayError, PublicProxy, RateLimits, proxy::SizeLimits, public_methods};
+use crate::{
+    Cache, Feed, GatewayError, PublicProxy, RateLimits, proxy::SizeLimits, public_methods,
+};
 
 /// The gRPC service every public method of the gateway itself belongs to.
 pub const FEED_SERVICE: &str = "tessera.gateway.v1.FeedService";
@@ -83,6 +85,27 @@ pub fn public_service(
     keys: TokenKeys,
     limits: EdgeLimits,
 ) -> Result<GrpcService, GatewayError> {
+    build(upstreams, keys, limits, None)
+}
+
+/// [`public_service`] with FeedService reading through `cache`, and the writes that change
+/// what it holds dropping their keys from it (see [`crate::cache`]). Run its followers
+/// ([`crate::cache::follow_post_events`], [`crate::cache::follow_user_events`]) beside it.
+pub fn public_service_cached(
+    upstreams: &Upstreams,
+    keys: TokenKeys,
+    limits: EdgeLimits,
+    cache: &Cache,
+) -> Result<GrpcService, GatewayError> {
+    build(upstreams, keys, limits, Some(cache))
+}
+
+fn build(
+    upstreams: &Upstreams,
+    keys: TokenKeys,
+    limits: EdgeLimits,
+    cache: Option<&Cache>,
+) -> Result<GrpcService, GatewayError> {
     let feed = match (
         upstreams.get("posts", false),
         upstreams.get("comments", false),
@@ -94,6 +117,10 @@ pub fn public_service(
                 CommentServiceClient::new(comments),
                 UserServiceClient::new(users),
             );
+            let feed = match cache {
+                Some(cache) => feed.with_cache(cache.clone()),
+                None => feed,
+            };
             Some(Channel::from_service(
                 FeedServiceServer::new(feed).max_decoding_message_size(limits.sizes.max_request),
             ))
@@ -110,6 +137,10 @@ pub fn public_service(
             None => None,
         };
         let Some(channel) = channel else { continue };
+        let channel = match cache {
+            Some(cache) => crate::cache::invalidating(&method.path, channel, cache),
+            None => channel,
+        };
         if !advertised.contains(&method.service) {
             advertised.push(method.service.clone());
         }

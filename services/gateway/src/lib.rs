@@ -46,6 +46,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod edge;
 mod error;
 pub mod feed;
@@ -55,7 +56,8 @@ pub mod public;
 pub mod rate_limit;
 mod unread;
 
-pub use edge::{EdgeLimits, Upstreams, public_service};
+pub use cache::{Cache, CacheLimits};
+pub use edge::{EdgeLimits, Upstreams, public_service, public_service_cached};
 pub use error::GatewayError;
 pub use feed::Feed;
 pub use http_json::{Edge, HttpJson};

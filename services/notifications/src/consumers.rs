@@ -173,7 +173,10 @@ impl Consumer for UsersConsumer {
     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, Status> {
         let mut users = self.users.clone();
         Ok(users
-            .watch_events(UserWatch { after_sequence })
+            .watch_events(UserWatch {
+                after_sequence,
+                ..Default::default()
+            })
             .await?
             .into_inner())
     }

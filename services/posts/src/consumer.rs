@@ -43,7 +43,10 @@ impl tessera_store::Consumer for UserEvents {
     async fn open(&self, after_sequence: i64) -> Result<Self::Stream, tonic::Status> {
         let mut users = self.users.clone();
         Ok(users
-            .watch_events(WatchEventsRequest { after_sequence })
+            .watch_events(WatchEventsRequest {
+                after_sequence,
+                ..Default::default()
+            })
             .await?
             .into_inner())
     }

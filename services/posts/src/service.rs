@@ -4,7 +4,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use tessera::posts::v1::{
     CreatePostRequest, CreatePostResponse, DeletePostRequest, DeletePostResponse, GetPostRequest,
     GetPostResponse, ListPostsRequest, ListPostsResponse, Post, PostCreated, PostDeleted,
-    UpdatePostRequest, UpdatePostResponse, WatchEventsRequest, WatchEventsResponse,
+    PostUpdated, UpdatePostRequest, UpdatePostResponse, WatchEventsRequest, WatchEventsResponse,
     post_service_server::PostService, watch_events_response::Event,
 };
 use tessera_mesh::{
@@ -504,6 +504,15 @@ impl PostService for Posts {
             // Updated or deleted between our read and this write.
             return Err(Error::StaleEtag.into());
         }
+        // Readers that keep copies (the gateway's cache) learn of the edit from here.
+        append(
+            &mut tx,
+            Event::PostUpdated(PostUpdated {
+                post: Some(updated.to_proto()),
+            }),
+        )
+        .await
+        .map_err(Error::from)?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(UpdatePostResponse {
             post: Some(updated.to_proto()),
@@ -547,7 +556,14 @@ impl PostService for Posts {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let after = request.into_inner().after_sequence;
+        let req = request.into_inner();
+        // Read before the response goes out, so a follower from now misses nothing committed
+        // after it has the headers.
+        let after = if req.from_now {
+            self.db().last_sequence().await.map_err(Error::from)?
+        } else {
+            req.after_sequence
+        };
         Ok(Response::new(watch::stream(self.db(), after)?))
     }
 }

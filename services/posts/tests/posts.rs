@@ -423,7 +423,10 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert!(get(&svc, &post.post_id).await.is_ok(), "still there");
 
         let negative = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: -5 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: -5,
+                ..Default::default()
+            }))
             .await
             .map(|_| ());
         assert_invalid(negative, "after_sequence");
@@ -551,7 +554,10 @@ async fn watch_events_streams_creates_and_deletes() {
     for svc in svcs {
         let post = create(&svc, "alice", "Evented").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -576,6 +582,44 @@ async fn watch_events_streams_creates_and_deletes() {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[tokio::test]
+async fn a_follower_from_now_sees_edits_and_no_backlog() {
+    let (svcs, _dir) = services("events_from_now").await;
+    for svc in svcs {
+        let post = create(&svc, "alice", "Before").await;
+        let mut events = svc
+            .watch_events(Request::new(WatchEventsRequest {
+                from_now: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut changed = post.clone();
+        changed.title = "After".into();
+        let edited = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&changed, &["title"], &post.etag),
+        )
+        .await
+        .unwrap();
+        // The creation came before the call: the first event is the edit, with the post as
+        // it is now.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match first.event {
+            Some(Event::PostUpdated(u)) => assert_eq!(u.post.unwrap(), edited),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(edited.title, "After");
     }
 }
 
@@ -648,7 +692,10 @@ async fn deleting_a_user_deletes_their_posts() {
 
         // Each deleted post was announced, so comments can cascade in turn.
         let mut events = posts
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
