@@ -1,14 +1,26 @@
-//! Reading the outbox: a page after a sequence, or a stream that catches up then follows.
+//! The outbox, both halves: a service appends its events in the transaction that makes the
+//! change ([`Tx::append_event`], or [`append`] for its `WatchEventsResponse`), and other
+//! services read them back in order ([`Db::events`], or [`stream`] as the body of its
+//! `WatchEvents` handler).
+//!
+//! The payload convention lives here, both ways: a service appends its `WatchEventsResponse`
+//! with only the `event` oneof set; `WatchEvents` streams those messages back with `sequence`,
+//! `create_time` and the outbox's epoch filled in from the stored [`Event`].
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, pin::Pin, time::Duration};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use prost_types::Timestamp;
 use sqlx::Row;
+use tessera_mesh::errors::{internal, invalid_field};
 use tokio::sync::watch;
+use tonic::Status;
 
 use crate::{
-    db::{Backend, Db},
-    error::{Result, StoreError},
+    db::{Backend, Db, script},
+    error::{Result, StoreError, error_chain},
+    now_micros, timestamp,
+    tx::Tx,
 };
 
 /// One outbox entry.
@@ -25,6 +37,71 @@ pub struct Event {
 
 /// How many events one outbox read returns at most while a stream catches up.
 pub const EVENT_BATCH: i64 = 256;
+
+/// How many appends apart the outbox is pruned (in the appending transaction).
+pub const PRUNE_EVERY: i64 = 256;
+
+/// The most outbox rows one prune looks at (and deletes).
+const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
+
+/// The default outbox retention: a week, far longer than a consumer should be down.
+pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Tx {
+    /// Appends an event to the outbox in this transaction and returns its sequence.
+    ///
+    /// Sequences are strictly increasing, and commit in sequence order: the append takes
+    /// the outbox's write lock until the transaction ends (PostgreSQL `LOCK TABLE ... IN
+    /// EXCLUSIVE MODE`; SQLite's write lock is already held). So append events as the LAST
+    /// step of a transaction, after its other writes, to keep the lock short and to avoid
+    /// lock-order deadlocks.
+    pub async fn append_event(&mut self, payload: &[u8]) -> Result<i64> {
+        if self.backend() == Backend::Postgres {
+            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO tessera_outbox (sequence, create_time, payload) \
+             SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox \
+             RETURNING sequence",
+        )
+        .bind(now_micros())
+        .bind(payload)
+        .fetch_one(&mut **self)
+        .await?;
+        self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
+        if let Some(retention) = self.db.inner.outbox_retention
+            && seq % PRUNE_EVERY == 0
+        {
+            // Under the outbox lock this transaction already holds. Only a prefix goes: from
+            // the oldest event up to the first one still within the retention (append times
+            // follow sequences only as well as the replicas' clocks agree, and a hole in the
+            // middle would read as pruned). At most PRUNE_WINDOW rows are looked at, more
+            // than are appended between prunes, so the outbox shrinks back when it is over.
+            // The row just appended always stays, so the next sequence still follows it.
+            let cutoff = now_micros().saturating_sub(retention.as_micros() as i64);
+            let oldest: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
+                    .fetch_one(&mut **self)
+                    .await?;
+            let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
+            let pruned = sqlx::query(
+                "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
+                 COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
+                           WHERE sequence <= $3 AND create_time >= $2), $1)",
+            )
+            .bind(seq)
+            .bind(cutoff)
+            .bind(window_end)
+            .execute(&mut **self)
+            .await?
+            .rows_affected();
+            if pruned > 0 {
+                tracing::debug!(pruned, before = seq, "pruned the outbox");
+            }
+        }
+        Ok(seq)
+    }
+}
 
 impl Db {
     /// Up to `limit` events with a sequence greater than `after`, in order.
@@ -146,4 +223,84 @@ impl Db {
             }
         })
     }
+}
+
+/// A service's `WatchEventsResponse`: `sequence`, `create_time`, and an `event` oneof.
+///
+/// Implemented here for every such message in the contracts (the orphan rule keeps services
+/// from implementing it for generated types themselves); a new service with `WatchEvents`
+/// adds its message to the list below.
+pub trait OutboxMessage: prost::Message + Default + Send + 'static {
+    /// The message's `event` oneof.
+    type Event: Send;
+
+    /// The message with only `event` set: what goes into the outbox.
+    fn from_event(event: Self::Event) -> Self;
+
+    /// Fills in what the outbox assigned: the event's sequence and append time, and the
+    /// outbox's epoch.
+    fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str);
+}
+
+macro_rules! outbox_messages {
+    ($($package:ident),+ $(,)?) => {$(
+        impl OutboxMessage for tessera::$package::v1::WatchEventsResponse {
+            type Event = tessera::$package::v1::watch_events_response::Event;
+
+            fn from_event(event: Self::Event) -> Self {
+                Self {
+                    event: Some(event),
+                    ..Default::default()
+                }
+            }
+
+            fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str) {
+                self.sequence = sequence;
+                self.create_time = Some(create_time);
+                self.epoch = epoch.to_owned();
+            }
+        }
+    )+};
+}
+
+outbox_messages!(users, posts, comments);
+
+/// What a `WatchEvents` handler returns (its `WatchEventsStream`).
+pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// Appends `event` to the outbox inside `tx`, encoded as `M` with only its `event` set;
+/// returns the event's sequence. Call it as the last write of the transaction (see
+/// [`Tx::append_event`]).
+pub async fn append<M: OutboxMessage>(tx: &mut Tx, event: M::Event) -> Result<i64> {
+    tx.append_event(&M::from_event(event).encode_to_vec()).await
+}
+
+/// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as `M` and
+/// stamped with its sequence, append time and the outbox epoch; the backlog first, then new events as they
+/// commit (see [`Db::events`]).
+///
+/// A negative `after_sequence` is INVALID_ARGUMENT naming the field. A storage failure or a
+/// payload that does not decode as `M` comes out as an opaque INTERNAL item, the cause
+/// logged; tonic ends the response with it and the client reconnects from its cursor.
+pub fn stream<M: OutboxMessage>(db: &Db, after_sequence: i64) -> Result<WatchStream<M>, Status> {
+    if after_sequence < 0 {
+        return Err(invalid_field("after_sequence", "must not be negative"));
+    }
+    let epoch = db.epoch().unwrap_or_default().to_owned();
+    let events = db.events(after_sequence).map(move |item| {
+        let event = item.map_err(|err| match err {
+            // The caller's cursor is not in what is kept (older than the retention, or ahead
+            // of an outbox that went back): its own problem, said plainly.
+            StoreError::Pruned { .. } | StoreError::Ahead { .. } => {
+                Status::out_of_range(err.to_string())
+            }
+            err => internal(error_chain(&err)),
+        })?;
+        let mut msg = M::decode(event.payload.as_slice()).map_err(|err| {
+            internal(format!("outbox event {} is corrupt: {err}", event.sequence))
+        })?;
+        msg.stamp(event.sequence, timestamp(event.create_time), &epoch);
+        Ok(msg)
+    });
+    Ok(Box::pin(events))
 }

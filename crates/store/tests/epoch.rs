@@ -10,9 +10,8 @@ use futures::StreamExt;
 use tempfile::TempDir;
 use tessera::users::v1::{UserDeleted, WatchEventsResponse, watch_events_response::Event};
 use tessera_store::{
-    Consumer, Db, Migration, StoreError, Tx, run_consumer,
+    Consumer, Db, Migration, StoreError, Tx, outbox, run_consumer,
     testing::{self, eventually},
-    watch,
 };
 use tokio::{sync::watch as signal, task::JoinHandle};
 use tonic::{Code, Status};
@@ -37,7 +36,7 @@ async fn fresh(label: &str, dir: &TempDir) -> Vec<(&'static str, Db)> {
 
 async fn append(db: &Db, user_id: &str) -> i64 {
     let mut tx = db.begin().await.unwrap();
-    let seq = watch::append::<WatchEventsResponse>(
+    let seq = outbox::append::<WatchEventsResponse>(
         &mut tx,
         Event::UserDeleted(UserDeleted {
             user_id: user_id.into(),
@@ -49,7 +48,7 @@ async fn append(db: &Db, user_id: &str) -> i64 {
     seq
 }
 
-/// Follows `source`'s outbox through `watch::stream`, as a service's WatchEvents would serve
+/// Follows `source`'s outbox through `outbox::stream`, as a service's WatchEvents would serve
 /// it, recording each deleted user in `applied`.
 struct Follower {
     source: Db,
@@ -58,14 +57,14 @@ struct Follower {
 impl Consumer for Follower {
     type Event = WatchEventsResponse;
     type Error = Status;
-    type Stream = watch::WatchStream<WatchEventsResponse>;
+    type Stream = outbox::WatchStream<WatchEventsResponse>;
 
     fn name(&self) -> &str {
         "users-events"
     }
 
     async fn open(&self, after: i64) -> Result<Self::Stream, Status> {
-        watch::stream(&self.source, after)
+        outbox::stream(&self.source, after)
     }
 
     fn sequence(&self, event: &Self::Event) -> i64 {
@@ -133,7 +132,7 @@ async fn an_outbox_has_one_epoch_for_life_and_streams_it() {
         }
         assert!(epoch.len() >= 16, "{name}: a random id: {epoch}");
         append(&db, "u1").await;
-        let first = watch::stream::<WatchEventsResponse>(&db, 0)
+        let first = outbox::stream::<WatchEventsResponse>(&db, 0)
             .unwrap()
             .next()
             .await
@@ -160,7 +159,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
     for (name, db) in fresh("epoch_ahead", &dir).await {
         append(&db, "u1").await;
         append(&db, "u2").await;
-        let refused = watch::stream::<WatchEventsResponse>(&db, 5)
+        let refused = outbox::stream::<WatchEventsResponse>(&db, 5)
             .unwrap()
             .next()
             .await
@@ -172,7 +171,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
             "{name}: {refused:?}"
         );
         // Up to date is not ahead: the stream waits and delivers the next event.
-        let mut live = watch::stream::<WatchEventsResponse>(&db, 2).unwrap();
+        let mut live = outbox::stream::<WatchEventsResponse>(&db, 2).unwrap();
         append(&db, "u3").await;
         let next = tokio::time::timeout(Duration::from_secs(10), live.next())
             .await

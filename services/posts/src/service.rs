@@ -11,7 +11,7 @@ use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Posts};
@@ -174,7 +174,7 @@ impl Posts {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<WatchEventsResponse>(tx, event).await?;
     Ok(())
 }
 
@@ -541,14 +541,14 @@ impl PostService for Posts {
         Ok(Response::new(DeletePostResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream(self.db(), after)?))
     }
 }
 

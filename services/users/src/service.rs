@@ -12,7 +12,7 @@ use tessera_mesh::{
     auth::{end_user, maybe_end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{Backend, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Backend, StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -403,7 +403,7 @@ impl Users {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<WatchEventsResponse>(tx, event).await?;
     Ok(())
 }
 
@@ -703,14 +703,14 @@ impl UserService for Users {
         Ok(Response::new(DeleteUserResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream(self.db(), after)?))
     }
 }
 
