@@ -48,18 +48,21 @@
 //! In the transaction that makes a change, append the event as the last write. Convention:
 //! the payload is the service's prost-encoded `WatchEventsResponse` with only the `event`
 //! oneof set ([`outbox::append`]); the `WatchEvents` handler decodes it and fills in
-//! `sequence` and `create_time` from the [`Event`] ([`outbox::stream`]):
+//! `sequence`, `create_time` and the epoch from the [`Event`] ([`outbox::stream`]). A service
+//! declares its message once with [`watch_events!`]; the store lists no services:
 //!
 //! ```ignore
+//! tessera_store::watch_events!(PostEvents = tessera::posts::v1);
+//!
 //! // in the write path
-//! outbox::append::<WatchEventsResponse>(&mut tx, Event::PostDeleted(..)).await?;
+//! outbox::append::<PostEvents>(&mut tx, Event::PostDeleted(..)).await?;
 //! tx.commit().await?;
 //!
 //! // in the service impl
 //! type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 //! async fn watch_events(&self, request: Request<WatchEventsRequest>) -> .. {
 //!     let after = request.into_inner().after_sequence;
-//!     Ok(Response::new(outbox::stream(&self.db, after)?))
+//!     Ok(Response::new(outbox::stream::<PostEvents>(&self.db, after)?))
 //! }
 //! ```
 //!

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::outbox::DEFAULT_OUTBOX_RETENTION;
 #[cfg(doc)]
 use crate::{Db, StoreError, outbox::PRUNE_EVERY};
-use crate::outbox::DEFAULT_OUTBOX_RETENTION;
 
 /// How to open a [`Db`] beyond its location.
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@
 use std::{collections::VecDeque, pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use prost_types::Timestamp;
 use sqlx::Row;
 use tessera_mesh::errors::{internal, invalid_field};
@@ -225,64 +226,105 @@ impl Db {
     }
 }
 
-/// A service's `WatchEventsResponse`: `sequence`, `create_time`, and an `event` oneof.
+/// How a service's events travel: its `WatchEventsResponse` (`sequence`, `create_time`,
+/// `epoch` and an `event` oneof) and that oneof.
 ///
-/// Implemented here for every such message in the contracts (the orphan rule keeps services
-/// from implementing it for generated types themselves); a new service with `WatchEvents`
-/// adds its message to the list below.
-pub trait OutboxMessage: prost::Message + Default + Send + 'static {
+/// A service that emits events declares this once, in its own crate, with
+/// [`watch_events!`](crate::watch_events) (the orphan rule keeps it from implementing a
+/// foreign trait for the generated message itself, so the impl goes on a marker type of its
+/// own), and names the marker in [`append`] and [`stream`]. The store knows no service.
+pub trait WatchEvents {
+    /// The service's `WatchEventsResponse`.
+    type Message: prost::Message + Default + Send + 'static;
     /// The message's `event` oneof.
     type Event: Send;
 
     /// The message with only `event` set: what goes into the outbox.
-    fn from_event(event: Self::Event) -> Self;
+    fn message(event: Self::Event) -> Self::Message;
 
-    /// Fills in what the outbox assigned: the event's sequence and append time, and the
-    /// outbox's epoch.
-    fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str);
+    /// Fills in what the outbox assigned.
+    fn stamp(message: &mut Self::Message, stamp: Stamp<'_>);
 }
 
-macro_rules! outbox_messages {
-    ($($package:ident),+ $(,)?) => {$(
-        impl OutboxMessage for tessera::$package::v1::WatchEventsResponse {
-            type Event = tessera::$package::v1::watch_events_response::Event;
+/// What the outbox assigns to an event, filled into the message it streams.
+#[derive(Clone, Debug)]
+pub struct Stamp<'a> {
+    /// The event's sequence.
+    pub sequence: i64,
+    /// When the event was appended.
+    pub create_time: Timestamp,
+    /// The outbox's epoch ([`Db::epoch`]).
+    pub epoch: &'a str,
+}
 
-            fn from_event(event: Self::Event) -> Self {
-                Self {
+/// Declares the events of a service whose contract has the usual `WatchEventsResponse`
+/// (`sequence`, `create_time`, `epoch`, and an `event` oneof): a marker type implementing
+/// [`outbox::WatchEvents`](crate::outbox::WatchEvents) for the generated package given.
+///
+/// ```
+/// use tessera::users::v1::{UserDeleted, watch_events_response::Event};
+/// use tessera_store::outbox::{Stamp, WatchEvents};
+///
+/// tessera_store::watch_events!(UserEvents = tessera::users::v1);
+///
+/// // What `outbox::append::<UserEvents>(&mut tx, event)` stores: only the oneof is set.
+/// let deleted = Event::UserDeleted(UserDeleted { user_id: "u1".into() });
+/// let mut message = UserEvents::message(deleted.clone());
+/// assert_eq!((message.sequence, message.event.as_ref()), (0, Some(&deleted)));
+///
+/// // What `outbox::stream::<UserEvents>(&db, after)` fills in on the way out.
+/// let create_time = tessera_store::timestamp(1_500_000);
+/// UserEvents::stamp(&mut message, Stamp { sequence: 7, create_time, epoch: "e1" });
+/// assert_eq!((message.sequence, message.epoch.as_str()), (7, "e1"));
+/// ```
+#[macro_export]
+macro_rules! watch_events {
+    ($(#[$attr:meta])* $vis:vis $name:ident = $($package:ident)::+) => {
+        $(#[$attr])*
+        #[derive(Clone, Copy, Debug)]
+        $vis struct $name;
+
+        impl $crate::outbox::WatchEvents for $name {
+            type Message = $($package)::+::WatchEventsResponse;
+            type Event = $($package)::+::watch_events_response::Event;
+
+            fn message(event: Self::Event) -> Self::Message {
+                Self::Message {
                     event: Some(event),
                     ..Default::default()
                 }
             }
 
-            fn stamp(&mut self, sequence: i64, create_time: Timestamp, epoch: &str) {
-                self.sequence = sequence;
-                self.create_time = Some(create_time);
-                self.epoch = epoch.to_owned();
+            fn stamp(message: &mut Self::Message, stamp: $crate::outbox::Stamp<'_>) {
+                message.sequence = stamp.sequence;
+                message.create_time = Some(stamp.create_time);
+                message.epoch = stamp.epoch.to_owned();
             }
         }
-    )+};
+    };
 }
-
-outbox_messages!(users, posts, comments);
 
 /// What a `WatchEvents` handler returns (its `WatchEventsStream`).
 pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
-/// Appends `event` to the outbox inside `tx`, encoded as `M` with only its `event` set;
-/// returns the event's sequence. Call it as the last write of the transaction (see
-/// [`Tx::append_event`]).
-pub async fn append<M: OutboxMessage>(tx: &mut Tx, event: M::Event) -> Result<i64> {
-    tx.append_event(&M::from_event(event).encode_to_vec()).await
+/// Appends `event` to the outbox inside `tx`, encoded as the service's message with only its
+/// `event` set; returns the event's sequence. Call it as the last write of the transaction
+/// (see [`Tx::append_event`]).
+pub async fn append<W: WatchEvents>(tx: &mut Tx, event: W::Event) -> Result<i64> {
+    tx.append_event(&W::message(event).encode_to_vec()).await
 }
 
-/// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as `M` and
-/// stamped with its sequence, append time and the outbox epoch; the backlog first, then new events as they
-/// commit (see [`Db::events`]).
+/// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as the
+/// service's message and stamped with its sequence, append time and the outbox epoch; the
+/// backlog first, then new events as they commit (see [`Db::events`]).
 ///
 /// A negative `after_sequence` is INVALID_ARGUMENT naming the field. A storage failure or a
-/// payload that does not decode as `M` comes out as an opaque INTERNAL item, the cause
+/// payload that does not decode as the message comes out as an opaque INTERNAL item, the cause
 /// logged; tonic ends the response with it and the client reconnects from its cursor.
-pub fn stream<M: OutboxMessage>(db: &Db, after_sequence: i64) -> Result<WatchStream<M>, Status> {
+pub fn stream<W: WatchEvents>(
+    db: &Db,
+    after_sequence: i64,
+) -> Result<WatchStream<W::Message>, Status> {
     if after_sequence < 0 {
         return Err(invalid_field("after_sequence", "must not be negative"));
     }
@@ -296,11 +338,16 @@ pub fn stream<M: OutboxMessage>(db: &Db, after_sequence: i64) -> Result<WatchStr
             }
             err => internal(error_chain(&err)),
         })?;
-        let mut msg = M::decode(event.payload.as_slice()).map_err(|err| {
+        let mut message = W::Message::decode(event.payload.as_slice()).map_err(|err| {
             internal(format!("outbox event {} is corrupt: {err}", event.sequence))
         })?;
-        msg.stamp(event.sequence, timestamp(event.create_time), &epoch);
-        Ok(msg)
+        let stamp = Stamp {
+            sequence: event.sequence,
+            create_time: timestamp(event.create_time),
+            epoch: &epoch,
+        };
+        W::stamp(&mut message, stamp);
+        Ok(message)
     });
     Ok(Box::pin(events))
 }

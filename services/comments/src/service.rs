@@ -22,6 +22,9 @@ use crate::{
     page::PageToken,
 };
 
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(CommentEvents = tessera::comments::v1);
+
 /// Longest comment body, in characters.
 pub const MAX_BODY_CHARS: usize = 10_000;
 /// Comments per page when the request does not say.
@@ -361,9 +364,7 @@ impl Comments {
 
 /// Appends one event to the outbox, as the last write of `tx`.
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), tessera_store::StoreError> {
-    outbox::append::<WatchEventsResponse>(tx, event)
-        .await
-        .map(drop)
+    outbox::append::<CommentEvents>(tx, event).await.map(drop)
 }
 
 #[tonic::async_trait]
@@ -402,6 +403,8 @@ impl CommentService for Comments {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(outbox::stream(&self.db, after)?))
+        Ok(Response::new(outbox::stream::<CommentEvents>(
+            &self.db, after,
+        )?))
     }
 }

@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{Error, Posts};
 
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(PostEvents = tessera::posts::v1);
+
 const MAX_TITLE: usize = 200;
 /// Bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -174,7 +177,7 @@ impl Posts {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    outbox::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<PostEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -548,7 +551,10 @@ impl PostService for Posts {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(outbox::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<PostEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }
 

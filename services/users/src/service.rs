@@ -20,6 +20,9 @@ use crate::{
     sessions::{self, MAX_TOKEN_LEN, share_lock},
 };
 
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(UserEvents = tessera::users::v1);
+
 /// Most ids one BatchGetUsers may ask for.
 pub const MAX_BATCH: usize = 100;
 const MAX_DISPLAY_NAME: usize = 64;
@@ -403,7 +406,7 @@ impl Users {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    outbox::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<UserEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -710,7 +713,10 @@ impl UserService for Users {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(outbox::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<UserEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }
 
