@@ -119,10 +119,9 @@
 //!
 //! [`testing::postgres`] gives a test a fresh PostgreSQL schema when
 //! `TESSERA_TEST_DATABASE_URL` is set, or prints `skipped: TESSERA_TEST_DATABASE_URL not set`
-//! and returns `None`; [`testing::eventually`] waits for a condition under a bound. The
-//! `testing` feature, for services' dev-dependencies, adds `testing::databases` (a fresh
-//! SQLite database plus that PostgreSQL one), `testing::as_user` (a request from a verified
-//! end user) and `testing::fakes` (in-memory upstream services and their event logs).
+//! and returns `None`. The `testing` feature, for services' dev-dependencies, adds
+//! `testing::databases` (a fresh SQLite database plus that PostgreSQL one). Fakes of upstream
+//! services, `eventually` and end-user requests are in the `tessera-testing` crate.
 
 #![forbid(unsafe_code)]
 

@@ -9,10 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tempfile::TempDir;
 use tessera::users::v1::{UserDeleted, WatchEventsResponse, watch_events_response::Event};
-use tessera_store::{
-    Consumer, Db, Migration, StoreError, Tx, outbox, run_consumer,
-    testing::{self, eventually},
-};
+use tessera_store::{Consumer, Db, Migration, StoreError, Tx, outbox, run_consumer, testing};
+use tessera_testing::eventually;
 use tokio::{sync::watch as signal, task::JoinHandle};
 use tonic::{Code, Status};
 
@@ -198,10 +196,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             append(&original, u).await;
         }
         let running = follow(&target, &original);
-        eventually("the original's events applied", || async {
-            target.cursor("users-events").await.unwrap() == 3
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 3,
+            "the original's events applied"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         assert_eq!(state.epoch.as_deref(), original.epoch(), "{name}");
@@ -213,15 +211,15 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             append(&recreated, u).await;
         }
         let running = follow(&target, &recreated);
-        eventually("the consumer halts", || async {
+        eventually!(
             target
                 .cursor_state("users-events")
                 .await
                 .unwrap()
                 .halted
-                .is_some()
-        })
-        .await;
+                .is_some(),
+            "the consumer halts"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         let halted = state.halted.unwrap();
@@ -238,10 +236,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
         let before = target.reset_cursor("users-events", 0).await.unwrap();
         assert_eq!(before.position, 3, "{name}");
         let running = follow(&target, &recreated);
-        eventually("the recreated producer's events applied", || async {
-            target.cursor("users-events").await.unwrap() == 5
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 5,
+            "the recreated producer's events applied"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         assert_eq!(state.epoch.as_deref(), recreated.epoch(), "{name}");
@@ -259,15 +257,15 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             .await
             .unwrap();
         let running = follow(&target, &recreated);
-        eventually("the consumer halts on a cursor ahead", || async {
+        eventually!(
             target
                 .cursor_state("users-events")
                 .await
                 .unwrap()
                 .halted
-                .is_some_and(|h| h.contains("ahead"))
-        })
-        .await;
+                .is_some_and(|h| h.contains("ahead")),
+            "the consumer halts on a cursor ahead"
+        );
         // Events appended meanwhile (sequence 3, below the cursor) are never applied.
         append(&recreated, "c3").await;
         running.stop().await;
@@ -281,10 +279,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             .await
             .unwrap();
         let running = follow(&target, &recreated);
-        eventually("the restored history applied", || async {
-            target.cursor("users-events").await.unwrap() == 3
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 3,
+            "the restored history applied"
+        );
         running.stop().await;
         assert_eq!(
             applied(&target).await,
