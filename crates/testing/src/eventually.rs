@@ -81,3 +81,17 @@ macro_rules! eventually {
         .await
     };
 }
+
+/// [`eventually()`] for tests without an async runtime (they drive child processes): polls
+/// the blocking `check` the same way, on a runtime of its own.
+///
+/// # Panics
+///
+/// Also when called from inside an async runtime: use [`eventually()`] there.
+pub fn eventually_blocking<T>(bound: Duration, mut check: impl FnMut() -> anyhow::Result<T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build a runtime to poll on: {e}"))
+        .block_on(eventually(bound, async || check()))
+}

@@ -21,7 +21,7 @@ pub mod tls;
 
 #[doc(hidden)]
 pub use anyhow;
-pub use eventually::{BOUND, eventually};
+pub use eventually::{BOUND, eventually, eventually_blocking};
 
 /// `msg` as a request from the verified end user `sub` with `role` ("USER", "MODERATOR",
 /// "ADMIN"), as the server stack leaves it for a handler after checking the token.
