@@ -5,10 +5,7 @@ use std::{fmt::Display, future::Future, time::Duration};
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use crate::{
-    db::{Db, Tx},
-    error::StoreError,
-};
+use crate::{db::Db, error::StoreError, tx::Tx};
 
 /// What [`run_consumer`] needs to follow one upstream event stream.
 ///

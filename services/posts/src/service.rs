@@ -11,10 +11,13 @@ use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Posts};
+
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(PostEvents = tessera::posts::v1);
 
 const MAX_TITLE: usize = 200;
 /// Bytes.
@@ -174,7 +177,7 @@ impl Posts {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<PostEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -550,7 +553,7 @@ impl PostService for Posts {
         Ok(Response::new(DeletePostResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
@@ -564,7 +567,7 @@ impl PostService for Posts {
         } else {
             req.after_sequence
         };
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<PostEvents>(self.db(), after)?))
     }
 }
 

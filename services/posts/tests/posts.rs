@@ -20,7 +20,8 @@ use tessera::{
 };
 use tessera_mesh::errors::violated_fields;
 use tessera_posts::{MIGRATIONS, Posts};
-use tessera_store::testing::{self, TestDb, as_user, eventually, fakes::FakeUsers};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::{as_user, eventually, fakes::FakeUsers};
 use tonic::{Code, Request, Status};
 
 /// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
@@ -680,10 +681,10 @@ async fn deleting_a_user_deletes_their_posts() {
             ))
             .await
             .unwrap();
-        eventually("alice's posts are gone", || async {
-            get(&posts, &a1.post_id).await.is_err() && get(&posts, &a2.post_id).await.is_err()
-        })
-        .await;
+        eventually!(
+            get(&posts, &a1.post_id).await.is_err() && get(&posts, &a2.post_id).await.is_err(),
+            "alice's posts are gone"
+        );
         assert_eq!(
             get(&posts, &b1.post_id).await.unwrap(),
             b1,

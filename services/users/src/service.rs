@@ -12,13 +12,16 @@ use tessera_mesh::{
     auth::{end_user, maybe_end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{Backend, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Backend, StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Error, Users,
     sessions::{self, MAX_TOKEN_LEN, share_lock},
 };
+
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(UserEvents = tessera::users::v1);
 
 /// Most ids one BatchGetUsers may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -416,7 +419,7 @@ impl Users {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<UserEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -727,7 +730,7 @@ impl UserService for Users {
         Ok(Response::new(DeleteUserResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
@@ -741,7 +744,7 @@ impl UserService for Users {
         } else {
             req.after_sequence
         };
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<UserEvents>(self.db(), after)?))
     }
 }
 

@@ -11,7 +11,8 @@ use tessera::users::v1::{
     user_service_server::UserService, watch_events_response::Event,
 };
 use tessera_mesh::{errors::violated_fields, token::Verifier};
-use tessera_store::testing::{self, TestDb, as_user};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::as_user;
 use tessera_users::{MIGRATIONS, Users, UsersConfig};
 use tonic::{Code, Request};
 

@@ -139,7 +139,7 @@ async fn connections_past_the_per_address_cap_are_closed_before_tls() {
         "a third connection from one address"
     );
     drop(first);
-    eventually!("a freed slot to be reusable", connect().await.is_ok());
+    eventually!(connect().await.is_ok(), "a freed slot to be reusable");
 }
 
 #[tokio::test]
