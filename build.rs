@@ -1,19 +1,23 @@
-//! Compiles every contract under `proto/` into typed servers and clients, and writes the
-//! descriptor set that server reflection serves and the access rules are read from.
+//! Compiles every contract under `proto/` into typed servers and clients, writes the
+//! descriptor set that server reflection serves and the access rules are read from, and writes
+//! the module tree `src/lib.rs` includes, so a new contract needs no edit outside its own file.
+//!
+//! Contracts are found, not listed: every `proto/tessera/<name>/v1/*.proto` plus the vendored
+//! `proto/google/api/*.proto` they import.
 
-use std::{env, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    env,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
 
-const PROTOS: &[&str] = &[
-    "proto/google/api/http.proto",
-    "proto/google/api/annotations.proto",
-    "proto/tessera/mesh/v1/options.proto",
-    "proto/tessera/users/v1/users.proto",
-    "proto/tessera/posts/v1/posts.proto",
-    "proto/tessera/comments/v1/comments.proto",
-    "proto/tessera/notifications/v1/notifications.proto",
-    "proto/tessera/gateway/v1/feed.proto",
-    "proto/tessera/digest/v1/digest.proto",
-];
+use prost::Message;
+use prost_types::FileDescriptorSet;
+
+/// `FileDescriptorProto.package`, the path of a package statement in `SourceCodeInfo`.
+const PACKAGE_FIELD: i32 = 2;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
@@ -24,11 +28,177 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let well_known = protoc_bin_vendored::include_path()?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
+    let protos = contracts(Path::new("proto"))?;
+    let descriptor_path = out.join("tessera_descriptor.bin");
 
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("tessera_descriptor.bin"))
+        .file_descriptor_set_path(&descriptor_path)
         .compile_with_config(config, &protos, &[PathBuf::from("proto"), well_known])?;
+
+    let set = FileDescriptorSet::decode(fs::read(&descriptor_path)?.as_slice())?;
+    fs::write(out.join("tessera_modules.rs"), module_tree(&set, &protos)?)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
+}
+
+/// `proto/google/api/*.proto` and `proto/tessera/*/v1/*.proto`, sorted so the output does not
+/// depend on directory order.
+fn contracts(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = protos_in(&root.join("google/api"))?;
+    let mut packages: Vec<PathBuf> = fs::read_dir(root.join("tessera"))?
+        .map(|entry| entry.map(|e| e.path().join("v1")))
+        .collect::<Result<_, _>>()?;
+    packages.sort();
+    for dir in packages.iter().filter(|dir| dir.is_dir()) {
+        found.extend(protos_in(dir)?);
+    }
+    Ok(found)
+}
+
+fn protos_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut protos: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .filter(|path| {
+            path.as_ref()
+                .map_or(true, |p| p.extension().is_some_and(|ext| ext == "proto"))
+        })
+        .collect::<Result<_, _>>()?;
+    protos.sort();
+    Ok(protos)
+}
+
+/// One package of the compiled contracts, as it becomes a module.
+#[derive(Default)]
+struct Package {
+    /// The package statement's leading comment, if any file has one.
+    doc: Option<String>,
+    /// Service name → method names, in declaration order.
+    services: BTreeMap<String, Vec<String>>,
+}
+
+/// A module per package segment (`tessera.posts.v1` → `posts::v1`, the crate being `tessera`;
+/// `google.api` → `google::api`), each including prost's output for the package, with a
+/// `<service>_methods` module of gRPC path constants per service.
+fn module_tree(
+    set: &FileDescriptorSet,
+    compiled: &[PathBuf],
+) -> Result<String, Box<dyn std::error::Error>> {
+    let compiled: Vec<String> = compiled
+        .iter()
+        .filter_map(|p| p.strip_prefix("proto").ok())
+        .map(|p| p.to_string_lossy().replace('\\', "/"))
+        .collect();
+    let mut packages: BTreeMap<String, Package> = BTreeMap::new();
+    // The set holds imports too (google/protobuf/*); only the compiled files get modules.
+    for file in set
+        .file
+        .iter()
+        .filter(|f| compiled.contains(&f.name().to_owned()))
+    {
+        let package = packages.entry(file.package().to_owned()).or_default();
+        let doc = file.source_code_info.as_ref().and_then(|info| {
+            info.location
+                .iter()
+                .find(|l| l.path == [PACKAGE_FIELD])
+                .and_then(|l| l.leading_comments.as_deref())
+                .map(|c| c.trim().to_owned())
+        });
+        package.doc = package.doc.take().or(doc);
+        for service in &file.service {
+            let methods = service.method.iter().map(|m| m.name().to_owned());
+            package
+                .services
+                .insert(service.name().to_owned(), methods.collect());
+        }
+    }
+
+    let mut code = String::from("// @generated by build.rs: one module per contract package.\n");
+    let mut open: Vec<&str> = Vec::new();
+    for (name, package) in &packages {
+        let segments: Vec<&str> = name
+            .strip_prefix("tessera.")
+            .unwrap_or(name)
+            .split('.')
+            .collect();
+        let shared = open
+            .iter()
+            .zip(&segments)
+            .take_while(|(a, b)| a == b)
+            .count();
+        while open.len() > shared {
+            open.pop();
+            code.push_str("}\n");
+        }
+        for (depth, segment) in segments.iter().enumerate().skip(shared) {
+            // The package's doc goes on the outermost module it opens (`posts` of
+            // `tessera.posts.v1`), where a reader of the crate's docs first meets it.
+            if depth == shared {
+                writeln!(code, "/// `{name}`")?;
+                if let Some(doc) = &package.doc {
+                    writeln!(code, "///")?;
+                    for line in doc.lines() {
+                        writeln!(code, "/// {}", line.trim())?;
+                    }
+                }
+            }
+            writeln!(code, "pub mod {segment} {{")?;
+            open.push(segment);
+        }
+        writeln!(code, "tonic::include_proto!(\"{name}\");")?;
+        for (service, methods) in &package.services {
+            write_paths(&mut code, name, service, methods)?;
+        }
+    }
+    for _ in open {
+        code.push_str("}\n");
+    }
+    Ok(code)
+}
+
+/// `pub mod post_service_methods { pub const GET_POST: &str = "/tessera.posts.v1.PostService/GetPost"; … }`:
+/// the HTTP/2 paths the generated clients call, as constants other crates can name.
+fn write_paths(
+    code: &mut String,
+    package: &str,
+    service: &str,
+    methods: &[String],
+) -> std::fmt::Result {
+    writeln!(
+        code,
+        "/// The gRPC path of each `{package}.{service}` method, as its generated client calls it."
+    )?;
+    writeln!(code, "pub mod {}_methods {{", snake(service))?;
+    for method in methods {
+        writeln!(code, "/// `{service}.{method}`.")?;
+        writeln!(
+            code,
+            "pub const {}: &str = \"/{package}.{service}/{method}\";",
+            snake(method).to_ascii_uppercase()
+        )?;
+    }
+    let all: Vec<String> = methods
+        .iter()
+        .map(|m| snake(m).to_ascii_uppercase())
+        .collect();
+    writeln!(code, "/// Every method, in the contract's order.")?;
+    writeln!(code, "pub const ALL: &[&str] = &[{}];", all.join(", "))?;
+    code.push_str("}\n");
+    Ok(())
+}
+
+/// `BatchGetUsers` → `batch_get_users`, as tonic names the generated modules.
+fn snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    let chars: Vec<char> = camel.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        let boundary = i > 0
+            && c.is_ascii_uppercase()
+            && (!chars[i - 1].is_ascii_uppercase()
+                || chars.get(i + 1).is_some_and(char::is_ascii_lowercase));
+        if boundary {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Tessera's benchmark (issue 7) in one command: installs what it needs, builds release, runs
-# scenario A (one hop: bare tonic, tonic + mTLS, the Tessera stack, an Envoy sidecar) and
-# scenario B (the whole mesh through the gateway on a seeded dataset), prints the tables.
+# Tessera's benchmark (issues 7 and 18) in one command: installs what it needs, builds release,
+# runs scenario A (one hop: bare tonic, tonic + mTLS, the Tessera stack, an Envoy sidecar),
+# scenario B (the whole mesh through the gateway on a seeded dataset, against a monolith of the
+# same handlers) and scenario C (posts and comments as 1, 2, 3 replicas on PostgreSQL, each
+# held to the same CPU quota by a cgroup), prints the tables.
 #
-#   bash scripts/bench.sh                 # everything, about three minutes on two cores
-#   bash scripts/bench.sh --scenario a    # one scenario; see `tessera-bench run --help`
+#   bash scripts/bench.sh                 # everything, about five minutes on two cores
+#   bash scripts/bench.sh --scenario b    # one scenario (a, b or c); see `tessera-bench run --help`
 #   bash scripts/bench.sh --scale 0.2     # a smaller scenario B dataset (said so in the output)
+#
+# Scenario C needs a PostgreSQL server it may create databases on (TESSERA_BENCH_DATABASE_URL,
+# else TESSERA_TEST_DATABASE_URL; databases <name>_bc_* are dropped and created) and a writable
+# cgroup hierarchy with the cpu controller (root); without either it prints why it was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

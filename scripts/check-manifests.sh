@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the deployment artefacts; no cluster and no Docker engine needed.
 #
-#   1. kustomize renders k8s/base and every overlay under k8s/overlays;
+#   1. kustomize renders k8s/base and every overlay under k8s/overlays (with-digest among
+#      them, so the opt-in examples/digest component gets every check below too);
 #   2. kubernetes-validate --strict checks every built-in object of each render against the
 #      Kubernetes OpenAPI schemas (oldest and newest supported version), and the cert-manager
 #      objects are checked, unknown fields rejected, against schemas from

@@ -644,14 +644,20 @@ async fn the_gateway_rejects_bad_tokens_and_non_public_methods() {
     // Methods not marked public do not exist at the gateway, token or not.
     let watch = mesh
         .users()
-        .watch_events(tessera::users::v1::WatchEventsRequest { after_sequence: 0 })
+        .watch_events(tessera::users::v1::WatchEventsRequest {
+            after_sequence: 0,
+            ..Default::default()
+        })
         .await;
     assert_eq!(code(watch), Code::Unimplemented);
     let watch = mesh
         .posts()
         .watch_events(bearer(
             &alice.token,
-            tessera::posts::v1::WatchEventsRequest { after_sequence: 0 },
+            tessera::posts::v1::WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            },
         ))
         .await;
     assert_eq!(code(watch), Code::Unimplemented);

@@ -22,9 +22,8 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
-use hyper_util::rt::TokioIo;
 use prost::Message;
-use rustls::{ClientConfig, pki_types::ServerName};
+use rustls::ClientConfig;
 use tessera::{
     gateway::v1::{GetPostThreadRequest, feed_service_client::FeedServiceClient},
     notifications::v1::{
@@ -34,9 +33,9 @@ use tessera::{
     posts::v1::{CreatePostRequest, GetPostRequest, post_service_client::PostServiceClient},
     users::v1::{CreateUserRequest, LoginRequest, user_service_client::UserServiceClient},
 };
+use tessera_testing::tls::{channel_over, tls_connect_from};
 use tessera_tests::{bearer, eventually, server_only_tls};
-use tokio::net::TcpSocket;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 
 /// Short public-port timeouts, so the rows that wait on them finish quickly.
 const HEADER_TIMEOUT_MS: u64 = 2000;
@@ -221,34 +220,17 @@ impl Sampler {
 // Clients
 // ---------------------------------------------------------------------------------------
 
-/// TLS to `addr` from the local address `from`, as server name `localhost`.
-async fn tls_from(
-    from: IpAddr,
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from, 0))?;
-    let tcp = socket.connect(addr).await?;
-    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-}
-
 /// A tonic channel from the honest client's address.
 async fn honest_channel(up: &Up) -> Channel {
     let (addr, config) = (up.public, up.tls());
-    let connector = tower::service_fn(move |_: Uri| {
-        let config = config.clone();
-        async move { tls_from(HONEST, addr, config).await.map(TokioIo::new) }
-    });
-    Endpoint::from_shared(format!("http://{addr}"))
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
-        .timeout(HONEST_CALL_TIMEOUT)
-        .connect_with_connector(connector)
-        .await
-        .unwrap()
+        .timeout(HONEST_CALL_TIMEOUT);
+    channel_over(endpoint, move || {
+        tls_connect_from(HONEST, addr, config.clone())
+    })
+    .await
+    .unwrap()
 }
 
 /// The well-behaved client: reads a 64 KB post and its thread, anonymously, one call at a
@@ -320,7 +302,7 @@ async fn raw(
     up: &Up,
     window: Option<u32>,
 ) -> anyhow::Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>)> {
-    let tls = tls_from(from, up.public, up.tls()).await?;
+    let tls = tls_connect_from(from, up.public, up.tls()).await?;
     let mut builder = h2::client::Builder::new();
     if let Some(window) = window {
         builder.initial_window_size(window);
@@ -791,7 +773,8 @@ async fn idle_connections(up: &Up, honest: &Honest) {
         let attempts = futures::future::join_all((0..200).map(|_| {
             let config = config.clone();
             async move {
-                tokio::time::timeout(Duration::from_secs(5), tls_from(from, addr, config)).await
+                tokio::time::timeout(Duration::from_secs(5), tls_connect_from(from, addr, config))
+                    .await
             }
         }))
         .await;

@@ -13,13 +13,47 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_norway::Value;
 
-/// The workloads k8s/base deploys: every registered one that `tessera up` always runs (an
-/// optional workload such as examples/digest ships no manifests of its own yet).
+/// The workloads k8s/base deploys: every registered one that `tessera up` always runs. An
+/// optional workload (examples/digest) is the component `k8s/components/<name>`, deployed by
+/// the overlay `k8s/overlays/with-<name>` on top of dev.
 fn deployed() -> Vec<&'static str> {
     tessera_cli::workloads::WORKLOADS
         .iter()
         .filter(|w| !w.optional)
         .map(|w| w.name)
+        .collect()
+}
+
+fn optional() -> Vec<&'static str> {
+    tessera_cli::workloads::WORKLOADS
+        .iter()
+        .filter(|w| w.optional)
+        .map(|w| w.name)
+        .collect()
+}
+
+/// What an overlay deploys: the base's workloads, and for `with-<name>` that one too.
+fn deployed_by(overlay: &str) -> Vec<&'static str> {
+    let mut workloads = deployed();
+    workloads.extend(
+        optional()
+            .into_iter()
+            .filter(|name| overlay.strip_prefix("with-") == Some(name)),
+    );
+    workloads
+}
+
+/// The workloads someone calls, so every deployment must give their callers a target.
+fn called() -> Vec<&'static str> {
+    let workloads = tessera_cli::workloads::WORKLOADS;
+    workloads
+        .iter()
+        .map(|w| w.name)
+        .filter(|name| {
+            workloads
+                .iter()
+                .any(|w| w.upstreams.iter().any(|u| u.name == *name))
+        })
         .collect()
 }
 /// The plaintext admin port the gRPC health service listens on.
@@ -53,8 +87,12 @@ fn base_dir() -> PathBuf {
 
 /// Every `*.yaml` file of k8s/base, by file name, sorted.
 fn base_files() -> Vec<(String, String)> {
-    let dir = base_dir();
-    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+    yaml_files(&base_dir())
+}
+
+/// Every `*.yaml` file of `dir`, by file name, sorted.
+fn yaml_files(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
@@ -76,7 +114,7 @@ fn parse(files: &[(String, String)]) -> Vec<Object> {
     for (file, text) in files {
         for document in serde_norway::Deserializer::from_str(text) {
             let doc = Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("k8s/base/{file} is not valid YAML: {e}"));
+                .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}"));
             if !doc.is_null() {
                 objects.push(Object {
                     file: file.clone(),
@@ -374,6 +412,84 @@ fn every_service_has_a_headless_service_a_pdb_and_an_hpa() {
     assert_no_problems(&problems);
 }
 
+/// An optional workload ships as a component with the same shape as the base services, and
+/// the overlay `with-<name>` deploys it in dev's manner (its image, one replica).
+#[test]
+fn every_optional_workload_has_a_component_shaped_like_the_base() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s");
+    for name in optional() {
+        let dir = root.join("components").join(name);
+        let files: Vec<(String, String)> = yaml_files(&dir)
+            .into_iter()
+            .map(|(file, text)| (format!("components/{name}/{file}"), text))
+            .collect();
+        let objects = parse(&files);
+        let mut problems = deployment_problems(&objects, name);
+        problems.extend(companion_problems(&objects, name));
+        assert_no_problems(&problems);
+        let kustomization = objects
+            .iter()
+            .find(|o| o.file.ends_with("/kustomization.yaml"))
+            .unwrap_or_else(|| panic!("k8s/components/{name} has no kustomization.yaml"));
+        assert_eq!(kustomization.kind(), "Component", "k8s/components/{name}");
+        let resources = at(&kustomization.doc, &["resources"])
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
+        for (file, _) in &files {
+            let file = file.rsplit('/').next().unwrap_or_default();
+            assert!(
+                file == "kustomization.yaml" || resources.iter().any(|r| r.as_str() == Some(file)),
+                "k8s/components/{name}/{file} is not a resource of its kustomization"
+            );
+        }
+        let overlay = root.join("overlays").join(format!("with-{name}"));
+        let text = std::fs::read_to_string(overlay.join("kustomization.yaml"))
+            .unwrap_or_else(|e| panic!("{}: {e}", overlay.display()));
+        assert!(
+            text.contains(&format!("../../components/{name}")),
+            "k8s/overlays/with-{name} does not use its component"
+        );
+    }
+}
+
+/// The rendered `with-<name>` overlay: dev plus the workload, in dev's image and replica
+/// count, and the default (dev) render without it.
+#[test]
+fn an_optional_workload_is_deployed_only_by_its_overlay() {
+    let Some(kubectl) = kubectl() else {
+        println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
+        return;
+    };
+    for name in optional() {
+        let dev = render_in_namespace(&kubectl, "dev", "shop");
+        assert!(!dev.iter().any(|o| o.name() == name), "dev deploys {name}");
+        let with = render_in_namespace(&kubectl, &format!("with-{name}"), "shop");
+        assert_eq!(
+            with.len(),
+            dev.len() + 5,
+            "{name}: SA, Service, Deployment, PDB, HPA"
+        );
+        let deployment = with.iter().find(|o| o.is("Deployment", name)).unwrap();
+        let container = at(&deployment.doc, &["spec", "template", "spec", "containers"])
+            .and_then(|c| c.get(0))
+            .unwrap();
+        assert_eq!(str_at(container, &["image"]), Some("tessera:dev"));
+        assert_eq!(
+            str_at(container, &["imagePullPolicy"]),
+            Some("IfNotPresent")
+        );
+        let hpa = with
+            .iter()
+            .find(|o| o.is("HorizontalPodAutoscaler", name))
+            .unwrap();
+        assert_eq!(
+            at(&hpa.doc, &["spec", "maxReplicas"]).and_then(Value::as_i64),
+            Some(1)
+        );
+    }
+}
+
 #[test]
 fn the_namespace_denies_all_traffic_by_default() {
     assert_no_problems(&default_deny_problems(&load_base()));
@@ -563,7 +679,7 @@ fn base64_decode(text: &str) -> Vec<u8> {
 }
 
 /// What would break if `objects` (rendered for `namespace`) were applied there.
-fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
+fn namespace_problems(objects: &[Object], namespace: &str, workloads: &[&str]) -> Vec<String> {
     let mut problems = Vec::new();
     let services: Vec<&str> = objects
         .iter()
@@ -608,7 +724,7 @@ fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
     let Some(config) = config else {
         return vec!["no ConfigMap tessera-config rendered".into()];
     };
-    for service in deployed().iter().filter(|s| **s != "gateway") {
+    for service in called() {
         let key = format!("TESSERA_{}_TARGET", service.to_ascii_uppercase());
         match str_at(&config.doc, &["data", &key]) {
             // A short name: resolved through the pod's DNS search path, in its namespace.
@@ -617,12 +733,12 @@ fn namespace_problems(objects: &[Object], namespace: &str) -> Vec<String> {
                 "{key} is {other:?}, expected the short name dns:{service}:8443"
             )),
         }
-        if !services.contains(service) {
+        if workloads.contains(&service) && !services.contains(&service) {
             problems.push(format!("{key}: no Service {service} is rendered"));
         }
     }
 
-    for service in deployed() {
+    for &service in workloads {
         let Some(deployment) = objects.iter().find(|o| o.is("Deployment", service)) else {
             problems.push(format!("{service}: no Deployment"));
             continue;
@@ -713,10 +829,10 @@ fn dev_and_production_deploy_into_any_namespace() {
         println!("skipped: no kubectl (scripts/check-manifests.sh installs one)");
         return;
     };
-    for overlay in ["dev", "production", "dev-observability"] {
+    for overlay in ["dev", "production", "dev-observability", "with-digest"] {
         for namespace in ["shop", "tessera-staging"] {
             let objects = render_in_namespace(&kubectl, overlay, namespace);
-            let problems = namespace_problems(&objects, namespace);
+            let problems = namespace_problems(&objects, namespace, &deployed_by(overlay));
             assert!(
                 problems.is_empty(),
                 "{overlay} in namespace {namespace}:\n{}",
@@ -734,7 +850,7 @@ fn the_namespace_check_finds_a_namespace_literal() {
     };
     // Rendered for `tessera` but checked as if for `shop`: everything is out of place.
     let objects = render_in_namespace(&kubectl, "dev", "tessera");
-    let problems = namespace_problems(&objects, "shop");
+    let problems = namespace_problems(&objects, "shop", &deployed());
     assert!(
         problems.iter().any(|p| p.contains("not in namespace shop")),
         "{problems:?}"
@@ -746,7 +862,7 @@ fn the_namespace_check_finds_a_namespace_literal() {
         .unwrap();
     let target = at_mut(&mut config.doc, &["data", "TESSERA_POSTS_TARGET"]).unwrap();
     *target = Value::String("dns:posts.tessera.svc.cluster.local:8443".into());
-    let problems = namespace_problems(&objects, "shop");
+    let problems = namespace_problems(&objects, "shop", &deployed());
     assert!(
         problems.iter().any(|p| p.contains("TESSERA_POSTS_TARGET")),
         "{problems:?}"

@@ -158,7 +158,7 @@ async fn concurrent_logins_stay_under_the_users_deployment_memory_limit() {
             .await;
         match probe {
             Err(status) if status.code() == Code::Unauthenticated => Ok(channel),
-            other => Err(tessera_tests::anyhow::anyhow!("not ready: {other:?}")),
+            other => Err(anyhow::anyhow!("not ready: {other:?}")),
         }
     })
     .await;

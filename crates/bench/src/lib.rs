@@ -14,14 +14,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod client;
+pub mod compare;
 pub mod envoy;
 pub mod load;
+pub mod monolith;
 pub mod procfs;
 pub mod procs;
 pub mod report;
 pub mod scenario_a;
 pub mod scenario_b;
+pub mod scenario_c;
 pub mod schedule;
 pub mod server;
 pub mod stats;

@@ -8,7 +8,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tessera_bench::{BenchError, client, envoy, load, procs, scenario_a, scenario_b, server};
+use tessera_bench::{
+    BenchError, client, envoy, load, monolith, procs, scenario_a, scenario_b, scenario_c, server,
+};
 
 #[derive(Parser)]
 #[command(name = "tessera-bench", about = "Tessera's benchmark")]
@@ -26,6 +28,15 @@ enum Command {
         #[arg(long, value_enum)]
         mode: server::Mode,
         /// tls.crt, tls.key and ca.crt of the server.
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
+    /// Serve scenario B's monolith baseline on DIR's databases until stdin closes (started
+    /// by `run`).
+    Monolith {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// tls.crt and tls.key of the public port (the mesh's gateway certificate).
         #[arg(long)]
         tls_dir: PathBuf,
     },
@@ -55,6 +66,7 @@ enum Scenario {
     All,
     A,
     B,
+    C,
 }
 
 #[derive(clap::Args)]
@@ -92,6 +104,25 @@ struct RunArgs {
     /// Seconds of each scenario B throughput run (the one-in-flight runs take --latency-secs).
     #[arg(long, default_value_t = 4.0)]
     b_secs: f64,
+    /// Scenario C: replica counts of posts and comments, in order (ratios are to the first).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    c_replicas: Vec<usize>,
+    /// Scenario C: CPU quota of each posts and comments replica, in cores.
+    #[arg(long, default_value_t = 0.2)]
+    c_cores: f64,
+    /// Scenario C: GetPost calls in flight.
+    #[arg(long, default_value_t = 32)]
+    c_concurrency: usize,
+    /// Scenario C: seconds of each replica count's run.
+    #[arg(long, default_value_t = 5.0)]
+    c_secs: f64,
+    /// Scenario C: posts seeded into PostgreSQL.
+    #[arg(long, default_value_t = 2000)]
+    c_posts: usize,
+    /// Scenario C's PostgreSQL server (default: TESSERA_BENCH_DATABASE_URL, else
+    /// TESSERA_TEST_DATABASE_URL); the bench creates and drops databases named after it + `_bc_*`.
+    #[arg(long)]
+    database_url: Option<String>,
     /// Skip running each service alone for per-service memory.
     #[arg(long)]
     no_per_service: bool,
@@ -113,18 +144,9 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Server { mode, tls_dir } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(server::run(mode, &tls_dir)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
+        Command::Server { mode, tls_dir } => block_on(true, server::run(mode, &tls_dir)),
+        Command::Monolith { data_dir, tls_dir } => {
+            block_on(true, monolith::run(&data_dir, &tls_dir))
         }
         Command::Certs { dir } => match scenario_a::issue_certs(&dir) {
             Ok(()) => ExitCode::SUCCESS,
@@ -135,33 +157,30 @@ fn main() -> ExitCode {
             tls_dir,
             concurrency,
             secs,
-        } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(load(addr, tls_dir, concurrency, secs)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
-        Command::Run(args) => {
-            // One thread for the load generator: it gets a core to itself.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
-            };
-            match runtime.block_on(run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
+        } => block_on(false, load(addr, tls_dir, concurrency, secs)),
+        // One thread for the load generator: it gets a core to itself.
+        Command::Run(args) => block_on(false, run(args)),
+    }
+}
+
+/// Runs `work` on a multi-threaded runtime (servers) or a current-thread one (load).
+fn block_on(multi_thread: bool, work: impl Future<Output = Result<(), BenchError>>) -> ExitCode {
+    let built = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
+        Ok(rt) => rt,
+        Err(e) => return fail(&BenchError::Setup(format!("runtime: {e}"))),
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 
@@ -266,7 +285,7 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
     }
     let secs = Duration::from_secs_f64;
 
-    if args.scenario != Scenario::B {
+    if matches!(args.scenario, Scenario::All | Scenario::A) {
         let envoy_bin = envoy::locate(args.envoy.as_deref());
         if let Ok(bin) = &envoy_bin {
             println!("envoy: {} ({})", envoy::version(bin)?, bin.display());
@@ -291,19 +310,20 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
         let table = scenario_a::render(&outcome, &opts);
         println!("\n{table}");
     }
-    if args.scenario != Scenario::A {
-        if !tessera.is_file() {
-            return Err(BenchError::Setup(format!(
-                "{} not found: build it (cargo build --release -p tessera-cli) or pass --tessera",
-                tessera.display()
-            )));
-        }
+    if matches!(args.scenario, Scenario::All | Scenario::B | Scenario::C) && !tessera.is_file() {
+        return Err(BenchError::Setup(format!(
+            "{} not found: build it (cargo build --release -p tessera-cli) or pass --tessera",
+            tessera.display()
+        )));
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::B) {
         let opts = scenario_b::Options {
             scale: args.scale,
             concurrency: args.b_concurrency.max(1),
             time: secs(args.b_secs),
             latency_time: secs(args.latency_secs),
-            tessera,
+            tessera: tessera.clone(),
+            bench_exe: self_exe.clone(),
             work_dir: work_dir.clone(),
             pin: pin.clone(),
             sources: 64,
@@ -314,6 +334,31 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
         let results = scenario_b::run(&opts).await?;
         let table = scenario_b::render(&results, &opts);
         println!("\n{table}");
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::C) {
+        let database_url = args.database_url.clone().or_else(|| {
+            ["TESSERA_BENCH_DATABASE_URL", "TESSERA_TEST_DATABASE_URL"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        });
+        let opts = scenario_c::Options {
+            database_url,
+            replicas: args.c_replicas.clone(),
+            cores: args.c_cores.clamp(0.01, 64.0),
+            concurrency: args.c_concurrency.max(1),
+            time: secs(args.c_secs),
+            posts: args.c_posts.max(1),
+            tessera,
+            work_dir: work_dir.clone(),
+            sources: 64,
+        };
+        println!("\n== Scenario C: scale-out, posts and comments replicas on PostgreSQL ==");
+        // Replicas spread over both cores (their cgroups hold them to the quota).
+        if pin.is_some() {
+            procs::pin_self("0-1")?;
+        }
+        let outcome = scenario_c::run(&opts).await?;
+        println!("\n{}", scenario_c::render(&outcome, &opts));
     }
     if args.work_dir.is_some() {
         println!("logs and data kept in {}", work_dir.display());

@@ -37,20 +37,25 @@ pub fn command(program: &Path, cpus: Option<&str>) -> Command {
     }
 }
 
-/// Moves every thread of this process onto `cpus`.
+/// Moves every thread of this process onto `cpus`. taskset walks the threads one by one and
+/// fails if one exits meanwhile (a blocking-pool thread retiring), so it is tried again.
 pub fn pin_self(cpus: &str) -> Result<(), BenchError> {
-    let status = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .map_err(|source| BenchError::Io {
-            what: "running taskset".into(),
-            source,
-        })?;
-    if !status.success() {
-        return Err(BenchError::Setup(format!("taskset -a -p -c {cpus} failed")));
+    for _ in 0..5 {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| BenchError::Io {
+                what: "running taskset".into(),
+                source,
+            })?;
+        if status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
+    Err(BenchError::Setup(format!("taskset -a -p -c {cpus} failed")))
 }
 
 /// A free loopback port (bound and released; fine for a benchmark, not for tests).

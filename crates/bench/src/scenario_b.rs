@@ -40,7 +40,8 @@ use tonic::Request;
 
 use crate::{
     BenchError,
-    client::{Pool, Security, loopback_sources},
+    client::{Conn, Pool, Security, loopback_sources},
+    compare::{Comparison, Sample, compare},
     load::{CallFn, closed_loop},
     procfs::{self, CpuSample, MachineCpu},
     procs::{self, Proc},
@@ -62,6 +63,8 @@ pub struct Options {
     pub latency_time: Duration,
     /// The `tessera` binary.
     pub tessera: PathBuf,
+    /// This benchmark's binary (`tessera-bench monolith`).
+    pub bench_exe: PathBuf,
     pub work_dir: PathBuf,
     /// taskset CPU lists for the servers and for the load generator.
     pub pin: Option<(String, String)>,
@@ -77,6 +80,8 @@ pub struct Options {
 pub struct Dataset {
     pub users: Vec<(String, String)>,
     pub posts: Vec<String>,
+    /// Each post's author, as an index into `users`.
+    pub post_authors: Vec<usize>,
     pub comments: usize,
     pub took: Duration,
 }
@@ -84,6 +89,8 @@ pub struct Dataset {
 /// One measured call type at one concurrency.
 pub struct CallRun {
     pub name: &'static str,
+    /// `mesh` or `monolith`.
+    pub server: &'static str,
     pub concurrency: usize,
     pub summary: Summary,
     pub cpu: CpuSample,
@@ -100,7 +107,9 @@ pub struct Results {
     pub dataset: Dataset,
     pub scaled: bool,
     pub startup: Duration,
-    pub catch_up: Duration,
+    pub catch_up: CatchUp,
+    /// The monolith's answers against the mesh's.
+    pub comparison: Option<Comparison>,
     pub runs: Vec<CallRun>,
     pub memory: Vec<Memory>,
     pub notes: Vec<String>,
@@ -114,7 +123,7 @@ fn setup(what: &str) -> impl FnOnce(String) -> BenchError + '_ {
     move |e| BenchError::Setup(format!("{what}: {e}"))
 }
 
-fn as_user(user_id: &str) -> EndUser {
+pub(crate) fn as_user(user_id: &str) -> EndUser {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -204,33 +213,17 @@ pub async fn seed(
     let authors: Vec<usize> = (0..posts)
         .map(|_| rng.random_range(0..seeded_users.len().max(1)))
         .collect();
-    let seeded_posts: Vec<String> = futures::stream::iter(authors.into_iter().enumerate())
-        .map(|(i, author)| {
-            let service = post_service.clone();
-            let author = seeded_users.get(author).map(|u| u.0.clone()).unwrap_or_default();
-            async move {
-                let mut req = Request::new(CreatePostRequest {
-                    title: format!("Benchmark post {i}"),
-                    body: format!(
-                        "Post {i} of the benchmark dataset. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua."
-                    ),
-                    tags: vec!["bench".into(), format!("t{}", i % 50)],
-                    request_id: String::new(),
-                });
-                req.extensions_mut().insert(as_user(&author));
-                let post = service
-                    .create_post(req)
-                    .await
-                    .map_err(BenchError::call("seeding CreatePost"))?
-                    .into_inner()
-                    .post
-                    .ok_or_else(|| BenchError::Setup("CreatePost answered no post".into()))?;
-                Ok::<_, BenchError>(post.post_id)
-            }
+    let post_authors = authors.clone();
+    let author_ids: Vec<String> = authors
+        .iter()
+        .map(|a| {
+            seeded_users
+                .get(*a)
+                .map(|u| u.0.clone())
+                .unwrap_or_default()
         })
-        .buffer_unordered(IN_FLIGHT)
-        .try_collect()
-        .await?;
+        .collect();
+    let seeded_posts = seed_posts(&post_service, author_ids).await?;
 
     let picks: Vec<(usize, usize)> = (0..comments)
         .map(|_| {
@@ -272,14 +265,50 @@ pub async fn seed(
     Ok(Dataset {
         users: seeded_users,
         posts: seeded_posts,
+        post_authors,
         comments,
         took: started.elapsed(),
     })
 }
 
+/// Creates a post by each of `authors` through the posts handler; the ids in that order.
+pub(crate) async fn seed_posts(
+    service: &tessera_posts::Posts,
+    authors: Vec<String>,
+) -> Result<Vec<String>, BenchError> {
+    // Writers to one database queue on its lock anyway; a few in flight keep it busy.
+    futures::stream::iter(authors.into_iter().enumerate())
+        .map(|(i, author)| {
+            let service = service.clone();
+            async move {
+                let mut req = Request::new(CreatePostRequest {
+                    title: format!("Benchmark post {i}"),
+                    body: format!(
+                        "Post {i} of the benchmark dataset. Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua."
+                    ),
+                    tags: vec!["bench".into(), format!("t{}", i % 50)],
+                    request_id: String::new(),
+                });
+                req.extensions_mut().insert(as_user(&author));
+                let post = service
+                    .create_post(req)
+                    .await
+                    .map_err(BenchError::call("seeding CreatePost"))?
+                    .into_inner()
+                    .post
+                    .ok_or_else(|| BenchError::Setup("CreatePost answered no post".into()))?;
+                Ok::<_, BenchError>(post.post_id)
+            }
+        })
+        // In order, so the i-th id is the i-th author's post.
+        .buffered(8)
+        .try_collect()
+        .await
+}
+
 /// Waits until `pids` use less than 2% of a core over two consecutive 250 ms windows (event
 /// consumers have caught up), at most `bound`. Returns how long that took.
-async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
+pub(crate) async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
     let started = Instant::now();
     let window = Duration::from_millis(250);
     let mut quiet = 0;
@@ -304,7 +333,7 @@ async fn settle(pids: &[u32], bound: Duration) -> Result<Duration, BenchError> {
 }
 
 /// The gateway's public address and the CA from `endpoints.json`.
-fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
+pub(crate) fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let public = v["services"]["gateway"]["public"].as_str()?.parse().ok()?;
@@ -313,7 +342,7 @@ fn read_endpoints(path: &Path) -> Option<(SocketAddr, PathBuf)> {
 }
 
 /// A well-spread index in `0..len` for request `i` (splitmix64).
-fn spread(i: u64, len: usize) -> usize {
+pub(crate) fn spread(i: u64, len: usize) -> usize {
     let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -321,27 +350,36 @@ fn spread(i: u64, len: usize) -> usize {
     (z % len.max(1) as u64) as usize
 }
 
-fn thread_call(pool: Pool, posts: Arc<Vec<String>>) -> CallFn {
+/// Call `i` runs `read` on post `spread(i)` over the connection for `i`.
+pub(crate) fn per_post_call<F, Fut>(pool: Pool, posts: Arc<Vec<String>>, read: F) -> CallFn
+where
+    F: Fn(Conn, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), Failure>> + Send + 'static,
+{
     Arc::new(move |i| {
         let conn = pool.get(i).clone();
         let post_id = posts
             .get(spread(i, posts.len()))
             .cloned()
             .unwrap_or_default();
-        Box::pin(async move {
-            let origin = conn.origin();
-            let thread = FeedServiceClient::with_origin(conn, origin)
-                .get_post_thread(GetPostThreadRequest {
-                    post_id: post_id.clone(),
-                    comment_page_size: 0,
-                })
-                .await?
-                .into_inner();
-            match (&thread.post, &thread.author) {
-                (Some(post), Some(_)) if post.post_id == post_id => Ok(()),
-                _ => Err(Failure::Mismatch),
-            }
-        })
+        Box::pin(read(conn, post_id))
+    })
+}
+
+fn thread_call(pool: Pool, posts: Arc<Vec<String>>) -> CallFn {
+    per_post_call(pool, posts, |conn, post_id| async move {
+        let origin = conn.origin();
+        let thread = FeedServiceClient::with_origin(conn, origin)
+            .get_post_thread(GetPostThreadRequest {
+                post_id: post_id.clone(),
+                comment_page_size: 0,
+            })
+            .await?
+            .into_inner();
+        match (&thread.post, &thread.author) {
+            (Some(post), Some(_)) if post.post_id == post_id => Ok(()),
+            _ => Err(Failure::Mismatch),
+        }
     })
 }
 
@@ -375,7 +413,7 @@ fn create_post_call(pool: Pool, tokens: Arc<Vec<String>>) -> CallFn {
     })
 }
 
-async fn login_all(pool: &Pool, users: &[(String, String)]) -> Result<Vec<String>, BenchError> {
+pub async fn login_all(pool: &Pool, users: &[(String, String)]) -> Result<Vec<String>, BenchError> {
     futures::stream::iter(users.iter().enumerate())
         .map(|(i, (_, username))| {
             let conn = pool.get(i as u64).clone();
@@ -404,7 +442,16 @@ async fn start_up(opts: &Options, data: &Path) -> Result<(Proc, SocketAddr, Path
         .arg("--data-dir")
         .arg(data)
         .args(["--port-base", "0", "--log", "warn"]);
-    let mut up = Proc::spawn("tessera up", cmd, opts.work_dir.join("b-up.log"), false)?;
+    let up = Proc::spawn("tessera up", cmd, opts.work_dir.join("b-up.log"), false)?;
+    until_up(up, data).await
+}
+
+/// Waits for a started `tessera up` to write `data/endpoints.json`: the gateway's public
+/// address and the CA.
+pub(crate) async fn until_up(
+    mut up: Proc,
+    data: &Path,
+) -> Result<(Proc, SocketAddr, PathBuf), BenchError> {
     let endpoints = data.join("endpoints.json");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -423,6 +470,7 @@ async fn start_up(opts: &Options, data: &Path) -> Result<(Proc, SocketAddr, Path
 
 async fn measure(
     name: &'static str,
+    server: &'static str,
     call: CallFn,
     concurrency: usize,
     time: Duration,
@@ -433,6 +481,7 @@ async fn measure(
     let cpu = CpuSample::of(pids)?.since(&before);
     Ok(CallRun {
         name,
+        server,
         concurrency,
         summary,
         cpu,
@@ -535,9 +584,178 @@ async fn per_service(
     Ok((memory, note))
 }
 
+/// How long the event consumers took to apply what seeding left in the producers' outboxes.
+#[derive(Clone, Debug, Default)]
+pub struct CatchUp {
+    /// Events in the producers' outboxes when the mesh started.
+    pub events: i64,
+    /// Those events times the consumers that follow each producer.
+    pub deliveries: i64,
+    /// From starting `tessera up` until every consumer cursor reached its producer's last
+    /// event.
+    pub took: Duration,
+}
+
+impl CatchUp {
+    fn rate(&self, n: i64) -> f64 {
+        n as f64 / self.took.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Consumer cursor name → producer (`comments-events` → `comments`), for every workload
+/// `tessera up` runs.
+fn consumer_cursors() -> Vec<(&'static str, &'static str, &'static str)> {
+    tessera_cli::workloads::WORKLOADS
+        .iter()
+        .filter(|w| !w.optional)
+        .flat_map(|w| {
+            w.cursors.iter().filter_map(move |cursor| {
+                cursor
+                    .strip_suffix("-events")
+                    .map(|producer| (w.name, *cursor, producer))
+            })
+        })
+        .collect()
+}
+
+async fn open_db(dir: &Path, service: &str) -> Result<tessera_store::Db, BenchError> {
+    // Only the store's own tables (outbox, cursors), which the service has already.
+    tessera_store::Db::open(&db(dir, service), &[])
+        .await
+        .map_err(|e| setup(service)(e.to_string()))
+}
+
+/// Each producer's last event sequence (before the mesh starts).
+async fn last_events(dir: &Path) -> Result<BTreeMap<&'static str, i64>, BenchError> {
+    let mut last = BTreeMap::new();
+    for (_, _, producer) in consumer_cursors() {
+        if last.contains_key(producer) {
+            continue;
+        }
+        let db = open_db(dir, producer).await?;
+        let seq = db
+            .last_sequence()
+            .await
+            .map_err(|e| setup(producer)(e.to_string()))?;
+        db.close().await;
+        last.insert(producer, seq);
+    }
+    Ok(last)
+}
+
+/// Polls the consumers' cursors in the running mesh's databases until each has reached its
+/// producer's last event in `last`, at most `bound` after `started`.
+async fn wait_caught_up(
+    dir: &Path,
+    last: &BTreeMap<&'static str, i64>,
+    started: Instant,
+    bound: Duration,
+) -> Result<CatchUp, BenchError> {
+    let cursors = consumer_cursors();
+    let mut dbs: BTreeMap<&str, tessera_store::Db> = BTreeMap::new();
+    for (service, _, _) in &cursors {
+        if !dbs.contains_key(service) {
+            dbs.insert(service, open_db(dir, service).await?);
+        }
+    }
+    let result = loop {
+        let mut behind = Vec::new();
+        for (service, cursor, producer) in &cursors {
+            let position = dbs[service]
+                .cursor(cursor)
+                .await
+                .map_err(|e| setup(service)(e.to_string()))?;
+            if position < last[producer] {
+                behind.push(format!(
+                    "{service} {cursor} at {position} of {}",
+                    last[producer]
+                ));
+            }
+        }
+        if behind.is_empty() {
+            break Ok(started.elapsed());
+        }
+        if started.elapsed() > bound {
+            break Err(BenchError::Setup(format!(
+                "event consumers still behind after {bound:?}: {}",
+                behind.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for db in dbs.values() {
+        db.close().await;
+    }
+    Ok(CatchUp {
+        events: last.values().sum(),
+        deliveries: cursors.iter().map(|(_, _, p)| last[p]).sum(),
+        took: result?,
+    })
+}
+
+/// Copies the regular files of `from` (databases, key-encryption key) into `to`.
+pub fn copy_files(from: &Path, to: &Path) -> Result<(), BenchError> {
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |source| BenchError::Io { what, source }
+    };
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        if entry.file_type().map_err(io(from))?.is_file() {
+            let target = to.join(entry.file_name());
+            std::fs::copy(entry.path(), &target).map_err(io(&target))?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts `tessera-bench monolith` on `data` with the mesh's gateway certificate.
+async fn start_monolith(
+    opts: &Options,
+    data: &Path,
+    tls_dir: &Path,
+) -> Result<(Proc, SocketAddr), BenchError> {
+    let mut cmd = procs::command(&opts.bench_exe, opts.pin.as_ref().map(|p| p.0.as_str()));
+    cmd.arg("monolith")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--tls-dir")
+        .arg(tls_dir);
+    let mut proc = Proc::spawn("monolith", cmd, opts.work_dir.join("b-monolith.log"), true)?;
+    let addr = proc
+        .expect_line("listening ", Duration::from_secs(60))
+        .await?
+        .parse()
+        .map_err(|e| BenchError::Setup(format!("monolith address: {e}")))?;
+    Ok((proc, addr))
+}
+
+/// The requests both servers answer for the comparison: threads read anonymously, threads
+/// read by their own author (who sees their email), and a CreatePost per writer.
+pub fn sample(dataset: &Dataset, tokens: &[String], n: usize) -> Sample {
+    let posts = &dataset.posts;
+    let mut threads: Vec<(String, Option<String>)> = (0..n as u64)
+        .filter_map(|i| posts.get(spread(i, posts.len())).cloned())
+        .map(|post| (post, None))
+        .collect();
+    threads.extend(
+        posts
+            .iter()
+            .zip(&dataset.post_authors)
+            .filter_map(|(post, author)| Some((post.clone(), Some(tokens.get(*author)?.clone()))))
+            .take(n),
+    );
+    Sample {
+        threads,
+        creates: tokens.iter().take(n / 4 + 1).cloned().collect(),
+    }
+}
+
 /// Runs scenario B.
 pub async fn run(opts: &Options) -> Result<Results, BenchError> {
     let data = opts.work_dir.join("mesh");
+    let mono_data = opts.work_dir.join("monolith");
     let scale = opts.scale.clamp(0.001, 10.0);
     let count = |n: f64| ((n * scale).round() as usize).max(1);
     let (n_users, n_posts, n_comments) = (count(1000.0), count(10_000.0), count(50_000.0));
@@ -548,6 +766,9 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
         procs::pin_self("0-1")?;
     }
     let dataset = seed(&data, n_users, n_posts, n_comments).await?;
+    // The monolith starts from the same bytes.
+    copy_files(&data, &mono_data)?;
+    let last = last_events(&data).await?;
     if let Some((_, client)) = &opts.pin {
         procs::pin_self(client)?;
     }
@@ -563,42 +784,82 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
     let (mut up, public, ca) = start_up(opts, &data).await?;
     let startup = started.elapsed();
     let pid = up.pid()?;
-    let catch_up = settle(&[pid], Duration::from_secs(90)).await?;
+    let catch_up = wait_caught_up(&data, &last, started, Duration::from_secs(300)).await?;
+    settle(&[pid], Duration::from_secs(90)).await?;
     let idle = procfs::rss(pid)?;
 
+    let (mut mono, mono_addr) =
+        start_monolith(opts, &mono_data, &data.join("certs").join("gateway")).await?;
+    let mono_pid = mono.pid()?;
+
     let sources = loopback_sources(opts.sources);
-    let pool = Pool::connect(public, &Security::server_only(&ca)?, opts.sources, &sources).await?;
+    let security = Security::server_only(&ca)?;
+    let pool = Pool::connect(public, &security, opts.sources, &sources).await?;
+    let mono_pool = Pool::connect(mono_addr, &security, opts.sources, &sources).await?;
     let writers: Vec<(String, String)> = dataset
         .users
         .iter()
         .take(opts.writers.max(1))
         .cloned()
         .collect();
-    let tokens = Arc::new(login_all(&pool, &writers).await?);
     let posts = Arc::new(dataset.posts.clone());
+    // The public port closes a connection whose first request is late (10 s): use each one
+    // at once.
+    for p in [&pool, &mono_pool] {
+        let call = thread_call(p.clone(), posts.clone());
+        futures::future::join_all((0..opts.sources as u64).map(|i| call(i))).await;
+    }
+    let tokens = Arc::new(login_all(&pool, &writers).await?);
 
-    let thread = thread_call(pool.clone(), posts.clone());
-    let create = create_post_call(pool.clone(), tokens.clone());
+    let comparison = compare(&pool, &mono_pool, &sample(&dataset, &tokens, 100)).await;
+
+    let servers = [("mesh", &pool, pid), ("monolith", &mono_pool, mono_pid)];
     // Warm the connections and caches (JWKS, pools) without measuring.
-    closed_loop(thread.clone(), opts.concurrency, Duration::from_millis(500)).await;
+    for (_, p, _) in &servers {
+        let warm = thread_call((*p).clone(), posts.clone());
+        closed_loop(warm, opts.concurrency, Duration::from_millis(500)).await;
+    }
     let mut runs = Vec::new();
     let machine_before = MachineCpu::now()?;
-    let ours_before = procfs::stat_cpu(pid)? + procfs::stat_cpu(std::process::id())?;
-    for (name, call) in [("GetPostThread", thread), ("CreatePost", create)] {
-        runs.push(measure(name, call.clone(), 1, opts.latency_time, &[pid]).await?);
-        runs.push(measure(name, call, opts.concurrency, opts.time, &[pid]).await?);
+    let ours_before = procfs::stat_cpu(pid)?
+        + procfs::stat_cpu(mono_pid)?
+        + procfs::stat_cpu(std::process::id())?;
+    type MakeCall = fn(Pool, Arc<Vec<String>>) -> CallFn;
+    let calls: [(&'static str, MakeCall, &Arc<Vec<String>>); 2] = [
+        ("GetPostThread", thread_call, &posts),
+        ("CreatePost", create_post_call, &tokens),
+    ];
+    // Interleaved (mesh, then monolith, at each concurrency), so drift hits both alike.
+    for (name, make, arg) in calls {
+        for (concurrency, time) in [(1, opts.latency_time), (opts.concurrency, opts.time)] {
+            for (server, p, server_pid) in &servers {
+                let call = make((*p).clone(), (*arg).clone());
+                runs.push(measure(name, server, call, concurrency, time, &[*server_pid]).await?);
+            }
+        }
     }
-    let ours = (procfs::stat_cpu(pid)? + procfs::stat_cpu(std::process::id())?)
-        .saturating_sub(ours_before);
+    let ours = (procfs::stat_cpu(pid)?
+        + procfs::stat_cpu(mono_pid)?
+        + procfs::stat_cpu(std::process::id())?)
+    .saturating_sub(ours_before);
     let machine = MachineCpu::now()?.since(&machine_before).describe(ours);
     let loaded = procfs::rss(pid)?;
+    let mono_rss = procfs::rss(mono_pid)?;
+    mono.close_stdin_and_wait(Duration::from_secs(10)).await;
     up.terminate(Duration::from_secs(15)).await;
 
-    let mut memory = vec![Memory {
-        name: "tessera up (all five services, one process)".into(),
-        idle,
-        loaded: Some(loaded),
-    }];
+    let mut memory = vec![
+        Memory {
+            name: "tessera up (all five services, one process)".into(),
+            idle,
+            loaded: Some(loaded),
+        },
+        Memory {
+            name: "monolith (users, posts, comments handlers)".into(),
+            idle: 0,
+            loaded: Some(mono_rss),
+        },
+    ];
     if opts.per_service {
         match per_service(opts, &data, posts).await {
             Ok((m, note)) => {
@@ -613,6 +874,7 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
         scaled: (scale - 1.0).abs() > f64::EPSILON,
         startup,
         catch_up,
+        comparison: Some(comparison),
         runs,
         memory,
         notes,
@@ -621,11 +883,30 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
     })
 }
 
+fn cpu_per_request(run: &CallRun) -> Duration {
+    if run.summary.ok > 0 {
+        Duration::from_nanos((run.cpu.sched.as_nanos() / u128::from(run.summary.ok)) as u64)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// `a ÷ b` with two decimals, or `-` when `b` is zero.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
 /// The scenario B tables.
 pub fn render(r: &Results, opts: &Options) -> String {
     let mut out = String::new();
+    let c = &r.catch_up;
     out.push_str(&format!(
-        "Dataset: {} users, {} posts, {} comments{} (seeded in {:.1}s). `tessera up` ready in {:.1}s; event consumers caught up {:.1}s later.\n\n",
+        "Dataset: {} users, {} posts, {} comments{} (seeded in {:.1}s). `tessera up` ready in {:.1}s.\n\
+         Event consumers: {} events in the producers' outboxes ({} deliveries to consumers) applied {:.1}s after start: {:.0} events/s ({:.0} deliveries/s).\n\n",
         r.dataset.users.len(),
         r.dataset.posts.len(),
         r.dataset.comments,
@@ -636,50 +917,106 @@ pub fn render(r: &Results, opts: &Options) -> String {
         },
         r.dataset.took.as_secs_f64(),
         r.startup.as_secs_f64(),
-        r.catch_up.as_secs_f64(),
+        c.events,
+        c.deliveries,
+        c.took.as_secs_f64(),
+        c.rate(c.events),
+        c.rate(c.deliveries),
     ));
+    let mismatches = |name: &str| {
+        r.comparison.as_ref().map_or(0, |cmp| match name {
+            "GetPostThread" => cmp.thread.mismatches,
+            _ => cmp.create.mismatches,
+        })
+    };
     let rows: Vec<Vec<String>> = r
         .runs
         .iter()
         .map(|run| {
             let s = &run.summary;
-            let cpu = if s.ok > 0 {
-                Duration::from_nanos((run.cpu.sched.as_nanos() / u128::from(s.ok)) as u64)
+            // A different answer from the monolith is an error of the monolith's row.
+            let errors = if run.server == "monolith" && run.concurrency == 1 {
+                match mismatches(run.name) {
+                    0 => s.errors_text(),
+                    n => format!("{} + {n} WRONG_ANSWER vs mesh", s.errors_text()),
+                }
             } else {
-                Duration::ZERO
+                s.errors_text()
             };
             vec![
                 run.name.to_owned(),
                 run.concurrency.to_string(),
+                run.server.to_owned(),
                 format!("{:.0}", s.throughput()),
                 ms(s.percentile(50.0)),
                 ms(s.percentile(99.0)),
-                us(cpu),
-                s.errors_text(),
+                us(cpu_per_request(run)),
+                errors,
             ]
         })
         .collect();
     out.push_str(&table(
         &[
-            "call (public port, through the gateway)",
+            "call (public port)",
             "in flight",
+            "server",
             "req/s",
             "p50 ms",
             "p99 ms",
-            "mesh CPU µs/req",
+            "server CPU µs/req",
             "errors",
         ],
         &rows,
     ));
     out.push('\n');
+    let pairs: Vec<Vec<String>> = r
+        .runs
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [mesh, mono] if mesh.server == "mesh" && mono.server == "monolith" => Some(vec![
+                mesh.name.to_owned(),
+                mesh.concurrency.to_string(),
+                ratio(
+                    cpu_per_request(mesh).as_secs_f64(),
+                    cpu_per_request(mono).as_secs_f64(),
+                ),
+                ratio(mesh.summary.throughput(), mono.summary.throughput()),
+                ratio(
+                    mesh.summary.percentile(99.0).as_secs_f64(),
+                    mono.summary.percentile(99.0).as_secs_f64(),
+                ),
+            ]),
+            _ => None,
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "mesh ÷ monolith",
+            "in flight",
+            "CPU per request",
+            "throughput",
+            "p99",
+        ],
+        &pairs,
+    ));
+    if let Some(cmp) = &r.comparison {
+        out.push_str(&format!(
+            "\nSame answers: {} GetPostThread answers (anonymous, and read by the post's author) compared byte for byte, {} differed; {} CreatePost answers compared with the generated id, times and etag blanked, {} differed.\n",
+            cmp.thread.compared, cmp.thread.mismatches, cmp.create.compared, cmp.create.mismatches
+        ));
+        for example in cmp.thread.examples.iter().chain(&cmp.create.examples) {
+            out.push_str(&format!("  differs: {example}\n"));
+        }
+    }
+    out.push('\n');
     let rows: Vec<Vec<String>> = r
         .memory
         .iter()
         .map(|m| {
-            let single = !m.name.starts_with("tessera up");
+            let single = m.name.contains("(tessera serve)");
             vec![
                 m.name.clone(),
-                mib(m.idle),
+                if m.idle > 0 { mib(m.idle) } else { "-".into() },
                 m.loaded.map(mib).unwrap_or_else(|| "-".into()),
                 if single {
                     if m.idle < 30 * 1024 * 1024 {
@@ -688,7 +1025,7 @@ pub fn render(r: &Results, opts: &Options) -> String {
                         "MISSED".into()
                     }
                 } else {
-                    "(five services)".into()
+                    "-".into()
                 },
             ]
         })
@@ -706,6 +1043,9 @@ pub fn render(r: &Results, opts: &Options) -> String {
         "\nLoad comes from {} connections on distinct loopback source addresses, CreatePost as {} users: the gateway rate-limits proxied methods per client address (100/s) and per user (20/s), and this measures the mesh, not the limiter.\n",
         opts.sources, r.writers
     ));
+    out.push_str(
+        "The monolith is one process calling the users, posts and comments handlers directly (no internal hops, no mTLS between parts), behind one TLS port served as the gateway serves its public port (same certificate, same per-client limits) with the bearer token verified once; it has no rate limiter and runs no event consumers. Both are pinned to the same core, measured one after the other.\n",
+    );
     out.push_str(
         "`tessera up` runs here without an OTLP endpoint, so calls are not traced (trace context is still passed on): scenario A's A3 is the stack with tracing on.\n",
     );

@@ -138,14 +138,14 @@ impl SpanExporter for CountingExporter {
     }
 }
 
-fn announce(addr: SocketAddr) {
+pub(crate) fn announce(addr: SocketAddr) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening {addr}");
     let _ = out.flush();
 }
 
 /// Resolves when standard input reaches end of file (the benchmark closed it or died).
-async fn stdin_closed() {
+pub(crate) async fn stdin_closed() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut lines = std::io::stdin().lock().lines();
@@ -163,7 +163,7 @@ fn local(port: u16) -> SocketAddr {
 /// forwards spans to the `log` crate, because sqlx (linked into this binary, not into a bare
 /// tonic app) enables its `log` feature; that costs a bare server several percent of its CPU
 /// (`Span::record_all`, `Span::log` in a profile) and would flatter the comparison.
-fn no_tracing() {
+pub(crate) fn no_tracing() {
     let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
 }
 

@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => {
             let policy = Policy::contracts();
             if args.netpol {
-                print!("{}", tessera_mesh::policy::network_policies(&policy));
+                print!("{}", tessera_mesh::netpol::network_policies(&policy));
             } else {
                 print!("{}", policy.matrix());
             }

@@ -4,6 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use crate::workloads::declared_only;
 use anyhow::Context;
 use tessera::{
     comments::v1::comment_service_server::CommentServiceServer,
@@ -26,7 +27,7 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 
 /// The upstreams each service calls, so `serve` can refuse to start without their targets.
-pub fn required_targets(service: &str) -> &'static [&'static str] {
+pub fn required_targets(service: &str) -> impl Iterator<Item = &'static str> {
     crate::workloads::upstreams(service)
 }
 
@@ -127,10 +128,7 @@ pub async fn start(
     // each pinned to its upstream's SPIFFE id (this workload's trust domain and namespace).
     let builder = ClientBuilder::mtls(ClientTls::from(tls.clone()));
     let mut channels: HashMap<&str, Channel> = HashMap::new();
-    for upstream in crate::workloads::upstreams(&settings.service)
-        .iter()
-        .copied()
-    {
+    for upstream in crate::workloads::upstreams(&settings.service) {
         if let Some(target) = settings.target(upstream) {
             let channel = builder
                 .channel_to(upstream, target)
@@ -138,165 +136,158 @@ pub async fn start(
             channels.insert(upstream, channel);
         }
     }
+    // Every client gets only the methods the registry declares for this workload.
+    let service = settings.service.as_str();
+    let declared = |upstream: &str| {
+        channels
+            .get(upstream)
+            .map(|channel| declared_only(service, upstream, channel.clone()))
+    };
     let clients = Clients::from_channels(
-        channels.get("users").cloned(),
-        channels.get("posts").cloned(),
-        channels.get("comments").cloned(),
-        channels.get("notifications").cloned(),
+        declared("users"),
+        declared("posts"),
+        declared("comments"),
+        declared("notifications"),
     );
     let policy = Arc::new(Policy::contracts());
     let max = settings.server.max_message_size;
     let stop = shutdown.receiver();
 
-    let (routes, served, keys, public): (Routes, Vec<&str>, TokenKeys, Option<GrpcService>) =
-        match settings.service.as_str() {
-            "users" => {
-                let config = tessera_users::UsersConfig {
-                    bootstrap_admin: settings.bootstrap_admin.clone(),
-                    hash_concurrency: settings.service_limits.password_hash_concurrency,
-                    hash_queue: settings.service_limits.password_hash_queue,
-                    login_failures_per_minute: settings.service_limits.login_failures_per_minute,
-                    token_ttl: settings.tokens.access_token_ttl,
-                    refresh_token_ttl: settings.tokens.refresh_token_ttl,
-                    key_rotation: settings.tokens.signing_key_rotation,
-                    key_encryption_key: Some(crate::keys::key_encryption_key(&settings)?),
-                    ..Default::default()
-                };
-                let users = tessera_users::Users::open(&database(&settings)?, config).await?;
-                tokio::spawn(users.clone().maintain_keys(stop.clone()));
-                let keys = users.token_keys();
-                let server = UserServiceServer::new(users).max_decoding_message_size(max);
-                (
-                    Routes::new(server),
-                    vec!["tessera.users.v1.UserService"],
-                    keys,
-                    None,
-                )
-            }
-            "posts" => {
-                let posts = tessera_posts::Posts::open(&database(&settings)?)
-                    .await?
-                    .with_users(clients.users());
-                tokio::spawn(tessera_posts::follow_user_events(
-                    posts.clone(),
-                    clients.channel("users"),
-                    stop.clone(),
-                ));
-                let server = PostServiceServer::new(posts).max_decoding_message_size(max);
-                (
-                    Routes::new(server),
-                    vec!["tessera.posts.v1.PostService"],
-                    fetched_keys(&clients),
-                    None,
-                )
-            }
-            "comments" => {
-                let comments =
-                    tessera_comments::Comments::open(&database(&settings)?, clients.posts())
-                        .await?
-                        .with_users(clients.users());
-                tokio::spawn(tessera_comments::follow_post_events(
-                    comments.clone(),
-                    clients.channel("posts"),
-                    stop.clone(),
-                ));
-                tokio::spawn(tessera_comments::follow_user_events(
-                    comments.clone(),
-                    clients.channel("users"),
-                    stop.clone(),
-                ));
-                let server = CommentServiceServer::new(comments).max_decoding_message_size(max);
-                (
-                    Routes::new(server),
-                    vec!["tessera.comments.v1.CommentService"],
-                    fetched_keys(&clients),
-                    None,
-                )
-            }
-            "notifications" => {
-                let limits = tessera_notifications::SubscriptionLimits {
-                    per_user: settings.service_limits.subscriptions_per_user,
-                    per_replica: settings.service_limits.subscriptions_per_replica,
-                    max_lifetime: settings.service_limits.subscription_max_lifetime,
-                };
-                let notifications = tessera_notifications::Notifications::open_with_limits(
-                    &database(&settings)?,
-                    limits,
-                )
-                .await?;
-                tokio::spawn(tessera_notifications::follow_comment_events(
-                    notifications.clone(),
-                    clients.channel("comments"),
-                    stop.clone(),
-                ));
-                tokio::spawn(tessera_notifications::follow_user_events(
-                    notifications.clone(),
-                    clients.channel("users"),
-                    stop.clone(),
-                ));
-                let server =
-                    NotificationServiceServer::new(notifications).max_decoding_message_size(max);
-                (
-                    Routes::new(server),
-                    vec!["tessera.notifications.v1.NotificationService"],
-                    fetched_keys(&clients),
-                    None,
-                )
-            }
-            "gateway" => {
-                let keys = fetched_keys(&clients);
-                let feed = tessera_gateway::Feed::new(
-                    clients.posts(),
-                    clients.comments(),
-                    clients.users(),
+    // What it serves comes from the registry, which reads it from the generated code.
+    let spec = crate::workloads::find(service)
+        .ok_or_else(|| anyhow::anyhow!("unknown service {service:?}"))?;
+    let (routes, keys, public): (Routes, TokenKeys, Option<GrpcService>) = match service {
+        "users" => {
+            let config = tessera_users::UsersConfig {
+                bootstrap_admin: settings.bootstrap_admin.clone(),
+                hash_concurrency: settings.service_limits.password_hash_concurrency,
+                hash_queue: settings.service_limits.password_hash_queue,
+                login_failures_per_minute: settings.service_limits.login_failures_per_minute,
+                token_ttl: settings.tokens.access_token_ttl,
+                refresh_token_ttl: settings.tokens.refresh_token_ttl,
+                key_rotation: settings.tokens.signing_key_rotation,
+                key_encryption_key: Some(crate::keys::key_encryption_key(&settings)?),
+                ..Default::default()
+            };
+            let users = tessera_users::Users::open(&database(&settings)?, config).await?;
+            tokio::spawn(users.clone().maintain_keys(stop.clone()));
+            let keys = users.token_keys();
+            let server = UserServiceServer::new(users).max_decoding_message_size(max);
+            (Routes::new(server), keys, None)
+        }
+        "posts" => {
+            let posts = tessera_posts::Posts::open(&database(&settings)?)
+                .await?
+                .with_users(clients.users());
+            tokio::spawn(tessera_posts::follow_user_events(
+                posts.clone(),
+                clients.channel("users"),
+                stop.clone(),
+            ));
+            let server = PostServiceServer::new(posts).max_decoding_message_size(max);
+            (Routes::new(server), fetched_keys(&clients), None)
+        }
+        "comments" => {
+            let comments = tessera_comments::Comments::open(&database(&settings)?, clients.posts())
+                .await?
+                .with_users(clients.users());
+            tokio::spawn(tessera_comments::follow_post_events(
+                comments.clone(),
+                clients.channel("posts"),
+                stop.clone(),
+            ));
+            tokio::spawn(tessera_comments::follow_user_events(
+                comments.clone(),
+                clients.channel("users"),
+                stop.clone(),
+            ));
+            let server = CommentServiceServer::new(comments).max_decoding_message_size(max);
+            (Routes::new(server), fetched_keys(&clients), None)
+        }
+        "notifications" => {
+            let limits = tessera_notifications::SubscriptionLimits {
+                per_user: settings.service_limits.subscriptions_per_user,
+                per_replica: settings.service_limits.subscriptions_per_replica,
+                max_lifetime: settings.service_limits.subscription_max_lifetime,
+            };
+            let notifications = tessera_notifications::Notifications::open_with_limits(
+                &database(&settings)?,
+                limits,
+            )
+            .await?;
+            tokio::spawn(tessera_notifications::follow_comment_events(
+                notifications.clone(),
+                clients.channel("comments"),
+                stop.clone(),
+            ));
+            tokio::spawn(tessera_notifications::follow_user_events(
+                notifications.clone(),
+                clients.channel("users"),
+                stop.clone(),
+            ));
+            let server =
+                NotificationServiceServer::new(notifications).max_decoding_message_size(max);
+            (Routes::new(server), fetched_keys(&clients), None)
+        }
+        "gateway" => {
+            let keys = fetched_keys(&clients);
+            // Posts and profiles, kept fresh by following their owners' events.
+            let cache = tessera_gateway::Cache::new(Default::default());
+            tokio::spawn(tessera_gateway::cache::follow_post_events(
+                cache.clone(),
+                clients.posts(),
+                stop.clone(),
+            ));
+            tokio::spawn(tessera_gateway::cache::follow_user_events(
+                cache.clone(),
+                clients.users(),
+                stop.clone(),
+            ));
+            let feed =
+                tessera_gateway::Feed::new(clients.posts(), clients.comments(), clients.users())
+                    .with_cache(cache.clone());
+            let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
+            let mut upstreams = tessera_gateway::Upstreams::new();
+            for (upstream, unary) in &channels {
+                // Streams get connections of their own, so open subscriptions cannot
+                // starve the unary calls on the shared ones.
+                let target = settings.target(upstream).unwrap_or_default();
+                let streaming = builder
+                    .channel_to(upstream, target)
+                    .with_context(|| format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()))?;
+                upstreams.insert(
+                    upstream,
+                    declared_only(service, upstream, unary.clone()),
+                    declared_only(service, upstream, streaming),
                 );
-                let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
-                let mut upstreams = tessera_gateway::Upstreams::new();
-                for (upstream, unary) in &channels {
-                    // Streams get connections of their own, so open subscriptions cannot
-                    // starve the unary calls on the shared ones.
-                    let target = settings.target(upstream).unwrap_or_default();
-                    let streaming = builder.channel_to(upstream, target).with_context(|| {
-                        format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase())
-                    })?;
-                    upstreams.insert(upstream, unary.clone(), streaming);
-                }
-                let sizes = tessera_gateway::SizeLimits {
-                    max_request: max,
-                    max_response: max,
-                    ..Default::default()
-                };
-                let limits = tessera_gateway::EdgeLimits {
-                    rates: tessera_gateway::RateLimits::from(settings.rate_limits),
-                    sizes,
-                };
-                let public = tessera_gateway::public_service(&upstreams, keys.clone(), limits)?;
-                (
-                    Routes::new(feed_server),
-                    vec!["tessera.gateway.v1.FeedService"],
-                    keys,
-                    Some(public),
-                )
             }
-            // A workload beyond the five starts from its registration.
-            other => match crate::workloads::find(other).and_then(|w| Some((w, w.start?))) {
-                Some((spec, start)) => {
-                    let ctx = crate::workloads::StartContext {
-                        database: database(&settings)?,
-                        clients: clients.clone(),
-                        max_message_size: max,
-                        stop: stop.clone(),
-                    };
-                    (
-                        start(ctx).await?,
-                        vec![spec.served],
-                        fetched_keys(&clients),
-                        None,
-                    )
-                }
-                None => anyhow::bail!("unknown service {other:?}"),
-            },
-        };
+            let sizes = tessera_gateway::SizeLimits {
+                max_request: max,
+                max_response: max,
+                ..Default::default()
+            };
+            let limits = tessera_gateway::EdgeLimits {
+                rates: tessera_gateway::RateLimits::from(settings.rate_limits),
+                sizes,
+            };
+            let public =
+                tessera_gateway::public_service_cached(&upstreams, keys.clone(), limits, &cache)?;
+            (Routes::new(feed_server), keys, Some(public))
+        }
+        // A workload beyond the five starts from its registration.
+        other => match spec.start {
+            Some(start) => {
+                let ctx = crate::workloads::StartContext {
+                    database: database(&settings)?,
+                    clients: clients.clone(),
+                    max_message_size: max,
+                    stop: stop.clone(),
+                };
+                (start(ctx).await?, fetched_keys(&clients), None)
+            }
+            None => anyhow::bail!("unknown service {other:?}"),
+        },
+    };
 
     let upstreams: Vec<Channel> = channels.values().cloned().collect();
     let workload = Workload::new(
@@ -316,11 +307,9 @@ pub async fn start(
         )?),
         _ => workload,
     };
-    let served: Vec<String> = served.into_iter().map(str::to_owned).collect();
     Ok(tokio::spawn(async move {
-        let served: Vec<&str> = served.iter().map(String::as_str).collect();
         workload
-            .run(routes, &served, listeners, public, shutdown)
+            .run(routes, &[spec.served], listeners, public, shutdown)
             .await
             .map_err(anyhow::Error::from)
     }))

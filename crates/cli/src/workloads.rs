@@ -1,19 +1,26 @@
-//! The one list of workloads the binary knows: what each serves, whom it calls, whether it
-//! keeps a database or has a public port, and, for a workload beyond the five, how to start
-//! it. `serve` (required targets, upstream channels), `up` (ports, certificates, databases,
-//! the table), `certs` and the policy checks read it; adding a service is one entry here (plus
-//! its contract under `proto/`, which is where its access rules and reflection come from).
+//! The one list of workloads the binary knows: what each serves, exactly which methods it
+//! calls on each upstream, whether it keeps a database or has a public port, and, for a
+//! workload beyond the five, how to start it. `serve` (required targets, upstream channels
+//! that refuse undeclared methods), `up` (ports, certificates, databases, the table), `certs`
+//! and the policy checks read it; adding a service is one entry here (plus its contract under
+//! `proto/`, which is where its access rules and reflection come from).
 
 use std::{future::Future, pin::Pin};
 
 use tessera::{
-    comments::v1::comment_service_server, digest::v1::digest_service_server,
-    gateway::v1::feed_service_server, notifications::v1::notification_service_server,
-    posts::v1::post_service_server, users::v1::user_service_server,
+    comments::v1::{comment_service_methods as comments, comment_service_server},
+    digest::v1::digest_service_server,
+    gateway::v1::feed_service_server,
+    notifications::v1::{
+        notification_service_methods as notifications, notification_service_server,
+    },
+    posts::v1::{post_service_methods as posts, post_service_server},
+    users::v1::{user_service_methods as users, user_service_server},
 };
-use tessera_client::Clients;
+use tessera_client::{Channel, Clients};
 use tokio::sync::watch;
-use tonic::service::Routes;
+use tonic::{Status, body::Body, service::Routes};
+use tower::BoxError;
 
 /// What a workload beyond the five gets to start with.
 pub struct StartContext {
@@ -41,8 +48,10 @@ pub struct WorkloadSpec {
     pub name: &'static str,
     /// The gRPC service it serves, from the generated code's `NamedService::NAME`.
     pub served: &'static str,
-    /// The workloads it calls: `serve` refuses to start without their `TESSERA_<NAME>_TARGET`.
-    pub upstreams: &'static [&'static str],
+    /// The workloads it calls and the methods it calls on each: `serve` refuses to start
+    /// without their `TESSERA_<NAME>_TARGET`, and its clients refuse any other method. The
+    /// contracts must admit it to exactly these (`tessera-cli`'s tests check).
+    pub upstreams: &'static [Upstream],
     /// It keeps a database (`up` gives it one; on PostgreSQL its own).
     pub database: bool,
     /// The cursors of its event consumers in that database (`tessera cursor`).
@@ -55,6 +64,19 @@ pub struct WorkloadSpec {
     /// How to start it; `None` for the five, whose wiring lives in `crate::wiring::start`.
     pub start: Option<StartFn>,
 }
+
+/// One upstream of a workload and the methods the workload calls on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream {
+    /// The upstream workload.
+    pub name: &'static str,
+    /// Full gRPC paths, from the generated `<service>_methods` constants.
+    pub calls: &'static [&'static str],
+}
+
+/// Every workload but users verifies end-user tokens with the keys from `GetJwks`
+/// (`wiring::fetched_keys`).
+const TOKEN_KEYS: &str = users::GET_JWKS;
 
 impl std::fmt::Debug for WorkloadSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,7 +103,11 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "posts",
         served: <post_service_server::PostServiceServer<()> as tonic::server::NamedService>::NAME,
-        upstreams: &["users"],
+        upstreams: &[Upstream {
+            name: "users",
+            // The user-deletion events; the current role of a would-be moderator.
+            calls: &[users::WATCH_EVENTS, users::GET_USER, TOKEN_KEYS],
+        }],
         database: true,
         cursors: &[tessera_posts::USER_EVENTS_CURSOR],
         public: false,
@@ -92,7 +118,17 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         name: "comments",
         served:
             <comment_service_server::CommentServiceServer<()> as tonic::server::NamedService>::NAME,
-        upstreams: &["posts", "users"],
+        upstreams: &[
+            Upstream {
+                name: "posts",
+                // The post a new comment is on; the post-deletion events.
+                calls: &[posts::GET_POST, posts::WATCH_EVENTS],
+            },
+            Upstream {
+                name: "users",
+                calls: &[users::WATCH_EVENTS, users::GET_USER, TOKEN_KEYS],
+            },
+        ],
         database: true,
         cursors: &[
             tessera_comments::POST_EVENTS_CURSOR,
@@ -105,7 +141,16 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "notifications",
         served: <notification_service_server::NotificationServiceServer<()> as tonic::server::NamedService>::NAME,
-        upstreams: &["comments", "users"],
+        upstreams: &[
+            Upstream {
+                name: "comments",
+                calls: &[comments::WATCH_EVENTS],
+            },
+            Upstream {
+                name: "users",
+                calls: &[users::WATCH_EVENTS, TOKEN_KEYS],
+            },
+        ],
         database: true,
         cursors: &[
             tessera_notifications::COMMENT_EVENTS_CURSOR,
@@ -118,7 +163,53 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
     WorkloadSpec {
         name: "gateway",
         served: <feed_service_server::FeedServiceServer<()> as tonic::server::NamedService>::NAME,
-        upstreams: &["users", "posts", "comments", "notifications"],
+        // The public port proxies every public method of the four, and FeedService composes
+        // GetPost, ListComments and BatchGetUsers; all of those are among them. Its cache of
+        // posts and profiles follows users' and posts' WatchEvents.
+        upstreams: &[
+            Upstream {
+                name: "users",
+                calls: &[
+                    users::CREATE_USER,
+                    users::LOGIN,
+                    users::REFRESH_TOKEN,
+                    users::LOGOUT,
+                    users::GET_USER,
+                    users::BATCH_GET_USERS,
+                    TOKEN_KEYS,
+                    users::SET_USER_ROLE,
+                    users::DELETE_USER,
+                    users::WATCH_EVENTS,
+                ],
+            },
+            Upstream {
+                name: "posts",
+                calls: &[
+                    posts::CREATE_POST,
+                    posts::GET_POST,
+                    posts::LIST_POSTS,
+                    posts::UPDATE_POST,
+                    posts::DELETE_POST,
+                    posts::WATCH_EVENTS,
+                ],
+            },
+            Upstream {
+                name: "comments",
+                calls: &[
+                    comments::CREATE_COMMENT,
+                    comments::LIST_COMMENTS,
+                    comments::DELETE_COMMENT,
+                ],
+            },
+            Upstream {
+                name: "notifications",
+                calls: &[
+                    notifications::LIST_NOTIFICATIONS,
+                    notifications::MARK_NOTIFICATIONS_READ,
+                    notifications::SUBSCRIBE_NOTIFICATIONS,
+                ],
+            },
+        ],
         database: false,
         cursors: &[],
         public: true,
@@ -130,7 +221,20 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         name: "digest",
         served:
             <digest_service_server::DigestServiceServer<()> as tonic::server::NamedService>::NAME,
-        upstreams: &["posts", "notifications", "users"],
+        upstreams: &[
+            Upstream {
+                name: "posts",
+                calls: &[posts::GET_POST, posts::WATCH_EVENTS],
+            },
+            Upstream {
+                name: "notifications",
+                calls: &[notifications::LIST_NOTIFICATIONS],
+            },
+            Upstream {
+                name: "users",
+                calls: &[TOKEN_KEYS],
+            },
+        ],
         database: true,
         cursors: &[tessera_example_digest::POST_EVENTS_CURSOR],
         public: false,
@@ -173,8 +277,61 @@ pub fn port_offset(name: &str) -> Option<u16> {
 }
 
 /// The upstreams `service` calls, so `serve` can refuse to start without their targets.
-pub fn upstreams(service: &str) -> &'static [&'static str] {
-    find(service).map(|w| w.upstreams).unwrap_or_default()
+pub fn upstreams(service: &str) -> impl Iterator<Item = &'static str> {
+    find(service)
+        .map(|w| w.upstreams)
+        .unwrap_or_default()
+        .iter()
+        .map(|u| u.name)
+}
+
+/// `channel` to `upstream`, limited to the methods `caller` declared for it: any other call
+/// fails with FAILED_PRECONDITION before it leaves the process, so a call missing from the
+/// registry (and so from the contracts) fails every test that makes it, not in production
+/// with PERMISSION_DENIED.
+pub fn declared_only(caller: &str, upstream: &str, channel: Channel) -> Channel {
+    let calls = find(caller)
+        .and_then(|w| w.upstreams.iter().find(|u| u.name == upstream))
+        .map(|u| u.calls)
+        .unwrap_or_default();
+    Channel::from_service(Declared {
+        caller: caller.into(),
+        calls,
+        inner: channel,
+    })
+}
+
+/// The service behind [`declared_only`].
+#[derive(Clone)]
+struct Declared {
+    caller: std::sync::Arc<str>,
+    calls: &'static [&'static str],
+    inner: Channel,
+}
+
+impl tower::Service<http::Request<Body>> for Declared {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        if self.calls.contains(&path) {
+            return self.inner.call(request);
+        }
+        let status = Status::failed_precondition(format!(
+            "{} does not declare {path} among its calls (crates/cli/src/workloads.rs)",
+            self.caller
+        ));
+        Box::pin(std::future::ready(Err(Box::new(status) as BoxError)))
+    }
 }
 
 /// The workloads that keep a database.
@@ -218,24 +375,32 @@ mod tests {
         for owner in policy.owners() {
             assert!(names.contains(owner.as_str()), "{owner}: not registered");
         }
-        // Every upstream is registered, starts earlier, and lets this workload call at least
-        // one of its methods.
-        let graph = policy.call_graph();
+        // Every upstream is registered, starts earlier, and is named after the package of
+        // every method declared on it.
         for (i, w) in WORKLOADS.iter().enumerate() {
             for up in w.upstreams {
-                let at = WORKLOADS.iter().position(|u| u.name == *up);
+                let at = WORKLOADS.iter().position(|u| u.name == up.name);
                 assert!(
                     at.is_some_and(|at| at < i),
-                    "{}: {up} is not started before it",
-                    w.name
+                    "{}: {} is not started before it",
+                    w.name,
+                    up.name
                 );
                 assert!(
-                    graph
-                        .get(w.name)
-                        .is_some_and(|callees| callees.contains(*up)),
-                    "{} calls {up}, but no method of {up} admits it",
-                    w.name
+                    !up.calls.is_empty(),
+                    "{}: calls nothing on {}",
+                    w.name,
+                    up.name
                 );
+                for call in up.calls {
+                    assert_eq!(
+                        policy.rule(call).map(|m| m.owner.as_str()),
+                        Some(up.name),
+                        "{}: {call} is not a method of {}",
+                        w.name,
+                        up.name
+                    );
+                }
             }
             assert_eq!(w.start.is_some(), w.optional, "{}", w.name);
         }
@@ -247,5 +412,111 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["gateway"]
         );
+    }
+
+    /// caller → the methods it calls, from the registry.
+    fn declared() -> BTreeSet<(String, String)> {
+        WORKLOADS
+            .iter()
+            .flat_map(|w| w.upstreams.iter().map(move |u| (w.name, u)))
+            .flat_map(|(caller, u)| {
+                u.calls
+                    .iter()
+                    .map(move |c| (caller.to_owned(), (*c).to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_contracts_admit_each_workload_to_exactly_the_methods_it_declares() {
+        // A workload's own methods are open to it without a rule, so only calls across
+        // workloads count.
+        let granted: BTreeSet<(String, String)> = Policy::contracts()
+            .methods()
+            .flat_map(|m| {
+                m.callers
+                    .iter()
+                    .filter(|caller| **caller != m.owner)
+                    .map(|caller| (caller.clone(), m.path.clone()))
+            })
+            .collect();
+        let declared = declared();
+        let excess: Vec<_> = granted.difference(&declared).collect();
+        let missing: Vec<_> = declared.difference(&granted).collect();
+        assert!(
+            excess.is_empty(),
+            "the contracts admit callers to methods they never call (narrow the rule's \
+             `callers` or declare the call): {excess:?}"
+        );
+        assert!(
+            missing.is_empty(),
+            "workloads declare calls their upstream's contract refuses (add the caller to \
+             the rule): {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_gateway_declares_every_public_method_it_proxies() {
+        // The public port forwards each public method of its upstreams; a public method
+        // it did not declare would be refused on every request.
+        let gateway = find("gateway").unwrap_or_else(|| panic!("no gateway"));
+        let upstreams: Vec<&str> = gateway.upstreams.iter().map(|u| u.name).collect();
+        let public: BTreeSet<String> = Policy::contracts()
+            .methods()
+            .filter(|m| m.public && upstreams.contains(&m.owner.as_str()))
+            .map(|m| m.path.clone())
+            .collect();
+        let declared: BTreeSet<String> = declared()
+            .into_iter()
+            .filter(|(caller, _)| caller == "gateway")
+            .map(|(_, path)| path)
+            .collect();
+        assert_eq!(declared, public);
+    }
+
+    #[tokio::test]
+    async fn a_channel_refuses_a_method_its_workload_did_not_declare() {
+        use tessera::notifications::v1::notification_service_client::NotificationServiceClient;
+        use tessera::posts::v1::post_service_client::PostServiceClient;
+        use tessera::users::v1::user_service_client::UserServiceClient;
+        use tessera::{
+            notifications::v1::ListNotificationsRequest, posts::v1::GetPostRequest,
+            users::v1::BatchGetUsersRequest,
+        };
+
+        // Behind the filter, a channel that answers every call UNAVAILABLE: a declared call
+        // gets through to it, an undeclared one never does.
+        let nowhere = |name| {
+            declared_only(
+                "notifications",
+                name,
+                Channel::from_service(tower::service_fn(|_: http::Request<Body>| async {
+                    Err::<http::Response<Body>, BoxError>(Box::new(Status::unavailable("down")))
+                })),
+            )
+        };
+        let mut users = UserServiceClient::new(nowhere("users"));
+        let refused = users
+            .batch_get_users(BatchGetUsersRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("BatchGetUsers"), "{refused:?}");
+        let jwks = users
+            .get_jwks(tessera::users::v1::GetJwksRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(jwks.code(), tonic::Code::Unavailable, "{jwks:?}");
+        // No declared upstream at all: every method is refused.
+        let refused = PostServiceClient::new(nowhere("posts"))
+            .get_post(GetPostRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        let refused = NotificationServiceClient::new(nowhere("notifications"))
+            .list_notifications(ListNotificationsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     }
 }

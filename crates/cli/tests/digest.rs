@@ -12,6 +12,7 @@ use std::{
 };
 
 use serde_json::Value;
+use tessera_testing::eventually_blocking;
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 /// How long `up` may take to start (a debug build generating keys, on 2 cores).
@@ -144,15 +145,6 @@ fn run_bounded(mut cmd: Command, bound: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Polls `cond` until it holds, failing after [`EVENTUALLY`].
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + EVENTUALLY;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn grpcurl_available() -> bool {
     let found = Command::new("grpcurl")
         .arg("-version")
@@ -268,7 +260,7 @@ fn up_with_digest_runs_it_beside_the_five_and_grpcurl_reaches_it() {
         &format!(r#"{{"post_id":"{hers}","body":"Hi alice"}}"#),
     );
     let mut last = Value::Null;
-    eventually("bob's post and alice's notification in her digest", || {
+    eventually_blocking(EVENTUALLY, || {
         last = up.call(
             "digest",
             Some(&alice_token),
@@ -280,7 +272,11 @@ fn up_with_digest_runs_it_beside_the_five_and_grpcurl_reaches_it() {
             .map(|p| p.iter().filter_map(|p| p["postId"].as_str()).collect())
             .unwrap_or_default();
         // int64 is a JSON string.
-        posts == [post_id.as_str()] && last["unreadNotifications"] == "1"
+        anyhow::ensure!(
+            posts == [post_id.as_str()] && last["unreadNotifications"] == "1",
+            "bob's post and alice's notification in her digest"
+        );
+        Ok(())
     });
     drop(up);
 }

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tessera_testing::eventually_blocking;
+
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 
 fn certs(dir: &Path, namespace: &str, service: &str) {
@@ -46,20 +48,6 @@ fn verifies(ca: &Path, name: &str, addr: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Polls `condition` every 100 ms for at most `bound`.
-fn eventually(bound: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + bound;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Kills the gateway when the test ends, however it ends.
@@ -125,16 +113,17 @@ fn the_public_port_serves_the_public_certificate_and_its_renewals() {
     let mut gateway = Gateway(cmd.spawn().unwrap());
 
     let started = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            assert!(
-                gateway.0.try_wait().unwrap().is_none(),
-                "the gateway exited"
-            );
-            verifies(&first.join("ca.crt"), "shop", &addr)
-        }),
-        "grpcurl never verified the public name against its issuer"
-    );
+    eventually_blocking(Duration::from_secs(60), || {
+        assert!(
+            gateway.0.try_wait().unwrap().is_none(),
+            "the gateway exited"
+        );
+        anyhow::ensure!(
+            verifies(&first.join("ca.crt"), "shop", &addr),
+            "grpcurl never verified the public name against its issuer"
+        );
+        Ok(())
+    });
     println!("public port verified after {:?}", started.elapsed());
     assert!(
         !verifies(&mesh.join("ca.crt"), "shop", &addr),
@@ -145,14 +134,13 @@ fn the_public_port_serves_the_public_certificate_and_its_renewals() {
     // A renewal from another issuer: picked up without a restart.
     let renewed = Instant::now();
     replace(&second.join("shop"), &public);
-    assert!(
-        eventually(Duration::from_secs(30), || verifies(
-            &second.join("ca.crt"),
-            "shop",
-            &addr
-        )),
-        "the renewed certificate was never served"
-    );
+    eventually_blocking(Duration::from_secs(30), || {
+        anyhow::ensure!(
+            verifies(&second.join("ca.crt"), "shop", &addr),
+            "the renewed certificate was never served"
+        );
+        Ok(())
+    });
     println!("renewal served after {:?}", renewed.elapsed());
     assert!(!verifies(&first.join("ca.crt"), "shop", &addr));
     assert!(

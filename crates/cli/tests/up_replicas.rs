@@ -283,29 +283,33 @@ async fn replicas_are_processes_balanced_over_and_restarted_when_killed() {
         .map(|r| r["grpc"].as_str().unwrap())
         .collect();
     let mut posts_client = PostServiceClient::new(channel(format!("static:{}", both.join(","))));
-    let mut request = tonic::Request::new(CreatePostRequest {
-        title: "watch failover".into(),
-        body: "kill -9 a replica".into(),
-        tags: vec![],
-        request_id: "failover-1".into(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let post_id = posts_client
-        .create_post(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .post
-        .unwrap()
-        .post_id;
+    // The gateway caches posts, so every read below is of a post it has not read yet: only
+    // then does its GetPost reach a posts replica.
+    let mut create = async |i: usize| -> String {
+        let mut request = tonic::Request::new(CreatePostRequest {
+            title: format!("watch failover {i}"),
+            body: "kill -9 a replica".into(),
+            tags: vec![],
+            request_id: format!("failover-{i}"),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        posts_client
+            .create_post(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .post
+            .unwrap()
+            .post_id
+    };
 
-    // The gateway reads it through posts; kill -9 one posts replica and it still does.
+    // The gateway reads them through posts; kill -9 one posts replica and it still does.
     let mut feed = FeedServiceClient::new(channel(format!("static:{}", grpc("gateway"))));
-    let thread = async |feed: &mut FeedServiceClient<tessera_client::Channel>| {
+    let thread = async |feed: &mut FeedServiceClient<tessera_client::Channel>, post_id: &str| {
         feed.get_post_thread(GetPostThreadRequest {
-            post_id: post_id.clone(),
+            post_id: post_id.to_owned(),
             comment_page_size: 10,
         })
         .await
@@ -317,7 +321,8 @@ async fn replicas_are_processes_balanced_over_and_restarted_when_killed() {
         .collect();
     let mut calls = 0;
     loop {
-        thread(&mut feed).await.unwrap();
+        let post_id = create(calls).await;
+        thread(&mut feed, &post_id).await.unwrap();
         calls += 1;
         if calls % 10 == 0 {
             let mut served = Vec::new();
@@ -333,13 +338,18 @@ async fn replicas_are_processes_balanced_over_and_restarted_when_killed() {
             );
         }
     }
+    // Written while both replicas run, read after one is gone.
+    let mut unread = Vec::new();
+    for i in 0..20 {
+        unread.push(create(calls + i).await);
+    }
     let killed = Command::new("kill")
         .args(["-9", &pids[1].to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    for i in 0..20 {
-        thread(&mut feed)
+    for (i, post_id) in unread.iter().enumerate() {
+        thread(&mut feed, post_id)
             .await
             .unwrap_or_else(|s| panic!("GetPostThread {i} after kill -9 of posts[1]: {s:?}"));
     }
@@ -369,7 +379,8 @@ async fn replicas_are_processes_balanced_over_and_restarted_when_killed() {
         .await
         .unwrap();
     assert_eq!(status, "SERVING");
-    thread(&mut feed).await.unwrap();
+    let post_id = create(calls + unread.len()).await;
+    thread(&mut feed, &post_id).await.unwrap();
     let pids = posts_pids(&read_endpoints(&path).unwrap());
 
     // SIGTERM stops up and every replica.

@@ -104,13 +104,6 @@ impl ClientBuilder {
         self
     }
 
-    /// No default deadline: calls that set none wait as long as the incoming call allows, or
-    /// forever outside a handler.
-    pub fn without_timeout(mut self) -> Self {
-        self.timeout = None;
-        self
-    }
-
     /// How often targets are resolved again (a `dns:` headless Service follows pods coming
     /// and going at this pace).
     pub fn refresh_interval(mut self, interval: Duration) -> Self {

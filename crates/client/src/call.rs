@@ -28,8 +28,9 @@ use crate::{
     discover::Discovered,
     error::into_status,
     methods::{MethodInfo, MethodTable},
-    propagate::{GRPC_TIMEOUT, encode_timeout, forward_token, inject_trace, parse_timeout},
+    propagate::{forward_token, inject_trace},
 };
+use tessera_mesh::headers::{GRPC_TIMEOUT, encode_grpc_timeout, parse_grpc_timeout};
 
 pub(crate) type Balancer = Balance<Discovered, http::Request<Body>>;
 
@@ -110,7 +111,7 @@ impl Balanced {
             .filter(|_| method.is_some_and(|m| !m.server_streaming));
         let own = headers
             .get(GRPC_TIMEOUT)
-            .and_then(parse_timeout)
+            .and_then(parse_grpc_timeout)
             .or(default);
         let inherited = context
             .as_ref()
@@ -126,7 +127,7 @@ impl Balanced {
             ))));
         }
         if let Some(timeout) = timeout {
-            headers.insert(GRPC_TIMEOUT, encode_timeout(timeout));
+            headers.insert(GRPC_TIMEOUT, encode_grpc_timeout(timeout));
         }
         if let Some(token) = context.as_ref().and_then(|c| c.token.as_deref()) {
             forward_token(headers, token);
@@ -226,7 +227,9 @@ impl Shared {
             attempt += 1;
             if let (Some(deadline), Some(parts)) = (deadline, parts.as_mut()) {
                 let left = deadline.saturating_duration_since(Instant::now());
-                parts.headers.insert(GRPC_TIMEOUT, encode_timeout(left));
+                parts
+                    .headers
+                    .insert(GRPC_TIMEOUT, encode_grpc_timeout(left));
             }
         }
     }

@@ -51,7 +51,8 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Clients over the given channels (e.g. [`Channel::from_service`] in tests).
+    /// Clients over the given channels (e.g. [`Channel::from_service`] in tests); the
+    /// example on [`Clients`] leaves one out.
     pub fn from_channels(
         users: Option<Channel>,
         posts: Option<Channel>,
@@ -78,6 +79,19 @@ impl Clients {
     }
 
     /// `tessera.posts.v1.PostService`.
+    ///
+    /// ```
+    /// use tessera::posts::v1::GetPostRequest;
+    /// use tessera_client::Clients;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut posts = Clients::from_channels(None, None, None, None).posts();
+    /// let status = posts.get_post(GetPostRequest::default()).await.unwrap_err();
+    /// assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    /// assert!(status.message().contains("tessera.posts.v1.PostService"));
+    /// # }
+    /// ```
     pub fn posts(&self) -> PostServiceClient<Channel> {
         PostServiceClient::new(self.posts.clone())
     }

@@ -240,9 +240,9 @@ impl Service<http::Request<Body>> for Endpoint {
                         self.failures = self.failures.saturating_add(1);
                         let wait = reconnect_backoff(self.failures);
                         if self.failures == 1 {
-                            tracing::warn!(addr = %self.addr, error = %crate::error::Chain(&error), "connect failed; retrying in the background");
+                            tracing::warn!(addr = %self.addr, error = %tessera_mesh::errors::ErrorChain(&error), "connect failed; retrying in the background");
                         } else {
-                            tracing::debug!(addr = %self.addr, error = %crate::error::Chain(&error), ?wait, "connect failed");
+                            tracing::debug!(addr = %self.addr, error = %tessera_mesh::errors::ErrorChain(&error), ?wait, "connect failed");
                         }
                         self.state = State::Backoff(Box::pin(tokio::time::sleep(wait)));
                     }

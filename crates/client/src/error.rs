@@ -2,6 +2,7 @@
 
 use std::{io, net::SocketAddr};
 
+use tessera_mesh::errors::error_chain;
 use tonic::Status;
 use tower::BoxError;
 
@@ -102,13 +103,13 @@ impl From<Error> for Status {
             Error::Connect { .. }
             | Error::Handshake { .. }
             | Error::Transport { .. }
-            | Error::NoReadyReplica { .. } => Status::unavailable(chain(&error)),
+            | Error::NoReadyReplica { .. } => Status::unavailable(error_chain(&error)),
             Error::NoTarget(_) => Status::failed_precondition(error.to_string()),
             Error::InvalidTarget { .. }
             | Error::InvalidSetting { .. }
             | Error::NoRuntime
             | Error::Descriptor(_)
-            | Error::Tls(_) => Status::internal(chain(&error)),
+            | Error::Tls(_) => Status::internal(error_chain(&error)),
         }
     }
 }
@@ -120,28 +121,8 @@ pub(crate) fn into_status(error: BoxError) -> BoxError {
         Ok(error) => Status::from(*error),
         Err(other) => match other.downcast::<Status>() {
             Ok(status) => *status,
-            Err(other) => Status::unavailable(chain(&*other)),
+            Err(other) => Status::unavailable(error_chain(&*other)),
         },
     };
     Box::new(status)
-}
-
-/// `error: cause: cause`, for messages that travel to the caller.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    Chain(error).to_string()
-}
-
-/// Displays an error with its causes, `error: cause: cause`.
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
 }

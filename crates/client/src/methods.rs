@@ -1,10 +1,10 @@
-//! What the contracts say about each method, as far as the client cares: may it be retried,
-//! and is its request a single message (so it can be buffered and sent again).
+//! What the contracts ([`tessera_mesh::contracts`]) say about each method, as far as the
+//! client cares: may it be retried, and is its request a single message (so it can be
+//! buffered and sent again). A table of its own so the per-call lookup copies three flags.
 
 use std::{collections::HashMap, sync::OnceLock};
 
-use prost::Message;
-use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
+use tessera_mesh::contracts::Contracts;
 
 use crate::Error;
 
@@ -26,49 +26,27 @@ pub(crate) struct MethodTable {
 }
 
 impl MethodTable {
-    /// Reads every method of an encoded `FileDescriptorSet`.
-    pub(crate) fn from_descriptor_set(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
-        let set = FileDescriptorSet::decode(bytes)?;
-        let mut by_path = HashMap::new();
-        for file in &set.file {
-            let package = file.package();
-            for service in &file.service {
-                for method in &service.method {
-                    let level = method
-                        .options
-                        .as_ref()
-                        .map_or(IdempotencyLevel::IdempotencyUnknown, |o| {
-                            o.idempotency_level()
-                        });
-                    let path = if package.is_empty() {
-                        format!("/{}/{}", service.name(), method.name())
-                    } else {
-                        format!("/{package}.{}/{}", service.name(), method.name())
-                    };
-                    by_path.insert(
-                        path.into_boxed_str(),
-                        MethodInfo {
-                            idempotent: matches!(
-                                level,
-                                IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
-                            ),
-                            client_streaming: method.client_streaming(),
-                            server_streaming: method.server_streaming(),
-                        },
-                    );
-                }
-            }
-        }
-        Ok(Self { by_path })
+    /// The facts of every method in `contracts`.
+    pub(crate) fn from_contracts(contracts: &Contracts) -> Self {
+        let by_path = contracts
+            .methods()
+            .map(|m| {
+                let info = MethodInfo {
+                    idempotent: m.idempotent,
+                    client_streaming: m.client_streaming,
+                    server_streaming: m.server_streaming,
+                };
+                (m.path.as_str().into(), info)
+            })
+            .collect();
+        Self { by_path }
     }
 
     /// The table for Tessera's own contracts, decoded once per process.
     pub(crate) fn tessera() -> Result<&'static Self, Error> {
-        static TABLE: OnceLock<Result<MethodTable, prost::DecodeError>> = OnceLock::new();
-        TABLE
-            .get_or_init(|| Self::from_descriptor_set(tessera::FILE_DESCRIPTOR_SET))
-            .as_ref()
-            .map_err(|e| Error::Descriptor(e.clone()))
+        static TABLE: OnceLock<MethodTable> = OnceLock::new();
+        let contracts = Contracts::tessera().map_err(Error::Descriptor)?;
+        Ok(TABLE.get_or_init(|| Self::from_contracts(contracts)))
     }
 
     /// The method at `path`, if the contracts define it.

@@ -13,7 +13,6 @@ mod support;
 
 use std::{
     io::Write,
-    net::IpAddr,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -22,9 +21,9 @@ use tessera::users::v1::{GetUserRequest, user_service_client::UserServiceClient}
 use tessera_client::{Channel, ClientBuilder, Targets};
 use tessera_mesh::{
     certs::Ca,
-    identity::SpiffeId,
     tls::{TlsFiles, TlsSource},
 };
+use tessera_testing::tls::{issue, spiffe};
 use tonic::Code;
 
 use support::{Replica, target};
@@ -63,18 +62,6 @@ fn logs() -> Logs {
         logs
     })
     .clone()
-}
-
-fn spiffe(service: &str) -> SpiffeId {
-    SpiffeId::new("tessera.local", "default", service).unwrap()
-}
-
-fn issue(ca: &Ca, service: &str, dir: &std::path::Path) -> TlsFiles {
-    let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-    ca.issue(&spiffe(service), &["localhost"], &[localhost])
-        .unwrap()
-        .save(&dir.join(service))
-        .unwrap()
 }
 
 /// Refused connects fail after `connect_timeout`; calls that should succeed get a patient

@@ -17,7 +17,10 @@ use tokio::sync::watch;
 use tonic::{Request, Status};
 
 pub use crate::token::{EndUser, UserClaims};
-use crate::token::{TokenError, Verifier};
+use crate::{
+    token::{TokenError, Verifier, now_secs},
+    token_cache::{DEFAULT_CAPACITY, TokenCache},
+};
 
 /// The verified end user of a request, or UNAUTHENTICATED.
 ///
@@ -59,11 +62,15 @@ type Refresh =
 /// fetch is in flight waits for that fetch instead of checking against the old set. Before
 /// the first successful fetch, calls wait (up to [`KEY_WAIT`]) for the keys to arrive; after
 /// it, an unknown key id starts at most one fetch per `MIN_REFRESH_INTERVAL` (5 s).
+///
+/// Verified tokens are remembered ([`crate::token_cache`]), so each token's signature is
+/// checked once, not on every call; expiry and the current key set are checked on every call.
 #[derive(Clone)]
 pub struct TokenKeys {
     current: Arc<ArcSwap<Verifier>>,
     refresh: Option<Refresh>,
     fetches: Arc<Fetches>,
+    verified: Arc<TokenCache>,
 }
 
 /// The bookkeeping of fetches, touched only when a token names a key not in the set (never
@@ -116,6 +123,7 @@ impl TokenKeys {
             current: Arc::new(ArcSwap::from_pointee(verifier)),
             refresh: None,
             fetches: Fetches::new(true),
+            verified: Arc::new(TokenCache::new(DEFAULT_CAPACITY)),
         }
     }
 
@@ -130,6 +138,7 @@ impl TokenKeys {
             current: Arc::new(ArcSwap::from_pointee(Verifier::new())),
             refresh: Some(Arc::new(move || Box::pin(refresh()))),
             fetches: Fetches::new(false),
+            verified: Arc::new(TokenCache::new(DEFAULT_CAPACITY)),
         }
     }
 
@@ -164,13 +173,21 @@ impl TokenKeys {
     }
 
     /// Verifies a token, refreshing the keys (once, shared with concurrent calls) if it names
-    /// an unknown key.
+    /// an unknown key. A token verified before is answered from the cache while it has not
+    /// expired and its key is still in the set.
     pub async fn verify(&self, token: &str) -> Result<UserClaims, TokenError> {
+        if let Some(known) = self.verified.get(token, &self.current.load(), now_secs()) {
+            return known;
+        }
         let kid = Verifier::peek_kid(token)?;
         if !self.current.load().knows(&kid) {
             self.wait_for_key(&kid).await;
         }
-        self.current.load().verify(token)
+        // One snapshot of the key set for the check and the cache entry.
+        let verifier = self.current.load();
+        let claims = verifier.verify(token)?;
+        self.verified.insert(token, &claims, &kid, &verifier);
+        Ok(claims)
     }
 
     /// Returns once `kid` is known, or once nothing more can be learned: the fetch that was
@@ -389,6 +406,35 @@ mod tests {
             "fetches until users answered: {}",
             fetches.load(Ordering::SeqCst)
         );
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_still_expire_and_still_need_a_known_key() {
+        let signer = Signer::generate().unwrap();
+        let mut verifier = Verifier::new();
+        verifier.add_key(signer.kid(), signer.public_key());
+        let keys = TokenKeys::fixed(verifier);
+        // Valid for about a second: verified (and cached), then refused once it expires.
+        let (short, claims) = signer.sign("u-1", "USER", Duration::from_secs(1));
+        assert_eq!(keys.verify(&short).await, Ok(claims.clone()));
+        assert_eq!(keys.verify(&short).await, Ok(claims.clone()));
+        assert_eq!(keys.verified.len(), 1, "verified once, then from the cache");
+        let until = Instant::now() + Duration::from_secs(5);
+        while crate::token::now_secs() < claims.exp {
+            assert!(Instant::now() < until, "the clock does not move");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(keys.verify(&short).await, Err(TokenError::Expired));
+
+        // A cached token whose key is revoked (a key set without it) is refused.
+        let (token, claims) = signer.sign("u-2", "USER", DEFAULT_TOKEN_TTL);
+        assert_eq!(keys.verify(&token).await, Ok(claims));
+        keys.set(Verifier::new());
+        assert_eq!(keys.verify(&token).await, Err(TokenError::UnknownKey));
+        // And a token of a key never seen is refused, cache or not.
+        let stranger = Signer::generate().unwrap();
+        let (forged, _) = stranger.sign("u-2", "ADMIN", DEFAULT_TOKEN_TTL);
+        assert_eq!(keys.verify(&forged).await, Err(TokenError::UnknownKey));
     }
 
     #[tokio::test]

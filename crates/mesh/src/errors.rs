@@ -80,6 +80,16 @@ pub fn invalid_field(field: &str, description: &str) -> Status {
 
 /// The fields named in a status's `BadRequest` details (tests use it to check which field
 /// was blamed).
+///
+/// ```
+/// use tessera_mesh::errors::{Violations, violated_fields};
+///
+/// let mut v = Violations::new();
+/// v.add("user_id", "is required");
+/// let status = v.into_result().unwrap_err();
+/// assert_eq!(violated_fields(&status), ["user_id"]);
+/// assert!(violated_fields(&tonic::Status::internal("no details")).is_empty());
+/// ```
 pub fn violated_fields(status: &Status) -> Vec<String> {
     status
         .get_details_bad_request()
@@ -99,9 +109,48 @@ pub fn internal(err: impl std::fmt::Display) -> Status {
     Status::internal("internal error")
 }
 
+/// Displays an error with its causes on one line, `error: cause: cause`: how an error that
+/// wraps others is logged, or told to a caller that should see why.
+///
+/// ```
+/// let err = std::io::Error::other("connection refused");
+/// let line = tessera_mesh::errors::ErrorChain(&err).to_string();
+/// assert_eq!(line, "connection refused");
+/// ```
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// [`ErrorChain`] as a string.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    ErrorChain(err).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("saving the post")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_every_cause_in_order() {
+        let err = Outer(std::io::Error::other("disk full"));
+        assert_eq!(error_chain(&err), "saving the post: disk full");
+        let plain = std::io::Error::other("alone");
+        assert_eq!(ErrorChain(&plain).to_string(), "alone");
+    }
 
     #[test]
     fn violations_round_trip_through_status() {

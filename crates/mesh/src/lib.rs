@@ -10,17 +10,22 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod context;
+pub mod contracts;
 pub mod edge;
 pub mod errors;
+pub mod headers;
 pub mod identity;
 pub mod metrics;
+pub mod netpol;
 pub mod policy;
 pub mod private;
 pub mod public_tls;
+pub mod reflection;
 pub mod server;
 pub mod service_limits;
 pub mod shutdown;
@@ -28,3 +33,4 @@ pub mod stack;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod token_cache;

@@ -1,21 +1,24 @@
-//! Serving a workload: the internal mTLS port, the plaintext admin port (health for kubelet,
-//! `/metrics` for Prometheus) and, for the gateway, a public server-TLS port; with graceful
-//! shutdown (readiness off, a delay for endpoints to update, then a bounded drain).
+//! Serving a workload: the internal mTLS port, the plaintext admin port ([`crate::admin`])
+//! and, for the gateway, a public server-TLS port; with graceful shutdown (readiness off, a
+//! delay for endpoints to update, then a bounded drain). Reflection and health on the service
+//! ports come from [`crate::reflection`].
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tonic::{Status, body::Body, service::Routes};
+use tonic::{body::Body, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{Layer, Service, util::BoxCloneSyncService};
 
 use crate::{
+    admin::{self, AdminService},
     auth::TokenKeys,
     identity::{SpiffeId, spiffe_id_from_der},
     metrics::Metrics,
     policy::Policy,
+    reflection::with_health_and_reflection,
     shutdown::Shutdown,
     stack::{Authorizer, PeerInfo, RequestPath, RequestPathService},
     tls::TlsSource,
@@ -167,21 +170,8 @@ impl Workload {
         &self.admin_health
     }
 
-    /// The internal port's whole request path around `routes`, plus health and reflection.
-    /// Exposed so tests can call it without sockets (insert a [`PeerInfo`] first).
-    pub fn internal_service(&self, routes: Routes) -> GrpcService {
-        self.internal_service_advertising(routes, None)
-    }
-
-    /// [`Workload::internal_service`] with reflection listing only `served` (plus health).
-    pub fn internal_service_advertising(
-        &self,
-        routes: Routes,
-        served: Option<&[String]>,
-    ) -> GrpcService {
-        BoxCloneSyncService::new(self.internal_path(routes, served))
-    }
-
+    /// The internal port's whole request path around `routes`, plus health and reflection
+    /// listing only `served` (all of the contracts without it).
     fn internal_path(
         &self,
         routes: Routes,
@@ -189,7 +179,6 @@ impl Workload {
     ) -> RequestPathService<Routes> {
         let routes = with_health_and_reflection(routes, &self.health, served);
         let authorizer = Authorizer {
-            policy: self.policy.clone(),
             me: self.tls.identity(),
             allow_operator: self.options.allow_operator,
             keys: self.keys.clone(),
@@ -293,7 +282,7 @@ impl Workload {
             ));
         }
         let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
-        let admin = tokio::spawn(serve_admin(
+        let admin = tokio::spawn(admin::serve_admin(
             listeners.admin,
             self.admin_service(),
             admin_stop_rx,
@@ -340,164 +329,11 @@ impl Workload {
     }
 
     fn admin_service(&self) -> AdminService {
-        AdminService {
-            health: tonic_health::pb::health_server::HealthServer::new(
-                tonic_health::server::HealthService::from_health_reporter(
-                    self.admin_health.clone(),
-                ),
-            ),
-            metrics: self.metrics.clone(),
-        }
+        AdminService::new(&self.admin_health, &self.metrics)
     }
 }
 
-/// The contracts' descriptors as the public port shows them: only the `advertise`d services,
-/// each with only its public methods, so `describe` does not reveal internal methods. The
-/// access rules (custom method options, dropped by this decoding) are not shown there either;
-/// comments are kept, moved along with the services and methods they belong to.
-fn public_descriptor_set(advertise: &[String]) -> Result<Vec<u8>, prost::DecodeError> {
-    use prost::Message as _;
-    // Field numbers in descriptor.proto: FileDescriptorProto.service = 6,
-    // ServiceDescriptorProto.method = 2 (the first steps of a source-location path).
-    const SERVICE: i32 = 6;
-    const METHOD: i32 = 2;
-    let policy = Policy::contracts();
-    let mut set = prost_types::FileDescriptorSet::decode(tessera::FILE_DESCRIPTOR_SET)?;
-    for file in &mut set.file {
-        let package = file.package().to_owned();
-        // Old index -> new index, per service and per method of each service.
-        let mut services: Vec<Option<(i32, Vec<Option<i32>>)>> = Vec::new();
-        let mut kept = 0;
-        for service in &file.service {
-            let full = format!("{package}.{}", service.name());
-            if !advertise.contains(&full) {
-                services.push(None);
-                continue;
-            }
-            let mut next = 0;
-            let methods = service
-                .method
-                .iter()
-                .map(|m| {
-                    let public = policy
-                        .rule(&format!("/{full}/{}", m.name()))
-                        .is_some_and(|rule| rule.public);
-                    public.then(|| {
-                        next += 1;
-                        next - 1
-                    })
-                })
-                .collect();
-            services.push(Some((kept, methods)));
-            kept += 1;
-        }
-        let mut index = 0;
-        file.service.retain_mut(|service| {
-            let slot = services.get(index).cloned().flatten();
-            index += 1;
-            let Some((_, methods)) = slot else {
-                return false;
-            };
-            let mut m = 0;
-            service.method.retain(|_| {
-                m += 1;
-                methods.get(m - 1).copied().flatten().is_some()
-            });
-            true
-        });
-        if let Some(info) = &mut file.source_code_info {
-            info.location.retain_mut(|loc| {
-                if loc.path.first() != Some(&SERVICE) {
-                    return true;
-                }
-                let Some(old) = loc.path.get(1).and_then(|i| usize::try_from(*i).ok()) else {
-                    return true;
-                };
-                let Some(Some((new, methods))) = services.get(old) else {
-                    return false;
-                };
-                loc.path[1] = *new;
-                if loc.path.get(2) == Some(&METHOD)
-                    && let Some(old) = loc.path.get(3).and_then(|i| usize::try_from(*i).ok())
-                {
-                    match methods.get(old).copied().flatten() {
-                        Some(new) => loc.path[3] = new,
-                        None => return false,
-                    }
-                }
-                true
-            });
-        }
-    }
-    Ok(set.encode_to_vec())
-}
-
-/// Adds gRPC health (this reporter) and reflection v1 and v1alpha to `routes`. With
-/// `advertise`, reflection lists only those services.
-pub fn with_health_and_reflection(
-    routes: Routes,
-    health: &HealthReporter,
-    advertise: Option<&[String]>,
-) -> Routes {
-    health_and_reflection(routes, health, advertise, false)
-}
-
-/// [`with_health_and_reflection`] for the gateway's public port: reflection lists the
-/// `advertise`d services and describes only their public methods.
-pub fn with_health_and_public_reflection(
-    routes: Routes,
-    health: &HealthReporter,
-    advertise: &[String],
-) -> Routes {
-    health_and_reflection(routes, health, Some(advertise), true)
-}
-
-fn health_and_reflection(
-    routes: Routes,
-    health: &HealthReporter,
-    advertise: Option<&[String]>,
-    public_only: bool,
-) -> Routes {
-    let health = tonic_health::pb::health_server::HealthServer::new(
-        tonic_health::server::HealthService::from_health_reporter(health.clone()),
-    );
-    let mut routes = routes.add_service(health);
-    let contracts: std::borrow::Cow<'static, [u8]> = match advertise {
-        Some(names) if public_only => match public_descriptor_set(names) {
-            Ok(set) => set.into(),
-            Err(err) => {
-                // Compiled in: a failure here is a build defect. Describe nothing then.
-                tracing::error!(error = %err, "cannot filter the contracts for public reflection");
-                Vec::new().into()
-            }
-        },
-        _ => tessera::FILE_DESCRIPTOR_SET.into(),
-    };
-    let configure = || {
-        let mut builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(&contracts)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        if let Some(names) = advertise {
-            for name in names {
-                builder = builder.with_service_name(name.clone());
-            }
-            builder = builder.with_service_name("grpc.health.v1.Health");
-        }
-        builder
-    };
-    // The descriptor sets are compiled in; failing to build from them is a build defect.
-    match configure().build_v1() {
-        Ok(v1) => routes = routes.add_service(v1),
-        Err(err) => tracing::error!(error = %err, "reflection v1 unavailable"),
-    }
-    match configure().build_v1alpha() {
-        Ok(v1alpha) => routes = routes.add_service(v1alpha),
-        Err(err) => tracing::error!(error = %err, "reflection v1alpha unavailable"),
-    }
-    routes
-}
-
-fn http2_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+pub(crate) fn http2_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -645,145 +481,9 @@ where
     Ok(())
 }
 
-/// The admin port: gRPC health over h2c and `GET /metrics` over HTTP/1.1, nothing else.
-#[derive(Clone)]
-struct AdminService {
-    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    metrics: Metrics,
-}
-
-async fn serve_admin(
-    listener: TcpListener,
-    admin: AdminService,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let builder = Arc::new(http2_builder());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        let admin = admin.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
-        });
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
-}
-
-impl AdminService {
-    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
-        let path = req.uri().path();
-        if path == "/metrics" && req.method() == http::Method::GET {
-            let mut resp = Response::new(Body::new(http_body_util::Full::new(bytes::Bytes::from(
-                self.metrics.render(),
-            ))));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            return resp;
-        }
-        if path.starts_with("/grpc.health.v1.Health/") {
-            let mut health = self.health.clone();
-            return match health.call(req.map(Body::new)).await {
-                Ok(resp) => resp,
-                Err(never) => match never {},
-            };
-        }
-        if req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
-        {
-            return Status::unimplemented("the admin port serves only grpc.health.v1.Health")
-                .into_http();
-        }
-        let mut resp = Response::new(Body::default());
-        *resp.status_mut() = http::StatusCode::NOT_FOUND;
-        resp
-    }
-}
-
 /// Binds `addr`, naming it in the error (so "port in use" says which).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use std::collections::BTreeMap;
-
-    use prost::Message as _;
-    use prost_types::FileDescriptorSet;
-
-    use super::*;
-
-    /// `service/method` -> its leading comment, read through the source locations.
-    fn method_comments(set: &FileDescriptorSet) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        for file in &set.file {
-            let Some(info) = &file.source_code_info else {
-                continue;
-            };
-            for loc in &info.location {
-                if let [6, s, 2, m] = loc.path[..] {
-                    let service = &file.service[s as usize];
-                    let method = &service.method[m as usize];
-                    out.insert(
-                        format!("{}/{}", service.name(), method.name()),
-                        loc.leading_comments().to_owned(),
-                    );
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn public_descriptors_keep_public_methods_with_their_own_comments() {
-        let all = FileDescriptorSet::decode(tessera::FILE_DESCRIPTOR_SET).unwrap();
-        let advertised = ["tessera.users.v1.UserService".to_owned()];
-        let public =
-            FileDescriptorSet::decode(&public_descriptor_set(&advertised).unwrap()[..]).unwrap();
-        let services: Vec<&str> = public
-            .file
-            .iter()
-            .flat_map(|f| f.service.iter().map(|s| s.name()))
-            .collect();
-        assert_eq!(services, ["UserService"]);
-        let before = method_comments(&all);
-        let after = method_comments(&public);
-        assert!(after.contains_key("UserService/Login"), "{after:?}");
-        assert!(!after.contains_key("UserService/WatchEvents"), "{after:?}");
-        for (method, comment) in &after {
-            assert!(!comment.is_empty(), "{method} lost its comment");
-            assert_eq!(Some(comment), before.get(method), "{method}");
-        }
-        let policy = Policy::contracts();
-        let public_users = policy
-            .methods()
-            .filter(|r| r.service == "tessera.users.v1.UserService" && r.public)
-            .count();
-        assert_eq!(after.len(), public_users);
-    }
 }

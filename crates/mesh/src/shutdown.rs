@@ -26,10 +26,6 @@ impl Shutdown {
     pub fn receiver(&self) -> watch::Receiver<bool> {
         self.0.clone()
     }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 impl ShutdownTrigger {

@@ -69,7 +69,7 @@ pub enum TokenError {
     BadKey,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -182,6 +182,11 @@ impl Verifier {
 
     pub fn knows(&self, kid: &str) -> bool {
         self.keys.contains_key(kid)
+    }
+
+    /// The raw public key of `kid`, if the set holds it.
+    pub fn key(&self, kid: &str) -> Option<&[u8]> {
+        self.keys.get(kid).map(Vec::as_slice)
     }
 
     /// The key id a token names, without verifying anything (to decide whether to refresh

@@ -71,7 +71,7 @@ async fn a_traceparent_makes_the_server_span_a_child_of_the_callers_span() {
             .into_iter()
             .find(|s| s.name == GET_POST)
     };
-    eventually!("the server span to be exported", server_span().is_some());
+    eventually!(server_span().is_some(), "the server span to be exported");
     let span = server_span().unwrap();
     assert_eq!(
         span.span_context.trace_id(),

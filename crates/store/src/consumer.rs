@@ -12,10 +12,7 @@ use tonic::{
     codegen::{Body, Bytes, GrpcMethod, StdError, http::uri::PathAndQuery},
 };
 
-use crate::{
-    db::{Db, Tx},
-    error::StoreError,
-};
+use crate::{db::Db, error::StoreError, tx::Tx};
 
 /// What [`run_consumer`] needs to follow one upstream event stream.
 ///
@@ -368,6 +365,7 @@ fn ended_by_drain<E: 'static>(error: &E) -> bool {
 }
 
 /// Follows `consumer`'s upstream until `shutdown` turns `true` (or its sender is dropped).
+/// [`Consumer`]'s example runs it against an in-process upstream.
 ///
 /// Reads the cursor, opens the stream after it, and applies the events in batches: one
 /// event is awaited, then whatever else has already arrived is taken too (up to
@@ -814,10 +812,10 @@ mod tests {
     }
 
     async fn caught_up(db: &Db, position: i64) {
-        testing::eventually(&format!("the cursor reaches {position}"), || async {
-            db.cursor("backlog-events").await.unwrap() >= position
-        })
-        .await;
+        tessera_testing::eventually!(
+            db.cursor("backlog-events").await.unwrap() >= position,
+            "the cursor reaches {position}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -871,10 +869,10 @@ mod tests {
             // The events before the failing one commit although they were in its batch.
             caught_up(&db, 119).await;
             let before = attempts.load(Ordering::SeqCst);
-            testing::eventually("the failing event is retried", || async {
-                attempts.load(Ordering::SeqCst) > before
-            })
-            .await;
+            tessera_testing::eventually!(
+                attempts.load(Ordering::SeqCst) > before,
+                "the failing event is retried"
+            );
             assert_eq!(db.cursor("backlog-events").await.unwrap(), 119, "{name}");
             // Once it applies, the consumer goes on, each event once.
             failing.store(false, Ordering::SeqCst);

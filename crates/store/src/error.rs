@@ -3,6 +3,23 @@ use thiserror::Error;
 /// Everything that can go wrong in storage. Services map it to a `tonic::Status` in their own
 /// error type: [`StoreError::UniqueViolation`] usually becomes ALREADY_EXISTS (or, for a
 /// `request_id` race, a re-read of the first result); the rest become an opaque INTERNAL.
+///
+/// ```
+/// use tessera_store::{Db, Migration, StoreError};
+///
+/// const MIGRATIONS: &[Migration] =
+///     &[Migration::portable("names", "CREATE TABLE names (name TEXT PRIMARY KEY)")];
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let db = Db::open(dir.path().join("names.db").to_str().unwrap(), MIGRATIONS).await?;
+/// let insert = "INSERT INTO names (name) VALUES ('alice')";
+/// sqlx::query(insert).execute(db.pool()).await?;
+/// let err = StoreError::from(sqlx::query(insert).execute(db.pool()).await.unwrap_err());
+/// assert!(matches!(err, StoreError::UniqueViolation { .. }), "{err}");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The database location or an option is unusable (bad URL, bad schema name, ...).

@@ -4,7 +4,7 @@
 //!
 //! Not for: domain tables or queries (each service writes its own SQL), mapping a service's
 //! errors to `tonic::Status` (each service does that in its own error type), or remote
-//! clients. The one gRPC-facing piece is [`watch`], which serves the outbox as a service's
+//! clients. The one gRPC-facing piece is [`outbox::stream`], which serves the outbox as a service's
 //! `WatchEvents` the same way everywhere.
 //!
 //! # Opening a database
@@ -47,19 +47,22 @@
 //!
 //! In the transaction that makes a change, append the event as the last write. Convention:
 //! the payload is the service's prost-encoded `WatchEventsResponse` with only the `event`
-//! oneof set ([`watch::append`]); the `WatchEvents` handler decodes it and fills in
-//! `sequence` and `create_time` from the [`Event`] ([`watch::stream`]):
+//! oneof set ([`outbox::append`]); the `WatchEvents` handler decodes it and fills in
+//! `sequence`, `create_time` and the epoch from the [`Event`] ([`outbox::stream`]). A service
+//! declares its message once with [`watch_events!`]; the store lists no services:
 //!
 //! ```ignore
+//! tessera_store::watch_events!(PostEvents = tessera::posts::v1);
+//!
 //! // in the write path
-//! watch::append::<WatchEventsResponse>(&mut tx, Event::PostDeleted(..)).await?;
+//! outbox::append::<PostEvents>(&mut tx, Event::PostDeleted(..)).await?;
 //! tx.commit().await?;
 //!
 //! // in the service impl
-//! type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+//! type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 //! async fn watch_events(&self, request: Request<WatchEventsRequest>) -> .. {
 //!     let after = request.into_inner().after_sequence;
-//!     Ok(Response::new(watch::stream(&self.db, after)?))
+//!     Ok(Response::new(outbox::stream::<PostEvents>(&self.db, after)?))
 //! }
 //! ```
 //!
@@ -113,30 +116,34 @@
 //!
 //! [`testing::postgres`] gives a test a fresh PostgreSQL schema when
 //! `TESSERA_TEST_DATABASE_URL` is set, or prints `skipped: TESSERA_TEST_DATABASE_URL not set`
-//! and returns `None`; [`testing::eventually`] waits for a condition under a bound. The
-//! `testing` feature, for services' dev-dependencies, adds `testing::databases` (a fresh
-//! SQLite database plus that PostgreSQL one), `testing::as_user` (a request from a verified
-//! end user) and `testing::fakes` (in-memory upstream services and their event logs).
+//! and returns `None`. The `testing` feature, for services' dev-dependencies, adds
+//! `testing::databases` (a fresh SQLite database plus that PostgreSQL one). Fakes of upstream
+//! services, `eventually` and end-user requests are in the `tessera-testing` crate.
 
 #![forbid(unsafe_code)]
 
 mod consumer;
+mod cursor;
 mod db;
 mod error;
-mod outbox;
+mod migrate;
+mod options;
+pub mod outbox;
 mod page;
 pub mod testing;
-pub mod watch;
+mod tx;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use consumer::{Apply, Consumer, HALTED_RETRY, MAX_BATCH, WatchChannel, follow, run_consumer};
-pub use db::{
-    Backend, CursorState, DEFAULT_OUTBOX_RETENTION, Db, DbOptions, Migration, PRUNE_EVERY, Tx,
-};
+pub use cursor::CursorState;
+pub use db::{Backend, Db};
 pub use error::{Result, StoreError, error_chain};
-pub use outbox::{EVENT_BATCH, Event};
+pub use migrate::Migration;
+pub use options::DbOptions;
+pub use outbox::{DEFAULT_OUTBOX_RETENTION, EVENT_BATCH, Event, PRUNE_EVERY};
 pub use page::{BadPageToken, PageToken};
+pub use tx::Tx;
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).
 ///

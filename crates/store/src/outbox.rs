@@ -1,14 +1,27 @@
-//! Reading the outbox: a page after a sequence, or a stream that catches up then follows.
+//! The outbox, both halves: a service appends its events in the transaction that makes the
+//! change ([`Tx::append_event`], or [`append`] for its `WatchEventsResponse`), and other
+//! services read them back in order ([`Db::events`], or [`stream`] as the body of its
+//! `WatchEvents` handler).
+//!
+//! The payload convention lives here, both ways: a service appends its `WatchEventsResponse`
+//! with only the `event` oneof set; `WatchEvents` streams those messages back with `sequence`,
+//! `create_time` and the outbox's epoch filled in from the stored [`Event`].
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, pin::Pin, time::Duration};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use prost::Message as _;
+use prost_types::Timestamp;
 use sqlx::Row;
+use tessera_mesh::errors::{internal, invalid_field};
 use tokio::sync::watch;
+use tonic::Status;
 
 use crate::{
-    db::{Backend, Db},
-    error::{Result, StoreError},
+    db::{Backend, Db, script},
+    error::{Result, StoreError, error_chain},
+    now_micros, timestamp,
+    tx::Tx,
 };
 
 /// One outbox entry.
@@ -25,6 +38,71 @@ pub struct Event {
 
 /// How many events one outbox read returns at most while a stream catches up.
 pub const EVENT_BATCH: i64 = 256;
+
+/// How many appends apart the outbox is pruned (in the appending transaction).
+pub const PRUNE_EVERY: i64 = 256;
+
+/// The most outbox rows one prune looks at (and deletes).
+const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
+
+/// The default outbox retention: a week, far longer than a consumer should be down.
+pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Tx {
+    /// Appends an event to the outbox in this transaction and returns its sequence.
+    ///
+    /// Sequences are strictly increasing, and commit in sequence order: the append takes
+    /// the outbox's write lock until the transaction ends (PostgreSQL `LOCK TABLE ... IN
+    /// EXCLUSIVE MODE`; SQLite's write lock is already held). So append events as the LAST
+    /// step of a transaction, after its other writes, to keep the lock short and to avoid
+    /// lock-order deadlocks.
+    pub async fn append_event(&mut self, payload: &[u8]) -> Result<i64> {
+        if self.backend() == Backend::Postgres {
+            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO tessera_outbox (sequence, create_time, payload) \
+             SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox \
+             RETURNING sequence",
+        )
+        .bind(now_micros())
+        .bind(payload)
+        .fetch_one(&mut **self)
+        .await?;
+        self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
+        if let Some(retention) = self.db.inner.outbox_retention
+            && seq % PRUNE_EVERY == 0
+        {
+            // Under the outbox lock this transaction already holds. Only a prefix goes: from
+            // the oldest event up to the first one still within the retention (append times
+            // follow sequences only as well as the replicas' clocks agree, and a hole in the
+            // middle would read as pruned). At most PRUNE_WINDOW rows are looked at, more
+            // than are appended between prunes, so the outbox shrinks back when it is over.
+            // The row just appended always stays, so the next sequence still follows it.
+            let cutoff = now_micros().saturating_sub(retention.as_micros() as i64);
+            let oldest: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
+                    .fetch_one(&mut **self)
+                    .await?;
+            let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
+            let pruned = sqlx::query(
+                "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
+                 COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
+                           WHERE sequence <= $3 AND create_time >= $2), $1)",
+            )
+            .bind(seq)
+            .bind(cutoff)
+            .bind(window_end)
+            .execute(&mut **self)
+            .await?
+            .rows_affected();
+            if pruned > 0 {
+                tracing::debug!(pruned, before = seq, "pruned the outbox");
+            }
+        }
+        Ok(seq)
+    }
+}
 
 impl Db {
     /// Up to `limit` events with a sequence greater than `after`, in order.
@@ -146,4 +224,130 @@ impl Db {
             }
         })
     }
+}
+
+/// How a service's events travel: its `WatchEventsResponse` (`sequence`, `create_time`,
+/// `epoch` and an `event` oneof) and that oneof.
+///
+/// A service that emits events declares this once, in its own crate, with
+/// [`watch_events!`](crate::watch_events) (the orphan rule keeps it from implementing a
+/// foreign trait for the generated message itself, so the impl goes on a marker type of its
+/// own), and names the marker in [`append`] and [`stream`]. The store knows no service.
+pub trait WatchEvents {
+    /// The service's `WatchEventsResponse`.
+    type Message: prost::Message + Default + Send + 'static;
+    /// The message's `event` oneof.
+    type Event: Send;
+
+    /// The message with only `event` set: what goes into the outbox.
+    fn message(event: Self::Event) -> Self::Message;
+
+    /// Fills in what the outbox assigned.
+    fn stamp(message: &mut Self::Message, stamp: Stamp<'_>);
+}
+
+/// What the outbox assigns to an event, filled into the message it streams.
+#[derive(Clone, Debug)]
+pub struct Stamp<'a> {
+    /// The event's sequence.
+    pub sequence: i64,
+    /// When the event was appended.
+    pub create_time: Timestamp,
+    /// The outbox's epoch ([`Db::epoch`]).
+    pub epoch: &'a str,
+}
+
+/// Declares the events of a service whose contract has the usual `WatchEventsResponse`
+/// (`sequence`, `create_time`, `epoch`, and an `event` oneof): a marker type implementing
+/// [`outbox::WatchEvents`](crate::outbox::WatchEvents) for the generated package given.
+///
+/// ```
+/// use tessera::users::v1::{UserDeleted, watch_events_response::Event};
+/// use tessera_store::outbox::{Stamp, WatchEvents};
+///
+/// tessera_store::watch_events!(UserEvents = tessera::users::v1);
+///
+/// // What `outbox::append::<UserEvents>(&mut tx, event)` stores: only the oneof is set.
+/// let deleted = Event::UserDeleted(UserDeleted { user_id: "u1".into() });
+/// let mut message = UserEvents::message(deleted.clone());
+/// assert_eq!((message.sequence, message.event.as_ref()), (0, Some(&deleted)));
+///
+/// // What `outbox::stream::<UserEvents>(&db, after)` fills in on the way out.
+/// let create_time = tessera_store::timestamp(1_500_000);
+/// UserEvents::stamp(&mut message, Stamp { sequence: 7, create_time, epoch: "e1" });
+/// assert_eq!((message.sequence, message.epoch.as_str()), (7, "e1"));
+/// ```
+#[macro_export]
+macro_rules! watch_events {
+    ($(#[$attr:meta])* $vis:vis $name:ident = $($package:ident)::+) => {
+        $(#[$attr])*
+        #[derive(Clone, Copy, Debug)]
+        $vis struct $name;
+
+        impl $crate::outbox::WatchEvents for $name {
+            type Message = $($package)::+::WatchEventsResponse;
+            type Event = $($package)::+::watch_events_response::Event;
+
+            fn message(event: Self::Event) -> Self::Message {
+                Self::Message {
+                    event: Some(event),
+                    ..Default::default()
+                }
+            }
+
+            fn stamp(message: &mut Self::Message, stamp: $crate::outbox::Stamp<'_>) {
+                message.sequence = stamp.sequence;
+                message.create_time = Some(stamp.create_time);
+                message.epoch = stamp.epoch.to_owned();
+            }
+        }
+    };
+}
+
+/// What a `WatchEvents` handler returns (its `WatchEventsStream`).
+pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// Appends `event` to the outbox inside `tx`, encoded as the service's message with only its
+/// `event` set; returns the event's sequence. Call it as the last write of the transaction
+/// (see [`Tx::append_event`]).
+pub async fn append<W: WatchEvents>(tx: &mut Tx, event: W::Event) -> Result<i64> {
+    tx.append_event(&W::message(event).encode_to_vec()).await
+}
+
+/// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as the
+/// service's message and stamped with its sequence, append time and the outbox epoch; the
+/// backlog first, then new events as they commit (see [`Db::events`]).
+///
+/// A negative `after_sequence` is INVALID_ARGUMENT naming the field. A storage failure or a
+/// payload that does not decode as the message comes out as an opaque INTERNAL item, the cause
+/// logged; tonic ends the response with it and the client reconnects from its cursor.
+pub fn stream<W: WatchEvents>(
+    db: &Db,
+    after_sequence: i64,
+) -> Result<WatchStream<W::Message>, Status> {
+    if after_sequence < 0 {
+        return Err(invalid_field("after_sequence", "must not be negative"));
+    }
+    let epoch = db.epoch().unwrap_or_default().to_owned();
+    let events = db.events(after_sequence).map(move |item| {
+        let event = item.map_err(|err| match err {
+            // The caller's cursor is not in what is kept (older than the retention, or ahead
+            // of an outbox that went back): its own problem, said plainly.
+            StoreError::Pruned { .. } | StoreError::Ahead { .. } => {
+                Status::out_of_range(err.to_string())
+            }
+            err => internal(error_chain(&err)),
+        })?;
+        let mut message = W::Message::decode(event.payload.as_slice()).map_err(|err| {
+            internal(format!("outbox event {} is corrupt: {err}", event.sequence))
+        })?;
+        let stamp = Stamp {
+            sequence: event.sequence,
+            create_time: timestamp(event.create_time),
+            epoch: &epoch,
+        };
+        W::stamp(&mut message, stamp);
+        Ok(message)
+    });
+    Ok(Box::pin(events))
 }

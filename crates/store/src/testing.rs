@@ -1,5 +1,5 @@
-//! Helpers for the tests of Tessera services: databases on both engines, and (with the
-//! `testing` feature, for dev-dependencies only) end-user requests and fake upstream services.
+//! Test databases for the tests of Tessera services, on both engines (what else tests share,
+//! such as fakes and `eventually`, is in the `tessera-testing` crate).
 //!
 //! Every test that touches storage should also run on PostgreSQL when
 //! `TESSERA_TEST_DATABASE_URL` is set; [`postgres`] (and, with the feature, `databases`)
@@ -7,13 +7,10 @@
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use crate::{Db, DbOptions, Migration, Result};
-
-#[cfg(feature = "testing")]
-pub mod fakes;
 
 /// The environment variable naming the PostgreSQL server tests may use.
 pub const TEST_DATABASE_URL: &str = "TESSERA_TEST_DATABASE_URL";
@@ -92,36 +89,4 @@ pub async fn databases(label: &str, migrations: &[Migration]) -> Vec<TestDb> {
         });
     }
     out
-}
-
-/// Polls `cond` until it holds, failing the test after a bound (15 s) instead of sleeping
-/// for a guessed time.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// `msg` as a request from the verified end user `sub` with `role` ("USER", "MODERATOR",
-/// "ADMIN"), as the server stack leaves it for a handler after checking the token.
-#[cfg(feature = "testing")]
-pub fn as_user<T>(sub: &str, role: &str, msg: T) -> tonic::Request<T> {
-    use tessera_mesh::auth::{EndUser, UserClaims};
-    let mut req = tonic::Request::new(msg);
-    req.extensions_mut().insert(EndUser {
-        claims: UserClaims {
-            sub: sub.to_owned(),
-            role: role.to_owned(),
-            exp: u64::MAX / 2,
-            iat: 0,
-        },
-        token: "test-token".into(),
-    });
-    req
 }

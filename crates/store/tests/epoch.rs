@@ -9,13 +9,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use tempfile::TempDir;
 use tessera::users::v1::{UserDeleted, WatchEventsResponse, watch_events_response::Event};
-use tessera_store::{
-    Consumer, Db, Migration, StoreError, Tx, run_consumer,
-    testing::{self, eventually},
-    watch,
-};
+use tessera_store::{Consumer, Db, Migration, StoreError, Tx, outbox, run_consumer, testing};
+use tessera_testing::eventually;
 use tokio::{sync::watch as signal, task::JoinHandle};
 use tonic::{Code, Status};
+
+tessera_store::watch_events!(UserEvents = tessera::users::v1);
 
 const MIGRATIONS: &[Migration] = &[Migration::portable(
     "applied",
@@ -37,7 +36,7 @@ async fn fresh(label: &str, dir: &TempDir) -> Vec<(&'static str, Db)> {
 
 async fn append(db: &Db, user_id: &str) -> i64 {
     let mut tx = db.begin().await.unwrap();
-    let seq = watch::append::<WatchEventsResponse>(
+    let seq = outbox::append::<UserEvents>(
         &mut tx,
         Event::UserDeleted(UserDeleted {
             user_id: user_id.into(),
@@ -49,7 +48,7 @@ async fn append(db: &Db, user_id: &str) -> i64 {
     seq
 }
 
-/// Follows `source`'s outbox through `watch::stream`, as a service's WatchEvents would serve
+/// Follows `source`'s outbox through `outbox::stream`, as a service's WatchEvents would serve
 /// it, recording each deleted user in `applied`.
 struct Follower {
     source: Db,
@@ -58,14 +57,14 @@ struct Follower {
 impl Consumer for Follower {
     type Event = WatchEventsResponse;
     type Error = Status;
-    type Stream = watch::WatchStream<WatchEventsResponse>;
+    type Stream = outbox::WatchStream<WatchEventsResponse>;
 
     fn name(&self) -> &str {
         "users-events"
     }
 
     async fn open(&self, after: i64) -> Result<Self::Stream, Status> {
-        watch::stream(&self.source, after)
+        outbox::stream::<UserEvents>(&self.source, after)
     }
 
     fn sequence(&self, event: &Self::Event) -> i64 {
@@ -133,7 +132,7 @@ async fn an_outbox_has_one_epoch_for_life_and_streams_it() {
         }
         assert!(epoch.len() >= 16, "{name}: a random id: {epoch}");
         append(&db, "u1").await;
-        let first = watch::stream::<WatchEventsResponse>(&db, 0)
+        let first = outbox::stream::<UserEvents>(&db, 0)
             .unwrap()
             .next()
             .await
@@ -160,7 +159,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
     for (name, db) in fresh("epoch_ahead", &dir).await {
         append(&db, "u1").await;
         append(&db, "u2").await;
-        let refused = watch::stream::<WatchEventsResponse>(&db, 5)
+        let refused = outbox::stream::<UserEvents>(&db, 5)
             .unwrap()
             .next()
             .await
@@ -172,7 +171,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
             "{name}: {refused:?}"
         );
         // Up to date is not ahead: the stream waits and delivers the next event.
-        let mut live = watch::stream::<WatchEventsResponse>(&db, 2).unwrap();
+        let mut live = outbox::stream::<UserEvents>(&db, 2).unwrap();
         append(&db, "u3").await;
         let next = tokio::time::timeout(Duration::from_secs(10), live.next())
             .await
@@ -197,10 +196,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             append(&original, u).await;
         }
         let running = follow(&target, &original);
-        eventually("the original's events applied", || async {
-            target.cursor("users-events").await.unwrap() == 3
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 3,
+            "the original's events applied"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         assert_eq!(state.epoch.as_deref(), original.epoch(), "{name}");
@@ -212,15 +211,15 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             append(&recreated, u).await;
         }
         let running = follow(&target, &recreated);
-        eventually("the consumer halts", || async {
+        eventually!(
             target
                 .cursor_state("users-events")
                 .await
                 .unwrap()
                 .halted
-                .is_some()
-        })
-        .await;
+                .is_some(),
+            "the consumer halts"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         let halted = state.halted.unwrap();
@@ -237,10 +236,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
         let before = target.reset_cursor("users-events", 0).await.unwrap();
         assert_eq!(before.position, 3, "{name}");
         let running = follow(&target, &recreated);
-        eventually("the recreated producer's events applied", || async {
-            target.cursor("users-events").await.unwrap() == 5
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 5,
+            "the recreated producer's events applied"
+        );
         running.stop().await;
         let state = target.cursor_state("users-events").await.unwrap();
         assert_eq!(state.epoch.as_deref(), recreated.epoch(), "{name}");
@@ -258,15 +257,15 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             .await
             .unwrap();
         let running = follow(&target, &recreated);
-        eventually("the consumer halts on a cursor ahead", || async {
+        eventually!(
             target
                 .cursor_state("users-events")
                 .await
                 .unwrap()
                 .halted
-                .is_some_and(|h| h.contains("ahead"))
-        })
-        .await;
+                .is_some_and(|h| h.contains("ahead")),
+            "the consumer halts on a cursor ahead"
+        );
         // Events appended meanwhile (sequence 3, below the cursor) are never applied.
         append(&recreated, "c3").await;
         running.stop().await;
@@ -280,10 +279,10 @@ async fn a_producer_with_another_history_halts_the_consumer_until_a_reset() {
             .await
             .unwrap();
         let running = follow(&target, &recreated);
-        eventually("the restored history applied", || async {
-            target.cursor("users-events").await.unwrap() == 3
-        })
-        .await;
+        eventually!(
+            target.cursor("users-events").await.unwrap() == 3,
+            "the restored history applied"
+        );
         running.stop().await;
         assert_eq!(
             applied(&target).await,

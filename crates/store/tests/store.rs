@@ -13,10 +13,8 @@ use std::{
 use futures::{StreamExt, stream::BoxStream};
 use sqlx::Row;
 use tempfile::TempDir;
-use tessera_store::{
-    Backend, Consumer, Db, Migration, StoreError, Tx, run_consumer,
-    testing::{self, eventually},
-};
+use tessera_store::{Backend, Consumer, Db, Migration, StoreError, Tx, run_consumer, testing};
+use tessera_testing::eventually;
 use tokio::sync::watch;
 
 const MIGRATIONS: &[Migration] = &[
@@ -643,16 +641,16 @@ async fn consumer_applies_each_event_once_across_reconnects() {
                 .await
                 .unwrap()
         };
-        eventually("five events applied", || async { count().await == 5 }).await;
+        eventually!(count().await == 5, "five events applied");
 
         // A live event is picked up too.
         let mut tx = source.begin().await.unwrap();
         let last = tx.append_event(b"live").await.unwrap();
         tx.commit().await.unwrap();
-        eventually("the live event applied", || async {
-            target.cursor("mirror").await.unwrap() == last
-        })
-        .await;
+        eventually!(
+            target.cursor("mirror").await.unwrap() == last,
+            "the live event applied"
+        );
         assert_eq!(count().await, 6, "no event applied twice");
         assert!(opens.load(Ordering::SeqCst) >= 3, "it reconnected");
 
@@ -719,10 +717,10 @@ async fn reopen_after(end: tonic::Code) -> Duration {
         },
         shutdown,
     ));
-    eventually("the stream to be opened again after it ended", || async {
-        opens.lock().unwrap().len() >= 6
-    })
-    .await;
+    eventually!(
+        opens.lock().unwrap().len() >= 6,
+        "the stream to be opened again after it ended"
+    );
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await

@@ -47,7 +47,8 @@ impl Apply for PostEvents {
                     .execute(&mut **tx)
                     .await?;
             }
-            None => {}
+            // An edit changes nothing the digest keeps (id, author, create time).
+            Some(Event::PostUpdated(_)) | None => {}
         }
         Ok(())
     }

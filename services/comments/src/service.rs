@@ -13,13 +13,16 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_mesh::{auth::end_user, errors::Violations};
-use tessera_store::{Db, PageToken, Tx, now_micros, timestamp, watch};
+use tessera_store::{Db, PageToken, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Error, MIGRATIONS,
     consumers::{POST_KEY, USER_KEY},
 };
+
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(CommentEvents = tessera::comments::v1);
 
 /// Longest comment body, in characters.
 pub const MAX_BODY_CHARS: usize = 10_000;
@@ -340,9 +343,7 @@ impl Comments {
 
 /// Appends one event to the outbox, as the last write of `tx`.
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), tessera_store::StoreError> {
-    watch::append::<WatchEventsResponse>(tx, event)
-        .await
-        .map(drop)
+    outbox::append::<CommentEvents>(tx, event).await.map(drop)
 }
 
 #[tonic::async_trait]
@@ -374,13 +375,15 @@ impl CommentService for Comments {
         Ok(Response::new(DeleteCommentResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        Ok(Response::new(watch::stream(&self.db, after)?))
+        Ok(Response::new(outbox::stream::<CommentEvents>(
+            &self.db, after,
+        )?))
     }
 }

@@ -26,13 +26,12 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_mesh::{
-    auth::TokenKeys,
-    server::{GrpcService, with_health_and_public_reflection},
+    auth::TokenKeys, reflection::with_health_and_public_reflection, server::GrpcService,
 };
 use tonic::{body::Body, service::Routes};
 use tower::{Service, util::BoxCloneSyncService};
 
-use crate::{Error, Feed, PublicProxy, RateLimits, proxy::SizeLimits, public_methods};
+use crate::{Cache, Error, Feed, PublicProxy, RateLimits, proxy::SizeLimits, public_methods};
 
 /// The gRPC service every public method of the gateway itself belongs to.
 pub const FEED_SERVICE: &str = "tessera.gateway.v1.FeedService";
@@ -84,6 +83,27 @@ pub fn public_service(
     keys: TokenKeys,
     limits: EdgeLimits,
 ) -> Result<GrpcService, Error> {
+    build(upstreams, keys, limits, None)
+}
+
+/// [`public_service`] with FeedService reading through `cache`, and the writes that change
+/// what it holds dropping their keys from it (see [`crate::cache`]). Run its followers
+/// ([`crate::cache::follow_post_events`], [`crate::cache::follow_user_events`]) beside it.
+pub fn public_service_cached(
+    upstreams: &Upstreams,
+    keys: TokenKeys,
+    limits: EdgeLimits,
+    cache: &Cache,
+) -> Result<GrpcService, Error> {
+    build(upstreams, keys, limits, Some(cache))
+}
+
+fn build(
+    upstreams: &Upstreams,
+    keys: TokenKeys,
+    limits: EdgeLimits,
+    cache: Option<&Cache>,
+) -> Result<GrpcService, Error> {
     let feed = match (
         upstreams.get("posts", false),
         upstreams.get("comments", false),
@@ -95,6 +115,10 @@ pub fn public_service(
                 CommentServiceClient::new(comments),
                 UserServiceClient::new(users),
             );
+            let feed = match cache {
+                Some(cache) => feed.with_cache(cache.clone()),
+                None => feed,
+            };
             Some(Channel::from_service(
                 FeedServiceServer::new(feed).max_decoding_message_size(limits.sizes.max_request),
             ))
@@ -111,6 +135,10 @@ pub fn public_service(
             None => None,
         };
         let Some(channel) = channel else { continue };
+        let channel = match cache {
+            Some(cache) => crate::cache::invalidating(&method.path, channel, cache),
+            None => channel,
+        };
         if !advertised.contains(&method.service) {
             advertised.push(method.service.clone());
         }

@@ -46,6 +46,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod edge;
 mod error;
 pub mod http_json;
@@ -55,7 +56,8 @@ pub mod rate_limit;
 pub mod service;
 mod unread;
 
-pub use edge::{EdgeLimits, Upstreams, public_service};
+pub use cache::{Cache, CacheLimits};
+pub use edge::{EdgeLimits, Upstreams, public_service, public_service_cached};
 pub use error::Error;
 pub use http_json::{Edge, HttpJson};
 pub use proxy::{ClientAddr, PublicProxy, SizeLimits};

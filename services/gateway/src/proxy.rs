@@ -164,11 +164,6 @@ impl PublicProxy {
             }),
         })
     }
-
-    /// The paths this proxy serves.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.inner.routes.keys().map(String::as_str)
-    }
 }
 
 impl Inner {
@@ -468,18 +463,12 @@ impl http_body::Body for PumpedBody {
     }
 }
 
-/// The bearer token of the `authorization` header, if there is one.
+/// The bearer token of the `authorization` header, if there is one (parsed as the mesh does,
+/// answered with the gateway's own error).
 fn bearer_token(headers: &http::HeaderMap) -> Result<Option<String>, Error> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let value = value.to_str().map_err(|_| Error::BadAuthorizationHeader)?;
-    let (scheme, token) = value.split_once(' ').ok_or(Error::BadAuthorizationHeader)?;
-    let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-        return Err(Error::BadAuthorizationHeader);
-    }
-    Ok(Some(token.to_owned()))
+    tessera_mesh::headers::bearer_token(headers)
+        .map(|token| token.map(str::to_owned))
+        .map_err(|_| Error::BadAuthorizationHeader)
 }
 
 fn client_ip<B>(req: &http::Request<B>) -> Option<IpAddr> {

@@ -5,6 +5,10 @@
 //! GetPost and ListComments run concurrently, as both need only the post id, then one
 //! BatchGetUsers fetches the post's author and every comment author together. A NOT_FOUND
 //! from GetPost is the answer for a missing post.
+//!
+//! With a [`Cache`], the post and the profiles it holds are not fetched: a thread on a post
+//! read before costs one call (ListComments). Profiles carrying more than their public view
+//! for this reader (their own, or any for an ADMIN) are always fetched.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,14 +19,17 @@ use tessera::{
         GetPostThreadRequest, GetPostThreadResponse, ThreadComment,
         feed_service_server::FeedService,
     },
-    posts::v1::{GetPostRequest, post_service_client::PostServiceClient},
+    posts::v1::{GetPostRequest, Post, post_service_client::PostServiceClient},
     users::v1::{BatchGetUsersRequest, User, user_service_client::UserServiceClient},
 };
 use tessera_client::Channel;
 use tessera_mesh::{auth::maybe_end_user, context, errors::Violations};
 use tonic::{Request, Response, Status};
 
-use crate::Error;
+use crate::{
+    Error,
+    cache::{Cache, Lookup},
+};
 
 /// Comments per thread page when the request does not say.
 pub const DEFAULT_COMMENT_PAGE_SIZE: i32 = 20;
@@ -37,6 +44,29 @@ pub struct Feed {
     posts: PostServiceClient<Channel>,
     comments: CommentServiceClient<Channel>,
     users: UserServiceClient<Channel>,
+    cache: Option<Cache>,
+}
+
+/// What the reader may see of a profile beyond its public view, which decides whether a
+/// cached copy (the public view) is the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Reader {
+    /// Anonymous: the public view of everyone.
+    Anyone,
+    /// Their own email.
+    Owner(String),
+    /// An ADMIN (every email), or a token whose claims are not at hand.
+    Privileged,
+}
+
+impl Reader {
+    fn sees_public_view_of(&self, user_id: &str) -> bool {
+        match self {
+            Reader::Anyone => true,
+            Reader::Owner(me) => me != user_id,
+            Reader::Privileged => false,
+        }
+    }
 }
 
 impl Feed {
@@ -49,31 +79,33 @@ impl Feed {
             posts,
             comments,
             users,
+            cache: None,
         }
+    }
+
+    /// Serves posts and public profiles from `cache` (kept fresh by its followers, see
+    /// [`crate::cache`]).
+    pub fn with_cache(mut self, cache: Cache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     async fn thread(
         &self,
         post_id: String,
         page_size: i32,
+        reader: &Reader,
     ) -> Result<GetPostThreadResponse, Error> {
-        let mut posts = self.posts.clone();
         let mut comments = self.comments.clone();
-        let (post, page) = tokio::try_join!(
-            posts.get_post(GetPostRequest {
-                post_id: post_id.clone()
-            }),
-            comments.list_comments(ListCommentsRequest {
-                post_id,
+        let page = async {
+            let request = ListCommentsRequest {
+                post_id: post_id.clone(),
                 page_size,
                 page_token: String::new(),
-            }),
-        )?;
-        let post = post
-            .into_inner()
-            .post
-            .ok_or_else(|| Error::Internal("GetPost returned no post".into()))?;
-        let page = page.into_inner();
+            };
+            Ok::<_, Error>(comments.list_comments(request).await?.into_inner())
+        };
+        let (post, page) = tokio::try_join!(self.post(&post_id), page)?;
 
         // The post's author first, then each comment author once, in order of appearance.
         let mut seen = HashSet::new();
@@ -82,7 +114,7 @@ impl Feed {
             .filter(|id| !id.is_empty() && seen.insert(id.as_str()))
             .cloned()
             .collect();
-        let users = self.batch_get_users(ids).await?;
+        let users = self.authors(ids, reader).await?;
 
         let author = users.get(&post.author_id).cloned();
         let comments = page
@@ -99,6 +131,70 @@ impl Feed {
             comments,
             next_comment_page_token: page.next_page_token,
         })
+    }
+
+    /// The post, from the cache or from PostService.
+    async fn post(&self, post_id: &str) -> Result<Post, Error> {
+        let lease = match self.cache.as_ref().map(|c| c.post(post_id)) {
+            Some(Lookup::Hit(post)) => return Ok(post),
+            Some(Lookup::Miss(lease)) => lease,
+            None => None,
+        };
+        let request = GetPostRequest {
+            post_id: post_id.to_owned(),
+        };
+        let post = self
+            .posts
+            .clone()
+            .get_post(request)
+            .await?
+            .into_inner()
+            .post
+            .ok_or_else(|| Error::Internal("GetPost returned no post".into()))?;
+        if let Some(lease) = lease {
+            lease.fill(post.clone());
+        }
+        Ok(post)
+    }
+
+    /// The users among `ids` that exist, as `reader` may see them: public views from the
+    /// cache where it has them, the rest fetched (and their public views kept).
+    async fn authors(
+        &self,
+        ids: Vec<String>,
+        reader: &Reader,
+    ) -> Result<HashMap<String, User>, Status> {
+        let mut found = HashMap::new();
+        let mut leases = Vec::new();
+        let mut missing = Vec::new();
+        for id in ids {
+            let cached = match &self.cache {
+                Some(cache) if reader.sees_public_view_of(&id) => cache.user(&id),
+                _ => Lookup::Miss(None),
+            };
+            match cached {
+                Lookup::Hit(user) => {
+                    found.insert(id, user);
+                }
+                Lookup::Miss(lease) => {
+                    leases.extend(lease);
+                    missing.push(id);
+                }
+            }
+        }
+        let fetched = self.batch_get_users(missing).await?;
+        for lease in leases {
+            // A user that does not exist leaves its lease unfilled, which frees it.
+            if let Some(user) = fetched.get(lease.key()) {
+                lease.fill(User {
+                    // Already empty for this reader; kept out of the cache whatever happens.
+                    email: String::new(),
+                    ..user.clone()
+                });
+            }
+        }
+        found.extend(fetched);
+        Ok(found)
     }
 
     /// The users among `ids` that exist (deleted ones are simply absent), in as few calls as
@@ -153,12 +249,19 @@ impl FeedService for Feed {
         // deadline. The mesh server stack and the public proxy set this context; wherever it
         // lacks the token, the verified user in the request has it.
         let mut ctx = context::current().unwrap_or_default();
+        let user = maybe_end_user(&request);
         if ctx.token.is_none() {
-            ctx.token = maybe_end_user(&request).map(|u| u.token.clone());
+            ctx.token = user.map(|u| u.token.clone());
         }
+        let reader = match user {
+            Some(u) if u.claims.is_admin() => Reader::Privileged,
+            Some(u) => Reader::Owner(u.claims.sub.clone()),
+            None if ctx.token.is_some() => Reader::Privileged,
+            None => Reader::Anyone,
+        };
         let req = request.into_inner();
         let page_size = comment_page_size(&req)?;
-        let reply = context::scope(ctx, self.thread(req.post_id, page_size)).await?;
+        let reply = context::scope(ctx, self.thread(req.post_id, page_size, &reader)).await?;
         Ok(Response::new(reply))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tessera::posts::v1::{
     CreatePostRequest, CreatePostResponse, DeletePostRequest, DeletePostResponse, GetPostRequest,
     GetPostResponse, ListPostsRequest, ListPostsResponse, Post, PostCreated, PostDeleted,
-    UpdatePostRequest, UpdatePostResponse, WatchEventsRequest, WatchEventsResponse,
+    PostUpdated, UpdatePostRequest, UpdatePostResponse, WatchEventsRequest, WatchEventsResponse,
     post_service_server::PostService, watch_events_response::Event,
 };
 use tessera::users::v1::user_service_client::UserServiceClient;
@@ -15,7 +15,7 @@ use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{Db, PageToken, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Db, PageToken, StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, MIGRATIONS};
@@ -69,6 +69,9 @@ impl Posts {
         &self.inner.db
     }
 }
+
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(PostEvents = tessera::posts::v1);
 
 const MAX_TITLE: usize = 200;
 /// Bytes.
@@ -191,7 +194,7 @@ impl Posts {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<PostEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -510,6 +513,15 @@ impl PostService for Posts {
             // Updated or deleted between our read and this write.
             return Err(Error::StaleEtag.into());
         }
+        // Readers that keep copies (the gateway's cache) learn of the edit from here.
+        append(
+            &mut tx,
+            Event::PostUpdated(PostUpdated {
+                post: Some(updated.to_proto()),
+            }),
+        )
+        .await
+        .map_err(Error::from)?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(UpdatePostResponse {
             post: Some(updated.to_proto()),
@@ -547,13 +559,23 @@ impl PostService for Posts {
         Ok(Response::new(DeletePostResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let after = request.into_inner().after_sequence;
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        let req = request.into_inner();
+        // Read before the response goes out, so a follower from now misses nothing committed
+        // after it has the headers.
+        let after = if req.from_now {
+            self.db().last_sequence().await.map_err(Error::from)?
+        } else {
+            req.after_sequence
+        };
+        Ok(Response::new(outbox::stream::<PostEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }

@@ -8,7 +8,7 @@ use tessera::users::v1::{
     DeleteUserRequest, DeleteUserResponse, GetJwksRequest, GetJwksResponse, GetUserRequest,
     GetUserResponse, Jwk, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
     RefreshTokenRequest, RefreshTokenResponse, Role, SetUserRoleRequest, SetUserRoleResponse, User,
-    UserCreated, UserDeleted, WatchEventsRequest, WatchEventsResponse,
+    UserCreated, UserDeleted, UserUpdated, WatchEventsRequest, WatchEventsResponse,
     user_service_server::UserService, watch_events_response::Event,
 };
 use tessera_mesh::{
@@ -16,7 +16,7 @@ use tessera_mesh::{
     errors::{Violations, invalid_field},
     token::Verifier,
 };
-use tessera_store::{Backend, Db, StoreError, Tx, now_micros, timestamp, watch};
+use tessera_store::{Backend, Db, StoreError, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -151,6 +151,9 @@ impl Users {
         &self.inner.db
     }
 }
+
+// The events this service appends to its outbox and serves from WatchEvents.
+tessera_store::watch_events!(UserEvents = tessera::users::v1);
 
 /// Most ids one BatchGetUsers may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -302,20 +305,33 @@ fn required(value: &str, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// One user by id, through the pool or a transaction.
+async fn find_user_with<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    user_id: &str,
+) -> Result<Option<UserRow>, Error> {
+    let row: Option<UserTuple> = sqlx::query_as(&format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"
+    ))
+    .bind(user_id)
+    .fetch_optional(executor)
+    .await
+    .map_err(db_err)?;
+    Ok(row.map(UserRow::from))
+}
+
 pub(crate) fn db_err(err: sqlx::Error) -> Error {
     Error::Store(StoreError::from(err))
 }
 
 impl Users {
     async fn find_user(&self, user_id: &str) -> Result<Option<UserRow>, Error> {
-        let row: Option<UserTuple> = sqlx::query_as(&format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"
-        ))
-        .bind(user_id)
-        .fetch_optional(self.db().pool())
-        .await
-        .map_err(db_err)?;
-        Ok(row.map(UserRow::from))
+        find_user_with(self.db().pool(), user_id).await
+    }
+
+    /// [`Users::find_user`] inside a transaction.
+    async fn find_user_in(&self, tx: &mut Tx, user_id: &str) -> Result<Option<UserRow>, Error> {
+        find_user_with(&mut **tx, user_id).await
     }
 
     async fn find_by_username(&self, username: &str) -> Result<Option<UserRow>, Error> {
@@ -535,7 +551,7 @@ impl Users {
 
 /// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
 async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    watch::append::<WatchEventsResponse>(tx, event).await?;
+    outbox::append::<UserEvents>(tx, event).await?;
     Ok(())
 }
 
@@ -779,9 +795,20 @@ impl UserService for Users {
             // Sessions carry the role into new access tokens: the user logs in again.
             sessions::revoke_user(&mut tx, &req.user_id).await?;
         }
+        // Read in the transaction, so the event carries the row as committed.
+        let user = self
+            .find_user_in(&mut tx, &req.user_id)
+            .await?
+            .ok_or(Error::NotFound)?;
+        if current != role {
+            // Readers that keep copies of profiles (the gateway's cache) learn of it from here.
+            let event = Event::UserUpdated(UserUpdated {
+                user: Some(user.to_proto(false)),
+            });
+            append(&mut tx, event).await?;
+        }
         tx.commit().await.map_err(Error::from)?;
         tracing::info!(user_id = %req.user_id, role, by = %caller.sub, "role changed");
-        let user = self.find_user(&req.user_id).await?.ok_or(Error::NotFound)?;
         Ok(Response::new(SetUserRoleResponse {
             user: Some(user.to_proto(true)),
         }))
@@ -835,14 +862,24 @@ impl UserService for Users {
         Ok(Response::new(DeleteUserResponse {}))
     }
 
-    type WatchEventsStream = watch::WatchStream<WatchEventsResponse>;
+    type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let after = request.into_inner().after_sequence;
-        Ok(Response::new(watch::stream(self.db(), after)?))
+        let req = request.into_inner();
+        // Read before the response goes out, so a follower from now misses nothing committed
+        // after it has the headers.
+        let after = if req.from_now {
+            self.db().last_sequence().await.map_err(Error::from)?
+        } else {
+            req.after_sequence
+        };
+        Ok(Response::new(outbox::stream::<UserEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }
 

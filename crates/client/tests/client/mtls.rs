@@ -1,26 +1,14 @@
 //! mTLS with workload certificates from files.
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use tessera::users::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use tessera_client::ClientBuilder;
-use tessera_mesh::{
-    certs::Ca,
-    identity::SpiffeId,
-    tls::{TlsFiles, TlsSource},
-};
+use tessera_mesh::{certs::Ca, tls::TlsSource};
+use tessera_testing::tls::issue;
 use tonic::Code;
 
 use crate::support::{Replica, serial, target};
-
-fn issue(ca: &Ca, service: &str, dir: &std::path::Path) -> TlsFiles {
-    let id = SpiffeId::new("tessera.local", "default", service).unwrap();
-    let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-    ca.issue(&id, &["localhost"], &[localhost])
-        .unwrap()
-        .save(&dir.join(service))
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_present_the_workload_certificate() {

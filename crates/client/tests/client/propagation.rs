@@ -16,7 +16,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use crate::support::{Replica, serial, target};
 
 fn grpc_timeout(value: &str) -> Duration {
-    tessera_mesh::stack::parse_grpc_timeout(value).unwrap()
+    tessera_mesh::headers::parse_grpc_timeout(&value.parse().unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,9 @@ use tessera_client::{ClientBuilder, RetryBudget};
 use tokio::task::JoinSet;
 use tonic::Code;
 
-use crate::support::{Replica, eventually, get_users, serial, target};
+use tessera_testing::eventually;
+
+use crate::support::{Replica, get_users, serial, target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_fails_no_idempotent_call() {
@@ -54,24 +56,18 @@ async fn killing_a_replica_fails_no_idempotent_call() {
         });
     }
 
-    assert!(
-        eventually(Duration::from_secs(10), || replicas[0].behaviour.gets()
-            > 100)
-        .await
-    );
+    eventually!(replicas[0].behaviour.gets() > 100, Duration::from_secs(10));
     replicas[0].kill();
     let killed_at = calls.load(Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
-            > killed_at + 1500)
-        .await
+    eventually!(
+        calls.load(Ordering::SeqCst) > killed_at + 1500,
+        Duration::from_secs(20)
     );
     let dead_count = replicas[0].behaviour.gets();
     let before = calls.load(Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
-            > before + 300)
-        .await
+    eventually!(
+        calls.load(Ordering::SeqCst) > before + 300,
+        Duration::from_secs(20)
     );
     done.store(true, Ordering::SeqCst);
 

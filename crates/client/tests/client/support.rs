@@ -123,7 +123,10 @@ impl UserService for Handler {
         let deadline = request
             .metadata()
             .get("grpc-timeout")
-            .and_then(|v| tessera_mesh::stack::parse_grpc_timeout(v.to_str().ok()?))
+            .and_then(|v| {
+                let v = http::HeaderValue::from_bytes(v.as_encoded_bytes()).ok()?;
+                tessera_mesh::headers::parse_grpc_timeout(&v)
+            })
             .map(|t| Instant::now() + t);
         self.0.gets.fetch_add(1, Ordering::SeqCst);
         self.0.behave(request.metadata()).await?;
@@ -350,18 +353,4 @@ pub async fn get_users(channel: &Channel, total: usize, workers: usize) -> Vec<S
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
-}
-
-/// Polls `condition` every 5 ms until it holds or `within` passes.
-pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if condition() {
-            return true;
-        }
-        if start.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

@@ -50,12 +50,12 @@ async fn shutdown_turns_readiness_off_keeps_liveness_and_drains_calls() {
             })
             .await
     });
-    eventually!("the slow call to reach its handler", app.in_flight() == 1);
+    eventually!(app.in_flight() == 1, "the slow call to reach its handler");
 
     app.shutdown();
     eventually!(
-        "readiness to go NOT_SERVING",
-        health_status(&mut admin, "readiness").await.unwrap() == NOT_SERVING
+        health_status(&mut admin, "readiness").await.unwrap() == NOT_SERVING,
+        "readiness to go NOT_SERVING"
     );
     assert_eq!(
         health_status(&mut admin, "liveness").await.unwrap(),
@@ -125,8 +125,8 @@ async fn readiness_waits_for_the_gate_while_calls_are_served() {
 
     open.send(()).unwrap();
     eventually!(
-        "readiness to turn SERVING once the gate is through",
-        health_status(&mut admin, "readiness").await.unwrap() == SERVING
+        health_status(&mut admin, "readiness").await.unwrap() == SERVING,
+        "readiness to turn SERVING once the gate is through"
     );
     assert_eq!(health_status(&mut internal, POSTS).await.unwrap(), SERVING);
     assert_eq!(health_status(&mut internal, "").await.unwrap(), SERVING);

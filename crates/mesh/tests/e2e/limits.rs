@@ -36,7 +36,7 @@ async fn the_server_enforces_the_callers_deadline() {
     assert!(took >= Duration::from_millis(50), "{took:?}");
     assert!(took < Duration::from_millis(500), "{took:?}");
     // The handler was cancelled, not left running.
-    eventually!("the handler to be dropped", app.in_flight() == 0);
+    eventually!(app.in_flight() == 0, "the handler to be dropped");
 }
 
 #[tokio::test]
@@ -56,7 +56,7 @@ async fn past_the_concurrency_limit_calls_are_refused_at_once() {
             tokio::spawn(async move { client.get_post(get("slow")).await })
         })
         .collect();
-    eventually!("two slow calls in their handlers", app.in_flight() == 2);
+    eventually!(app.in_flight() == 2, "two slow calls in their handlers");
 
     let started = Instant::now();
     let refused = client

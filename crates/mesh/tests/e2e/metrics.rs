@@ -3,6 +3,8 @@
 use tessera::posts::v1::GetPostRequest;
 use tonic::Code;
 
+use tessera_testing::BOUND;
+
 use crate::support::{GET_POST, eventually, scrape, spawn_app};
 
 #[tokio::test]
@@ -37,11 +39,13 @@ async fn metrics_count_calls_by_method_code_and_caller() {
         format!(r#"tessera_grpc_server_request_duration_seconds_count{{method="{GET_POST}"}} 4"#);
     // Calls are recorded when the server finishes the response body, a moment after the
     // client has its answer.
-    let mut metrics;
-    eventually!(format!("the calls to show up in /metrics:\n{metrics}"), {
-        metrics = scrape(app.admin).await;
-        metrics.contains(&ok) && metrics.contains(&refused) && metrics.contains(&latency)
-    });
+    let metrics = eventually(BOUND, async || {
+        let metrics = scrape(app.admin).await;
+        let all = metrics.contains(&ok) && metrics.contains(&refused) && metrics.contains(&latency);
+        anyhow::ensure!(all, "the calls to show up in /metrics:\n{metrics}");
+        Ok(metrics)
+    })
+    .await;
     assert!(
         metrics.contains("application/openmetrics-text"),
         "{metrics}"
@@ -66,10 +70,14 @@ async fn invented_method_names_share_one_label() {
         assert_eq!(refused.code(), Code::PermissionDenied);
     }
     let unknown = r#"tessera_grpc_server_requests_total{method="unknown",code="PERMISSION_DENIED",caller="gateway"} 2"#;
-    let mut metrics;
-    eventually!(format!("both calls under one label:\n{metrics}"), {
-        metrics = scrape(app.admin).await;
-        metrics.contains(unknown)
-    });
+    let metrics = eventually(BOUND, async || {
+        let metrics = scrape(app.admin).await;
+        anyhow::ensure!(
+            metrics.contains(unknown),
+            "both calls under one label:\n{metrics}"
+        );
+        Ok(metrics)
+    })
+    .await;
     assert!(!metrics.contains("Invented"), "{metrics}");
 }

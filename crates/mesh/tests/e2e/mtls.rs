@@ -80,7 +80,7 @@ async fn a_client_certificate_from_another_ca_fails_the_handshake() {
 async fn the_access_rule_decides_which_workloads_may_call() {
     let app = spawn_app().await;
 
-    // GetPost lists gateway, comments and notifications; users is not among them.
+    // GetPost lists gateway, comments and digest; users is not among them.
     let denied = app
         .client("users")
         .await
@@ -99,19 +99,19 @@ async fn the_access_rule_decides_which_workloads_may_call() {
         "the message names the method: {denied:?}"
     );
 
-    // notifications may read posts but not create them.
-    let mut notifications = app.client("notifications").await;
-    let got = notifications
+    // comments may read posts but not create them.
+    let mut comments = app.client("comments").await;
+    let got = comments
         .get_post(GetPostRequest {
             post_id: "p1".into(),
         })
         .await
         .unwrap();
     assert_eq!(got.into_inner().post.unwrap().post_id, "p1");
-    let denied = notifications
+    let denied = comments
         .create_post(CreatePostRequest::default())
         .await
-        .expect_err("notifications may not call CreatePost");
+        .expect_err("comments may not call CreatePost");
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     assert!(denied.message().contains("CreatePost"), "{denied:?}");
 

@@ -11,7 +11,8 @@ use tessera_mesh::{
     certs::Ca,
     edge::PublicLimits,
     policy::Policy,
-    server::{GrpcService, Listeners, ServerOptions, Workload, with_health_and_reflection},
+    reflection::with_health_and_reflection,
+    server::{GrpcService, Listeners, ServerOptions, Workload},
     shutdown::{Shutdown, ShutdownTrigger},
     tls::TlsSource,
 };
@@ -138,7 +139,7 @@ async fn connections_past_the_per_address_cap_are_closed_before_tls() {
         "a third connection from one address"
     );
     drop(first);
-    eventually!("a freed slot to be reusable", connect().await.is_ok());
+    eventually!(connect().await.is_ok(), "a freed slot to be reusable");
 }
 
 #[tokio::test]

@@ -37,12 +37,15 @@ async fn rotated_server_certificate_is_served_to_new_connections_only() {
 
     // A new connection is served with the new certificate once the watcher has seen it.
     let fresh = Handshakes::default();
-    eventually!("a new handshake to present the rotated certificate", {
-        let mut client =
-            PostServiceClient::new(connect(app.grpc, config.clone(), &fresh).await.unwrap());
-        client.get_post(get("after")).await.unwrap();
-        fresh.serials().last() == Some(&new_serial)
-    });
+    eventually!(
+        {
+            let mut client =
+                PostServiceClient::new(connect(app.grpc, config.clone(), &fresh).await.unwrap());
+            client.get_post(get("after")).await.unwrap();
+            fresh.serials().last() == Some(&new_serial)
+        },
+        "a new handshake to present the rotated certificate"
+    );
 
     // The connection made before the rotation is still the same one and still serves.
     let got = held.get_post(get("still-here")).await.unwrap();
@@ -66,7 +69,8 @@ async fn a_zero_reload_interval_still_reloads_instead_of_panicking() {
     for (from, to) in [(&next.cert, &files.cert), (&next.key, &files.key)] {
         std::fs::copy(from, to).unwrap();
     }
-    eventually!("the watcher to load the new certificate", {
-        source.identity() == spiffe("comments")
-    });
+    eventually!(
+        source.identity() == spiffe("comments"),
+        "the watcher to load the new certificate"
+    );
 }

@@ -22,8 +22,9 @@ use tessera::{
 use tessera_client::Channel;
 use tessera_example_digest::{Digest, MIGRATIONS, follow_post_events};
 use tessera_mesh::errors::violated_fields;
-use tessera_store::testing::{
-    self, TestDb, as_user, eventually,
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::{
+    as_user, eventually,
     fakes::{BoxStream, FakePosts, not_faked},
 };
 use tonic::{Code, Request, Response, Status};
@@ -216,11 +217,10 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
                 res.unread_notifications,
             )
         };
-        eventually("bob's posts reach the digest, newest first", || {
-            let digest = f.digest.clone();
-            async move { ids(digest).await.0 == ["p3", "p1"] }
-        })
-        .await;
+        eventually!(
+            ids(f.digest.clone()).await.0 == ["p3", "p1"],
+            "bob's posts reach the digest, newest first"
+        );
         assert_eq!(ids(f.digest.clone()).await.1, 3, "{}", f.name);
         let asked = f
             .notifications
@@ -243,11 +243,10 @@ async fn a_digest_lists_followed_authors_posts_from_the_event_stream() {
                 ..Default::default()
             });
         }
-        eventually("a deleted post leaves the digest", || {
-            let digest = f.digest.clone();
-            async move { ids(digest).await.0 == ["p1"] }
-        })
-        .await;
+        eventually!(
+            ids(f.digest.clone()).await.0 == ["p1"],
+            "a deleted post leaves the digest"
+        );
         // The page size bounds the digest (p4 and p3 no longer count against it).
         let one = f
             .digest

@@ -118,14 +118,11 @@ async fn deleted_posts_take_their_comments() {
             h.posts_channel.clone(),
             rx,
         ));
-        eventually("p1's comments are deleted", || async {
-            count(&h, "p1").await == 0
-        })
-        .await;
-        eventually("the cursor is stored", || async {
-            h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == 2
-        })
-        .await;
+        eventually!(count(&h, "p1").await == 0, "p1's comments are deleted");
+        eventually!(
+            h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == 2,
+            "the cursor is stored"
+        );
         assert_eq!(
             count(&h, "p2").await,
             1,
@@ -159,14 +156,14 @@ async fn deleted_users_take_their_comments() {
             h.users_channel.clone(),
             rx,
         ));
-        eventually("bob's comments are deleted", || async {
-            count(&h, "p1").await == 1 && count(&h, "p2").await == 0
-        })
-        .await;
-        eventually("the cursor is stored", || async {
-            h.comments.db().cursor(USER_EVENTS_CURSOR).await.unwrap() == 7
-        })
-        .await;
+        eventually!(
+            count(&h, "p1").await == 1 && count(&h, "p2").await == 0,
+            "bob's comments are deleted"
+        );
+        eventually!(
+            h.comments.db().cursor(USER_EVENTS_CURSOR).await.unwrap() == 7,
+            "the cursor is stored"
+        );
         assert_eq!(deleted_ids(&outbox(&h.comments).await).len(), 2);
 
         // A token that outlived its user cannot comment.
@@ -196,17 +193,14 @@ async fn replayed_events_take_effect_once() {
             h.posts_channel.clone(),
             rx,
         ));
-        eventually("the cursor reaches the end", || async {
-            h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == 2
-        })
-        .await;
+        eventually!(
+            h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == 2,
+            "the cursor reaches the end"
+        );
         // A comment on p2 made after its PostDeleted was applied is refused (tombstone) ...
         assert_eq!(refused(&h, "bob", "p2").await, Code::NotFound);
         // ... and replays after that change nothing.
-        eventually("several replays", || async {
-            h.posts.log.connections() >= 3
-        })
-        .await;
+        eventually!(h.posts.log.connections() >= 3, "several replays");
         assert_eq!(
             deleted_ids(&outbox(&h.comments).await).len(),
             1,
@@ -226,7 +220,7 @@ async fn consumers_stop_on_shutdown_even_while_connected() {
             h.posts_channel.clone(),
             rx,
         ));
-        eventually("connected", || async { h.posts.log.connections() >= 1 }).await;
+        eventually!(h.posts.log.connections() >= 1, "connected");
         stop(tx, task).await;
     }
 }

@@ -100,10 +100,7 @@ async fn a_create_racing_a_post_deletion_leaves_no_orphan() {
             h.posts_channel.clone(),
             shutdown,
         ));
-        eventually("the consumer connected", || async {
-            h.posts.log.connections() >= 1
-        })
-        .await;
+        eventually!(h.posts.log.connections() >= 1, "the consumer connected");
         // One post at a time: its creates and its deletion start together.
         let mut created = BTreeSet::new();
         for (i, p) in posts.iter().enumerate() {
@@ -121,10 +118,10 @@ async fn a_create_racing_a_post_deletion_leaves_no_orphan() {
             while let Some(ids) = creators.join_next().await {
                 created.extend(ids.unwrap());
             }
-            eventually("the PostDeleted applied", || async {
-                h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == i as i64 + 1
-            })
-            .await;
+            eventually!(
+                h.comments.db().cursor(POST_EVENTS_CURSOR).await.unwrap() == i as i64 + 1,
+                "the PostDeleted applied"
+            );
         }
         stop.send(true).unwrap();
         consumer.await.unwrap();
@@ -150,10 +147,7 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
             h.users_channel.clone(),
             shutdown,
         ));
-        eventually("the consumer connected", || async {
-            h.users.log.connections() >= 1
-        })
-        .await;
+        eventually!(h.users.log.connections() >= 1, "the consumer connected");
         // One user at a time: their creates and their deletion start together.
         let mut created = BTreeSet::new();
         for i in 0..POSTS {
@@ -169,10 +163,10 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
             while let Some(ids) = creators.join_next().await {
                 created.extend(ids.unwrap());
             }
-            eventually("the UserDeleted applied", || async {
-                h.comments.db().cursor(USER_EVENTS_CURSOR).await.unwrap() == i as i64 + 1
-            })
-            .await;
+            eventually!(
+                h.comments.db().cursor(USER_EVENTS_CURSOR).await.unwrap() == i as i64 + 1,
+                "the UserDeleted applied"
+            );
         }
         stop.send(true).unwrap();
         consumer.await.unwrap();

@@ -17,11 +17,9 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_comments::{Comments, MIGRATIONS};
-use tessera_store::testing::{
-    self, TestDb,
-    fakes::{EventLog, FakePosts, FakeUsers},
-};
-pub use tessera_store::testing::{as_user, eventually};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::fakes::{EventLog, FakePosts, FakeUsers};
+pub use tessera_testing::{as_user, eventually};
 
 /// One comment service over one database, with its fakes.
 pub struct Harness {

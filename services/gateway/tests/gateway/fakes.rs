@@ -1,5 +1,5 @@
 //! Fake downstream services that record what reached them: the shared ones from
-//! `tessera_store::testing::fakes`, plus a NotificationService only the gateway needs.
+//! `tessera_testing::fakes`, plus a NotificationService only the gateway needs.
 
 use tessera::{
     comments::v1::Comment,
@@ -10,8 +10,8 @@ use tessera::{
     },
     users::v1::User,
 };
-use tessera_store::testing::fakes::{BoxStream, not_faked};
-pub use tessera_store::testing::fakes::{Calls, FakeComments, FakePosts, FakeUsers};
+use tessera_testing::fakes::{BoxStream, not_faked};
+pub use tessera_testing::fakes::{Calls, FakeComments, FakePosts, FakeUsers};
 use tonic::{Request, Response, Status};
 
 /// Streams `count` notifications, then ends.

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cache;
 mod edge;
 mod fakes;
 mod feed;

@@ -159,7 +159,10 @@ async fn unknown_and_internal_methods_are_unimplemented() {
     let s = setup(generous());
     // Not public: the event stream is for services only.
     let err = posts(&s.proxy)
-        .watch_events(WatchEventsRequest { after_sequence: 0 })
+        .watch_events(WatchEventsRequest {
+            after_sequence: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

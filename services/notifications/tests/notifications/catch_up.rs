@@ -12,18 +12,18 @@ use std::time::{Duration, Instant};
 
 use tessera::{
     comments::v1::{
-        Comment, CommentCreated, WatchEventsResponse as CommentEvent,
-        comment_service_server::CommentServiceServer, watch_events_response::Event as CommentKind,
+        Comment, CommentCreated, comment_service_server::CommentServiceServer,
+        watch_events_response::Event as CommentKind,
     },
     posts::v1::{post_service_client::PostServiceClient, post_service_server::PostServiceServer},
 };
 use tessera_client::Channel;
 use tessera_comments::Comments;
 use tessera_notifications::{COMMENT_EVENTS_CURSOR, Notifications, follow_comment_events};
-use tessera_store::{
-    testing::{self, fakes::FakePosts},
-    watch,
-};
+use tessera_store::{outbox, testing};
+use tessera_testing::fakes::FakePosts;
+
+tessera_store::watch_events!(CommentEvents = tessera::comments::v1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a throughput measurement; run with --ignored --nocapture"]
@@ -101,7 +101,9 @@ async fn seed(db: &tessera_store::Db, n: i64) {
                 }),
                 post_author_id: format!("author{}", i % 997),
             });
-            watch::append::<CommentEvent>(&mut tx, event).await.unwrap();
+            outbox::append::<CommentEvents>(&mut tx, event)
+                .await
+                .unwrap();
         }
         tx.commit().await.unwrap();
         next = (next + 1000).min(n);

@@ -47,7 +47,7 @@ async fn replayed_events_notify_once() {
         h.start();
         h.caught_up(COMMENT_EVENTS_CURSOR, last).await;
         let comments = h.comments.clone();
-        eventually("several replays", || async { comments.connections() >= 3 }).await;
+        eventually!(comments.connections() >= 3, "several replays");
         assert_eq!(h.all("alice").await.len(), 2, "{}", h.name);
         // One delivery record per notification, too.
         let deliveries = h.service.db().read_events(0, 1000).await.unwrap();

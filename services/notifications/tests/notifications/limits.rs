@@ -80,10 +80,10 @@ async fn a_user_holds_at_most_the_per_user_limit() {
         assert_eq!(service.open_subscriptions(), 3);
         // Closing one gives its place back.
         drop(first);
-        eventually("alice's closed stream is released", || async {
-            service.open_subscriptions() == 2
-        })
-        .await;
+        eventually!(
+            service.open_subscriptions() == 2,
+            "alice's closed stream is released"
+        );
         let _third = subscribe(&client, "alice").await.unwrap();
     }
 }
@@ -110,10 +110,7 @@ async fn a_full_replica_answers_unavailable() {
             .await
             .unwrap();
         open.pop();
-        eventually("a place frees up", || async {
-            service.open_subscriptions() == 2
-        })
-        .await;
+        eventually!(service.open_subscriptions() == 2, "a place frees up");
         subscribe(&client, "a4").await.unwrap();
     }
 }
@@ -143,10 +140,10 @@ async fn a_stream_ends_at_its_lifetime_asking_the_client_to_resubscribe() {
             next(&mut stream).await.is_none(),
             "nothing after the status"
         );
-        eventually("the place is given back", || async {
-            service.open_subscriptions() == 0 && service.subscribed_users() == 0
-        })
-        .await;
+        eventually!(
+            service.open_subscriptions() == 0 && service.subscribed_users() == 0,
+            "the place is given back"
+        );
         // The client resubscribes.
         let _again = subscribe(&client, "alice").await.unwrap();
         assert_eq!(service.open_subscriptions(), 1);
@@ -189,9 +186,6 @@ async fn a_stream_ends_when_its_token_expires() {
             db.name
         );
         assert!(status.message().contains("expired"), "{status:?}");
-        eventually("the place is given back", || async {
-            service.open_subscriptions() == 0
-        })
-        .await;
+        eventually!(service.open_subscriptions() == 0, "the place is given back");
     }
 }

@@ -64,10 +64,7 @@ async fn subscribers_get_their_own_new_notifications() {
         drop(alice2);
         drop(bob);
         let service = h.service.clone();
-        eventually("subscriptions released", || async {
-            service.subscribed_users() == 0
-        })
-        .await;
+        eventually!(service.subscribed_users() == 0, "subscriptions released");
         let err = h
             .client
             .clone()

@@ -20,11 +20,9 @@ use tessera::{
 };
 use tessera_client::Channel;
 use tessera_notifications::{MIGRATIONS, Notifications, follow_comment_events, follow_user_events};
-use tessera_store::testing::{
-    self, TestDb,
-    fakes::{EventLog, FakeComments, FakeUsers},
-};
-pub use tessera_store::testing::{as_user, eventually};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::fakes::{EventLog, FakeComments, FakeUsers};
+pub use tessera_testing::{as_user, eventually};
 use tokio::sync::watch;
 
 /// One notification service over one database, its fakes, and its running consumers.
@@ -130,11 +128,10 @@ impl Harness {
 
     /// Waits until the consumer's cursor reaches `sequence`.
     pub async fn caught_up(&self, cursor: &str, sequence: i64) {
-        eventually(
-            &format!("{} {cursor} reaches {sequence}", self.name),
-            || async { self.service.db().cursor(cursor).await.unwrap() >= sequence },
-        )
-        .await;
+        eventually!(
+            self.service.db().cursor(cursor).await.unwrap() >= sequence,
+            "{cursor} reaches {sequence}"
+        );
     }
 
     /// All of `user`'s notifications, newest first.

@@ -16,7 +16,8 @@ use tessera::{
     },
 };
 use tessera_posts::{MIGRATIONS, Posts};
-use tessera_store::testing::{self, as_user, eventually};
+use tessera_store::testing;
+use tessera_testing::{as_user, eventually};
 use tonic::{Code, Request};
 
 use crate::support::*;
@@ -295,7 +296,10 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert!(get(&svc, &post.post_id).await.is_ok(), "still there");
 
         let negative = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: -5 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: -5,
+                ..Default::default()
+            }))
             .await
             .map(|_| ());
         assert_invalid(negative, "after_sequence");
@@ -423,7 +427,10 @@ async fn watch_events_streams_creates_and_deletes() {
     for svc in svcs {
         let post = create(&svc, "alice", "Evented").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -448,6 +455,44 @@ async fn watch_events_streams_creates_and_deletes() {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[tokio::test]
+async fn a_follower_from_now_sees_edits_and_no_backlog() {
+    let (svcs, _dir) = services("events_from_now").await;
+    for svc in svcs {
+        let post = create(&svc, "alice", "Before").await;
+        let mut events = svc
+            .watch_events(Request::new(WatchEventsRequest {
+                from_now: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut changed = post.clone();
+        changed.title = "After".into();
+        let edited = edit(
+            &svc,
+            "alice",
+            "USER",
+            update(&changed, &["title"], &post.etag),
+        )
+        .await
+        .unwrap();
+        // The creation came before the call: the first event is the edit, with the post as
+        // it is now.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match first.event {
+            Some(Event::PostUpdated(u)) => assert_eq!(u.post.unwrap(), edited),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(edited.title, "After");
     }
 }
 
@@ -508,10 +553,10 @@ async fn deleting_a_user_deletes_their_posts() {
             ))
             .await
             .unwrap();
-        eventually("alice's posts are gone", || async {
-            get(&posts, &a1.post_id).await.is_err() && get(&posts, &a2.post_id).await.is_err()
-        })
-        .await;
+        eventually!(
+            get(&posts, &a1.post_id).await.is_err() && get(&posts, &a2.post_id).await.is_err(),
+            "alice's posts are gone"
+        );
         assert_eq!(
             get(&posts, &b1.post_id).await.unwrap(),
             b1,
@@ -520,7 +565,10 @@ async fn deleting_a_user_deletes_their_posts() {
 
         // Each deleted post was announced, so comments can cascade in turn.
         let mut events = posts
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 0 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 0,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();

@@ -14,8 +14,9 @@ use tessera::{
     },
 };
 use tessera_posts::{MIGRATIONS, Posts, USER_EVENTS_CURSOR};
-use tessera_store::testing::{
-    self, as_user, eventually,
+use tessera_store::testing;
+use tessera_testing::{
+    as_user, eventually,
     fakes::{EventLog, FakeUsers},
 };
 use tokio::{sync::watch, task::JoinSet};
@@ -43,10 +44,7 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
             client,
             shutdown,
         ));
-        eventually("the consumer connected", || async {
-            users.log.connections() >= 1
-        })
-        .await;
+        eventually!(users.log.connections() >= 1, "the consumer connected");
 
         // One user at a time: their creates and their deletion start together.
         let mut created = BTreeSet::new();
@@ -85,10 +83,10 @@ async fn a_create_racing_a_user_deletion_leaves_no_orphan() {
                     }
                 }
             }
-            eventually("the UserDeleted applied", || async {
-                t.db.cursor(USER_EVENTS_CURSOR).await.unwrap() == i as i64 + 1
-            })
-            .await;
+            eventually!(
+                t.db.cursor(USER_EVENTS_CURSOR).await.unwrap() == i as i64 + 1,
+                "the UserDeleted applied"
+            );
         }
         stop.send(true).unwrap();
         consumer.await.unwrap();

@@ -11,7 +11,8 @@ use tessera::{
 };
 use tessera_mesh::errors::violated_fields;
 use tessera_posts::{MIGRATIONS, Posts};
-use tessera_store::testing::{self, TestDb, as_user, fakes::FakeUsers};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::{as_user, fakes::FakeUsers};
 use tonic::{Code, Request, Status};
 
 /// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.

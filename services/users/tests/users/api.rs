@@ -10,7 +10,8 @@ use tessera::users::v1::{
     user_service_server::UserService, watch_events_response::Event,
 };
 use tessera_mesh::{errors::violated_fields, token::Verifier};
-use tessera_store::testing::{self, TestDb, as_user};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::as_user;
 use tessera_users::{MIGRATIONS, Users, UsersConfig};
 use tonic::{Code, Request};
 
@@ -338,7 +339,10 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
         assert_eq!(admin_unknown.code(), Code::NotFound);
 
         let negative = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: -1 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: -1,
+                ..Default::default()
+            }))
             .await
             .err()
             .unwrap();
@@ -461,6 +465,15 @@ async fn bootstrap_admin_and_roles() {
         let root = create(&svc, "root").await;
         assert_eq!(root.role, Role::Admin as i32);
         let alice = create(&svc, "alice").await;
+        // Followed from now: the two creations above are not sent.
+        let mut events = svc
+            .watch_events(Request::new(WatchEventsRequest {
+                from_now: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
 
         let updated = svc
             .set_user_role(as_user(
@@ -477,6 +490,21 @@ async fn bootstrap_admin_and_roles() {
             .user
             .unwrap();
         assert_eq!(updated.role, Role::Moderator as i32);
+        // The change is an event carrying the public view (no email).
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event.event {
+            Some(Event::UserUpdated(u)) => {
+                let user = u.user.unwrap();
+                assert_eq!(user.role, Role::Moderator as i32);
+                assert_eq!(user.user_id, alice.user_id);
+                assert_eq!(user.email, "", "events never carry emails");
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
         let token = login(&svc, "alice", "correct horse")
             .await
             .unwrap()
@@ -524,7 +552,10 @@ async fn delete_removes_the_user_and_emits_events() {
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
         let mut events = svc
-            .watch_events(Request::new(WatchEventsRequest { after_sequence: 1 }))
+            .watch_events(Request::new(WatchEventsRequest {
+                after_sequence: 1,
+                ..Default::default()
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -594,6 +625,7 @@ async fn delete_removes_the_user_and_emits_events() {
         let mut resumed = svc
             .watch_events(Request::new(WatchEventsRequest {
                 after_sequence: seen[2].sequence,
+                ..Default::default()
             }))
             .await
             .unwrap()

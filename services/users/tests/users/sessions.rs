@@ -10,7 +10,8 @@ use tessera::users::v1::{
     user_service_server::UserService,
 };
 use tessera_mesh::errors::violated_fields;
-use tessera_store::testing::{self, TestDb, as_user};
+use tessera_store::testing::{self, TestDb};
+use tessera_testing::as_user;
 use tessera_users::{MIGRATIONS, Users, UsersConfig};
 use tonic::{Code, Request, Status};
 

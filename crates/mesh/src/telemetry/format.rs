@@ -1,18 +1,6 @@
-//! Logs, traces and the W3C trace context.
-//!
-//! [`get_subscriber`] builds a subscriber from explicit inputs, so tests can build one without
-//! touching global state; [`init`] installs it once for the process, with an OTLP exporter
-//! only when an endpoint is configured.
+//! How log lines look: each line written during a call carries the call (method, caller,
+//! trace id), and span fields are written as one JSON object in the JSON format.
 
-use opentelemetry::{
-    Context,
-    propagation::{Extractor, Injector, TextMapPropagator},
-    trace::TracerProvider as _,
-};
-use opentelemetry_sdk::{
-    propagation::TraceContextPropagator,
-    trace::{SdkTracerProvider, Tracer},
-};
 use std::fmt::{self, Write as _};
 
 use opentelemetry::trace::TraceContextExt as _;
@@ -22,83 +10,18 @@ use tracing::{
     span,
 };
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry,
     field::RecordFields,
     fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, format::Writer},
-    layer::SubscriberExt,
     registry::LookupSpan,
 };
-
-/// How log lines look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line (containers).
-    Json,
-    /// Human-readable (terminals).
-    Pretty,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "json" => Ok(Self::Json),
-            "pretty" | "text" => Ok(Self::Pretty),
-            other => Err(format!("expected json or pretty, got {other:?}")),
-        }
-    }
-}
-
-/// A subscriber writing to `sink` in `format`, filtered by `filter` (an `EnvFilter`
-/// directive such as `info,tessera=debug`), exporting spans to `tracer` when given.
-pub fn get_subscriber<W>(
-    filter: &str,
-    format: LogFormat,
-    sink: W,
-    tracer: Option<Tracer>,
-) -> impl Subscriber + Send + Sync
-where
-    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
-{
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .fmt_fields(JsonSpanFields)
-            .map_event_format(|inner| WithCall { inner, json: true })
-            .with_writer(sink)
-            .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer()
-            .with_target(false)
-            .map_event_format(|inner| WithCall { inner, json: false })
-            .with_writer(sink)
-            .boxed(),
-    };
-    // Each of these costs on every call and nobody reads it: busy/idle time (clock reads on
-    // every poll), the source location and thread of the span (five attributes per span),
-    // and making the span the thread's current OpenTelemetry context on every poll (clients
-    // take the trace context from the current tracing span instead).
-    let otel = tracer.map(|t| {
-        tracing_opentelemetry::layer()
-            .with_tracer(t)
-            .with_tracked_inactivity(false)
-            .with_location(false)
-            .with_threads(false)
-            .with_context_activation(false)
-    });
-    Registry::default().with(filter).with(fmt).with(otel)
-}
 
 /// Adds the call being handled (method, caller, trace id, from [`crate::context`]) to each
 /// log line written while handling it. The request path opens no `tracing` span per call
 /// (see `stack`), so this is how log lines and traces join up. Lines are buffered only
 /// inside calls; there, terminal colours are lost.
-struct WithCall<F> {
-    inner: F,
-    json: bool,
+pub(crate) struct WithCall<F> {
+    pub(crate) inner: F,
+    pub(crate) json: bool,
 }
 
 impl<S, N, F> FormatEvent<S, N> for WithCall<F>
@@ -189,7 +112,7 @@ impl<F> WithCall<F> {
 
 /// Span fields as one JSON object, written straight into the span's buffer, for the JSON
 /// log format. tracing-subscriber's own `JsonFields` builds a map of `serde_json::Value`s for
-/// every span first; with a span per call that was an eighth of a call's instructions.
+/// every span first, though most spans' fields are never logged.
 /// `otel.*` fields only steer the OpenTelemetry layer and stay out of log lines.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JsonSpanFields;
@@ -381,113 +304,6 @@ impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
     }
 }
 
-/// Keeps the OTLP pipeline alive; flushes pending spans when dropped.
-pub struct TelemetryGuard {
-    provider: Option<SdkTracerProvider>,
-    tracer: Option<Tracer>,
-}
-
-impl TelemetryGuard {
-    /// The tracer for server spans ([`crate::server::ServerOptions::tracer`]), when traces
-    /// are exported.
-    pub fn tracer(&self) -> Option<Tracer> {
-        self.tracer.clone()
-    }
-}
-
-impl Drop for TelemetryGuard {
-    fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            let _ = provider.shutdown();
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
-    #[error("OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
-    Otlp(String),
-    #[error("a global tracing subscriber is already installed")]
-    AlreadyInstalled,
-}
-
-/// Installs the process-wide subscriber and the W3C trace-context propagator. With
-/// `otlp_endpoint`, spans are also exported over OTLP/gRPC, batched.
-pub fn init(
-    service_name: &str,
-    filter: &str,
-    format: LogFormat,
-    otlp_endpoint: Option<&str>,
-) -> Result<TelemetryGuard, TelemetryError> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = match otlp_endpoint {
-        Some(endpoint) => {
-            use opentelemetry_otlp::WithExportConfig;
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-            let resource = opentelemetry_sdk::Resource::builder()
-                .with_service_name(service_name.to_owned())
-                .build();
-            Some(
-                SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(resource)
-                    .build(),
-            )
-        }
-        None => None,
-    };
-    let tracer = provider.as_ref().map(|p| p.tracer(service_name.to_owned()));
-    let subscriber = get_subscriber(filter, format, std::io::stderr, tracer.clone());
-    tracing::subscriber::set_global_default(subscriber)
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    if let Some(p) = &provider {
-        opentelemetry::global::set_tracer_provider(p.clone());
-    }
-    Ok(TelemetryGuard { provider, tracer })
-}
-
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut http::HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::header::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// The W3C header that carries a call's trace context.
-pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-
-/// The trace context carried by incoming headers (`traceparent`, `tracestate`).
-pub fn extract_context(headers: &http::HeaderMap) -> Context {
-    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
-}
-
-/// Writes `cx` into outgoing headers as W3C trace context.
-pub fn inject_context(cx: &Context, headers: &mut http::HeaderMap) {
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -498,6 +314,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::telemetry::{LogFormat, get_subscriber};
 
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);

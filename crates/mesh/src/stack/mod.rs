@@ -9,6 +9,11 @@
 //! message must arrive, under its own deadline, before the call takes a shedding permit:
 //! clients that open streams and send nothing cannot crowd out the others.
 
+mod authz;
+mod drain;
+mod limits;
+mod record;
+
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -22,10 +27,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Buf, Bytes};
 use futures::{FutureExt, future::Either};
 use http::{Request, Response};
-use http_body::{Body as HttpBody, Frame};
 use opentelemetry::{
     KeyValue, StringValue,
     context::{FutureExt as _, WithContext},
@@ -36,11 +39,17 @@ use tokio::sync::{Semaphore, watch};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
+pub use self::authz::Authorizer;
+use self::{
+    drain::{Drained, draining},
+    limits::{Limited, first_message, is_grpc},
+    record::{Recorder, grpc_code, observe},
+};
 use crate::{
-    auth::TokenKeys,
     context::{self, CallContext},
+    headers::{GRPC_TIMEOUT, bearer_token, parse_grpc_timeout},
     identity::SpiffeId,
-    metrics::{self, MethodMetrics, Metrics},
+    metrics::{MethodMetrics, Metrics},
     policy::{MethodRule, Policy},
     telemetry::{TRACEPARENT, extract_context},
     token::EndUser,
@@ -378,100 +387,6 @@ where
     }
 }
 
-/// gRPC requests carry length-prefixed messages; anything else on the port (HTTP/JSON) is
-/// not read here.
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Waits (up to `wait`) until the request's first message is in whole, or its body ended,
-/// and hands the request on with what was read put back in front of the rest. A first
-/// message past `limit` is RESOURCE_EXHAUSTED without reading it.
-async fn first_message(
-    req: Request<Body>,
-    limit: usize,
-    wait: Duration,
-) -> Result<Request<Body>, Status> {
-    let (parts, mut body) = req.into_parts();
-    let mut frames = std::collections::VecDeque::new();
-    let read = async {
-        let mut header = [0u8; 5];
-        let mut have = 0usize;
-        let mut need: Option<usize> = None;
-        loop {
-            let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
-                .await
-                .transpose()
-                .map_err(|e| Status::cancelled(format!("reading the request: {e}")))?
-            else {
-                return Ok(());
-            };
-            let Some(data) = frame.data_ref() else {
-                // Trailers: the body is over.
-                frames.push_back(frame);
-                return Ok(());
-            };
-            // The 5-byte length prefix may arrive split over frames.
-            if have < 5 {
-                let take = (5 - have).min(data.len());
-                header[have..have + take].copy_from_slice(&data[..take]);
-            }
-            have = have.saturating_add(data.len());
-            if need.is_none() && have >= 5 {
-                let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-                if len > limit {
-                    return Err(Status::resource_exhausted(format!(
-                        "message of {len} bytes exceeds the limit of {limit} bytes"
-                    )));
-                }
-                need = Some(5 + len);
-            }
-            frames.push_back(frame);
-            if need.is_some_and(|n| have >= n) {
-                return Ok(());
-            }
-        }
-    };
-    match tokio::time::timeout(wait, read).await {
-        Ok(Ok(())) => Ok(Request::from_parts(
-            parts,
-            Body::new(Prefixed { frames, rest: body }),
-        )),
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "the request message did not arrive within {wait:?}"
-        ))),
-    }
-}
-
-/// Frames already read, then the rest of the body.
-struct Prefixed {
-    frames: std::collections::VecDeque<Frame<Bytes>>,
-    rest: Body,
-}
-
-impl HttpBody for Prefixed {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.get_mut();
-        match this.frames.pop_front() {
-            Some(frame) => Poll::Ready(Some(Ok(frame))),
-            None => Pin::new(&mut this.rest).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.is_end_stream()
-    }
-}
-
 /// A call answered without running the handler.
 type Answered = std::future::Ready<Result<Response<Body>, Infallible>>;
 
@@ -535,7 +450,6 @@ where
     let requested = req
         .headers()
         .get(&GRPC_TIMEOUT)
-        .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let timeout = requested.map_or(shared.deadline_cap, |t| t.min(shared.deadline_cap));
     ctx.deadline = Some(Instant::now() + timeout);
@@ -554,15 +468,7 @@ where
     };
 
     let limit = shared.max_message_size;
-    let req = req.map(|body| {
-        Body::new(Limited {
-            inner: body,
-            limit,
-            header: [0; 5],
-            header_len: 0,
-            remaining: 0,
-        })
-    });
+    let req = req.map(|body| Body::new(Limited::new(body, limit)));
     // The handler's future runs with the call context and its trace as the current
     // OpenTelemetry context, so spans it opens with `tracing` are children of the server
     // span. (tonic's `call` only builds that future; no service code runs in it.)
@@ -638,187 +544,6 @@ where
     }
 }
 
-/// Hands the recorder to the response: a trailers-only response (an error before any
-/// message) has its status in the headers; otherwise it comes in the trailers at the end of
-/// the body, so streaming calls are measured to their last byte.
-fn observe(resp: Response<Body>, mut recorder: Recorder) -> Response<Body> {
-    if let Some(code) = grpc_code(resp.headers()) {
-        recorder.code = Some(code);
-        return resp;
-    }
-    resp.map(|body| {
-        Body::new(Observed {
-            inner: body,
-            recorder,
-        })
-    })
-}
-
-/// The `grpc-status` code, read without building a `Status`: tonic's parser also decodes the
-/// message and copies the metadata, which cost more per call than the rest of the metrics.
-fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let value = headers.get(&GRPC_STATUS)?.as_bytes();
-    if value.is_empty() || value.len() > 2 || !value.iter().all(u8::is_ascii_digit) {
-        // Not a code a gRPC server sends; counted as UNKNOWN like tonic would.
-        return Some(tonic::Code::Unknown);
-    }
-    let n = value.iter().fold(0i32, |n, d| n * 10 + i32::from(d - b'0'));
-    Some(tonic::Code::from_i32(n))
-}
-
-struct Recorder {
-    metrics: Arc<MethodMetrics>,
-    method: Arc<str>,
-    caller: Arc<str>,
-    start: Instant,
-    /// The context holding the server span, when the call is traced.
-    trace: Option<opentelemetry::Context>,
-    code: Option<tonic::Code>,
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        // A body dropped before its trailers means the client went away.
-        let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        if let Some(trace) = &self.trace {
-            let span = trace.span();
-            span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
-            // The codes OpenTelemetry's RPC conventions count as server errors.
-            use tonic::Code::*;
-            if matches!(
-                code,
-                Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
-            ) {
-                span.set_status(opentelemetry::trace::Status::error(metrics::code_name(
-                    code,
-                )));
-            }
-            span.end();
-        }
-        self.metrics
-            .record(code, &self.caller, self.start.elapsed().as_secs_f64());
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct Observed {
-        #[pin]
-        inner: Body,
-        recorder: Recorder,
-    }
-}
-
-impl HttpBody for Observed {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    this.recorder.code = Some(grpc_code(trailers).unwrap_or(tonic::Code::Ok));
-                }
-            }
-            Poll::Ready(Some(Err(status))) => this.recorder.code = Some(status.code()),
-            Poll::Ready(None) => {
-                this.recorder.code.get_or_insert(tonic::Code::Unknown);
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// What a server stream ends with when the workload drains: the consumer should reconnect,
-/// and its balancer will pick another replica (this one has sent GOAWAY).
-fn draining() -> Status {
-    Status::unavailable(DRAINING_MESSAGE)
-}
-
-const DRAINING_MESSAGE: &str = "the server is shutting down; reconnect to another replica";
-
-pin_project_lite::pin_project! {
-    /// A server stream's body that ends with [`draining`] trailers once the drain starts,
-    /// so an open stream does not hold the shutdown until its timeout.
-    struct Drained {
-        #[pin]
-        inner: Body,
-        drained: Pin<Box<dyn Future<Output = ()> + Send>>,
-        done: bool,
-    }
-}
-
-impl Drained {
-    fn new(inner: Body, mut drain: watch::Receiver<bool>) -> Self {
-        let drained = Box::pin(async move {
-            // A dropped sender is a workload that is gone without draining: never fire then.
-            if drain.wait_for(|d| *d).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        });
-        Self {
-            inner,
-            drained,
-            done: false,
-        }
-    }
-}
-
-impl HttpBody for Drained {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        if this.drained.as_mut().poll(cx).is_ready() {
-            *this.done = true;
-            let mut trailers = http::HeaderMap::with_capacity(2);
-            trailers.insert(&GRPC_STATUS, http::HeaderValue::from_static("14"));
-            // Printable ASCII only, so no percent-encoding is needed.
-            trailers.insert(
-                "grpc-message",
-                http::HeaderValue::from_static(DRAINING_MESSAGE),
-            );
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-        }
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            // The stream's own end (or its own trailers): nothing to add after it.
-            Poll::Ready(None) => *this.done = true,
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => *this.done = true,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A panicking handler becomes an opaque INTERNAL; the process keeps serving.
 fn panic_response(panic: Box<dyn std::any::Any + Send>, method: &str) -> Response<Body> {
     let what = panic
@@ -828,270 +553,4 @@ fn panic_response(panic: Box<dyn std::any::Any + Send>, method: &str) -> Respons
         .unwrap_or_else(|| "unknown panic".into());
     tracing::error!(panic = %what, method, "handler panicked");
     status_response(Status::internal("internal error"))
-}
-
-// ---------------------------------------------------------------------------------------
-// Identity and access: the caller comes from the verified certificate (never metadata); the
-// contract's rule decides; then the end-user token, if any, is verified again here.
-
-/// Paths any verified peer may call: health and reflection.
-fn is_open_path(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/")
-        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
-        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
-}
-
-/// Decides who may call what on an internal port.
-#[derive(Clone)]
-pub struct Authorizer {
-    pub policy: Arc<Policy>,
-    /// This workload: always allowed to call itself.
-    pub me: SpiffeId,
-    /// Let `spiffe://<td>/ns/<ns>/sa/operator` call everything (development only).
-    pub allow_operator: bool,
-    /// Verifies end-user tokens; without keys every token is rejected.
-    pub keys: Option<TokenKeys>,
-}
-
-impl Authorizer {
-    /// Whether `caller` may call `path`; the error is the PERMISSION_DENIED to return.
-    pub fn check_caller(&self, caller: &SpiffeId, path: &str) -> Result<(), Status> {
-        self.decide(caller, path, self.policy.rule(path))
-    }
-
-    /// [`Authorizer::check_caller`] with the path's rule already looked up.
-    fn decide(
-        &self,
-        caller: &SpiffeId,
-        path: &str,
-        rule: Option<&MethodRule>,
-    ) -> Result<(), Status> {
-        let denied = || Status::permission_denied(format!("caller {caller} may not call {path}"));
-        if caller.trust_domain() != self.me.trust_domain()
-            || caller.namespace() != self.me.namespace()
-        {
-            return Err(denied());
-        }
-        if is_open_path(path) || *caller == self.me {
-            return Ok(());
-        }
-        if self.allow_operator && caller.service() == "operator" {
-            return Ok(());
-        }
-        match rule {
-            Some(rule) if rule.has_rule && rule.callers.contains(caller.service()) => Ok(()),
-            _ => Err(denied()),
-        }
-    }
-
-    /// Verifies the bearer token if there is one; requires one where the rule says so.
-    pub async fn check_user(
-        &self,
-        headers: &http::HeaderMap,
-        path: &str,
-    ) -> Result<Option<EndUser>, Status> {
-        self.verify_user(headers, self.policy.rule(path)).await
-    }
-
-    async fn verify_user(
-        &self,
-        headers: &http::HeaderMap,
-        rule: Option<&MethodRule>,
-    ) -> Result<Option<EndUser>, Status> {
-        match self.user_token(headers, rule)? {
-            Some(token) => self.verify_token(token).await.map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// The bearer token to verify, if any; UNAUTHENTICATED if the rule requires one and
-    /// there is none, or if it cannot be verified here.
-    fn user_token<'h>(
-        &self,
-        headers: &'h http::HeaderMap,
-        rule: Option<&MethodRule>,
-    ) -> Result<Option<&'h str>, Status> {
-        let required = rule.is_some_and(|r| r.user);
-        match bearer_token(headers)? {
-            None if required => Err(Status::unauthenticated("an access token is required")),
-            Some(_) if self.keys.is_none() => Err(Status::unauthenticated(
-                "access tokens cannot be verified here",
-            )),
-            token => Ok(token),
-        }
-    }
-
-    async fn verify_token(&self, token: &str) -> Result<EndUser, Status> {
-        let Some(keys) = &self.keys else {
-            return Err(Status::unauthenticated(
-                "access tokens cannot be verified here",
-            ));
-        };
-        match keys.verify(token).await {
-            Ok(claims) => Ok(EndUser {
-                claims,
-                token: token.into(),
-            }),
-            Err(err) => Err(Status::unauthenticated(format!(
-                "invalid access token: {err}"
-            ))),
-        }
-    }
-}
-
-/// The token of an `authorization: Bearer <token>` header; UNAUTHENTICATED if malformed.
-pub fn bearer_token(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let value = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(Status::unauthenticated(
-            "the authorization header must be `Bearer <token>`",
-        )),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Deadlines travel as `grpc-timeout`.
-
-const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
-/// Parses a `grpc-timeout` header value (`<digits><unit>`, at most 8 digits).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Message size: an explicit limit on each incoming message, checked from the gRPC length
-// prefix before the message is buffered. tonic's own check answers OUT_OF_RANGE; the gRPC
-// spec wants RESOURCE_EXHAUSTED.
-
-pin_project_lite::pin_project! {
-    struct Limited {
-        #[pin]
-        inner: Body,
-        limit: usize,
-        header: [u8; 5],
-        header_len: usize,
-        remaining: usize,
-    }
-}
-
-impl HttpBody for Limited {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let mut data = data.clone();
-            while data.has_remaining() {
-                if *this.remaining > 0 {
-                    let n = (*this.remaining).min(data.remaining());
-                    data.advance(n);
-                    *this.remaining -= n;
-                    continue;
-                }
-                this.header[*this.header_len] = data.get_u8();
-                *this.header_len += 1;
-                if *this.header_len == 5 {
-                    *this.header_len = 0;
-                    let len = u32::from_be_bytes([
-                        this.header[1],
-                        this.header[2],
-                        this.header[3],
-                        this.header[4],
-                    ]) as usize;
-                    if len > *this.limit {
-                        return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                            "message of {len} bytes exceeds the limit of {} bytes",
-                            this.limit
-                        )))));
-                    }
-                    *this.remaining = len;
-                }
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_parsing() {
-        assert_eq!(parse_grpc_timeout("50m"), Some(Duration::from_millis(50)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("123456789m"), None);
-        assert_eq!(parse_grpc_timeout("m"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-        assert_eq!(parse_grpc_timeout("5x"), None);
-        assert_eq!(parse_grpc_timeout("-5m"), None);
-    }
-
-    #[test]
-    fn status_codes_read_from_headers() {
-        let code = |v: &'static str| {
-            let mut h = http::HeaderMap::new();
-            h.insert(GRPC_STATUS, http::HeaderValue::from_static(v));
-            grpc_code(&h)
-        };
-        assert_eq!(grpc_code(&http::HeaderMap::new()), None);
-        assert_eq!(code("0"), Some(tonic::Code::Ok));
-        assert_eq!(code("5"), Some(tonic::Code::NotFound));
-        assert_eq!(code("16"), Some(tonic::Code::Unauthenticated));
-        // Agrees with tonic's own parser, including on values no server should send.
-        for v in ["0", "4", "14", "16", "17", "99", "", "x", "-1", "007", " 1"] {
-            let mut h = http::HeaderMap::new();
-            h.insert(GRPC_STATUS, http::HeaderValue::from_static(v));
-            let tonic_code = Status::from_header_map(&h).map(|s| s.code());
-            assert_eq!(grpc_code(&h), tonic_code, "grpc-status {v:?}");
-        }
-    }
-
-    #[test]
-    fn bearer_parsing() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(bearer_token(&h).ok(), Some(None));
-        h.insert(
-            "authorization",
-            http::HeaderValue::from_static("Bearer abc"),
-        );
-        assert_eq!(bearer_token(&h).ok(), Some(Some("abc")));
-        h.insert("authorization", http::HeaderValue::from_static("Basic abc"));
-        assert!(bearer_token(&h).is_err());
-    }
 }
