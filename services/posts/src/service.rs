@@ -567,7 +567,10 @@ impl PostService for Posts {
         } else {
             req.after_sequence
         };
-        Ok(Response::new(outbox::stream::<PostEvents>(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<PostEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }
 

@@ -744,7 +744,10 @@ impl UserService for Users {
         } else {
             req.after_sequence
         };
-        Ok(Response::new(outbox::stream::<UserEvents>(self.db(), after)?))
+        Ok(Response::new(outbox::stream::<UserEvents>(
+            self.db(),
+            after,
+        )?))
     }
 }
 
