@@ -475,7 +475,10 @@ mod tests {
         assert_eq!(proxied, public);
         // Beyond the proxied methods it calls only what its cache follows.
         let own: BTreeSet<&str> = declared.difference(&public).map(String::as_str).collect();
-        assert_eq!(own, BTreeSet::from([posts::WATCH_EVENTS, users::WATCH_EVENTS]));
+        assert_eq!(
+            own,
+            BTreeSet::from([posts::WATCH_EVENTS, users::WATCH_EVENTS])
+        );
     }
 
     #[tokio::test]
