@@ -1,4 +1,4 @@
-//! Serving a workload: the internal mTLS port, the plaintext admin port ([`crate::admin`])
+//! Serving a workload: the internal mTLS port, the plaintext admin port (the `admin` module)
 //! and, for the gateway, a public server-TLS port; with graceful shutdown (readiness off, a
 //! delay for endpoints to update, then a bounded drain). Reflection and health on the service
 //! ports come from [`crate::reflection`].

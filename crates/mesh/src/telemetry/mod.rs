@@ -2,7 +2,7 @@
 //!
 //! [`get_subscriber`] builds a subscriber from explicit inputs, so tests can build one without
 //! touching global state; [`init`] installs it once for the process, with an OTLP exporter
-//! only when an endpoint is configured. How a log line looks is [`format`]'s; how the trace
+//! only when an endpoint is configured. How a log line looks is [`mod@format`]'s; how the trace
 //! context crosses a hop is [`propagation`]'s.
 
 use opentelemetry::trace::TracerProvider as _;
