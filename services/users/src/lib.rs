@@ -75,7 +75,7 @@ pub use keys::{Kek, KekError, rotate_now};
 pub use service::Users;
 pub use sessions::Refused;
 
-/// The service's schema. Passed to [`Db::open`] by [`Users::open`]; exposed for tools.
+/// The service's schema. Passed to [`tessera_store::Db::open`] by [`Users::open`]; exposed for tools.
 pub const MIGRATIONS: &[Migration] = &[
     Migration::portable(
         "users",
