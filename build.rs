@@ -140,6 +140,8 @@ fn module_tree(
                         writeln!(code, "/// {}", line.trim())?;
                     }
                 }
+            } else {
+                writeln!(code, "/// {}", nested_doc(name, &segments, depth))?;
             }
             writeln!(code, "pub mod {segment} {{")?;
             open.push(segment);
@@ -153,6 +155,29 @@ fn module_tree(
         code.push_str("}\n");
     }
     Ok(code)
+}
+
+/// The doc line of a module below the one that carries the package's doc: `v1` of
+/// `tessera.posts.v1` is "Version 1 of `tessera.posts`.", the package's last segment otherwise
+/// names the package, and a segment between names the packages under it.
+fn nested_doc(package: &str, segments: &[&str], depth: usize) -> String {
+    // `segments` lost the `tessera.` the crate stands for; the docs name the proto package.
+    let root = if package.starts_with("tessera.") {
+        "tessera."
+    } else {
+        ""
+    };
+    let prefix = |n: usize| format!("{root}{}", segments[..n].join("."));
+    let version = segments[depth]
+        .strip_prefix('v')
+        .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()));
+    match version {
+        Some(v) if depth + 1 == segments.len() => {
+            format!("Version {v} of `{}`.", prefix(depth))
+        }
+        _ if depth + 1 == segments.len() => format!("The messages and services of `{package}`."),
+        _ => format!("The packages under `{}`.", prefix(depth + 1)),
+    }
 }
 
 /// `pub mod post_service_methods { pub const GET_POST: &str = "/tessera.posts.v1.PostService/GetPost"; … }`:
