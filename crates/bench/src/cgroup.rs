@@ -13,7 +13,9 @@ const PERIOD_US: u64 = 100_000;
 /// Where CPU cgroups are made, and which interface they speak.
 #[derive(Clone, Debug)]
 pub enum Root {
+    /// The unified hierarchy's mount; quotas go in `cpu.max`.
     V2(PathBuf),
+    /// The v1 `cpu` hierarchy's mount; quotas go in `cpu.cfs_quota_us`.
     V1(PathBuf),
 }
 
@@ -64,12 +66,14 @@ impl Root {
         Ok(root)
     }
 
+    /// The directory cages are made in.
     pub fn dir(&self) -> &Path {
         match self {
             Root::V2(dir) | Root::V1(dir) => dir,
         }
     }
 
+    /// Which interface and where, for the report.
     pub fn describe(&self) -> String {
         match self {
             Root::V2(dir) => format!("cgroup v2 cpu.max under {}", dir.display()),
@@ -87,12 +91,16 @@ pub struct Cage {
 /// Throttling counters of a cage (`cpu.stat`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Throttling {
+    /// CFS periods in which the cage had runnable threads.
     pub periods: u64,
+    /// Those of them in which it ran out of quota.
     pub throttled: u64,
+    /// How long its threads waited for the next period, in all.
     pub throttled_time: Duration,
 }
 
 impl Throttling {
+    /// The counts since `earlier`.
     pub fn since(&self, earlier: &Throttling) -> Throttling {
         Throttling {
             periods: self.periods.saturating_sub(earlier.periods),
@@ -101,6 +109,7 @@ impl Throttling {
         }
     }
 
+    /// Adds another cage's counts, for a total over replicas.
     pub fn add(&mut self, other: &Throttling) {
         self.periods += other.periods;
         self.throttled += other.throttled;
@@ -158,6 +167,7 @@ impl Cage {
         self.write("cgroup.procs", &pid.to_string())
     }
 
+    /// The cage's counters now (all zero if `cpu.stat` cannot be read).
     pub fn throttling(&self) -> Throttling {
         parse_cpu_stat(&std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default())
     }

@@ -26,10 +26,13 @@ use crate::BenchError;
 /// How a connection is secured.
 #[derive(Clone)]
 pub enum Security {
+    /// h2c: HTTP/2 over plain TCP, as to a bare tonic server or an admin port.
     Plaintext,
     /// TLS to a server whose certificate names `server_name`.
     Tls {
+        /// Roots, client certificate if any, and ALPN h2.
         config: Arc<ClientConfig>,
+        /// The name the server's certificate must carry.
         server_name: ServerName<'static>,
     },
 }

@@ -106,7 +106,9 @@ pub struct Sample {
 /// How many answers were compared and which differed.
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
+    /// Requests answered by both servers and compared.
     pub compared: u64,
+    /// Of those, the ones whose answers differed.
     pub mismatches: u64,
     /// The first few differences, described.
     pub examples: Vec<String>,
@@ -138,7 +140,9 @@ fn describe(answer: &Answer) -> String {
 /// The comparison of both call types.
 #[derive(Clone, Debug, Default)]
 pub struct Comparison {
+    /// The GetPostThread requests.
     pub thread: Tally,
+    /// The CreatePost requests, generated fields blanked.
     pub create: Tally,
 }
 

@@ -33,20 +33,37 @@ pub mod stats;
 /// Everything that can stop a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// A file, socket or child process failed.
     #[error("{what}: {source}")]
     Io {
+        /// What the benchmark was doing, e.g. the path it wrote.
         what: String,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A server's `/proc` entry was missing or not in the expected form.
     #[error("/proc/{pid}: cannot read {what}")]
-    Proc { pid: u32, what: String },
+    Proc {
+        /// The server process (or 0 for a machine-wide file).
+        pid: u32,
+        /// The file or field that could not be read.
+        what: String,
+    },
+    /// A gRPC call outside the measured load (seeding, logging in) failed.
     #[error("{what}: {status}")]
-    Call { what: String, status: tonic::Status },
+    Call {
+        /// The call, as the run names it.
+        what: String,
+        /// The status it failed with.
+        status: tonic::Status,
+    },
+    /// The run could not be set up: certificates, a server's start, cgroups, a bad option.
     #[error("{0}")]
     Setup(String),
 }
 
 impl BenchError {
+    /// A `map_err` adapter: a failed call's status as [`BenchError::Call`] naming `what`.
     pub fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> BenchError {
         let what = what.into();
         move |status| BenchError::Call { what, status }

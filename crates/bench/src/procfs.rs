@@ -111,6 +111,7 @@ pub struct CpuSample {
 }
 
 impl CpuSample {
+    /// The CPU `pids` have used so far, summed; fails if one of them has exited.
     pub fn of(pids: &[u32]) -> Result<Self, BenchError> {
         let mut sample = Self::default();
         for pid in pids {
@@ -164,6 +165,7 @@ pub fn parse_proc_stat(stat: &str) -> Option<[u64; 3]> {
 }
 
 impl MachineCpu {
+    /// The machine's CPU time since boot; subtract an earlier reading with [`Self::since`].
     pub fn now() -> Result<Self, BenchError> {
         let stat = read(PathBuf::from("/proc/stat"))?;
         let [busy, steal, total] = parse_proc_stat(&stat).ok_or_else(|| BenchError::Proc {
@@ -179,6 +181,7 @@ impl MachineCpu {
         })
     }
 
+    /// CPU time spent since `earlier`.
     pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
         MachineCpu {
             busy: self.busy.saturating_sub(earlier.busy),

@@ -76,10 +76,12 @@ pub fn free_port() -> Result<u16, BenchError> {
 
 /// A running child; killed when dropped if it has not been stopped.
 pub struct Proc {
+    /// What the report and error messages call it, e.g. `tessera serve posts`.
     pub name: String,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: Option<Lines<BufReader<ChildStdout>>>,
+    /// Where its stderr (and stdout unless piped) goes, to read when it fails.
     pub log: PathBuf,
 }
 
@@ -119,6 +121,7 @@ impl Proc {
         })
     }
 
+    /// Its process id, for `/proc` and cgroups; an error once it has exited.
     pub fn pid(&self) -> Result<u32, BenchError> {
         self.child
             .id()

@@ -29,6 +29,7 @@ use crate::{
 /// How scenario A runs.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// How many times every server is measured, interleaved.
     pub rounds: usize,
     /// Requests per second of the open loop.
     pub rate: f64,
@@ -36,14 +37,19 @@ pub struct Options {
     pub peak_concurrency: usize,
     /// HTTP/2 connections per server.
     pub connections: usize,
+    /// Unmeasured load on each server before the first round.
     pub warmup: Duration,
+    /// Length of the one-in-flight latency loop, per server and round.
     pub latency_time: Duration,
+    /// Length of the fixed-rate loop, per server and round.
     pub rate_time: Duration,
+    /// Length of the peak-throughput loop, per server and round.
     pub peak_time: Duration,
     /// This binary, re-run as `server --mode ...`.
     pub self_exe: PathBuf,
     /// The Envoy binary, or why A4 is skipped.
     pub envoy: Result<PathBuf, String>,
+    /// Where certificates and the servers' logs go.
     pub work_dir: PathBuf,
     /// taskset CPU lists for the servers and for the load generator.
     pub pin: Option<(String, String)>,
@@ -54,15 +60,22 @@ pub struct Options {
 /// The four servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// A1: bare tonic over plaintext HTTP/2, the floor.
     Plain,
+    /// A2: bare tonic behind rustls mTLS.
     Mtls,
+    /// A3: the same handler run by the mesh's workload stack.
     Mesh,
+    /// A4: plaintext tonic behind an Envoy sidecar terminating mTLS.
     Envoy,
+    /// A3 without the OpenTelemetry layer (`--diagnose`).
     MeshNoOtel,
+    /// A3 with tracing off altogether (`--diagnose`).
     MeshNoSubscriber,
 }
 
 impl Target {
+    /// The server's name in the report, led by its A1..A4 tag.
     pub fn label(self) -> &'static str {
         match self {
             Target::Plain => "A1 tonic, plaintext",
@@ -88,11 +101,17 @@ struct Running {
 /// What one server measured over all rounds.
 #[derive(Clone, Debug)]
 pub struct Measured {
+    /// The server measured.
     pub target: Target,
+    /// The one-in-flight loops of every round, merged.
     pub latency: Summary,
+    /// The fixed-rate loops, merged.
     pub rate: Summary,
+    /// Server CPU during the fixed-rate loops.
     pub rate_cpu: CpuSample,
+    /// The peak-throughput loops, merged.
     pub peak: Summary,
+    /// Server CPU during the peak-throughput loops.
     pub peak_cpu: CpuSample,
     /// CPU over every measured window, both ways, to check the precise one.
     pub total_cpu: CpuSample,
@@ -111,13 +130,15 @@ pub struct Round {
     pub rate_p99: Duration,
     /// Successful calls per second at peak.
     pub peak: f64,
-    /// Server CPU per successful request at the fixed rate and at peak.
+    /// Server CPU per successful request at the fixed rate.
     pub rate_cpu: Duration,
+    /// Server CPU per successful request at peak.
     pub peak_cpu: Duration,
 }
 
 /// Scenario A's results.
 pub struct Outcome {
+    /// One entry per server that ran, in A1..A4 order.
     pub measured: Vec<Measured>,
     /// What else the machine was doing during the rounds.
     pub machine: String,
@@ -143,6 +164,7 @@ impl Measured {
         per_request(self.rate_cpu.sched, self.rate.ok)
     }
 
+    /// Server CPU per successful request in the peak-throughput windows.
     pub fn cpu_per_request_at_peak(&self) -> Duration {
         per_request(self.peak_cpu.sched, self.peak.ok)
     }

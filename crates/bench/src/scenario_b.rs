@@ -59,12 +59,15 @@ pub struct Options {
     pub scale: f64,
     /// Calls in flight for the throughput runs.
     pub concurrency: usize,
+    /// Length of each run at `concurrency`.
     pub time: Duration,
+    /// Length of each run at one call in flight.
     pub latency_time: Duration,
     /// The `tessera` binary.
     pub tessera: PathBuf,
     /// This benchmark's binary (`tessera-bench monolith`).
     pub bench_exe: PathBuf,
+    /// Where both data dirs (`mesh`, `monolith`) and the servers' logs go.
     pub work_dir: PathBuf,
     /// taskset CPU lists for the servers and for the load generator.
     pub pin: Option<(String, String)>,
@@ -78,40 +81,59 @@ pub struct Options {
 
 /// What was seeded.
 pub struct Dataset {
+    /// Each user's id and username (the password is the same for all).
     pub users: Vec<(String, String)>,
+    /// The posts' ids, in creation order.
     pub posts: Vec<String>,
     /// Each post's author, as an index into `users`.
     pub post_authors: Vec<usize>,
+    /// How many comments were created, on random posts by random users.
     pub comments: usize,
+    /// How long seeding took.
     pub took: Duration,
 }
 
 /// One measured call type at one concurrency.
 pub struct CallRun {
+    /// The call: `GetPostThread` or `CreatePost`.
     pub name: &'static str,
     /// `mesh` or `monolith`.
     pub server: &'static str,
+    /// Calls in flight.
     pub concurrency: usize,
+    /// Latency, throughput and errors of the run.
     pub summary: Summary,
+    /// The server's CPU during the run.
     pub cpu: CpuSample,
 }
 
 /// Resident memory of one process, idle and after load.
 pub struct Memory {
+    /// The process, as the report names it.
     pub name: String,
+    /// Bytes resident once it settled after start; 0 when not measured.
     pub idle: u64,
+    /// Bytes resident after the load, when measured.
     pub loaded: Option<u64>,
 }
 
+/// Everything scenario B measured, for the report.
 pub struct Results {
+    /// What was seeded before the mesh started.
     pub dataset: Dataset,
+    /// Whether `scale` was not 1, so the numbers are not the standard dataset's.
     pub scaled: bool,
+    /// From starting `tessera up` until its `endpoints.json` appeared (every service ready).
     pub startup: Duration,
+    /// How long the consumers took to apply the seeded events.
     pub catch_up: CatchUp,
     /// The monolith's answers against the mesh's.
     pub comparison: Option<Comparison>,
+    /// Every measured run, mesh and monolith interleaved.
     pub runs: Vec<CallRun>,
+    /// Resident memory of each process measured.
     pub memory: Vec<Memory>,
+    /// Remarks printed under the tables (how per-service memory was taken, or why not).
     pub notes: Vec<String>,
     /// Users whose tokens CreatePost rotates through.
     pub writers: usize,
@@ -413,6 +435,8 @@ fn create_post_call(pool: Pool, tokens: Arc<Vec<String>>) -> CallFn {
     })
 }
 
+/// Logs each of `users` in through `pool` with the seeded password; their access tokens, in
+/// the order the logins finished.
 pub async fn login_all(pool: &Pool, users: &[(String, String)]) -> Result<Vec<String>, BenchError> {
     futures::stream::iter(users.iter().enumerate())
         .map(|(i, (_, username))| {

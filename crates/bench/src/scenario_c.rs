@@ -42,10 +42,13 @@ pub struct Options {
     pub cores: f64,
     /// Calls in flight.
     pub concurrency: usize,
+    /// Length of each round's measured load.
     pub time: Duration,
     /// Posts seeded (GetPost reads them).
     pub posts: usize,
+    /// The `tessera` binary.
     pub tessera: PathBuf,
+    /// Where the data dir (`c`) and each round's log go.
     pub work_dir: PathBuf,
     /// Distinct loopback source addresses (and connections) the load comes from.
     pub sources: usize,
@@ -63,20 +66,29 @@ const GROUPS: [&str; 6] = [
 
 /// One replica count's measurement.
 pub struct Round {
+    /// Replicas of posts and of comments in this round.
     pub replicas: usize,
+    /// GetPost through the gateway over the measured window.
     pub summary: Summary,
     /// CPU per group of processes over the measured window.
     pub cpu: BTreeMap<&'static str, Duration>,
     /// The posts replicas' cgroups over the window, summed.
     pub throttling: Throttling,
+    /// The whole machine's CPU over the window.
     pub machine: MachineCpu,
 }
 
+/// Scenario C's result: measured, or skipped and why.
 pub enum Outcome {
+    /// No PostgreSQL, or no CPU quotas on this machine: the reason.
     Skipped(String),
+    /// Every replica count was measured.
     Ran {
+        /// One per replica count, in the order asked.
         rounds: Vec<Round>,
+        /// Which cgroup interface set the quotas, and where.
         cgroups: String,
+        /// How many posts were seeded.
         seeded: usize,
     },
 }

@@ -51,6 +51,7 @@ impl Default for Recorder {
 }
 
 impl Recorder {
+    /// A recorder with nothing recorded yet.
     pub fn new() -> Self {
         Self {
             latency: histogram(),
@@ -67,10 +68,12 @@ impl Recorder {
             .saturating_record((latency.as_nanos() as u64).clamp(1, 60_000_000_000));
     }
 
+    /// A failed call, counted under its failure's name.
     pub fn failed(&mut self, failure: Failure) {
         *self.errors.entry(failure.to_string()).or_default() += 1;
     }
 
+    /// One call's outcome: [`Self::ok`] or [`Self::failed`].
     pub fn record(&mut self, outcome: Result<(), Failure>, latency: Duration) {
         match outcome {
             Ok(()) => self.ok(latency),
@@ -78,6 +81,7 @@ impl Recorder {
         }
     }
 
+    /// Adds another worker's outcomes to these.
     pub fn merge(&mut self, other: &Recorder) {
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
@@ -102,8 +106,11 @@ impl Recorder {
 #[derive(Clone, Debug)]
 pub struct Summary {
     latency: Histogram<u64>,
+    /// Successful calls.
     pub ok: u64,
+    /// Failed calls, by failure name (`UNAVAILABLE`, `WRONG_ANSWER`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// How long the run lasted (summed over merged runs).
     pub elapsed: Duration,
 }
 
@@ -113,6 +120,7 @@ impl Summary {
         Recorder::new().finish(Duration::ZERO)
     }
 
+    /// Failed calls of every kind.
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }

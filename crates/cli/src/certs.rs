@@ -63,6 +63,8 @@ pub fn ensure_workload_cert(
         .with_context(|| format!("writing {}", out.display()))
 }
 
+/// A certificate for workload `id` signed by the dev CA, valid for `localhost`, the service's
+/// name and 127.0.0.1, so local clients can reach it by any of them.
 pub fn issue_dev(ca: &Ca, id: &SpiffeId) -> anyhow::Result<Issued> {
     Ok(ca.issue(
         id,

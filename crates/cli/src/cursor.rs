@@ -22,6 +22,7 @@ pub struct DatabaseArgs {
     pub data_dir: PathBuf,
 }
 
+/// What `tessera cursor` does: show the cursors, or reset one.
 #[derive(clap::Subcommand, Debug)]
 pub enum CursorCommand {
     /// Print each consumer cursor: position, producer epoch, and why it halted, if it did.
@@ -31,8 +32,10 @@ pub enum CursorCommand {
     Reset(ResetArgs),
 }
 
+/// Which cursor `tessera cursor reset` sets, and to what.
 #[derive(clap::Args, Debug)]
 pub struct ResetArgs {
+    /// The consuming service and where its database is.
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// The service whose events the cursor follows (e.g. posts for comments).
@@ -47,7 +50,9 @@ pub struct ResetArgs {
 /// A mistake in the command line: exit 64 naming the flag.
 #[derive(Debug)]
 pub struct UsageError {
+    /// The flag at fault, as typed (`--service`).
     pub flag: &'static str,
+    /// What is wrong with its value, for the operator.
     pub message: String,
 }
 

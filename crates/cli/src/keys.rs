@@ -50,12 +50,15 @@ pub fn data_dir_key_file(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> 
     Ok(path)
 }
 
+/// `tessera keys`: maintenance of the users service's token signing keys.
 #[derive(clap::Args)]
 pub struct KeysArgs {
+    /// The one action to take.
     #[command(subcommand)]
     pub command: KeysCommand,
 }
 
+/// What `tessera keys` can do.
 #[derive(clap::Subcommand)]
 pub enum KeysCommand {
     /// Make a new token signing key now; older keys keep verifying until their tokens expire.

@@ -31,6 +31,7 @@ use crate::{
 /// BASE+10r+i, so ten would reach the admin ports at BASE+100.
 pub const MAX_REPLICAS: usize = 9;
 
+/// The command line of `tessera up`.
 #[derive(clap::Args)]
 pub struct UpArgs {
     /// Where certificates, databases and endpoints.json live.
@@ -241,8 +242,11 @@ async fn bind_local(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// A running mesh: where everything listens, and how to stop it.
 pub struct Mesh {
+    /// The data dir, canonical and absolute: the services' SQLite files live here.
     pub data_dir: PathBuf,
+    /// The dev CA and one directory per workload with its certificate and key.
     pub certs_dir: PathBuf,
+    /// `endpoints.json`, written once every service is ready.
     pub endpoints_path: PathBuf,
     /// service → (grpc, admin, public) of its first replica
     pub addrs: BTreeMap<String, ReplicaAddrs>,

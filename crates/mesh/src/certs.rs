@@ -19,15 +19,21 @@ use rcgen::{
 
 use crate::{identity::SpiffeId, private, tls::TlsFiles};
 
+/// Why a development CA or certificate could not be made, loaded or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// rcgen refused the parameters or the key (also a CA key or certificate that does not parse).
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The system clock is before 1970 or beyond what an X.509 validity can hold.
     #[error("the system clock is outside what a certificate can say")]
     Clock,
+    /// A file or directory of the certificate layout could not be read, created or written.
     #[error("cannot write {path}")]
     Io {
+        /// The file or directory that failed.
         path: PathBuf,
+        /// What the operating system said.
         source: std::io::Error,
     },
 }
@@ -139,6 +145,7 @@ impl Ca {
         )
     }
 
+    /// The CA certificate in PEM: what a peer trusts (`ca.crt`) to accept certificates it issues.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -189,8 +196,11 @@ impl Ca {
 
 /// A certificate, its key and the CA that issued it, in PEM.
 pub struct Issued {
+    /// The workload certificate, its SPIFFE id in the URI SAN (`tls.crt`).
     pub cert_pem: String,
+    /// The certificate's private key, PKCS#8 (`tls.key`); a secret.
     pub key_pem: String,
+    /// The issuing CA's certificate (`ca.crt`), to verify peers with.
     pub ca_pem: String,
 }
 

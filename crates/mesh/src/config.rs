@@ -29,11 +29,14 @@ pub fn workloads() -> Vec<String> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{setting}: {message}")]
 pub struct ConfigError {
+    /// The variable (or flag) at fault, e.g. `TESSERA_GRPC_ADDR`, so the user knows what to fix.
     pub setting: String,
+    /// What was wrong with its value, and what was expected instead.
     pub message: String,
 }
 
 impl ConfigError {
+    /// An error about `setting`, explained by `message`.
     pub fn new(setting: &str, message: impl Into<String>) -> Self {
         Self {
             setting: setting.to_owned(),
@@ -46,9 +49,13 @@ impl ConfigError {
 /// token's subject) and one per client address, each a sustained rate and a burst.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PublicRateLimits {
+    /// Sustained calls per second per user (`TESSERA_RATE_LIMIT_USER_PER_SEC`); finite, above 0.
     pub user_per_second: f64,
+    /// Calls a user may make at once above the rate (`TESSERA_RATE_LIMIT_USER_BURST`); at least 1.
     pub user_burst: u32,
+    /// Sustained calls per second per client address (`TESSERA_RATE_LIMIT_ADDR_PER_SEC`).
     pub address_per_second: f64,
+    /// Calls an address may make at once above the rate (`TESSERA_RATE_LIMIT_ADDR_BURST`).
     pub address_burst: u32,
 }
 
@@ -69,9 +76,11 @@ impl Default for PublicRateLimits {
 pub struct DatabaseSettings {
     /// Connections per process; `None` keeps the store's default (10 for PostgreSQL).
     pub pool_size: Option<u32>,
+    /// How long a query waits for a free connection before it fails; never zero.
     pub acquire_timeout: Duration,
     /// `None` (0 or unset) leaves the server's `statement_timeout`.
     pub statement_timeout: Option<Duration>,
+    /// The CA that signs the PostgreSQL server's certificate; `None` keeps the URL's TLS mode.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -123,20 +132,32 @@ impl DatabaseSettings {
 /// Everything `tessera serve <service>` needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// Which workload this is; always one of [`workloads`].
     pub service: String,
+    /// The mTLS gRPC port other workloads call (`TESSERA_GRPC_ADDR`, default `0.0.0.0:8443`).
     pub grpc_addr: SocketAddr,
+    /// The plaintext health and metrics port (`TESSERA_ADMIN_ADDR`, default `0.0.0.0:9090`).
     pub admin_addr: SocketAddr,
     /// The gateway's public port.
     pub public_addr: SocketAddr,
+    /// Where local state lives (`TESSERA_DATA_DIR`): the SQLite database and the
+    /// key-encryption key when no `DATABASE_URL` is set.
     pub data_dir: PathBuf,
     /// `tls.crt`, `tls.key`, `ca.crt`.
     pub tls_dir: PathBuf,
+    /// How often the certificate files are re-read, so a rotated certificate is served
+    /// without a restart (`TESSERA_TLS_RELOAD_MS`); never zero.
     pub tls_reload_interval: Duration,
     /// The gateway's public certificate (`tls.crt`, `tls.key`); the mesh one when unset.
     pub public_tls_dir: Option<PathBuf>,
+    /// The SPIFFE trust domain of every workload identity (`TESSERA_TRUST_DOMAIN`).
     pub trust_domain: String,
+    /// The namespace part of the SPIFFE ids (`TESSERA_NAMESPACE`); with `trust_domain` and
+    /// `service` it is checked to make a valid id.
     pub namespace: String,
+    /// JSON lines or human-readable logs (`TESSERA_LOG_FORMAT`).
     pub log_format: LogFormat,
+    /// A `tracing` env-filter directive (`TESSERA_LOG`, default `info`).
     pub log_filter: String,
     /// PostgreSQL when set; SQLite under `data_dir` otherwise.
     pub database_url: Option<String>,
@@ -156,6 +177,7 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// Token lifetimes and signing keys (users service; `config/tokens.rs`).
     pub tokens: tokens::TokenSettings,
+    /// The server stack's limits: concurrency, deadline cap, message size, draining.
     pub server: ServerOptions,
 }
 

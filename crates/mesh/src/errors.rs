@@ -25,6 +25,7 @@ pub struct Violations {
 }
 
 impl Violations {
+    /// An empty collection: a request with no violations yet.
     pub fn new() -> Self {
         Self::default()
     }
@@ -41,6 +42,7 @@ impl Violations {
         }
     }
 
+    /// Whether nothing has been recorded, i.e. the request is valid so far.
     pub fn is_empty(&self) -> bool {
         self.details.is_empty()
     }

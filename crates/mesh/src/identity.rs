@@ -19,6 +19,7 @@ pub struct SpiffeId {
     service: Arc<str>,
 }
 
+/// A string that is not a Tessera SPIFFE id; the message quotes it and says what is wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid SPIFFE id {input:?}: {reason}")]
 pub struct ParseSpiffeIdError {
@@ -43,10 +44,12 @@ impl SpiffeId {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}").parse()
     }
 
+    /// The trust domain: which CA's workloads this id belongs to (e.g. `tessera.local`).
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
+    /// The namespace the workload runs in (a Kubernetes namespace in a cluster).
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
@@ -132,14 +135,19 @@ pub fn spiffe_id_from_der(der: &[u8]) -> Result<SpiffeId, IdentityError> {
     found.ok_or(IdentityError::NoSpiffeId)
 }
 
+/// Why no workload identity could be read from a certificate; the peer is then refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
+    /// The bytes are not a DER X.509 certificate.
     #[error("the certificate could not be parsed")]
     BadCertificate,
+    /// The certificate names no workload: it has no `spiffe://` URI SAN.
     #[error("the certificate has no spiffe:// URI SAN")]
     NoSpiffeId,
+    /// The certificate is ambiguous: an X.509-SVID carries exactly one SPIFFE id.
     #[error("the certificate has more than one spiffe:// URI SAN")]
     SeveralSpiffeIds,
+    /// The `spiffe://` URI is not of the form Tessera issues.
     #[error(transparent)]
     Parse(#[from] ParseSpiffeIdError),
 }

@@ -14,20 +14,26 @@ use prometheus_client::{
 pub struct Label(Arc<str>);
 
 impl EncodeLabelValue for Label {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         std::fmt::Write::write_str(encoder, &self.0)
     }
 }
 
+/// The labels of `tessera_grpc_server_requests`: one counter per method, outcome and caller.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The gRPC path, `/package.Service/Method` (`unknown` for paths nobody serves).
     pub method: Label,
+    /// The status code as [`code_name`] spells it.
     pub code: &'static str,
+    /// The calling workload's service name from its certificate, or `anonymous`.
     pub caller: Label,
 }
 
+/// The labels of `tessera_grpc_server_request_duration_seconds`: one histogram per method.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
+    /// The gRPC path, `/package.Service/Method` (`unknown` for paths nobody serves).
     pub method: Label,
 }
 
@@ -46,6 +52,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// An empty registry with the request counter and latency histogram registered, under
+    /// the `tessera_grpc_server` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera_grpc_server");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -72,6 +80,8 @@ impl Metrics {
         }
     }
 
+    /// Counts one finished call and its duration, looking its series up by label set; the
+    /// request path uses [`Metrics::method`] handles instead.
     pub fn record(&self, method: &Arc<str>, code: tonic::Code, caller: &Arc<str>, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -117,6 +127,7 @@ pub struct MethodMetrics {
 }
 
 impl MethodMetrics {
+    /// Counts one finished call of this method and its duration in seconds.
     pub fn record(&self, code: tonic::Code, caller: &Arc<str>, seconds: f64) {
         let metrics = &self.metrics;
         self.latency

@@ -33,6 +33,8 @@ impl Policy {
             .unwrap_or_default()
     }
 
+    /// The rule of the method at gRPC `path` (`/package.Service/Method`); `None` for a path
+    /// no contract declares.
     pub fn rule(&self, path: &str) -> Option<&MethodRule> {
         self.methods.get(path)
     }

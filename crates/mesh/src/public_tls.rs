@@ -23,11 +23,14 @@ use crate::tls::{TlsError, provider};
 /// `ca.crt`, if there, is not needed: clients verify against their own roots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PublicTlsFiles {
+    /// The certificate chain in PEM, leaf first.
     pub cert: PathBuf,
+    /// The leaf's private key in PEM.
     pub key: PathBuf,
 }
 
 impl PublicTlsFiles {
+    /// The files at their cert-manager names in `dir`; nothing is read yet.
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             cert: dir.join("tls.crt"),

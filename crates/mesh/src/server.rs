@@ -71,7 +71,9 @@ impl Default for ServerOptions {
 /// The listeners a workload serves on; bind them first (port 0 in tests) so addresses are
 /// known before anything starts.
 pub struct Listeners {
+    /// The internal mTLS port other workloads call.
     pub grpc: TcpListener,
+    /// The plaintext port of health probes and metrics.
     pub admin: TcpListener,
     /// The gateway's public port.
     pub public: Option<TcpListener>,
@@ -100,9 +102,14 @@ type ReadyGate = futures::future::Shared<std::pin::Pin<Box<dyn Future<Output = (
 
 /// Service names reported on the admin port, for kubelet's probes.
 pub const LIVENESS: &str = "liveness";
+/// The admin port's service name for readiness: SERVING once started and ready, NOT_SERVING
+/// again from the start of shutdown so endpoints stop sending calls.
 pub const READINESS: &str = "readiness";
 
 impl Workload {
+    /// The platform of service `name`, serving the certificate from `tls`. `keys` verify
+    /// end-user tokens on the internal port; without them a call there carrying a token is
+    /// refused (UNAUTHENTICATED).
     pub fn new(
         name: &str,
         tls: TlsSource,
@@ -140,22 +147,27 @@ impl Workload {
         self
     }
 
+    /// The service name this workload was created with, as it appears in logs.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The SPIFFE id of the certificate served now (it follows rotation).
     pub fn identity(&self) -> SpiffeId {
         self.tls.identity()
     }
 
+    /// The metrics every port records into, rendered on the admin port.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// The request-path and shutdown tunables this workload was created with.
     pub fn options(&self) -> &ServerOptions {
         &self.options
     }
 
+    /// The access rules the internal port enforces.
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
     }

@@ -11,6 +11,7 @@ pub struct ShutdownTrigger(watch::Sender<bool>);
 pub struct Shutdown(watch::Receiver<bool>);
 
 impl Shutdown {
+    /// A trigger and its first observer, not fired yet; clone the observer for each server.
     pub fn new() -> (ShutdownTrigger, Shutdown) {
         let (tx, rx) = watch::channel(false);
         (ShutdownTrigger(tx), Shutdown(rx))
@@ -29,6 +30,7 @@ impl Shutdown {
 }
 
 impl ShutdownTrigger {
+    /// Starts the shutdown for every observer, now and later; firing again does nothing more.
     pub fn trigger(&self) {
         self.0.send_replace(true);
     }

@@ -32,8 +32,11 @@ use crate::identity::{SpiffeId, spiffe_id_from_der};
 /// Where a workload's certificate, key and trust bundle live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The workload certificate chain in PEM, leaf first; the leaf names the SPIFFE id.
     pub cert: PathBuf,
+    /// The leaf's private key in PEM.
     pub key: PathBuf,
+    /// The trust bundle in PEM: the CAs whose workloads are accepted as peers.
     pub ca: PathBuf,
 }
 
@@ -48,21 +51,36 @@ impl TlsFiles {
     }
 }
 
+/// Why certificate files could not be turned into a TLS configuration. On a reload the
+/// configuration in use is kept, so a half-written Secret never takes a port down.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file could not be read.
     #[error("cannot read {path}")]
     Read {
+        /// The file that failed.
         path: PathBuf,
+        /// What the operating system said.
         source: std::io::Error,
     },
+    /// A file is not the PEM it should be, or holds no certificate or key.
     #[error("{path}: {what}")]
-    Pem { path: PathBuf, what: String },
+    Pem {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        what: String,
+    },
+    /// The key is not the one the leaf certificate was issued for.
     #[error("the certificate does not match the private key: {0}")]
     KeyMismatch(rustls::Error),
+    /// rustls refused the certificate, key or configuration.
     #[error("invalid TLS material: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The trust bundle cannot verify client certificates (e.g. it holds no CA).
     #[error("invalid trust bundle: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The leaf certificate does not name exactly one valid SPIFFE id.
     #[error("the certificate names no usable SPIFFE id: {0}")]
     Identity(#[from] crate::identity::IdentityError),
 }
@@ -191,6 +209,7 @@ impl TlsSource {
         self.built.load().identity.clone()
     }
 
+    /// The files this source reads (and re-reads).
     pub fn files(&self) -> &TlsFiles {
         &self.files
     }
@@ -218,6 +237,7 @@ impl ClientTls {
         self.0.client_config_for(expected)
     }
 
+    /// The SPIFFE id in this workload's certificate: who servers see calling.
     pub fn identity(&self) -> SpiffeId {
         self.0.identity()
     }
@@ -382,7 +402,9 @@ enum ServerIdentity {
 #[derive(Debug, thiserror::Error)]
 #[error("the server is {presented}, expected {expected}")]
 pub struct IdentityMismatch {
+    /// The SPIFFE id the client pinned: the service it meant to dial.
     pub expected: String,
+    /// The SPIFFE id in the certificate the server presented.
     pub presented: String,
 }
 

@@ -31,6 +31,7 @@ pub struct UserClaims {
 }
 
 impl UserClaims {
+    /// Whether the role is `ADMIN`, the highest (an admin is a moderator too).
     pub fn is_admin(&self) -> bool {
         self.role == "ADMIN"
     }
@@ -44,7 +45,9 @@ impl UserClaims {
 /// The verified end user of a request, with the raw token so it can be forwarded downstream.
 #[derive(Clone, Debug)]
 pub struct EndUser {
+    /// What the token says, checked: signature valid, not expired.
     pub claims: UserClaims,
+    /// The token as received (without `Bearer `), for calls made on the user's behalf.
     pub token: Arc<str>,
 }
 
@@ -55,16 +58,23 @@ struct Header {
     kid: String,
 }
 
+/// Why a token was refused or a key could not be used. Every token error means the same to
+/// a caller (UNAUTHENTICATED); the variants are for logs and tests.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Not three base64url parts of JSON, or not an EdDSA token.
     #[error("the token is malformed")]
     Malformed,
+    /// The header names a key id the verifier does not hold (perhaps a newer key).
     #[error("the token is signed with an unknown key")]
     UnknownKey,
+    /// The signature does not verify: the token was altered or forged.
     #[error("the token's signature is invalid")]
     BadSignature,
+    /// The token's `exp` has passed.
     #[error("the token has expired")]
     Expired,
+    /// Key material that is not an Ed25519 key (a PKCS#8 document or a JWK `x`).
     #[error("the signing key is invalid")]
     BadKey,
 }
@@ -104,10 +114,13 @@ impl Signer {
         })
     }
 
+    /// The private key as a PKCS#8 document, to store and load back with
+    /// [`Signer::from_pkcs8`]; a secret.
     pub fn pkcs8(&self) -> &[u8] {
         &self.pkcs8
     }
 
+    /// The key id put in the header of every token this key signs, so verifiers pick the key.
     pub fn kid(&self) -> &str {
         &self.kid
     }
@@ -157,6 +170,7 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// A verifier that knows no keys yet: it accepts no token.
     pub fn new() -> Self {
         Self::default()
     }
@@ -176,10 +190,12 @@ impl Verifier {
         Ok(())
     }
 
+    /// Whether no key has been added.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
+    /// Whether the set holds key `kid`; when not, a fresh key set may be worth fetching.
     pub fn knows(&self, kid: &str) -> bool {
         self.keys.contains_key(kid)
     }

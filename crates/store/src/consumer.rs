@@ -121,15 +121,30 @@ pub trait Consumer: Send + Sync {
             .is_some_and(|status| status.code() == tonic::Code::OutOfRange)
     }
 
+    /// Whether `event` has an effect here. Events that have none are not applied: a batch of
+    /// only those opens no transaction, and the cursor passes them in memory, written with
+    /// the next applied batch or after [`IDLE_CURSOR_WRITE`] (a restart before that replays
+    /// them, harmlessly). By default every event is applied.
+    fn wants(&self, event: &Self::Event) -> bool {
+        let _ = event;
+        true
+    }
+
     /// Applies one event's effect inside `tx`, which also advances the cursor past it (and
     /// may hold other events of the same batch), so the effect and the cursor commit
-    /// together or not at all. Events the consumer does not care about: return `Ok(())`.
+    /// together or not at all. Events the consumer does not care about: return `Ok(())`
+    /// (and say so in [`Consumer::wants`], which saves their transaction).
     fn apply<'a>(
         &'a self,
         tx: &'a mut Tx,
         event: Self::Event,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
 }
+
+/// How long the cursor may stay behind events that had no effect ([`Consumer::wants`])
+/// before it is written on its own. Bounds what a restart replays and how stale the
+/// position `tessera cursor` shows may be, at one small write per interval under load.
+pub const IDLE_CURSOR_WRITE: Duration = Duration::from_millis(200);
 
 /// What a service writes to follow another service's `WatchEvents`: how to apply one event.
 ///
@@ -160,9 +175,17 @@ pub trait Apply: Send + Sync + 'static {
     /// The producer's `WatchEventsResponse`.
     type Event: Message + Default + Send + 'static;
 
+    /// Whether `event` has an effect here; those that have none cost no transaction (see
+    /// [`Consumer::wants`]). By default every event is applied.
+    fn wants(&self, event: &Self::Event) -> bool {
+        let _ = event;
+        true
+    }
+
     /// Applies one event's effect inside `tx`, which also advances the cursor past it (and
     /// may hold other events of the same batch), so the effect commits together with the
-    /// cursor or not at all. Events the service does not care about: return `Ok(())`.
+    /// cursor or not at all. Events the service does not care about: return `Ok(())` (and
+    /// say so in [`Apply::wants`]).
     fn apply<'a>(
         &'a self,
         tx: &'a mut Tx,
@@ -275,6 +298,10 @@ where
 
     fn epoch<'e>(&self, event: &'e Self::Event) -> Option<&'e str> {
         Some(&event.epoch)
+    }
+
+    fn wants(&self, event: &Self::Event) -> bool {
+        self.handler.wants(&event.event)
     }
 
     fn apply<'a>(
@@ -451,13 +478,27 @@ async fn follow_once<C: Consumer>(
         followed,
         halted,
         poison,
+        passed: None,
     };
     let mut stream = std::pin::pin!(stream);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         // Waits for one event, then takes whatever else has already arrived (up to the cap)
         // without waiting: a lone event is applied as soon as it comes, a backlog in batches.
-        let mut next = stream.next().await;
+        let mut next = match cursor.passed {
+            // Events were passed without a write: if the stream goes quiet, write the cursor.
+            Some((_, since)) => {
+                let quiet = IDLE_CURSOR_WRITE.saturating_sub(since.elapsed());
+                match tokio::time::timeout(quiet, stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => {
+                        cursor.write_passed(db, consumer).await;
+                        continue;
+                    }
+                }
+            }
+            None => stream.next().await,
+        };
         let mut failed = None;
         let mut ended = false;
         loop {
@@ -479,6 +520,10 @@ async fn follow_once<C: Consumer>(
                 return ended;
             }
             *backoff = FIRST_BACKOFF;
+        }
+        if failed.is_some() || ended {
+            // The next connection starts from the written cursor: save it the replay.
+            cursor.write_passed(db, consumer).await;
         }
         match failed {
             Some(err) if consumer.diverged(&err) => {
@@ -515,6 +560,9 @@ struct Cursor<'p> {
     halted: bool,
     /// The sequence of the last event whose apply failed (kept across connections).
     poison: &'p mut Option<i64>,
+    /// The last event passed without a transaction (none of its batch was wanted) and not yet
+    /// written to the cursor, with when the first such event was passed.
+    passed: Option<(i64, std::time::Instant)>,
 }
 
 impl Cursor<'_> {
@@ -566,15 +614,23 @@ impl Cursor<'_> {
             let after_poison = rest.split_off(1);
             chunks.extend([rest, after_poison]);
         }
-        for chunk in chunks {
+        for mut chunk in chunks {
             let Some(&(last, _)) = chunk.last() else {
                 continue;
             };
+            chunk.retain(|(_, event)| consumer.wants(event));
+            // A chunk of events without effect needs no transaction once the epoch is known
+            // and no halt is to be cleared: the cursor passes it in memory.
+            if chunk.is_empty() && self.followed.is_some() && !self.halted {
+                let since = self.passed.map_or_else(std::time::Instant::now, |(_, t)| t);
+                self.passed = Some((last, since));
+                continue;
+            }
             // The first epoch seen is recorded with the batch (or, if another replica
             // recorded a different one meanwhile, the batch is refused).
             let record = expected.clone().filter(|_| self.followed.is_none());
-            match apply_batch(db, consumer, record.as_deref(), chunk).await {
-                Ok(Applied::Done) => {}
+            match apply_batch(db, consumer, record.as_deref(), chunk, last).await {
+                Ok(Applied::Done) => self.passed = None,
                 Ok(Applied::OtherEpoch(known)) => {
                     let seen = record.unwrap_or_default();
                     let reason = epoch_changed(consumer, &known, &seen, last);
@@ -601,9 +657,31 @@ impl Cursor<'_> {
                 );
             }
         }
+        // Under a steady stream of events without effect the stream never goes quiet.
+        if self
+            .passed
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_CURSOR_WRITE)
+        {
+            self.write_passed(db, consumer).await;
+        }
         match stray {
             Some(reason) => Some(halt(db, consumer, self.after, reason).await),
             None => None,
+        }
+    }
+
+    /// Writes the cursor past the events passed without a transaction. A failure is logged
+    /// and retried with the next batch: those events only get replayed.
+    async fn write_passed<C: Consumer>(&mut self, db: &Db, consumer: &C) {
+        let Some((through, _)) = self.passed else {
+            return;
+        };
+        match apply_batch(db, consumer, None, Vec::new(), through).await {
+            Ok(_) => self.passed = None,
+            Err((_, err)) => {
+                tracing::warn!(consumer = consumer.name(), error = %err, "writing the cursor failed");
+                self.passed = Some((through, std::time::Instant::now()));
+            }
         }
     }
 }
@@ -654,17 +732,19 @@ enum Applied {
 }
 
 /// Applies `events` (in increasing sequence order) in one transaction that also moves the
-/// cursor to the last one; those the cursor is already past (a replay after reconnecting, or
-/// another replica got there first) are skipped. A failure names the sequence of the event
-/// whose apply failed (or the last one, when the transaction itself failed).
+/// cursor to `through` (the batch's last sequence: events without effect were left out);
+/// those the cursor is already past (a replay after reconnecting, or another replica got
+/// there first) are skipped, and the cursor never moves back. A failure names the sequence of
+/// the event whose apply failed (or the last one, when the transaction itself failed).
 async fn apply_batch<C: Consumer>(
     db: &Db,
     consumer: &C,
     record_epoch: Option<&str>,
     events: Vec<(i64, C::Event)>,
+    through: i64,
 ) -> Result<Applied, (i64, StoreError)> {
     let name = consumer.name();
-    let last = events.last().map_or(0, |(sequence, _)| *sequence);
+    let last = through;
     let at_last = |err| (last, err);
     let mut tx = db.begin().await.map_err(at_last)?;
     let mut position = lock_cursor(&mut tx, name).await.map_err(at_last)?;
@@ -686,6 +766,7 @@ async fn apply_batch<C: Consumer>(
             .map_err(|err| (sequence, err))?;
         position = sequence;
     }
+    position = position.max(through);
     if position == start {
         // All applied before.
         tx.rollback().await.map_err(at_last)?;
@@ -882,6 +963,88 @@ mod tests {
             let rows = counts(&db).await;
             let expected: Vec<(i64, i64)> = (1..=300).map(|s| (s, 1)).collect();
             assert_eq!(rows, expected, "{name}");
+        }
+    }
+
+    /// A stream of `events` sequences that stays open afterwards, of which only every tenth
+    /// has an effect.
+    struct Sparse {
+        events: i64,
+        applied: Arc<AtomicI64>,
+    }
+
+    impl Consumer for Sparse {
+        type Event = i64;
+        type Error = String;
+        type Stream = stream::Chain<
+            Iter<std::vec::IntoIter<Result<i64, String>>>,
+            stream::Pending<Result<i64, String>>,
+        >;
+
+        fn name(&self) -> &str {
+            "backlog-events"
+        }
+
+        async fn open(&self, after: i64) -> Result<Self::Stream, String> {
+            let rest: Vec<_> = (after + 1..=self.events).map(Ok).collect();
+            Ok(stream::iter(rest).chain(stream::pending()))
+        }
+
+        fn sequence(&self, event: &i64) -> i64 {
+            *event
+        }
+
+        fn epoch<'e>(&self, _: &'e i64) -> Option<&'e str> {
+            Some("e1")
+        }
+
+        fn wants(&self, event: &i64) -> bool {
+            event % 10 == 0
+        }
+
+        async fn apply(&self, tx: &mut Tx, event: i64) -> Result<(), StoreError> {
+            self.applied.fetch_add(1, Ordering::SeqCst);
+            sqlx::query("INSERT INTO applied (sequence) VALUES ($1)")
+                .bind(event)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_without_effect_are_passed_and_the_cursor_still_gets_there() {
+        for (name, db, _dir) in dbs("consumer_sparse").await {
+            let applied = Arc::new(AtomicI64::new(0));
+            let sparse = Sparse {
+                events: 1005,
+                applied: applied.clone(),
+            };
+            let (_stop, shutdown) = watch::channel(false);
+            let running = tokio::spawn(run_consumer(db.clone(), sparse, shutdown));
+            // 1001..=1005 have no effect and nothing follows them: the idle write moves the
+            // cursor past them although the stream stays open.
+            caught_up(&db, 1005).await;
+            assert_eq!(db.cursor("backlog-events").await.unwrap(), 1005, "{name}");
+            running.abort();
+            let _ = running.await;
+            assert_eq!(
+                applied.load(Ordering::SeqCst),
+                100,
+                "{name}: only the wanted"
+            );
+            let rows = counts(&db).await;
+            let expected: Vec<(i64, i64)> = (1..=100).map(|s| (s * 10, 1)).collect();
+            assert_eq!(rows, expected, "{name}");
+            assert_eq!(
+                db.cursor_state("backlog-events")
+                    .await
+                    .unwrap()
+                    .epoch
+                    .as_deref(),
+                Some("e1"),
+                "{name}: the epoch is recorded with the first batch"
+            );
         }
     }
 }

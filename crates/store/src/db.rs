@@ -23,7 +23,9 @@ use crate::{
 /// Which database engine stands behind a [`Db`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
+    /// A SQLite file (any target that is not a PostgreSQL URL); one writer at a time.
     Sqlite,
+    /// A PostgreSQL server, named by a `postgres://` URL.
     Postgres,
 }
 

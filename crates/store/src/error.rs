@@ -31,6 +31,7 @@ pub enum StoreError {
     UniqueViolation {
         /// The constraint's name, when the backend reports it (PostgreSQL does, SQLite does not).
         constraint: Option<String>,
+        /// The driver's report of the collision.
         #[source]
         source: sqlx::Error,
     },
@@ -38,8 +39,11 @@ pub enum StoreError {
     /// The migrations recorded in the database do not match the ones compiled in.
     #[error("migration {version} ({name}): {reason}")]
     Migration {
+        /// The migration's place in the list, counting from 1.
         version: i64,
+        /// The migration's name, as compiled in.
         name: String,
+        /// What went wrong: another name recorded at this version, or the SQL's own error.
         reason: String,
     },
 
@@ -56,7 +60,12 @@ pub enum StoreError {
         first = after + 1,
         last = oldest - 1
     )]
-    Pruned { after: i64, oldest: i64 },
+    Pruned {
+        /// The sequence the consumer asked to read after.
+        after: i64,
+        /// The oldest sequence the outbox still keeps.
+        oldest: i64,
+    },
 
     /// A consumer asked for events after `after`, but the outbox ends at `last`: it went back
     /// (restored from a backup, or recreated) and the events the consumer will wait for are
@@ -65,7 +74,12 @@ pub enum StoreError {
         "the cursor {after} is ahead of the outbox, which ends at {last}: the outbox went back \
          (restored or recreated); the consumer must be resynchronised"
     )]
-    Ahead { after: i64, last: i64 },
+    Ahead {
+        /// The sequence the consumer asked to read after.
+        after: i64,
+        /// The newest sequence in the outbox.
+        last: i64,
+    },
 
     /// Any other database failure.
     #[error("database error")]
@@ -106,25 +120,6 @@ impl From<sqlx::Error> for StoreError {
         }
         StoreError::Database(err)
     }
-}
-
-/// `err: cause: cause ...` on one line: how services log an error that wraps a
-/// [`StoreError`] before answering with an opaque INTERNAL.
-///
-/// ```
-/// let err = tessera_store::StoreError::Database(sqlx::Error::RowNotFound);
-/// let line = tessera_store::error_chain(&err);
-/// assert!(line.contains(&sqlx::Error::RowNotFound.to_string()), "{line}");
-/// ```
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 /// Shorthand for results in this crate.

@@ -88,7 +88,9 @@
 //! applied in batches of what has already arrived (at most [`MAX_BATCH`]), each batch in one
 //! transaction together with the cursor advance, so each effect happens exactly once even
 //! across reconnects, crashes, restarts and concurrent replicas. Errors reconnect with
-//! backoff. ([`Consumer`] is the same loop over any stream of events.)
+//! backoff. Events a consumer has no use for ([`Apply::wants`] false) cost no transaction:
+//! the cursor passes them in memory and is written with the next applied batch or after
+//! [`IDLE_CURSOR_WRITE`]. ([`Consumer`] is the same loop over any stream of events.)
 //!
 //! Each outbox has an epoch ([`Db::epoch`]), a random id drawn when it is created and sent
 //! with every `WatchEvents` event. The cursor records the epoch it follows
@@ -135,14 +137,19 @@ mod tx;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use consumer::{Apply, Consumer, HALTED_RETRY, MAX_BATCH, WatchChannel, follow, run_consumer};
+pub use consumer::{
+    Apply, Consumer, HALTED_RETRY, IDLE_CURSOR_WRITE, MAX_BATCH, WatchChannel, follow, run_consumer,
+};
 pub use cursor::CursorState;
 pub use db::{Backend, Db};
-pub use error::{Result, StoreError, error_chain};
+pub use error::{Result, StoreError};
 pub use migrate::Migration;
 pub use options::DbOptions;
 pub use outbox::{DEFAULT_OUTBOX_RETENTION, EVENT_BATCH, Event, PRUNE_EVERY};
 pub use page::{BadPageToken, PageToken};
+/// How services log an error that wraps a [`StoreError`] before answering with an opaque
+/// INTERNAL: the error and its causes on one line. (The mesh's own, re-exported.)
+pub use tessera_mesh::errors::error_chain;
 pub use tx::Tx;
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).

@@ -13,13 +13,13 @@ use futures::{Stream, StreamExt};
 use prost::Message as _;
 use prost_types::Timestamp;
 use sqlx::Row;
-use tessera_mesh::errors::{internal, invalid_field};
+use tessera_mesh::errors::{error_chain, internal, invalid_field};
 use tokio::sync::watch;
 use tonic::Status;
 
 use crate::{
     db::{Backend, Db, script},
-    error::{Result, StoreError, error_chain},
+    error::{Result, StoreError},
     now_micros, timestamp,
     tx::Tx,
 };

@@ -54,6 +54,7 @@ pub async fn postgres(label: &str, migrations: &[Migration]) -> Result<Option<Db
 pub struct TestDb {
     /// `"sqlite"` or `"postgres"`, for assertion messages.
     pub name: &'static str,
+    /// The database itself, migrated and empty.
     pub db: Db,
     /// Keeps the SQLite file's directory until the test is done with the database.
     _dir: Option<tempfile::TempDir>,

@@ -71,6 +71,7 @@ impl<E> Default for EventLog<E> {
 }
 
 impl<E: Clone + Send + Sync + 'static> EventLog<E> {
+    /// An empty log to share between a fake and its test; `replay_all` as above.
     pub fn new(replay_all: bool) -> Arc<Self> {
         Arc::new(Self {
             replay_all,
@@ -78,6 +79,7 @@ impl<E: Clone + Send + Sync + 'static> EventLog<E> {
         })
     }
 
+    /// Appends an event and wakes the WatchEvents streams waiting for the next one.
     pub fn push(&self, e: E) {
         self.events.send_modify(|v| v.push(e));
     }
@@ -120,9 +122,13 @@ impl<E: Clone + Send + Sync + 'static> EventLog<E> {
 /// What reached the fakes (share one between them to see a whole fan-out).
 #[derive(Default)]
 pub struct Calls {
+    /// GetPost requests so far; read it with [`Calls::get`].
     pub get_post: AtomicUsize,
+    /// CreatePost requests so far.
     pub create_post: AtomicUsize,
+    /// ListComments requests so far.
     pub list_comments: AtomicUsize,
+    /// BatchGetUsers requests so far, including those refused as too large.
     pub batch_get_users: AtomicUsize,
     /// The size of each BatchGetUsers request.
     pub batch_sizes: Mutex<Vec<usize>>,
@@ -131,6 +137,7 @@ pub struct Calls {
 }
 
 impl Calls {
+    /// One counter's value: `Calls::get(&calls.get_post)`.
     pub fn get(counter: &AtomicUsize) -> usize {
         counter.load(Ordering::SeqCst)
     }
@@ -146,6 +153,7 @@ impl Calls {
         }
     }
 
+    /// Header `name` of the last recorded request, if it is one of the headers kept.
     pub fn header(&self, name: &str) -> Option<String> {
         lock(&self.headers).get(name).cloned()
     }
@@ -155,10 +163,13 @@ impl Calls {
 /// post "new", WatchEvents from `log`.
 #[derive(Default)]
 pub struct FakePosts {
+    /// What GetPost answers from, by post id; [`FakePosts::add`] fills it.
     pub posts: Mutex<HashMap<String, Post>>,
     /// When set, GetPost fails with this code.
     pub fail: Mutex<Option<Code>>,
+    /// The events WatchEvents serves.
     pub log: Arc<EventLog<PostEvent>>,
+    /// Where this fake records its calls.
     pub calls: Arc<Calls>,
 }
 
@@ -247,8 +258,11 @@ impl PostService for FakePosts {
 /// "next" token), WatchEvents from `log`.
 #[derive(Default)]
 pub struct FakeComments {
+    /// The comments of every post; ListComments picks those of the requested one.
     pub comments: Vec<Comment>,
+    /// The events WatchEvents serves.
     pub log: Arc<EventLog<CommentEvent>>,
+    /// Where this fake records its calls.
     pub calls: Arc<Calls>,
 }
 
@@ -313,8 +327,11 @@ impl CommentService for FakeComments {
 /// `log`.
 #[derive(Default)]
 pub struct FakeUsers {
+    /// What GetUser and BatchGetUsers answer from, by user id.
     pub users: HashMap<String, User>,
+    /// The events WatchEvents serves.
     pub log: Arc<EventLog<UserEvent>>,
+    /// Where this fake records its calls (BatchGetUsers only).
     pub calls: Arc<Calls>,
 }
 

@@ -40,9 +40,13 @@ pub struct TestMesh {
 /// A user created and logged in through the public port.
 #[derive(Clone, Debug)]
 pub struct TestUser {
+    /// The id CreateUser gave the user.
     pub user_id: String,
+    /// The name the user logs in with.
     pub username: String,
+    /// The name shown for the user, as given to CreateUser.
     pub display_name: String,
+    /// Always [`PASSWORD`], kept here so a test can log in again.
     pub password: String,
     /// The access token from Login.
     pub token: String,
@@ -97,10 +101,12 @@ impl TestMesh {
         &self.mesh().data_dir
     }
 
+    /// The dev CA (`ca.crt`) and one directory per workload with its certificate and key.
     pub fn certs_dir(&self) -> &Path {
         &self.mesh().certs_dir
     }
 
+    /// The `endpoints.json` the mesh wrote once every service was ready.
     pub fn endpoints_path(&self) -> &Path {
         &self.mesh().endpoints_path
     }
@@ -140,22 +146,27 @@ impl TestMesh {
         self.public.clone()
     }
 
+    /// A UserService client through the gateway's public port.
     pub fn users(&self) -> UserServiceClient<Channel> {
         UserServiceClient::new(self.public.clone())
     }
 
+    /// A PostService client through the gateway's public port.
     pub fn posts(&self) -> PostServiceClient<Channel> {
         PostServiceClient::new(self.public.clone())
     }
 
+    /// A CommentService client through the gateway's public port.
     pub fn comments(&self) -> CommentServiceClient<Channel> {
         CommentServiceClient::new(self.public.clone())
     }
 
+    /// A NotificationService client through the gateway's public port.
     pub fn notifications(&self) -> NotificationServiceClient<Channel> {
         NotificationServiceClient::new(self.public.clone())
     }
 
+    /// A FeedService client through the gateway's public port.
     pub fn feed(&self) -> FeedServiceClient<Channel> {
         FeedServiceClient::new(self.public.clone())
     }
@@ -202,6 +213,7 @@ impl TestMesh {
         }
     }
 
+    /// Login through the public port, its failure returned for the test to check.
     pub async fn log_in(&self, username: &str, password: &str) -> Result<LoginResponse, Status> {
         Ok(self
             .users()

@@ -19,6 +19,14 @@ impl Apply for PostEvents {
     const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
 
+    // An edit changes nothing the digest keeps (id, author, create time): no transaction.
+    fn wants(&self, event: &WatchEventsResponse) -> bool {
+        matches!(
+            event.event,
+            Some(Event::PostCreated(_) | Event::PostDeleted(_))
+        )
+    }
+
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         match event.event {
             Some(Event::PostCreated(created)) => {

@@ -1,10 +1,12 @@
-use tessera_store::{StoreError, error_chain};
+use tessera_mesh::errors::error_chain;
+use tessera_store::StoreError;
 use tonic::Status;
 
 /// Everything DigestService can fail with, mapped to a gRPC status in
 /// [`From<Error> for Status`] (the one place).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The database failed: UNAVAILABLE when it stayed busy, else an opaque INTERNAL.
     #[error("storage failed")]
     Store(#[from] StoreError),
     /// An upstream call failed; its status is passed on (UNAVAILABLE, DEADLINE_EXCEEDED, …)

@@ -3,7 +3,6 @@
 //! CreateComment racing with the event cannot leave an orphan behind) and emits one
 //! CommentDeleted per removed comment, all in the transaction that advances the cursor.
 
-use sqlx::Row;
 use tessera::{
     comments::v1::{CommentDeleted, watch_events_response::Event},
     posts::v1::{
@@ -57,6 +56,11 @@ impl Apply for PostEvents {
     const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = PostEvent;
 
+    // New and edited posts concern no comment: no transaction for them.
+    fn wants(&self, event: &PostEvent) -> bool {
+        matches!(event.event, Some(PostKind::PostDeleted(_)))
+    }
+
     async fn apply(&self, tx: &mut Tx, event: PostEvent) -> Result<(), StoreError> {
         match event.event {
             Some(PostKind::PostDeleted(deleted)) => {
@@ -84,6 +88,10 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
 
+    fn wants(&self, event: &UserEvent) -> bool {
+        matches!(event.event, Some(UserKind::UserDeleted(_)))
+    }
+
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {
         match event.event {
             Some(UserKind::UserDeleted(deleted)) => {
@@ -105,15 +113,14 @@ impl Apply for UserEvents {
 
 /// Deletes the comments whose `column` is `value` and emits CommentDeleted for each.
 async fn cascade(tx: &mut Tx, column: &'static str, value: &str) -> Result<(), StoreError> {
-    let rows = sqlx::query(&format!(
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
         "DELETE FROM comments WHERE {column} = $1 RETURNING comment_id, post_id"
     ))
     .bind(value)
     .fetch_all(&mut **tx)
     .await?;
-    for row in &rows {
-        let comment_id: String = row.try_get(0)?;
-        let post_id: String = row.try_get(1)?;
+    let count = rows.len();
+    for (comment_id, post_id) in rows {
         append(
             tx,
             Event::CommentDeleted(CommentDeleted {
@@ -123,13 +130,8 @@ async fn cascade(tx: &mut Tx, column: &'static str, value: &str) -> Result<(), S
         )
         .await?;
     }
-    if !rows.is_empty() {
-        tracing::info!(
-            column,
-            value,
-            count = rows.len(),
-            "cascaded comment deletion"
-        );
+    if count > 0 {
+        tracing::info!(column, value, count, "cascaded comment deletion");
     }
     Ok(())
 }

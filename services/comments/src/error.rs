@@ -3,6 +3,7 @@
 use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
+/// Everything CommentService can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
@@ -20,6 +21,7 @@ pub enum Error {
     /// A downstream service answered with an error; passed through as it is.
     #[error("downstream: {}: {}", .0.code(), .0.message())]
     Upstream(Status),
+    /// The database failed; UNAVAILABLE when it was only busy, INTERNAL otherwise.
     #[error("storage")]
     Store(#[from] StoreError),
 }

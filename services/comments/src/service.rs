@@ -1,6 +1,5 @@
 //! The CommentService handlers and the SQL behind them.
 
-use sqlx::{Row, any::AnyRow};
 use tessera::{
     comments::v1::{
         Comment, CommentCreated, CommentDeleted, CreateCommentRequest, CreateCommentResponse,
@@ -45,15 +44,19 @@ pub struct Comments {
 type Result<T, E = Error> = std::result::Result<T, E>;
 
 const COLUMNS: &str = "comment_id, post_id, author_id, body, create_time";
+type CommentTuple = (String, String, String, String, i64);
 
-fn comment_from_row(row: &AnyRow) -> Result<Comment, sqlx::Error> {
-    Ok(Comment {
-        comment_id: row.try_get(0)?,
-        post_id: row.try_get(1)?,
-        author_id: row.try_get(2)?,
-        body: row.try_get(3)?,
-        create_time: Some(timestamp(row.try_get(4)?)),
-    })
+/// A stored comment as the API returns it. A function, not a `From` impl: both the tuple and
+/// the generated `Comment` are foreign types.
+fn comment_from_tuple(t: CommentTuple) -> Comment {
+    let (comment_id, post_id, author_id, body, create_time) = t;
+    Comment {
+        comment_id,
+        post_id,
+        author_id,
+        body,
+        create_time: Some(timestamp(create_time)),
+    }
 }
 
 /// Checks an id-like field: present (if `required`), short, without control characters
@@ -229,14 +232,14 @@ impl Comments {
     }
 
     async fn by_request(&self, author: &str, request_id: &str) -> Result<Option<Comment>> {
-        let row = sqlx::query(&format!(
+        let row: Option<CommentTuple> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM comments WHERE author_id = $1 AND request_id = $2"
         ))
         .bind(author)
         .bind(request_id)
         .fetch_optional(self.db.pool())
         .await?;
-        Ok(row.as_ref().map(comment_from_row).transpose()?)
+        Ok(row.map(comment_from_tuple))
     }
 
     async fn list(&self, req: ListCommentsRequest) -> Result<ListCommentsResponse> {
@@ -254,7 +257,7 @@ impl Comments {
         let (after_time, after_id) = after
             .map(|t| (t.create_time, t.id))
             .unwrap_or((i64::MIN, String::new()));
-        let rows = sqlx::query(&format!(
+        let rows: Vec<CommentTuple> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM comments WHERE post_id = $1 \
              AND (create_time > $2 OR (create_time = $2 AND comment_id > $3)) \
              ORDER BY create_time, comment_id LIMIT $4"
@@ -265,14 +268,15 @@ impl Comments {
         .bind(size + 1)
         .fetch_all(self.db.pool())
         .await?;
-        let mut comments = Vec::with_capacity(rows.len());
+        let fetched = rows.len();
+        let mut comments = Vec::with_capacity(fetched);
         let mut last_time = 0;
-        for row in rows.iter().take(usize::try_from(size).unwrap_or(0)) {
-            last_time = row.try_get(4)?;
-            comments.push(comment_from_row(row)?);
+        for row in rows.into_iter().take(usize::try_from(size).unwrap_or(0)) {
+            last_time = row.4;
+            comments.push(comment_from_tuple(row));
         }
         let next_page_token = match comments.last() {
-            Some(last) if rows.len() > comments.len() => {
+            Some(last) if fetched > comments.len() => {
                 PageToken::new(req.post_id, last_time, last.comment_id.clone()).encode()
             }
             _ => String::new(),
@@ -302,16 +306,14 @@ impl Comments {
             _ => false,
         };
         let mut tx = self.db.begin().await?;
-        let row = sqlx::query(
+        let row: Option<(String, String, String)> = sqlx::query_as(
             "SELECT post_id, author_id, post_author_id FROM comments WHERE comment_id = $1",
         )
         .bind(&req.comment_id)
         .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("comment {}", req.comment_id)))?;
-        let post_id: String = row.try_get(0)?;
-        let author_id: String = row.try_get(1)?;
-        let post_author_id: String = row.try_get(2)?;
+        .await?;
+        let (post_id, author_id, post_author_id) =
+            row.ok_or_else(|| Error::NotFound(format!("comment {}", req.comment_id)))?;
         let allowed = caller.sub == author_id || caller.sub == post_author_id || moderator;
         if !allowed {
             return Err(Error::PermissionDenied(

@@ -75,9 +75,13 @@ impl Default for CacheLimits {
 /// Hits and misses so far (tests and the benchmark read them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Post lookups served from the cache.
     pub post_hits: u64,
+    /// Post lookups that had to fetch, bypassed ones included.
     pub post_misses: u64,
+    /// Profile lookups served from the cache.
     pub user_hits: u64,
+    /// Profile lookups that had to fetch, bypassed ones included.
     pub user_misses: u64,
 }
 
@@ -113,10 +117,12 @@ impl Cache {
         self.inner.users.get(user_id)
     }
 
+    /// Drops the post and voids any lease on it (a write path call, before it answers).
     pub fn invalidate_post(&self, post_id: &str) {
         self.inner.posts.invalidate(post_id);
     }
 
+    /// Drops the profile and voids any lease on it.
     pub fn invalidate_user(&self, user_id: &str) {
         self.inner.users.invalidate(user_id);
     }
@@ -131,6 +137,7 @@ impl Cache {
         self.inner.users.is_live()
     }
 
+    /// The hit and miss counts since the cache was made.
     pub fn stats(&self) -> CacheStats {
         let (post_hits, post_misses) = self.inner.posts.counts();
         let (user_hits, user_misses) = self.inner.users.counts();
@@ -153,6 +160,7 @@ impl Cache {
 
 /// What a lookup found.
 pub enum Lookup<'a, V: CacheValue> {
+    /// A copy of the stored value, fresh by the events and the age bound.
     Hit(V),
     /// Fetch it; store it with the lease if there is one (there is none while the cache is
     /// bypassed, or while another call already holds the key's lease).
@@ -188,6 +196,7 @@ impl<V: CacheValue> Drop for Lease<'_, V> {
 
 /// What the cache can hold: its size is needed for the budget.
 pub trait CacheValue: Clone {
+    /// What the value counts against the byte budget.
     fn size(&self) -> usize;
 }
 

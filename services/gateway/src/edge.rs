@@ -44,6 +44,7 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// An empty set; [`Upstreams::insert`] adds each workload.
     pub fn new() -> Self {
         Self::default()
     }
@@ -69,7 +70,9 @@ impl Upstreams {
 /// What the public port allows one call.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EdgeLimits {
+    /// Calls per end user and per client address.
     pub rates: RateLimits,
+    /// Bytes held for one call, one stream and one address.
     pub sizes: SizeLimits,
 }
 

@@ -12,11 +12,14 @@ use std::{collections::HashMap, hash::Hash, net::IpAddr, sync::Mutex, time::Inst
 /// A token bucket's shape: `burst` requests at once, refilled at `per_second`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Quota {
+    /// Requests a full bucket allows at once; also the most it holds.
     pub burst: u32,
+    /// Requests added back per second, fractions allowed.
     pub per_second: f64,
 }
 
 impl Quota {
+    /// A quota of `burst` at once, refilled at `per_second`.
     pub const fn new(burst: u32, per_second: f64) -> Self {
         Self { burst, per_second }
     }

@@ -70,6 +70,7 @@ impl Reader {
 }
 
 impl Feed {
+    /// Composes over these clients, fetching every post and profile (no cache).
     pub fn new(
         posts: PostServiceClient<Channel>,
         comments: CommentServiceClient<Channel>,

@@ -137,6 +137,11 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
 
+    // Only a deletion removes notifications: other user events cost no transaction.
+    fn wants(&self, event: &UserEvent) -> bool {
+        matches!(event.event, Some(UserKind::UserDeleted(_)))
+    }
+
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {
         let Some(UserKind::UserDeleted(deleted)) = event.event else {
             return Ok(());

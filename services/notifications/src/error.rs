@@ -3,6 +3,7 @@
 use tessera_store::{StoreError, error_chain};
 use tonic::Status;
 
+/// Everything NotificationService can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input: an INVALID_ARGUMENT with field violations, built by `Violations`.
@@ -20,6 +21,7 @@ pub enum Error {
     /// This replica serves the most subscriptions it may (the limit).
     #[error("this replica has its maximum of {0} open subscriptions")]
     ReplicaFull(usize),
+    /// The database failed; UNAVAILABLE when it was only busy, INTERNAL otherwise.
     #[error("storage")]
     Store(#[from] StoreError),
 }

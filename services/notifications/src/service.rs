@@ -1,8 +1,10 @@
 //! The NotificationService handlers and the SQL behind them.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
-use sqlx::{Row, any::AnyRow};
 use tessera::notifications::v1::{
     ListNotificationsRequest, ListNotificationsResponse, MarkNotificationsReadRequest,
     MarkNotificationsReadResponse, Notification, SubscribeNotificationsRequest,
@@ -57,16 +59,21 @@ struct Inner {
 }
 
 const COLUMNS: &str = "notification_id, post_id, comment_id, actor_id, is_read, create_time";
+/// `is_read` stays an `i64` here: sqlx's `Any` driver cannot decode a SQLite integer as `bool`.
+type NotificationTuple = (String, String, String, String, i64, i64);
 
-fn notification_from_row(row: &AnyRow) -> Result<Notification, sqlx::Error> {
-    Ok(Notification {
-        notification_id: row.try_get(0)?,
-        post_id: row.try_get(1)?,
-        comment_id: row.try_get(2)?,
-        actor_id: row.try_get(3)?,
-        read: row.try_get::<i64, _>(4)? != 0,
-        create_time: Some(timestamp(row.try_get(5)?)),
-    })
+/// A stored notification as the API returns it. A function, not a `From` impl: both the tuple
+/// and the generated `Notification` are foreign types.
+fn notification_from_tuple(t: NotificationTuple) -> Notification {
+    let (notification_id, post_id, comment_id, actor_id, is_read, create_time) = t;
+    Notification {
+        notification_id,
+        post_id,
+        comment_id,
+        actor_id,
+        read: is_read != UNREAD,
+        create_time: Some(timestamp(create_time)),
+    }
 }
 
 fn bad_id(id: &str) -> bool {
@@ -195,7 +202,7 @@ impl Notifications {
              AND (create_time < $2 OR (create_time = $2 AND notification_id < $3)) {unread_filter} \
              ORDER BY create_time DESC, notification_id DESC LIMIT $4"
         );
-        let mut query = sqlx::query(&sql)
+        let mut query = sqlx::query_as::<_, NotificationTuple>(&sql)
             .bind(user_id)
             .bind(before_time)
             .bind(&before_id)
@@ -204,15 +211,16 @@ impl Notifications {
             query = query.bind(UNREAD);
         }
         let rows = query.fetch_all(self.db().pool()).await?;
+        let fetched = rows.len();
         let take = usize::try_from(size).unwrap_or(0);
-        let mut notifications = Vec::with_capacity(rows.len().min(take));
+        let mut notifications = Vec::with_capacity(fetched.min(take));
         let mut last_time = 0;
-        for row in rows.iter().take(take) {
-            last_time = row.try_get(5)?;
-            notifications.push(notification_from_row(row)?);
+        for row in rows.into_iter().take(take) {
+            last_time = row.5;
+            notifications.push(notification_from_tuple(row));
         }
         let next_page_token = match notifications.last() {
-            Some(last) if rows.len() > notifications.len() => PageToken::new(
+            Some(last) if fetched > notifications.len() => PageToken::new(
                 page_scope(user_id, req.unread_only),
                 last_time,
                 last.notification_id.clone(),
@@ -263,17 +271,12 @@ impl Notifications {
             let sql = format!(
                 "SELECT notification_id, user_id FROM notifications WHERE notification_id IN ({list})"
             );
-            let mut query = sqlx::query(&sql);
+            let mut query = sqlx::query_as::<_, (String, String)>(&sql);
             for id in &ids {
                 query = query.bind(*id);
             }
-            let rows = query.fetch_all(&mut *tx).await?;
-            let mut owners = std::collections::HashMap::with_capacity(rows.len());
-            for row in &rows {
-                let id: String = row.try_get(0)?;
-                let owner: String = row.try_get(1)?;
-                owners.insert(id, owner);
-            }
+            let owners: HashMap<String, String> =
+                query.fetch_all(&mut *tx).await?.into_iter().collect();
             for id in &ids {
                 match owners.get(*id) {
                     None => return Err(Error::NotFound(format!("notification {id}"))),

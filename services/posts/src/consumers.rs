@@ -25,6 +25,11 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
 
+    // Only a deletion touches posts: other user events cost no transaction.
+    fn wants(&self, event: &WatchEventsResponse) -> bool {
+        matches!(event.event, Some(Event::UserDeleted(_)))
+    }
+
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {
         let Some(Event::UserDeleted(deleted)) = event.event else {
             return Ok(());

@@ -5,8 +5,10 @@ use tonic::Status;
 /// (the one place).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The post asked for does not exist.
     #[error("post not found")]
     NotFound,
+    /// The caller may not do this; the reason goes back to them as is.
     #[error("{0}")]
     PermissionDenied(&'static str),
     /// The etag sent with an update is not the stored one.
@@ -15,8 +17,10 @@ pub enum Error {
     /// The end user's account was deleted (their token may still be valid for a while).
     #[error("the author's account was deleted")]
     AuthorDeleted,
+    /// The database failed; UNAVAILABLE when it was only busy, INTERNAL otherwise.
     #[error("storage failed")]
     Store(#[from] StoreError),
+    /// A stored row does not decode (a post's tags are not a JSON list of strings).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

@@ -8,10 +8,13 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// (the one place).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The user asked for does not exist.
     #[error("user not found")]
     NotFound,
+    /// The caller may not do this; the reason goes back to them as is.
     #[error("{0}")]
     PermissionDenied(&'static str),
+    /// Another user already holds the username.
     #[error("username is taken")]
     UsernameTaken,
     /// Login failures: one message whether the user is unknown or the password wrong.
@@ -23,18 +26,26 @@ pub enum Error {
     /// Too many failed logins for the username lately; allowed again after the duration.
     #[error("too many failed logins for this username")]
     Throttled(std::time::Duration),
+    /// The database failed; UNAVAILABLE when it was only busy, INTERNAL otherwise.
     #[error("storage failed")]
     Store(#[from] StoreError),
+    /// Hashing could not run (no thread, no randomness); not a wrong password.
     #[error("password hashing failed: {0}")]
     Password(String),
+    /// A signing key could not be generated or parsed.
     #[error("the token signing key is unusable: {0}")]
     Key(#[from] tessera_mesh::token::TokenError),
+    /// A stored password hash or signing key cannot be read back, or key handling broke an
+    /// invariant.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The key-encryption key could not be loaded or created.
     #[error("the key-encryption key is unusable: {0}")]
     Kek(#[from] crate::keys::KekError),
+    /// Signing keys are sealed at rest, and no key-encryption key was configured.
     #[error("no key-encryption key configured for the signing keys")]
     NoKeyEncryptionKey,
+    /// A spawned task panicked or was cancelled.
     #[error("a blocking task failed")]
     Join(#[from] tokio::task::JoinError),
 }

@@ -50,18 +50,29 @@ impl fmt::Debug for Kek {
 /// Why a key-encryption key could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KekError {
+    /// The key file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The key file.
         path: String,
+        /// What reading it failed with.
         source: std::io::Error,
     },
+    /// A generated key could not be saved.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The key file.
         path: String,
+        /// What writing it failed with.
         source: std::io::Error,
     },
+    /// The file holds something other than 32 bytes, raw or base64.
     #[error("{path}: expected 32 bytes, raw or base64 (e.g. `openssl rand -base64 32`)")]
-    Format { path: String },
+    Format {
+        /// The key file.
+        path: String,
+    },
+    /// The system had no randomness for a new key, or the cipher refused the bytes.
     #[error("no randomness to generate a key, or the key was refused")]
     Random,
 }

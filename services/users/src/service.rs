@@ -156,7 +156,7 @@ impl Users {
 tessera_store::watch_events!(UserEvents = tessera::users::v1);
 
 /// Most ids one BatchGetUsers may ask for.
-pub const MAX_BATCH: usize = 100;
+pub(crate) const MAX_BATCH: usize = 100;
 const MAX_DISPLAY_NAME: usize = 64;
 const MIN_PASSWORD: usize = 8;
 /// Hashing cost grows with input; nobody needs a longer password.

@@ -23,6 +23,7 @@ pub(crate) const MAX_TOKEN_LEN: usize = 128;
 pub enum Refused {
     /// Never issued, revoked, or pruned after expiry.
     Unknown,
+    /// Past its lifetime.
     Expired,
     /// Already rotated: the session is revoked.
     Reused,

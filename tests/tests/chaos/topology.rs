@@ -25,12 +25,12 @@ use tonic::transport::Channel;
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-under-test");
 
 /// The services in start order (dependencies first).
-pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
+pub(crate) const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
 
 /// A short drain delay keeps the tests quick; the drain timeout is long enough that a stop
 /// held by an open stream (comments' WatchEvents on posts) would show, as the tests check.
-pub const DRAIN_DELAY: Duration = Duration::from_millis(300);
-pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(10_000);
+pub(crate) const DRAIN_DELAY: Duration = Duration::from_millis(300);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_millis(10_000);
 
 /// How long a replica may take to report ready (debug build, 2 busy cores).
 const READY_BOUND: Duration = Duration::from_secs(60);
@@ -49,7 +49,7 @@ struct Replica {
 }
 
 /// The running topology. Replicas are named `<service>-<i>`.
-pub struct Topology {
+pub(crate) struct Topology {
     replicas: BTreeMap<String, Replica>,
     server: ServerUrl,
     certs: PathBuf,
@@ -60,7 +60,7 @@ pub struct Topology {
 
 /// A PostgreSQL server for this run, or `None` (and a printed reason) when
 /// `TESSERA_TEST_DATABASE_URL` is unset.
-pub fn test_server(label: &str) -> Option<ServerUrl> {
+pub(crate) fn test_server(label: &str) -> Option<ServerUrl> {
     let Ok(url) = std::env::var("TESSERA_TEST_DATABASE_URL") else {
         println!("skipped: TESSERA_TEST_DATABASE_URL not set (the chaos tests run on PostgreSQL)");
         return None;
@@ -136,7 +136,7 @@ impl Topology {
     /// Creates the databases and certificates, then starts users, `posts` replicas of posts
     /// and one of every other service, each as its own `tessera serve` process, and waits
     /// until every one is ready.
-    pub async fn start(server: ServerUrl, posts: usize) -> Self {
+    pub(crate) async fn start(server: ServerUrl, posts: usize) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tessera-chaos-")
             .tempdir()
@@ -284,7 +284,7 @@ impl Topology {
     }
 
     /// Starts replica `name` (which must not be running), its output appended to its log.
-    pub fn spawn(&mut self, name: &str) {
+    pub(crate) fn spawn(&mut self, name: &str) {
         let env = self.env_of(name);
         let replica = self.replica_mut(name);
         assert!(replica.child.is_none(), "{name} is already running");
@@ -311,7 +311,7 @@ impl Topology {
 
     /// Waits until `name` reports SERVING on readiness; panics with its log if it exits or
     /// does not within the bound.
-    pub async fn wait_ready(&mut self, name: &str) -> Duration {
+    pub(crate) async fn wait_ready(&mut self, name: &str) -> Duration {
         let started = Instant::now();
         let admin = self.replica(name).admin.to_string();
         loop {
@@ -340,7 +340,7 @@ impl Topology {
     }
 
     /// kill -9 of replica `name`.
-    pub fn kill9(&mut self, name: &str) {
+    pub(crate) fn kill9(&mut self, name: &str) {
         let replica = self.replica_mut(name);
         let mut child = replica
             .child
@@ -355,7 +355,7 @@ impl Topology {
 
     /// SIGTERM to replica `name`, then waits (bounded) for it to exit; returns how long the
     /// stop took and the exit status.
-    pub async fn terminate(&mut self, name: &str) -> (Duration, ExitStatus) {
+    pub(crate) async fn terminate(&mut self, name: &str) -> (Duration, ExitStatus) {
         let pid = {
             let replica = self.replica(name);
             let child = replica
@@ -387,23 +387,23 @@ impl Topology {
     }
 
     /// The replica's log so far (every start of it).
-    pub fn log(&self, name: &str) -> String {
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(&self.replica(name).log).unwrap_or_default()
     }
 
     /// The gateway's public (server-only TLS) port.
-    pub fn public_addr(&self) -> SocketAddr {
+    pub(crate) fn public_addr(&self) -> SocketAddr {
         self.replica("gateway-0")
             .public
             .unwrap_or_else(|| panic!("the gateway has no public port"))
     }
 
-    pub fn grpc_addr(&self, name: &str) -> SocketAddr {
+    pub(crate) fn grpc_addr(&self, name: &str) -> SocketAddr {
         self.replica(name).grpc
     }
 
     /// Replica names of `service`.
-    pub fn replicas_of(&self, service: &str) -> Vec<String> {
+    pub(crate) fn replicas_of(&self, service: &str) -> Vec<String> {
         self.replicas
             .iter()
             .filter(|(_, r)| r.service == service)
@@ -412,7 +412,7 @@ impl Topology {
     }
 
     /// A channel to the gateway's public port, verified against the dev CA.
-    pub async fn public_channel(&self) -> Channel {
+    pub(crate) async fn public_channel(&self) -> Channel {
         let tls = tessera_tests::server_only_tls(&self.certs.join("ca.crt"))
             .unwrap_or_else(|e| panic!("the dev CA: {e:#}"));
         tessera_tests::connect_tls(self.public_addr(), tls)
@@ -422,12 +422,12 @@ impl Topology {
 
     /// New certificates for every workload from `tessera certs` (same CA), written over the
     /// files the running processes read, as a Secret update does.
-    pub fn rotate_certs(&self) {
+    pub(crate) fn rotate_certs(&self) {
         run_tool(&["certs", "--dir", path_str(&self.certs)]);
     }
 
     /// The certificate (DER) in `service`'s `tls.crt` now.
-    pub fn cert_on_disk(&self, service: &str) -> Vec<u8> {
+    pub(crate) fn cert_on_disk(&self, service: &str) -> Vec<u8> {
         let path = self.certs.join(service).join("tls.crt");
         let first = CertificateDer::pem_file_iter(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -439,7 +439,12 @@ impl Topology {
 
     /// How many `method` calls replica `name` (this process of it) has answered with OK to
     /// `caller`, from its `/metrics`.
-    pub async fn served(&self, name: &str, method: &str, caller: &str) -> anyhow::Result<u64> {
+    pub(crate) async fn served(
+        &self,
+        name: &str,
+        method: &str,
+        caller: &str,
+    ) -> anyhow::Result<u64> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let admin = self.replica(name).admin;
         let mut stream = tokio::time::timeout(
@@ -469,7 +474,7 @@ impl Topology {
     }
 
     /// The certificate the gateway's public port presents to an end user's client.
-    pub async fn served_public_cert(&self) -> anyhow::Result<Vec<u8>> {
+    pub(crate) async fn served_public_cert(&self) -> anyhow::Result<Vec<u8>> {
         let tls = tessera_tests::server_only_tls(&self.certs.join("ca.crt"))?;
         let stream = tessera_tests::tls_connect(self.public_addr(), tls).await?;
         let (_, conn) = stream.get_ref();
@@ -481,7 +486,7 @@ impl Topology {
     }
 
     /// The certificate `addr` presents in a handshake, as the operator (mTLS).
-    pub async fn served_cert(&self, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
+    pub(crate) async fn served_cert(&self, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
         let operator = TlsSource::load(TlsFiles::in_dir(&self.certs.join("operator")))?;
         let stream = tessera_tests::tls_connect(addr, operator.client_config()).await?;
         let (_, conn) = stream.get_ref();

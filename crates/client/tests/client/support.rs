@@ -27,7 +27,7 @@ use tower::ServiceExt;
 
 /// What a replica does and what it saw.
 #[derive(Default)]
-pub struct Behaviour {
+pub(crate) struct Behaviour {
     /// GetUser calls that reached the handler.
     pub gets: AtomicUsize,
     /// CreateUser calls that reached the handler.
@@ -46,24 +46,24 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    pub fn gets(&self) -> usize {
+    pub(crate) fn gets(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
     }
 
-    pub fn creates(&self) -> usize {
+    pub(crate) fn creates(&self) -> usize {
         self.creates.load(Ordering::SeqCst)
     }
 
-    pub fn set_delay(&self, delay: Duration) {
+    pub(crate) fn set_delay(&self, delay: Duration) {
         self.delay_us
             .store(delay.as_micros() as u64, Ordering::SeqCst);
     }
 
-    pub fn set_unavailable(&self, on: bool) {
+    pub(crate) fn set_unavailable(&self, on: bool) {
         self.unavailable.store(on, Ordering::SeqCst);
     }
 
-    pub fn last_header(&self, name: &str) -> Option<String> {
+    pub(crate) fn last_header(&self, name: &str) -> Option<String> {
         let metadata = self.last_metadata.lock().unwrap();
         metadata
             .as_ref()?
@@ -198,24 +198,24 @@ impl UserService for Handler {
 
 /// A UserService replica on 127.0.0.1:0. Dropping or killing it aborts the accept loop and
 /// every connection at once, like a crashed process.
-pub struct Replica {
+pub(crate) struct Replica {
     pub addr: SocketAddr,
     pub behaviour: Arc<Behaviour>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Replica {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::serve(None).await
     }
 
     /// A replica on `addr`: one that was killed, coming back.
-    pub async fn start_at(addr: SocketAddr) -> Self {
+    pub(crate) async fn start_at(addr: SocketAddr) -> Self {
         Self::serve_at(None, addr).await
     }
 
     /// Requires a client certificate chaining to the trust bundle of `tls`.
-    pub async fn start_mtls(tls: Arc<rustls::ServerConfig>) -> Self {
+    pub(crate) async fn start_mtls(tls: Arc<rustls::ServerConfig>) -> Self {
         Self::serve(Some(tls)).await
     }
 
@@ -283,7 +283,7 @@ impl Replica {
     }
 
     /// Aborts the server and its connections.
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.task.abort();
     }
 }
@@ -295,20 +295,20 @@ impl Drop for Replica {
 }
 
 /// `static:` target of the replicas.
-pub fn target(replicas: &[&Replica]) -> String {
+pub(crate) fn target(replicas: &[&Replica]) -> String {
     let list: Vec<String> = replicas.iter().map(|r| r.addr.to_string()).collect();
     format!("static:{}", list.join(","))
 }
 
 /// A resolver the test changes at will.
 #[derive(Clone, Default)]
-pub struct TestResolver {
+pub(crate) struct TestResolver {
     answer: Arc<Mutex<Vec<SocketAddr>>>,
     pub asked: Arc<AtomicUsize>,
 }
 
 impl TestResolver {
-    pub fn set(&self, addrs: &[SocketAddr]) {
+    pub(crate) fn set(&self, addrs: &[SocketAddr]) {
         *self.answer.lock().unwrap() = addrs.to_vec();
     }
 }
@@ -322,7 +322,7 @@ impl Resolve for TestResolver {
 }
 
 /// Runs `total` GetUser calls from `workers` concurrent tasks; returns how many failed.
-pub async fn get_users(channel: &Channel, total: usize, workers: usize) -> Vec<Status> {
+pub(crate) async fn get_users(channel: &Channel, total: usize, workers: usize) -> Vec<Status> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..workers {
@@ -350,7 +350,7 @@ pub async fn get_users(channel: &Channel, total: usize, workers: usize) -> Vec<S
 
 /// Tests here measure latency and count calls, so they run one at a time: a test making
 /// thousands of calls would otherwise be the noise another test measures.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+pub(crate) async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
 }

@@ -19,7 +19,9 @@ const MAX_ACCESS_TOKEN_TTL_S: u64 = 24 * 3600;
 /// `TESSERA_SIGNING_KEY_ROTATION_S`, `TESSERA_KEY_ENCRYPTION_KEY_FILE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSettings {
+    /// How long an access token is accepted after its issue; at most [`MAX_ACCESS_TOKEN_TTL`].
     pub access_token_ttl: Duration,
+    /// How long a refresh token can be exchanged for new tokens after its issue.
     pub refresh_token_ttl: Duration,
     /// How often a new signing key takes over (the old one still verifies until the tokens
     /// it signed have expired).
@@ -60,6 +62,8 @@ fn seconds(
 }
 
 impl TokenSettings {
+    /// Reads the token settings through `lookup`, the defaults for unset ones; a value out of
+    /// its range is an error naming the setting.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         // Ten years: beyond that a timestamp computation is the likelier outcome than intent.
         const DECADE: u64 = 10 * 365 * 24 * 3600;

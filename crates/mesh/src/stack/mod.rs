@@ -59,7 +59,10 @@ use crate::{
 /// connection handler. `identity` is set only from a verified client certificate.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
+    /// The client's socket address, as the TCP connection reports it.
     pub remote_addr: SocketAddr,
+    /// The workload that presented the certificate; `None` for a connection without one
+    /// (the public port).
     pub identity: Option<Arc<SpiffeId>>,
 }
 
@@ -198,6 +201,8 @@ struct Shared {
 }
 
 impl RequestPath {
+    /// The layer that puts this request path around a port's routes; the per-method labels
+    /// and rules are looked up once here, not per call.
     pub fn layer(self) -> RequestPathLayer {
         let mut methods = PathTable::default();
         for rule in self.policy.methods() {

@@ -104,10 +104,13 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// Why [`init`] could not set up telemetry; the process should not start half-observed.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The OTLP exporter could not be built for the endpoint given (the message says why).
     #[error("OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
     Otlp(String),
+    /// [`init`] ran twice, or something else set the process's subscriber first.
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
 }

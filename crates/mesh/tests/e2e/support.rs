@@ -39,15 +39,15 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tonic::{Request, Response, Status, body::Body, service::Routes, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-pub const POSTS: &str = "tessera.posts.v1.PostService";
-pub const GET_POST: &str = "/tessera.posts.v1.PostService/GetPost";
+pub(crate) const POSTS: &str = "tessera.posts.v1.PostService";
+pub(crate) const GET_POST: &str = "/tessera.posts.v1.PostService/GetPost";
 /// How long the `slow` post takes.
-pub const SLOW: Duration = Duration::from_secs(1);
+pub(crate) const SLOW: Duration = Duration::from_secs(1);
 /// How long the server's certificate watcher waits between looks at the files.
-pub const RELOAD_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_millis(50);
 
 use tessera_testing::tls;
-pub use tessera_testing::{eventually, tls::spiffe};
+pub(crate) use tessera_testing::{eventually, tls::spiffe};
 
 /// Counts handlers running right now; the guard leaves on drop, also when a call is cut off.
 struct InFlight(Arc<AtomicUsize>);
@@ -67,7 +67,7 @@ impl Drop for InFlight {
 
 /// The service under test: GetPost echoes the id (`slow` takes [`SLOW`], `panic` panics);
 /// CreatePost puts the verified end user's id in the title; the rest is unimplemented.
-pub struct TestPosts {
+pub(crate) struct TestPosts {
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -144,7 +144,7 @@ impl PostService for TestPosts {
 }
 
 /// Options for tests: a short drain so shutdown tests finish quickly.
-pub fn test_options() -> ServerOptions {
+pub(crate) fn test_options() -> ServerOptions {
     ServerOptions {
         deadline_cap: Duration::from_secs(10),
         drain_delay: Duration::from_millis(300),
@@ -154,7 +154,7 @@ pub fn test_options() -> ServerOptions {
 }
 
 /// A running posts workload.
-pub struct App {
+pub(crate) struct App {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub ca: Ca,
@@ -168,16 +168,16 @@ pub struct App {
     trigger: ShutdownTrigger,
 }
 
-pub async fn spawn_app() -> App {
+pub(crate) async fn spawn_app() -> App {
     spawn_app_with(test_options(), None).await
 }
 
-pub async fn spawn_app_with(options: ServerOptions, keys: Option<TokenKeys>) -> App {
+pub(crate) async fn spawn_app_with(options: ServerOptions, keys: Option<TokenKeys>) -> App {
     spawn_app_gated(options, keys, None).await
 }
 
 /// [`spawn_app_with`] whose readiness waits for `gate` ([`Workload::ready_when`]).
-pub async fn spawn_app_gated(
+pub(crate) async fn spawn_app_gated(
     options: ServerOptions,
     keys: Option<TokenKeys>,
     gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -221,7 +221,7 @@ pub async fn spawn_app_gated(
 
 /// A server certificate as `tessera up` issues it: SPIFFE id plus `localhost` and 127.0.0.1
 /// (not yet written: tests compare its serial with what clients see).
-pub fn issue_server_cert(ca: &Ca) -> Issued {
+pub(crate) fn issue_server_cert(ca: &Ca) -> Issued {
     ca.issue(
         &spiffe("posts"),
         &["localhost"],
@@ -232,12 +232,12 @@ pub fn issue_server_cert(ca: &Ca) -> Issued {
 
 impl App {
     /// Fires the shutdown trigger.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.trigger.trigger();
     }
 
     /// Waits (at most 5 s) for the workload's `run` to return, and returns its result.
-    pub async fn stopped(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn stopped(&mut self) -> std::io::Result<()> {
         tokio::time::timeout(Duration::from_secs(5), &mut self.done)
             .await
             .expect("the workload did not stop")
@@ -245,24 +245,24 @@ impl App {
     }
 
     /// Handlers of GetPost running right now.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Issues a certificate for `service` from the app's CA and writes it to its own directory.
-    pub fn client_files(&self, service: &str) -> TlsFiles {
+    pub(crate) fn client_files(&self, service: &str) -> TlsFiles {
         tls::issue(&self.ca, service, self.dir.path())
     }
 
     /// The client TLS configuration of workload `service`.
-    pub fn client_config(&self, service: &str) -> Arc<ClientConfig> {
+    pub(crate) fn client_config(&self, service: &str) -> Arc<ClientConfig> {
         TlsSource::load(self.client_files(service))
             .unwrap()
             .client_config()
     }
 
     /// An mTLS channel to the internal port as `service`.
-    pub async fn channel(&self, service: &str) -> Channel {
+    pub(crate) async fn channel(&self, service: &str) -> Channel {
         connect(
             self.grpc,
             self.client_config(service),
@@ -273,12 +273,12 @@ impl App {
     }
 
     /// A PostService client calling as `service`.
-    pub async fn client(&self, service: &str) -> PostServiceClient<Channel> {
+    pub(crate) async fn client(&self, service: &str) -> PostServiceClient<Channel> {
         PostServiceClient::new(self.channel(service).await)
     }
 
     /// A health client on the admin port (plaintext h2c).
-    pub async fn admin_health(&self) -> HealthClient<Channel> {
+    pub(crate) async fn admin_health(&self) -> HealthClient<Channel> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin))
             .unwrap()
             .connect()
@@ -290,28 +290,28 @@ impl App {
 
 /// The serials of the server certificates seen by a connector's handshakes, in order.
 #[derive(Clone, Default)]
-pub struct Handshakes(Arc<Mutex<Vec<Vec<u8>>>>);
+pub(crate) struct Handshakes(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl Handshakes {
-    pub fn serials(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn serials(&self) -> Vec<Vec<u8>> {
         self.0.lock().unwrap().clone()
     }
 }
 
 /// The serial number of a DER certificate.
-pub fn serial_of_der(der: &[u8]) -> Vec<u8> {
+pub(crate) fn serial_of_der(der: &[u8]) -> Vec<u8> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     cert.tbs_certificate.raw_serial().to_vec()
 }
 
 /// The serial number of an issued certificate.
-pub fn serial_of(issued: &Issued) -> Vec<u8> {
+pub(crate) fn serial_of(issued: &Issued) -> Vec<u8> {
     let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
     serial_of_der(&der)
 }
 
 /// TCP + TLS to `addr` with `config`, recording the server certificate's serial.
-pub async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     handshakes: &Handshakes,
@@ -325,7 +325,7 @@ pub async fn tls_connect(
 
 /// A tonic channel whose connections are TLS with `config`; each (re)connect is recorded in
 /// `handshakes`.
-pub async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     handshakes: &Handshakes,
@@ -340,17 +340,17 @@ pub async fn connect(
 }
 
 /// A client configuration that trusts `ca` but presents no certificate.
-pub fn anonymous_client_config(ca: &Ca) -> Arc<ClientConfig> {
+pub(crate) fn anonymous_client_config(ca: &Ca) -> Arc<ClientConfig> {
     tls::server_only_tls_pem(ca.cert_pem().as_bytes()).unwrap()
 }
 
 /// One HTTP/2 connection driven by hyper directly: unlike tonic's channel it enforces no
 /// client-side timeout, so a test sees the server's own answer to `grpc-timeout`.
 #[derive(Clone)]
-pub struct RawH2(hyper::client::conn::http2::SendRequest<Body>);
+pub(crate) struct RawH2(hyper::client::conn::http2::SendRequest<Body>);
 
 impl RawH2 {
-    pub async fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> Self {
+    pub(crate) async fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> Self {
         let tls = tls_connect(addr, config, &Handshakes::default())
             .await
             .unwrap();
@@ -362,7 +362,7 @@ impl RawH2 {
         Self(send)
     }
 
-    pub fn posts(self) -> PostServiceClient<Self> {
+    pub(crate) fn posts(self) -> PostServiceClient<Self> {
         PostServiceClient::with_origin(self, http::Uri::from_static("http://localhost"))
     }
 }
@@ -386,7 +386,7 @@ impl tower::Service<http::Request<Body>> for RawH2 {
 }
 
 /// The status of `service` in a health check, or the gRPC error.
-pub async fn health_status(
+pub(crate) async fn health_status(
     client: &mut HealthClient<Channel>,
     service: &str,
 ) -> Result<i32, Status> {
@@ -399,7 +399,7 @@ pub async fn health_status(
 }
 
 /// `GET /metrics` on the admin port over plain HTTP/1.1; the whole response.
-pub async fn scrape(admin: SocketAddr) -> String {
+pub(crate) async fn scrape(admin: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = TcpStream::connect(admin).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

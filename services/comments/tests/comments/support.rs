@@ -19,24 +19,24 @@ use tessera_client::Channel;
 use tessera_comments::{Comments, MIGRATIONS};
 use tessera_store::testing::{self, TestDb};
 use tessera_testing::fakes::{EventLog, FakePosts, FakeUsers};
-pub use tessera_testing::{as_user, eventually};
+pub(crate) use tessera_testing::{as_user, eventually};
 
 /// One comment service over one database, with its fakes.
-pub struct Harness {
-    pub name: &'static str,
-    pub comments: Comments,
-    pub client: CommentServiceClient<Channel>,
-    pub posts: Arc<FakePosts>,
+pub(crate) struct Harness {
+    pub(crate) name: &'static str,
+    pub(crate) comments: Comments,
+    pub(crate) client: CommentServiceClient<Channel>,
+    pub(crate) posts: Arc<FakePosts>,
     /// The fake PostService's channel (the consumers' `WatchEvents` go over it).
-    pub posts_channel: Channel,
-    pub users: Arc<FakeUsers>,
-    pub users_channel: Channel,
+    pub(crate) posts_channel: Channel,
+    pub(crate) users: Arc<FakeUsers>,
+    pub(crate) users_channel: Channel,
     _db: TestDb,
 }
 
 impl Harness {
     /// Creates a comment as `user` (role USER); it must succeed.
-    pub async fn comment(&self, user: &str, req: CreateCommentRequest) -> Comment {
+    pub(crate) async fn comment(&self, user: &str, req: CreateCommentRequest) -> Comment {
         self.client
             .clone()
             .create_comment(as_user(user, "USER", req))
@@ -49,11 +49,11 @@ impl Harness {
 }
 
 /// A harness on a fresh SQLite file, and one on PostgreSQL when configured.
-pub async fn harnesses(label: &str) -> Vec<Harness> {
+pub(crate) async fn harnesses(label: &str) -> Vec<Harness> {
     harnesses_with(label, false).await
 }
 
-pub async fn harnesses_with(label: &str, replay_all: bool) -> Vec<Harness> {
+pub(crate) async fn harnesses_with(label: &str, replay_all: bool) -> Vec<Harness> {
     let mut out = Vec::new();
     for db in testing::databases(label, MIGRATIONS).await {
         out.push(harness(db, replay_all).await);
@@ -113,7 +113,7 @@ fn stored_roles() -> std::collections::HashMap<String, User> {
 }
 
 /// Every event in the comment outbox so far, decoded.
-pub async fn outbox(comments: &Comments) -> Vec<WatchEventsResponse> {
+pub(crate) async fn outbox(comments: &Comments) -> Vec<WatchEventsResponse> {
     comments
         .db()
         .read_events(0, 100_000)
@@ -128,7 +128,7 @@ pub async fn outbox(comments: &Comments) -> Vec<WatchEventsResponse> {
         .collect()
 }
 
-pub fn deleted_ids(events: &[WatchEventsResponse]) -> Vec<String> {
+pub(crate) fn deleted_ids(events: &[WatchEventsResponse]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match &e.event {

@@ -22,11 +22,15 @@ pub enum BodyRule {
 /// One HTTP binding of a public method.
 #[derive(Clone, Debug)]
 pub struct Binding {
+    /// The gRPC method a matching request becomes.
     pub method: MethodDescriptor,
     /// `/tessera.posts.v1.PostService/CreatePost`.
     pub grpc_path: String,
+    /// The HTTP method it answers.
     pub http_method: Method,
+    /// The path it answers; its variables fill request fields.
     pub template: Template,
+    /// Where the HTTP body goes in the request message.
     pub body: BodyRule,
     /// `response_body`: only this field of the response is returned.
     pub response_body: Option<FieldDescriptor>,
@@ -36,9 +40,11 @@ pub struct Binding {
 
 /// What a request's method and path found.
 pub enum Lookup<'a> {
+    /// The binding, with each path variable's field path and decoded value.
     Found(&'a Binding, Vec<(Vec<String>, String)>),
     /// The path has bindings, none for this HTTP method.
     WrongMethod(Vec<Method>),
+    /// No binding's path matches.
     NotFound,
 }
 
@@ -93,10 +99,12 @@ impl Api {
         Ok(Self { pool, bindings })
     }
 
+    /// Every binding, additional ones included (the OpenAPI document lists them).
     pub fn bindings(&self) -> &[Binding] {
         &self.bindings
     }
 
+    /// The contracts' descriptors and `google.rpc`'s, to encode and decode messages by name.
     pub fn pool(&self) -> &DescriptorPool {
         &self.pool
     }
@@ -106,6 +114,7 @@ impl Api {
         self.pool.get_message_by_name("google.rpc.Status")
     }
 
+    /// The binding for a request's method and path (as sent, percent-encoded).
     pub fn find(&self, method: &Method, path: &str) -> Lookup<'_> {
         let mut allowed = Vec::new();
         for b in &self.bindings {

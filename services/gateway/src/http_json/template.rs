@@ -38,6 +38,7 @@ pub struct TemplateError {
 }
 
 impl Template {
+    /// Parses a `google.api.http` path; an error names what is unsupported or malformed.
     pub fn parse(source: &str) -> Result<Self, TemplateError> {
         let err = |reason| TemplateError {
             template: source.to_owned(),

@@ -29,7 +29,7 @@ const FILES: &[(&str, &str, &str)] = &[
 ];
 
 /// The file at `path`, if the front end has one.
-pub fn asset(path: &str) -> Option<Response<Body>> {
+pub(crate) fn asset(path: &str) -> Option<Response<Body>> {
     let (_, content_type, text) = FILES.iter().find(|(p, _, _)| *p == path)?;
     let mut resp = Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
         text.as_bytes(),

@@ -11,12 +11,12 @@ use tessera::{
     users::v1::User,
 };
 use tessera_testing::fakes::{BoxStream, not_faked};
-pub use tessera_testing::fakes::{Calls, FakeComments, FakePosts, FakeUsers};
+pub(crate) use tessera_testing::fakes::{Calls, FakeComments, FakePosts, FakeUsers};
 use tonic::{Request, Response, Status};
 
 /// Streams `count` notifications, then ends.
-pub struct FakeNotifications {
-    pub count: usize,
+pub(crate) struct FakeNotifications {
+    pub(crate) count: usize,
 }
 
 #[tonic::async_trait]
@@ -55,7 +55,7 @@ impl NotificationService for FakeNotifications {
     }
 }
 
-pub fn user(id: &str) -> User {
+pub(crate) fn user(id: &str) -> User {
     User {
         user_id: id.to_owned(),
         username: format!("name-{id}"),
@@ -63,7 +63,7 @@ pub fn user(id: &str) -> User {
     }
 }
 
-pub fn comment(id: usize, post_id: &str, author_id: &str) -> Comment {
+pub(crate) fn comment(id: usize, post_id: &str, author_id: &str) -> Comment {
     Comment {
         comment_id: format!("c{id}"),
         post_id: post_id.to_owned(),

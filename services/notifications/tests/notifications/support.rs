@@ -22,16 +22,16 @@ use tessera_client::Channel;
 use tessera_notifications::{MIGRATIONS, Notifications, follow_comment_events, follow_user_events};
 use tessera_store::testing::{self, TestDb};
 use tessera_testing::fakes::{EventLog, FakeComments, FakeUsers};
-pub use tessera_testing::{as_user, eventually};
+pub(crate) use tessera_testing::{as_user, eventually};
 use tokio::sync::watch;
 
 /// One notification service over one database, its fakes, and its running consumers.
-pub struct Harness {
-    pub name: &'static str,
-    pub service: Notifications,
-    pub client: NotificationServiceClient<Channel>,
-    pub comments: Arc<EventLog<CommentEvent>>,
-    pub users: Arc<EventLog<UserEvent>>,
+pub(crate) struct Harness {
+    pub(crate) name: &'static str,
+    pub(crate) service: Notifications,
+    pub(crate) client: NotificationServiceClient<Channel>,
+    pub(crate) comments: Arc<EventLog<CommentEvent>>,
+    pub(crate) users: Arc<EventLog<UserEvent>>,
     comments_channel: Channel,
     users_channel: Channel,
     shutdown: watch::Sender<bool>,
@@ -42,7 +42,7 @@ pub struct Harness {
 
 impl Harness {
     /// Starts both consumers.
-    pub fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         self.tasks.push(tokio::spawn(follow_comment_events(
             self.service.clone(),
             self.comments_channel.clone(),
@@ -56,7 +56,7 @@ impl Harness {
     }
 
     /// Stops the consumers, within a bound.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.shutdown.send_replace(true);
         for task in self.tasks.drain(..) {
             tokio::time::timeout(Duration::from_secs(10), task)
@@ -73,7 +73,7 @@ impl Harness {
     }
 
     /// Publishes CommentCreated upstream; returns the comment's sequence.
-    pub fn comment(
+    pub(crate) fn comment(
         &mut self,
         comment_id: &str,
         post_id: &str,
@@ -99,7 +99,7 @@ impl Harness {
         sequence
     }
 
-    pub fn delete_comment(&mut self, comment_id: &str, post_id: &str) -> i64 {
+    pub(crate) fn delete_comment(&mut self, comment_id: &str, post_id: &str) -> i64 {
         let sequence = self.seq();
         self.comments.push(CommentEvent {
             sequence,
@@ -113,7 +113,7 @@ impl Harness {
         sequence
     }
 
-    pub fn delete_user(&mut self, user_id: &str) -> i64 {
+    pub(crate) fn delete_user(&mut self, user_id: &str) -> i64 {
         let sequence = self.seq();
         self.users.push(UserEvent {
             sequence,
@@ -127,7 +127,7 @@ impl Harness {
     }
 
     /// Waits until the consumer's cursor reaches `sequence`.
-    pub async fn caught_up(&self, cursor: &str, sequence: i64) {
+    pub(crate) async fn caught_up(&self, cursor: &str, sequence: i64) {
         eventually!(
             self.service.db().cursor(cursor).await.unwrap() >= sequence,
             "{cursor} reaches {sequence}"
@@ -135,7 +135,7 @@ impl Harness {
     }
 
     /// All of `user`'s notifications, newest first.
-    pub async fn all(&self, user: &str) -> Vec<Notification> {
+    pub(crate) async fn all(&self, user: &str) -> Vec<Notification> {
         self.client
             .clone()
             .list_notifications(as_user(
@@ -153,7 +153,7 @@ impl Harness {
     }
 
     /// The comment ids of `user`'s notifications, newest first.
-    pub async fn comment_ids(&self, user: &str) -> Vec<String> {
+    pub(crate) async fn comment_ids(&self, user: &str) -> Vec<String> {
         self.all(user)
             .await
             .into_iter()
@@ -162,11 +162,11 @@ impl Harness {
     }
 }
 
-pub async fn harnesses(label: &str) -> Vec<Harness> {
+pub(crate) async fn harnesses(label: &str) -> Vec<Harness> {
     harnesses_with(label, false).await
 }
 
-pub async fn harnesses_with(label: &str, replay_all: bool) -> Vec<Harness> {
+pub(crate) async fn harnesses_with(label: &str, replay_all: bool) -> Vec<Harness> {
     let mut out = Vec::new();
     for db in testing::databases(label, MIGRATIONS).await {
         out.push(harness(db, replay_all).await);

@@ -16,7 +16,7 @@ use tessera_testing::{as_user, fakes::FakeUsers};
 use tonic::{Code, Request, Status};
 
 /// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
-pub async fn services(label: &str) -> (Vec<Posts>, Vec<TestDb>) {
+pub(crate) async fn services(label: &str) -> (Vec<Posts>, Vec<TestDb>) {
     let dbs = testing::databases(label, MIGRATIONS).await;
     let mut out = Vec::new();
     for t in &dbs {
@@ -32,7 +32,7 @@ pub async fn services(label: &str) -> (Vec<Posts>, Vec<TestDb>) {
 
 /// UserService as it stands now: `mod` and `root` are what their tokens say; `stale` was
 /// demoted to USER after its MODERATOR token was issued; `gone` was deleted (absent).
-pub fn stored_roles() -> UserServiceClient<tessera_client::Channel> {
+pub(crate) fn stored_roles() -> UserServiceClient<tessera_client::Channel> {
     let users = [
         ("mod", Role::Moderator),
         ("root", Role::Admin),
@@ -57,7 +57,7 @@ pub fn stored_roles() -> UserServiceClient<tessera_client::Channel> {
     ))
 }
 
-pub fn draft(title: &str) -> CreatePostRequest {
+pub(crate) fn draft(title: &str) -> CreatePostRequest {
     CreatePostRequest {
         title: title.into(),
         body: format!("body of {title}"),
@@ -66,7 +66,7 @@ pub fn draft(title: &str) -> CreatePostRequest {
     }
 }
 
-pub async fn create(svc: &Posts, author: &str, title: &str) -> Post {
+pub(crate) async fn create(svc: &Posts, author: &str, title: &str) -> Post {
     svc.create_post(as_user(author, "USER", draft(title)))
         .await
         .unwrap()
@@ -75,7 +75,7 @@ pub async fn create(svc: &Posts, author: &str, title: &str) -> Post {
         .unwrap()
 }
 
-pub async fn get(svc: &Posts, post_id: &str) -> Result<Post, Status> {
+pub(crate) async fn get(svc: &Posts, post_id: &str) -> Result<Post, Status> {
     svc.get_post(Request::new(GetPostRequest {
         post_id: post_id.into(),
     }))
@@ -83,7 +83,7 @@ pub async fn get(svc: &Posts, post_id: &str) -> Result<Post, Status> {
     .map(|r| r.into_inner().post.unwrap())
 }
 
-pub async fn list(
+pub(crate) async fn list(
     svc: &Posts,
     author_id: &str,
     page_size: i32,
@@ -102,7 +102,7 @@ pub async fn list(
 }
 
 /// UpdatePost as `sub` with `role`.
-pub async fn edit(
+pub(crate) async fn edit(
     svc: &Posts,
     sub: &str,
     role: &str,
@@ -114,7 +114,12 @@ pub async fn edit(
 }
 
 /// DeletePost as `sub` with `role`.
-pub async fn delete(svc: &Posts, sub: &str, role: &str, post_id: &str) -> Result<(), Status> {
+pub(crate) async fn delete(
+    svc: &Posts,
+    sub: &str,
+    role: &str,
+    post_id: &str,
+) -> Result<(), Status> {
     svc.delete_post(as_user(
         sub,
         role,
@@ -126,7 +131,7 @@ pub async fn delete(svc: &Posts, sub: &str, role: &str, post_id: &str) -> Result
     .map(drop)
 }
 
-pub fn update(post: &Post, paths: &[&str], etag: &str) -> UpdatePostRequest {
+pub(crate) fn update(post: &Post, paths: &[&str], etag: &str) -> UpdatePostRequest {
     UpdatePostRequest {
         post: Some(post.clone()),
         update_mask: Some(prost_types::FieldMask {
@@ -136,7 +141,7 @@ pub fn update(post: &Post, paths: &[&str], etag: &str) -> UpdatePostRequest {
     }
 }
 
-pub fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) {
+pub(crate) fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) {
     let err = result.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
     assert!(

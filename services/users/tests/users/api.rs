@@ -6,71 +6,29 @@ use std::time::Duration;
 use futures::StreamExt;
 use tessera::users::v1::{
     BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetJwksRequest, GetUserRequest,
-    LoginRequest, Role, SetUserRoleRequest, User, WatchEventsRequest,
-    user_service_server::UserService, watch_events_response::Event,
+    Role, SetUserRoleRequest, WatchEventsRequest, user_service_server::UserService,
+    watch_events_response::Event,
 };
 use tessera_mesh::{errors::violated_fields, token::Verifier};
-use tessera_store::testing::{self, TestDb};
 use tessera_testing::as_user;
-use tessera_users::{MIGRATIONS, Users, UsersConfig};
+use tessera_users::{Users, UsersConfig};
 use tonic::{Code, Request};
+
+use crate::support::{PASSWORD, cheap_hashing, create, login, services, signup};
 
 fn config() -> UsersConfig {
     UsersConfig {
         bootstrap_admin: Some("root".into()),
-        // Cheap hashing: these tests are about behaviour, not cost.
-        password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        password_params: cheap_hashing(),
         // Fixed, so a reopened database can unseal its signing keys.
         key_encryption_key: Some(tessera_users::Kek::from_bytes(&[7; 32]).unwrap()),
         ..UsersConfig::default()
     }
 }
 
-/// A fresh service on SQLite, plus one on PostgreSQL when configured; keep the databases.
-async fn services(label: &str) -> (Vec<Users>, Vec<TestDb>) {
-    let dbs = testing::databases(label, MIGRATIONS).await;
-    let mut out = Vec::new();
-    for t in &dbs {
-        out.push(Users::with_db(t.db.clone(), config()).await.unwrap());
-    }
-    (out, dbs)
-}
-
-fn signup(username: &str) -> CreateUserRequest {
-    CreateUserRequest {
-        username: username.into(),
-        email: format!("{username}@example.org"),
-        password: "correct horse".into(),
-        display_name: format!("{username} display"),
-        request_id: String::new(),
-    }
-}
-
-async fn create(svc: &Users, username: &str) -> User {
-    svc.create_user(Request::new(signup(username)))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-}
-
-async fn login(
-    svc: &Users,
-    username: &str,
-    password: &str,
-) -> Result<tessera::users::v1::LoginResponse, tonic::Status> {
-    svc.login(Request::new(LoginRequest {
-        username: username.into(),
-        password: password.into(),
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
 #[tokio::test]
 async fn signup_login_and_token_keys() {
-    let (svcs, _dir) = services("login").await;
+    let (svcs, _dir) = services("login", config()).await;
     for svc in svcs {
         let alice = create(&svc, "alice").await;
         assert_eq!(alice.username, "alice");
@@ -81,7 +39,7 @@ async fn signup_login_and_token_keys() {
         assert_eq!(alice.role, Role::User as i32);
         assert!(alice.create_time.is_some());
 
-        let resp = login(&svc, "alice", "correct horse").await.unwrap();
+        let resp = login(&svc, "alice", PASSWORD).await.unwrap();
         assert_eq!(resp.user.as_ref().unwrap().user_id, alice.user_id);
         let claims = svc.verifier().verify(&resp.access_token).unwrap();
         assert_eq!(claims.sub, alice.user_id);
@@ -113,7 +71,7 @@ async fn signup_login_and_token_keys() {
 
         // Unknown user and wrong password look the same.
         let wrong = login(&svc, "alice", "wrong password").await.unwrap_err();
-        let unknown = login(&svc, "nobody", "correct horse").await.unwrap_err();
+        let unknown = login(&svc, "nobody", PASSWORD).await.unwrap_err();
         assert_eq!(wrong.code(), Code::Unauthenticated);
         assert_eq!(unknown.code(), Code::Unauthenticated);
         assert_eq!(wrong.message(), unknown.message());
@@ -122,7 +80,7 @@ async fn signup_login_and_token_keys() {
 
 #[tokio::test]
 async fn bad_inputs_are_rejected_with_the_right_code() {
-    let (svcs, _dir) = services("bad_inputs").await;
+    let (svcs, _dir) = services("bad_inputs", config()).await;
     for svc in svcs {
         let alice = create(&svc, "alice").await;
         let root = create(&svc, "root").await;
@@ -352,7 +310,7 @@ async fn bad_inputs_are_rejected_with_the_right_code() {
 
 #[tokio::test]
 async fn email_is_shown_only_to_its_owner_or_an_admin() {
-    let (svcs, _dir) = services("email").await;
+    let (svcs, _dir) = services("email", config()).await;
     for svc in svcs {
         let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
@@ -414,7 +372,7 @@ async fn email_is_shown_only_to_its_owner_or_an_admin() {
 
 #[tokio::test]
 async fn request_id_makes_create_idempotent() {
-    let (svcs, _dir) = services("idempotent").await;
+    let (svcs, _dir) = services("idempotent", config()).await;
     for svc in svcs {
         let req = CreateUserRequest {
             request_id: "req-1".into(),
@@ -460,7 +418,7 @@ async fn request_id_makes_create_idempotent() {
 
 #[tokio::test]
 async fn bootstrap_admin_and_roles() {
-    let (svcs, _dir) = services("roles").await;
+    let (svcs, _dir) = services("roles", config()).await;
     for svc in svcs {
         let root = create(&svc, "root").await;
         assert_eq!(root.role, Role::Admin as i32);
@@ -505,17 +463,14 @@ async fn bootstrap_admin_and_roles() {
             }
             other => panic!("unexpected event {other:?}"),
         }
-        let token = login(&svc, "alice", "correct horse")
-            .await
-            .unwrap()
-            .access_token;
+        let token = login(&svc, "alice", PASSWORD).await.unwrap().access_token;
         assert_eq!(svc.verifier().verify(&token).unwrap().role, "MODERATOR");
     }
 }
 
 #[tokio::test]
 async fn metacharacters_are_stored_verbatim() {
-    let (svcs, _dir) = services("verbatim").await;
+    let (svcs, _dir) = services("verbatim", config()).await;
     for svc in svcs {
         let nasty = "Robert'); DROP TABLE users;-- \"%_\\ 🦀";
         let user = svc
@@ -545,7 +500,7 @@ async fn metacharacters_are_stored_verbatim() {
 
 #[tokio::test]
 async fn delete_removes_the_user_and_emits_events() {
-    let (svcs, _dir) = services("delete").await;
+    let (svcs, _dir) = services("delete", config()).await;
     for svc in svcs {
         // The admin's own creation is event 1; the events below come after it.
         let root = create(&svc, "root").await;
@@ -588,10 +543,7 @@ async fn delete_removes_the_user_and_emits_events() {
             .unwrap_err();
         assert_eq!(gone.code(), Code::NotFound);
         assert_eq!(
-            login(&svc, "alice", "correct horse")
-                .await
-                .unwrap_err()
-                .code(),
+            login(&svc, "alice", PASSWORD).await.unwrap_err().code(),
             Code::Unauthenticated
         );
 
@@ -645,10 +597,7 @@ async fn signing_key_survives_a_restart() {
     let path = path.to_str().unwrap();
     let svc = Users::open(path, config()).await.unwrap();
     create(&svc, "alice").await;
-    let token = login(&svc, "alice", "correct horse")
-        .await
-        .unwrap()
-        .access_token;
+    let token = login(&svc, "alice", PASSWORD).await.unwrap().access_token;
     svc.db().close().await;
     drop(svc);
 

@@ -4,17 +4,17 @@
 
 use std::time::Duration;
 
-use tessera::users::v1::{
-    CreateUserRequest, GetJwksRequest, LoginRequest, user_service_server::UserService,
-};
+use tessera::users::v1::{GetJwksRequest, user_service_server::UserService};
 use tessera_mesh::token::{Signer, Verifier};
 use tessera_store::testing::{self, TestDb};
 use tessera_users::{Kek, MIGRATIONS, Users, UsersConfig, keys::PUBLISH_AHEAD};
 use tonic::Request;
 
+use crate::support::{PASSWORD, cheap_hashing, login, signup};
+
 fn config(kek: &Kek) -> UsersConfig {
     UsersConfig {
-        password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        password_params: cheap_hashing(),
         token_ttl: Duration::from_secs(600),
         key_encryption_key: Some(kek.clone()),
         ..UsersConfig::default()
@@ -22,23 +22,9 @@ fn config(kek: &Kek) -> UsersConfig {
 }
 
 async fn token(svc: &Users) -> String {
-    let _ = svc
-        .create_user(Request::new(CreateUserRequest {
-            username: "alice".into(),
-            email: "alice@example.org".into(),
-            password: "correct horse".into(),
-            display_name: "Alice".into(),
-            request_id: String::new(),
-        }))
-        .await;
-    svc.login(Request::new(LoginRequest {
-        username: "alice".into(),
-        password: "correct horse".into(),
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-    .access_token
+    // Refused after the first call (alice exists then); only the login matters.
+    let _ = svc.create_user(Request::new(signup("alice"))).await;
+    login(svc, "alice", PASSWORD).await.unwrap().access_token
 }
 
 async fn published(svc: &Users) -> Vec<String> {

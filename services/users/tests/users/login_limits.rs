@@ -2,54 +2,23 @@
 //! password-hashing queue, through the handlers (no sockets), on SQLite and, when
 //! `TESSERA_TEST_DATABASE_URL` is set, on PostgreSQL.
 
-use tessera::users::v1::{CreateUserRequest, LoginRequest, user_service_server::UserService};
-use tessera_store::testing::{self, TestDb};
-use tessera_users::{MIGRATIONS, Users, UsersConfig};
-use tonic::{Code, Request, Status};
+use tessera::users::v1::LoginResponse;
+use tessera_users::UsersConfig;
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-const PASSWORD: &str = "correct horse";
-
-async fn services(label: &str, config: UsersConfig) -> (Vec<Users>, Vec<TestDb>) {
-    let dbs = testing::databases(label, MIGRATIONS).await;
-    let mut out = Vec::new();
-    for t in &dbs {
-        out.push(Users::with_db(t.db.clone(), config.clone()).await.unwrap());
-    }
-    (out, dbs)
-}
+use crate::support::{PASSWORD, cheap_hashing, create, login, services};
 
 fn cheap(failures_per_minute: u32) -> UsersConfig {
     UsersConfig {
-        password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        password_params: cheap_hashing(),
         login_failures_per_minute: failures_per_minute,
         key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..UsersConfig::default()
     }
 }
 
-async fn create(svc: &Users, username: &str) {
-    svc.create_user(Request::new(CreateUserRequest {
-        username: username.into(),
-        email: format!("{username}@example.org"),
-        password: PASSWORD.into(),
-        display_name: username.into(),
-        request_id: String::new(),
-    }))
-    .await
-    .unwrap();
-}
-
-async fn login(svc: &Users, username: &str, password: &str) -> Result<(), Status> {
-    svc.login(Request::new(LoginRequest {
-        username: username.into(),
-        password: password.into(),
-    }))
-    .await
-    .map(|_| ())
-}
-
-fn assert_throttled(result: Result<(), Status>, what: &str) {
+fn assert_throttled(result: Result<LoginResponse, Status>, what: &str) {
     let status = result.expect_err(what);
     assert_eq!(status.code(), Code::ResourceExhausted, "{what}: {status:?}");
     assert!(

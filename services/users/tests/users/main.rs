@@ -7,3 +7,4 @@ mod api;
 mod keys;
 mod login_limits;
 mod sessions;
+mod support;

@@ -5,58 +5,24 @@
 use std::time::Duration;
 
 use tessera::users::v1::{
-    CreateUserRequest, DeleteUserRequest, LoginRequest, LoginResponse, LogoutRequest,
-    RefreshTokenRequest, RefreshTokenResponse, Role, SetUserRoleRequest, User,
-    user_service_server::UserService,
+    DeleteUserRequest, LogoutRequest, RefreshTokenRequest, RefreshTokenResponse, Role,
+    SetUserRoleRequest, User, user_service_server::UserService,
 };
 use tessera_mesh::errors::violated_fields;
-use tessera_store::testing::{self, TestDb};
 use tessera_testing::as_user;
-use tessera_users::{MIGRATIONS, Users, UsersConfig};
+use tessera_users::{Users, UsersConfig};
 use tonic::{Code, Request, Status};
+
+use crate::support::{PASSWORD, cheap_hashing, create, login, services};
 
 fn config() -> UsersConfig {
     UsersConfig {
         bootstrap_admin: Some("root".into()),
-        password_params: argon2::Params::new(256, 1, 1, None).unwrap(),
+        password_params: cheap_hashing(),
         token_ttl: Duration::from_secs(300),
         key_encryption_key: Some(tessera_users::Kek::generate().unwrap()),
         ..UsersConfig::default()
     }
-}
-
-async fn services_with(label: &str, config: UsersConfig) -> (Vec<Users>, Vec<TestDb>) {
-    let dbs = testing::databases(label, MIGRATIONS).await;
-    let mut out = Vec::new();
-    for t in &dbs {
-        out.push(Users::with_db(t.db.clone(), config.clone()).await.unwrap());
-    }
-    (out, dbs)
-}
-
-async fn create(svc: &Users, username: &str) -> User {
-    svc.create_user(Request::new(CreateUserRequest {
-        username: username.into(),
-        email: format!("{username}@example.org"),
-        password: "correct horse".into(),
-        display_name: username.into(),
-        request_id: String::new(),
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-    .user
-    .unwrap()
-}
-
-async fn login(svc: &Users, username: &str) -> LoginResponse {
-    svc.login(Request::new(LoginRequest {
-        username: username.into(),
-        password: "correct horse".into(),
-    }))
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 async fn refresh(svc: &Users, token: &str) -> Result<RefreshTokenResponse, Status> {
@@ -102,16 +68,19 @@ async fn delete(svc: &Users, actor: &User, token_role: &str, target: &User) -> C
 
 #[tokio::test]
 async fn login_returns_short_lived_access_and_a_refresh_token() {
-    let (svcs, _dbs) = services_with("rt_login", config()).await;
+    let (svcs, _dbs) = services("rt_login", config()).await;
     for svc in svcs {
         let alice = create(&svc, "alice").await;
-        let resp = login(&svc, "alice").await;
+        let resp = login(&svc, "alice", PASSWORD).await.unwrap();
         assert_eq!(resp.expires_in, 300, "the configured access-token TTL");
         let claims = svc.verifier().verify(&resp.access_token).unwrap();
         assert_eq!(claims.exp - claims.iat, 300);
         assert_eq!(resp.expire_time.unwrap().seconds as u64, claims.exp);
         assert!(resp.refresh_token.len() >= 43, "256 random bits");
-        assert_ne!(resp.refresh_token, login(&svc, "alice").await.refresh_token);
+        assert_ne!(
+            resp.refresh_token,
+            login(&svc, "alice", PASSWORD).await.unwrap().refresh_token
+        );
 
         let next = refresh(&svc, &resp.refresh_token).await.unwrap();
         assert_ne!(next.refresh_token, resp.refresh_token, "rotated");
@@ -129,10 +98,10 @@ async fn login_returns_short_lived_access_and_a_refresh_token() {
 
 #[tokio::test]
 async fn refresh_tokens_are_stored_hashed() {
-    let (svcs, dbs) = services_with("rt_hashed", config()).await;
+    let (svcs, dbs) = services("rt_hashed", config()).await;
     for (svc, t) in svcs.iter().zip(&dbs) {
         create(svc, "alice").await;
-        let token = login(svc, "alice").await.refresh_token;
+        let token = login(svc, "alice", PASSWORD).await.unwrap().refresh_token;
         let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM refresh_tokens")
             .fetch_all(t.db.pool())
             .await
@@ -146,11 +115,11 @@ async fn refresh_tokens_are_stored_hashed() {
 
 #[tokio::test]
 async fn a_reused_refresh_token_revokes_the_whole_session() {
-    let (svcs, _dbs) = services_with("rt_reuse", config()).await;
+    let (svcs, _dbs) = services("rt_reuse", config()).await;
     for svc in svcs {
         create(&svc, "alice").await;
-        let first = login(&svc, "alice").await.refresh_token;
-        let other_session = login(&svc, "alice").await.refresh_token;
+        let first = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
+        let other_session = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
         let second = refresh(&svc, &first).await.unwrap().refresh_token;
 
         // The thief (or the victim) presents the rotated token again.
@@ -167,10 +136,10 @@ async fn a_reused_refresh_token_revokes_the_whole_session() {
 
 #[tokio::test]
 async fn concurrent_uses_of_one_token_yield_one_successor() {
-    let (svcs, _dbs) = services_with("rt_race", config()).await;
+    let (svcs, _dbs) = services("rt_race", config()).await;
     for svc in svcs {
         create(&svc, "alice").await;
-        let token = login(&svc, "alice").await.refresh_token;
+        let token = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
         let (a, b) = tokio::join!(refresh(&svc, &token), refresh(&svc, &token));
         let ok = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
         assert_eq!(ok, 1, "exactly one use wins: {a:?} {b:?}");
@@ -187,10 +156,10 @@ async fn concurrent_uses_of_one_token_yield_one_successor() {
 
 #[tokio::test]
 async fn logout_revokes_the_session() {
-    let (svcs, _dbs) = services_with("rt_logout", config()).await;
+    let (svcs, _dbs) = services("rt_logout", config()).await;
     for svc in svcs {
         create(&svc, "alice").await;
-        let token = login(&svc, "alice").await.refresh_token;
+        let token = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
         let rotated = refresh(&svc, &token).await.unwrap().refresh_token;
         logout(&svc, &rotated).await.unwrap();
         assert_eq!(
@@ -209,7 +178,7 @@ async fn bad_unknown_and_expired_refresh_tokens() {
         refresh_token_ttl: Duration::ZERO,
         ..config()
     };
-    let (svcs, dbs) = services_with("rt_bad", expiring).await;
+    let (svcs, dbs) = services("rt_bad", expiring).await;
     for (svc, t) in svcs.into_iter().zip(&dbs) {
         for (bad, why) in [("", "is required"), (&*"x".repeat(129), "too long")] {
             let err = refresh(&svc, bad).await.unwrap_err();
@@ -225,14 +194,14 @@ async fn bad_unknown_and_expired_refresh_tokens() {
         assert!(unknown.message().contains("unknown"), "{unknown:?}");
 
         create(&svc, "alice").await;
-        let token = login(&svc, "alice").await.refresh_token;
+        let token = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
         let expired = refresh(&svc, &token).await.unwrap_err();
         assert_eq!(expired.code(), Code::Unauthenticated);
         assert!(expired.message().contains("expired"), "{expired:?}");
 
         // Expired tokens do not pile up: each login prunes them.
         for _ in 0..3 {
-            login(&svc, "alice").await;
+            login(&svc, "alice", PASSWORD).await.unwrap();
         }
         let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM refresh_tokens")
             .fetch_one(t.db.pool())
@@ -244,13 +213,13 @@ async fn bad_unknown_and_expired_refresh_tokens() {
 
 #[tokio::test]
 async fn role_change_and_deletion_revoke_refresh_tokens() {
-    let (svcs, _dbs) = services_with("rt_revoke", config()).await;
+    let (svcs, _dbs) = services("rt_revoke", config()).await;
     for svc in svcs {
         let root = create(&svc, "root").await;
         let alice = create(&svc, "alice").await;
         let bob = create(&svc, "bob").await;
-        let alice_token = login(&svc, "alice").await.refresh_token;
-        let bob_token = login(&svc, "bob").await.refresh_token;
+        let alice_token = login(&svc, "alice", PASSWORD).await.unwrap().refresh_token;
+        let bob_token = login(&svc, "bob", PASSWORD).await.unwrap().refresh_token;
 
         assert_eq!(
             set_role(&svc, &root, "ADMIN", &alice, Role::Moderator).await,
@@ -262,7 +231,7 @@ async fn role_change_and_deletion_revoke_refresh_tokens() {
             "the old role must not live on in a refreshed token"
         );
         // After logging in again, tokens carry the new role.
-        let relogin = login(&svc, "alice").await;
+        let relogin = login(&svc, "alice", PASSWORD).await.unwrap();
         let refreshed = refresh(&svc, &relogin.refresh_token).await.unwrap();
         assert_eq!(
             svc.verifier().verify(&refreshed.access_token).unwrap().role,
@@ -279,7 +248,7 @@ async fn role_change_and_deletion_revoke_refresh_tokens() {
 
 #[tokio::test]
 async fn demoted_or_deleted_admins_are_refused_at_once() {
-    let (svcs, _dbs) = services_with("rt_stale_admin", config()).await;
+    let (svcs, _dbs) = services("rt_stale_admin", config()).await;
     for svc in svcs {
         let root = create(&svc, "root").await;
         let carol = create(&svc, "carol").await;
@@ -320,7 +289,7 @@ async fn demoted_or_deleted_admins_are_refused_at_once() {
 
 #[tokio::test]
 async fn the_bootstrap_admin_is_granted_once() {
-    let (svcs, _dbs) = services_with("bootstrap_once", config()).await;
+    let (svcs, _dbs) = services("bootstrap_once", config()).await;
     for svc in svcs {
         // A user signing up before the admin is just a user.
         let early = create(&svc, "early").await;
@@ -352,7 +321,7 @@ async fn the_bootstrap_admin_is_granted_once() {
 
 #[tokio::test]
 async fn the_bootstrap_name_is_not_admin_while_another_admin_exists() {
-    let (svcs, dbs) = services_with("bootstrap_existing", config()).await;
+    let (svcs, dbs) = services("bootstrap_existing", config()).await;
     for (svc, t) in svcs.iter().zip(&dbs) {
         // An admin made some other way (e.g. a database restored from before the grant
         // was recorded): the bootstrap name gets no second admin.
