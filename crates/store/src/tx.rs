@@ -63,6 +63,10 @@ impl Tx {
     /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
     pub async fn commit(self) -> Result<()> {
         self.inner.commit().await?;
+        self.db
+            .inner
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(seq) = self.appended {
             self.db.inner.committed.send_if_modified(|latest| {
                 if seq > *latest {
