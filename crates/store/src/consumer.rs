@@ -139,6 +139,23 @@ pub trait Consumer: Send + Sync {
         tx: &'a mut Tx,
         event: Self::Event,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+
+    /// Applies the wanted events of one batch, in order, inside `tx`; on failure, the index
+    /// of the event that failed (or of the first whose effect it cannot tell apart), which
+    /// the loop then applies alone. By default [`Consumer::apply`] one after the other; a
+    /// consumer that can write a batch in fewer statements overrides it.
+    fn apply_all<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        events: Vec<Self::Event>,
+    ) -> impl Future<Output = Result<(), (usize, StoreError)>> + Send + 'a {
+        async move {
+            for (index, event) in events.into_iter().enumerate() {
+                self.apply(tx, event).await.map_err(|err| (index, err))?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How long the cursor may stay behind events that had no effect ([`Consumer::wants`])
@@ -191,6 +208,21 @@ pub trait Apply: Send + Sync + 'static {
         tx: &'a mut Tx,
         event: Self::Event,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a;
+
+    /// Applies a batch's wanted events in order (see [`Consumer::apply_all`]); by default
+    /// [`Apply::apply`] one after the other.
+    fn apply_all<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        events: Vec<Self::Event>,
+    ) -> impl Future<Output = Result<(), (usize, StoreError)>> + Send + 'a {
+        async move {
+            for (index, event) in events.into_iter().enumerate() {
+                self.apply(tx, event).await.map_err(|err| (index, err))?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Follows `A::PRODUCER`'s `WatchEvents` over `channel` until `shutdown` turns `true`,
@@ -311,6 +343,15 @@ where
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'a {
         self.handler.apply(tx, event.event)
     }
+
+    fn apply_all<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        events: Vec<Self::Event>,
+    ) -> impl Future<Output = Result<(), (usize, StoreError)>> + Send + 'a {
+        let events = events.into_iter().map(|watched| watched.event).collect();
+        self.handler.apply_all(tx, events)
+    }
 }
 
 /// Encodes [`WatchRequest`]; decodes each message twice, as the [`Envelope`] and as `E`
@@ -397,7 +438,7 @@ fn ended_by_drain<E: 'static>(error: &E) -> bool {
 /// Reads the cursor, opens the stream after it, and applies the events in batches: one
 /// event is awaited, then whatever else has already arrived is taken too (up to
 /// [`MAX_BATCH`], never waiting for more), and the batch is applied in one transaction that
-/// locks the cursor, skips the events it is already past, calls [`Consumer::apply`] for the
+/// locks the cursor, skips the events it is already past, calls [`Consumer::apply_all`] for the
 /// rest and moves the cursor to the last, then commits. So a lone event is applied as soon
 /// as it arrives, a backlog a batch per commit, and a crash mid-batch leaves neither effects
 /// nor cursor behind: the whole batch is applied again, once. A failure to connect, a stream
@@ -756,15 +797,16 @@ async fn apply_batch<C: Consumer>(
             return Ok(Applied::OtherEpoch(followed));
         }
     }
-    for (sequence, event) in events {
-        if sequence <= position {
-            continue;
-        }
+    let (sequences, fresh): (Vec<i64>, Vec<C::Event>) = events
+        .into_iter()
+        .filter(|(sequence, _)| *sequence > position)
+        .unzip();
+    if let Some(&newest) = sequences.last() {
         consumer
-            .apply(&mut tx, event)
+            .apply_all(&mut tx, fresh)
             .await
-            .map_err(|err| (sequence, err))?;
-        position = sequence;
+            .map_err(|(index, err)| (sequences.get(index).copied().unwrap_or(newest), err))?;
+        position = newest;
     }
     position = position.max(through);
     if position == start {

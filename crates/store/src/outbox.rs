@@ -70,39 +70,90 @@ impl Tx {
         .fetch_one(&mut **self)
         .await?;
         self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
-        if let Some(retention) = self.db.inner.outbox_retention
-            && seq % PRUNE_EVERY == 0
-        {
-            // Under the outbox lock this transaction already holds. Only a prefix goes: from
-            // the oldest event up to the first one still within the retention (append times
-            // follow sequences only as well as the replicas' clocks agree, and a hole in the
-            // middle would read as pruned). At most PRUNE_WINDOW rows are looked at, more
-            // than are appended between prunes, so the outbox shrinks back when it is over.
-            // The row just appended always stays, so the next sequence still follows it.
-            let cutoff = now_micros().saturating_sub(retention.as_micros() as i64);
-            let oldest: Option<i64> =
-                sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
-                    .fetch_one(&mut **self)
-                    .await?;
-            let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
-            let pruned = sqlx::query(
-                "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
-                 COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
-                           WHERE sequence <= $3 AND create_time >= $2), $1)",
-            )
-            .bind(seq)
-            .bind(cutoff)
-            .bind(window_end)
-            .execute(&mut **self)
-            .await?
-            .rows_affected();
-            if pruned > 0 {
-                tracing::debug!(pruned, before = seq, "pruned the outbox");
-            }
+        if seq % PRUNE_EVERY == 0 {
+            self.prune(seq).await?;
         }
         Ok(seq)
     }
+
+    /// Appends several events at once, in order, and returns their sequences: what
+    /// [`Tx::append_event`] does for each, in two statements however many there are (a
+    /// consumer applying a batch of events appends a batch of its own).
+    pub async fn append_events(&mut self, payloads: &[Vec<u8>]) -> Result<Vec<i64>> {
+        if payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.backend() == Backend::Postgres {
+            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+        }
+        // Under the outbox lock: nobody else appends between the read and the insert.
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM tessera_outbox")
+            .fetch_one(&mut **self)
+            .await?;
+        let now = now_micros();
+        let mut sequences = Vec::with_capacity(payloads.len());
+        // Three parameters a row; SQLite allows 32766 in one statement.
+        for (chunk_index, chunk) in payloads.chunks(APPEND_CHUNK).enumerate() {
+            let first = last + (chunk_index * APPEND_CHUNK) as i64 + 1;
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO tessera_outbox (sequence, create_time, payload) VALUES {}",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (i, payload) in chunk.iter().enumerate() {
+                let seq = first + i as i64;
+                query = query.bind(seq).bind(now).bind(payload.as_slice());
+                sequences.push(seq);
+            }
+            query.execute(&mut **self).await?;
+        }
+        let newest = last + payloads.len() as i64;
+        self.appended = Some(self.appended.map_or(newest, |s| s.max(newest)));
+        if newest / PRUNE_EVERY > last / PRUNE_EVERY {
+            self.prune(newest).await?;
+        }
+        Ok(sequences)
+    }
+
+    /// Deletes what the retention no longer keeps, up to `seq` (just appended, so kept).
+    async fn prune(&mut self, seq: i64) -> Result<()> {
+        let Some(retention) = self.db.inner.outbox_retention else {
+            return Ok(());
+        };
+        // Under the outbox lock this transaction already holds. Only a prefix goes: from
+        // the oldest event up to the first one still within the retention (append times
+        // follow sequences only as well as the replicas' clocks agree, and a hole in the
+        // middle would read as pruned). At most PRUNE_WINDOW rows are looked at, more
+        // than are appended between prunes, so the outbox shrinks back when it is over.
+        // The row just appended always stays, so the next sequence still follows it.
+        let cutoff = now_micros().saturating_sub(retention.as_micros() as i64);
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
+            .fetch_one(&mut **self)
+            .await?;
+        let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
+        let pruned = sqlx::query(
+            "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
+             COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
+                       WHERE sequence <= $3 AND create_time >= $2), $1)",
+        )
+        .bind(seq)
+        .bind(cutoff)
+        .bind(window_end)
+        .execute(&mut **self)
+        .await?
+        .rows_affected();
+        if pruned > 0 {
+            tracing::debug!(pruned, before = seq, "pruned the outbox");
+        }
+        Ok(())
+    }
 }
+
+/// Rows per INSERT of [`Tx::append_events`].
+const APPEND_CHUNK: usize = 1000;
 
 impl Db {
     /// Up to `limit` events with a sequence greater than `after`, in order.

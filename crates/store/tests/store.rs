@@ -262,6 +262,46 @@ async fn outbox_appends_with_the_change_or_not_at_all() {
     }
 }
 
+#[tokio::test]
+async fn a_batch_of_events_appends_in_order_after_single_ones() {
+    let (dbs, _dir) = databases("outbox_batch").await;
+    for db in dbs {
+        let mut tx = db.begin().await.unwrap();
+        let first = tx.append_event(b"single").await.unwrap();
+        assert!(tx.append_events(&[]).await.unwrap().is_empty());
+        // More rows than one INSERT takes, so the chunks must continue each other.
+        let batch: Vec<Vec<u8>> = (0..1203).map(|i| format!("b{i}").into_bytes()).collect();
+        let sequences = tx.append_events(&batch).await.unwrap();
+        let last = tx.append_event(b"after").await.unwrap();
+        tx.commit().await.unwrap();
+        let expected: Vec<i64> = (first + 1..=first + 1203).collect();
+        assert_eq!(sequences, expected);
+        assert_eq!(last, first + 1204);
+
+        let all = db.read_events(0, 2000).await.unwrap();
+        let payloads: Vec<Vec<u8>> = all.iter().map(|e| e.payload.clone()).collect();
+        let mut want = vec![b"single".to_vec()];
+        want.extend(batch);
+        want.push(b"after".to_vec());
+        assert_eq!(payloads, want);
+        assert_eq!(db.last_sequence().await.unwrap(), last);
+
+        // A live stream is woken by the batch's commit like by a single append.
+        let mut live = Box::pin(db.events(last));
+        let mut tx = db.begin().await.unwrap();
+        tx.append_events(&[b"x".to_vec(), b"y".to_vec()])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), live.next())
+            .await
+            .expect("the stream wakes")
+            .unwrap()
+            .unwrap();
+        assert_eq!((next.sequence, next.payload), (last + 1, b"x".to_vec()));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_get_distinct_increasing_sequences() {
     let (dbs, _dir) = databases("concurrent").await;

@@ -11,6 +11,8 @@
 //!   a tombstone keeps a late CommentCreated (the comment stream may lag the user stream)
 //!   from notifying a user who no longer exists.
 
+use std::collections::HashSet;
+
 use prost::Message;
 use tessera::{
     comments::v1::{
@@ -67,7 +69,7 @@ impl Apply for CommentEvents {
 
     async fn apply(&self, tx: &mut Tx, event: CommentEvent) -> Result<(), StoreError> {
         match event.event {
-            Some(CommentKind::CommentCreated(created)) => notify(tx, created).await,
+            Some(CommentKind::CommentCreated(created)) => notify(tx, vec![created]).await,
             Some(CommentKind::CommentDeleted(deleted)) => {
                 sqlx::query("DELETE FROM notifications WHERE comment_id = $1")
                     .bind(&deleted.comment_id)
@@ -78,53 +80,124 @@ impl Apply for CommentEvents {
             None => Ok(()),
         }
     }
+
+    // A catch-up is mostly CommentCreated: each run of them is inserted in one statement
+    // and their deliveries appended in one more, instead of two statements an event.
+    async fn apply_all(
+        &self,
+        tx: &mut Tx,
+        events: Vec<CommentEvent>,
+    ) -> Result<(), (usize, StoreError)> {
+        let mut run: Vec<CommentCreated> = Vec::new();
+        let mut run_start = 0;
+        let count = events.len();
+        for (index, event) in events.into_iter().enumerate() {
+            match event.event {
+                Some(CommentKind::CommentCreated(created)) => {
+                    if run.is_empty() {
+                        run_start = index;
+                    }
+                    run.push(created);
+                }
+                other => {
+                    let run = std::mem::take(&mut run);
+                    notify(tx, run).await.map_err(|err| (run_start, err))?;
+                    let single = CommentEvent {
+                        event: other,
+                        ..Default::default()
+                    };
+                    self.apply(tx, single).await.map_err(|err| (index, err))?;
+                }
+            }
+        }
+        notify(tx, run)
+            .await
+            .map_err(|err| (run_start.min(count), err))
+    }
 }
 
-async fn notify(tx: &mut Tx, created: CommentCreated) -> Result<(), StoreError> {
-    let Some(comment) = created.comment else {
-        return Ok(());
-    };
-    let recipient = created.post_author_id;
-    if recipient.is_empty() || recipient == comment.author_id {
-        return Ok(());
-    }
+/// Notifies the posts' authors of `created` (in order), but not of their own comments, nor a
+/// deleted user, nor twice for one comment; each new notification's delivery is appended to
+/// the outbox for live subscribers. Three statements for the whole run.
+async fn notify(tx: &mut Tx, created: Vec<CommentCreated>) -> Result<(), StoreError> {
     let now = now_micros();
-    let notification = Notification {
-        notification_id: uuid::Uuid::now_v7().to_string(),
-        post_id: comment.post_id,
-        comment_id: comment.comment_id,
-        actor_id: comment.author_id,
-        read: false,
-        create_time: Some(timestamp(now)),
-    };
-    // A deleted recipient gets nothing; checked in the insert itself (one statement per
-    // event, not two: this loop is what a consumer's catch-up spends its time on).
-    let inserted = sqlx::query(
-        "INSERT INTO notifications \
-         (notification_id, user_id, post_id, comment_id, actor_id, is_read, create_time) \
-         SELECT $1, $2, $3, $4, $5, $6, $7 \
-         WHERE NOT EXISTS (SELECT 1 FROM deleted_users WHERE user_id = $2) \
-         ON CONFLICT (comment_id) DO NOTHING",
-    )
-    .bind(&notification.notification_id)
-    .bind(&recipient)
-    .bind(&notification.post_id)
-    .bind(&notification.comment_id)
-    .bind(&notification.actor_id)
-    .bind(UNREAD)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        let delivery = Delivery {
-            user_id: recipient,
-            notification: Some(notification),
-        };
-        tx.append_event(&delivery.encode_to_vec()).await?;
+    let notifications: Vec<(String, Notification)> = created
+        .into_iter()
+        .filter_map(|created| {
+            let comment = created.comment?;
+            let recipient = created.post_author_id;
+            if recipient.is_empty() || recipient == comment.author_id {
+                return None;
+            }
+            let notification = Notification {
+                notification_id: uuid::Uuid::now_v7().to_string(),
+                post_id: comment.post_id,
+                comment_id: comment.comment_id,
+                actor_id: comment.author_id,
+                read: false,
+                create_time: Some(timestamp(now)),
+            };
+            Some((recipient, notification))
+        })
+        .collect();
+    let mut inserted = HashSet::new();
+    for chunk in notifications.chunks(NOTIFY_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = 7 * i;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7
+                )
+            })
+            .collect();
+        // VALUES names its columns column1..column7 on both engines. A deleted recipient
+        // (a tombstone) gets nothing; a comment already notified is skipped by its key.
+        let sql = format!(
+            "INSERT INTO notifications \
+             (notification_id, user_id, post_id, comment_id, actor_id, is_read, create_time) \
+             SELECT column1, column2, column3, column4, column5, column6, column7 \
+             FROM (VALUES {}) AS v \
+             WHERE NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_id = v.column2) \
+             ON CONFLICT (comment_id) DO NOTHING RETURNING comment_id",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        for (recipient, notification) in chunk {
+            query = query
+                .bind(&notification.notification_id)
+                .bind(recipient)
+                .bind(&notification.post_id)
+                .bind(&notification.comment_id)
+                .bind(&notification.actor_id)
+                .bind(UNREAD)
+                .bind(now);
+        }
+        inserted.extend(query.fetch_all(&mut **tx).await?);
     }
+    let deliveries: Vec<Vec<u8>> = notifications
+        .into_iter()
+        .filter(|(_, n)| inserted.contains(&n.comment_id))
+        .map(|(user_id, notification)| {
+            Delivery {
+                user_id,
+                notification: Some(notification),
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    tx.append_events(&deliveries).await?;
     Ok(())
 }
+
+/// Notifications per INSERT: seven parameters each, well under SQLite's 32766.
+const NOTIFY_CHUNK: usize = 500;
 
 struct UserEvents;
 
