@@ -92,7 +92,6 @@ impl Tx {
             .await?;
         let now = now_micros();
         let mut sequences = Vec::with_capacity(payloads.len());
-        // Three parameters a row; SQLite allows 32766 in one statement.
         for (chunk_index, chunk) in payloads.chunks(APPEND_CHUNK).enumerate() {
             let first = last + (chunk_index * APPEND_CHUNK) as i64 + 1;
             let rows: Vec<String> = (0..chunk.len())
@@ -152,8 +151,9 @@ impl Tx {
     }
 }
 
-/// Rows per INSERT of [`Tx::append_events`].
-const APPEND_CHUNK: usize = 1000;
+/// Rows per INSERT of [`Tx::append_events`]: binding a statement's parameters costs the
+/// square of their number on SQLite (each is looked up by name in a list).
+const APPEND_CHUNK: usize = 128;
 
 impl Db {
     /// Up to `limit` events with a sequence greater than `after`, in order.
