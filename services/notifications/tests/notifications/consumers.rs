@@ -87,6 +87,28 @@ async fn deleted_comments_take_their_notification() {
 }
 
 #[tokio::test]
+async fn a_backlog_applies_in_order_within_one_batch() {
+    // All there before the consumer starts, so they arrive as one batch: the runs of
+    // CommentCreated are inserted together, the deletion between them in its place.
+    for mut h in harnesses("notif_backlog").await {
+        h.comment("c1", "p1", "bob", "alice");
+        h.comment("c2", "p1", "carol", "alice");
+        h.comment("c3", "p1", "alice", "alice"); // her own: nothing
+        h.delete_comment("c1", "p1");
+        h.comment("c4", "p2", "bob", "alice");
+        let last = h.comment("c5", "p2", "dave", "erin");
+        h.start();
+        h.caught_up(COMMENT_EVENTS_CURSOR, last).await;
+        assert_eq!(h.comment_ids("alice").await, ["c4", "c2"], "{}", h.name);
+        assert_eq!(h.comment_ids("erin").await, ["c5"], "{}", h.name);
+        // One delivery per notification made (c1's included: it was made, then removed).
+        let deliveries = h.service.db().read_events(0, 1000).await.unwrap();
+        assert_eq!(deliveries.len(), 4, "{}", h.name);
+        h.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn deleted_users_lose_their_notifications() {
     for mut h in harnesses("notif_user_deleted").await {
         h.start();
