@@ -90,7 +90,6 @@ impl Apply for CommentEvents {
     ) -> Result<(), (usize, StoreError)> {
         let mut run: Vec<CommentCreated> = Vec::new();
         let mut run_start = 0;
-        let count = events.len();
         for (index, event) in events.into_iter().enumerate() {
             match event.event {
                 Some(CommentKind::CommentCreated(created)) => {
@@ -110,9 +109,7 @@ impl Apply for CommentEvents {
                 }
             }
         }
-        notify(tx, run)
-            .await
-            .map_err(|err| (run_start.min(count), err))
+        notify(tx, run).await.map_err(|err| (run_start, err))
     }
 }
 
