@@ -16,7 +16,7 @@
 #      from Debian's prometheus package, installed when missing.
 #
 # That k8s/base/networkpolicies-generated.yaml matches the contracts is a Rust test
-# (`cargo test -p tessera-mesh --lib netpol`), and the shape of the base manifests (probes,
+# (`cargo test -p tessera-cli --lib network_policies`), and the shape of the base manifests (probes,
 # resources, security context, ...) is checked by `cargo test -p tessera-tests --test k8s`.
 #
 # The tools are installed with pip into a virtualenv outside the repository

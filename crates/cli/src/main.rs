@@ -12,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use tessera_cli::{certs, cursor, database, keys, probe, up, wiring};
-use tessera_mesh::{config::Settings, identity::SpiffeId, policy::Policy};
+use tessera_mesh::{config::Settings, identity::SpiffeId};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 const EXIT_USAGE: u8 = 64;
@@ -134,7 +134,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Policy(args) => {
-            let policy = Policy::contracts();
+            let policy = match tessera_cli::workloads::policy() {
+                Ok(policy) => policy,
+                Err(err) => return fail(&err),
+            };
             if args.netpol {
                 print!("{}", tessera_mesh::netpol::network_policies(&policy));
             } else {
@@ -191,7 +194,8 @@ fn main() -> ExitCode {
                     .and_then(|(_, v)| v.clone())
                     .or_else(|| std::env::var(key).ok())
             };
-            let settings = match Settings::from_lookup(&args.service, &lookup) {
+            let known: Vec<&str> = tessera_cli::workloads::names().collect();
+            let settings = match Settings::from_lookup_among(&args.service, &known, &lookup) {
                 Ok(s) => s,
                 Err(err) => {
                     eprintln!("tessera: {err}");

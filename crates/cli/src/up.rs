@@ -605,7 +605,8 @@ fn settings_for(
     // The process environment still applies (TESSERA_BOOTSTRAP_ADMIN, ...) where `up` sets
     // nothing itself.
     let lookup = |key: &str| env.get(key).cloned().or_else(|| std::env::var(key).ok());
-    Ok(Settings::from_lookup(name, &lookup)?)
+    let known: Vec<&str> = crate::workloads::names().collect();
+    Ok(Settings::from_lookup_among(name, &known, &lookup)?)
 }
 
 /// The `TESSERA_*` settings `up` gives replica `replica` of `name`: its ports, certificates,

@@ -17,7 +17,6 @@ use tessera_client::{Channel, ClientBuilder, Clients};
 use tessera_mesh::{
     auth::TokenKeys,
     config::Settings,
-    policy::Policy,
     server::{GrpcService, Listeners, Workload, bind},
     shutdown::Shutdown,
     tls::{ClientTls, TlsFiles, TlsSource},
@@ -149,7 +148,7 @@ pub async fn start(
         declared("comments"),
         declared("notifications"),
     );
-    let policy = Arc::new(Policy::contracts());
+    let policy = Arc::new(crate::workloads::policy()?);
     let max = settings.server.max_message_size;
     let stop = shutdown.receiver();
 

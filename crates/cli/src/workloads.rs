@@ -2,14 +2,14 @@
 //! calls on each upstream, whether it keeps a database or has a public port, and, for a
 //! workload beyond the five, how to start it. `serve` (required targets, upstream channels
 //! that refuse undeclared methods), `up` (ports, certificates, databases, the table), `certs`
-//! and the policy checks read it; adding a service is one entry here (plus its contract under
-//! `proto/`, which is where its access rules and reflection come from).
+//! and the policy checks read it; adding a service is one entry here, naming the descriptor
+//! set its contract is compiled into (where its access rules and reflection come from), and
+//! the dependency on its crate.
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::OnceLock};
 
 use tessera::{
     comments::v1::{comment_service_methods as comments, comment_service_server},
-    digest::v1::digest_service_server,
     gateway::v1::feed_service_server,
     notifications::v1::{
         notification_service_methods as notifications, notification_service_server,
@@ -18,6 +18,8 @@ use tessera::{
     users::v1::{user_service_methods as users, user_service_server},
 };
 use tessera_client::{Channel, Clients};
+use tessera_example_digest::v1::digest_service_server;
+use tessera_mesh::{contracts::Contracts, policy::Policy};
 use tokio::sync::watch;
 use tonic::{Status, body::Body, service::Routes};
 use tower::BoxError;
@@ -63,6 +65,10 @@ pub struct WorkloadSpec {
     pub optional: bool,
     /// How to start it; `None` for the five, whose wiring lives in `crate::wiring::start`.
     pub start: Option<StartFn>,
+    /// The encoded descriptor set its contract is in: `tessera::FILE_DESCRIPTOR_SET` for a
+    /// contract under `proto/`, or the `FILE_DESCRIPTOR_SET` of a service that compiles its
+    /// own (its access rules and reflection come from there).
+    pub contract: &'static [u8],
 }
 
 /// One upstream of a workload and the methods the workload calls on it.
@@ -99,6 +105,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: false,
         optional: false,
         start: None,
+        contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
         name: "posts",
@@ -113,6 +120,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: false,
         optional: false,
         start: None,
+        contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
         name: "comments",
@@ -137,6 +145,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: false,
         optional: false,
         start: None,
+        contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
         name: "notifications",
@@ -159,6 +168,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: false,
         optional: false,
         start: None,
+        contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
         name: "gateway",
@@ -215,6 +225,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: true,
         optional: false,
         start: None,
+        contract: tessera::FILE_DESCRIPTOR_SET,
     },
     // Another team's service (examples/digest): this entry is all the binary needs.
     WorkloadSpec {
@@ -240,6 +251,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         public: false,
         optional: true,
         start: Some(start_digest),
+        contract: tessera_example_digest::FILE_DESCRIPTOR_SET,
     },
 ];
 
@@ -334,6 +346,25 @@ impl tower::Service<http::Request<Body>> for Declared {
     }
 }
 
+/// Every registered workload's contract as one: Tessera's own plus those compiled in the
+/// services' own crates. Decoded once per process.
+pub fn contracts() -> anyhow::Result<&'static Contracts> {
+    static CONTRACTS: OnceLock<Result<Contracts, String>> = OnceLock::new();
+    CONTRACTS
+        .get_or_init(|| {
+            let sets: Vec<&[u8]> = WORKLOADS.iter().map(|w| w.contract).collect();
+            Contracts::from_descriptor_sets(&sets).map_err(|err| err.to_string())
+        })
+        .as_ref()
+        .map_err(|err| anyhow::anyhow!("a compiled-in contract does not decode: {err}"))
+}
+
+/// The access rules of every registered workload's contract ([`contracts`]): what `serve`
+/// enforces and `tessera policy` prints.
+pub fn policy() -> anyhow::Result<Policy> {
+    Ok(Policy::from_contracts(contracts()?))
+}
+
 /// The workloads that keep a database.
 pub fn database_owners() -> impl Iterator<Item = &'static str> {
     WORKLOADS.iter().filter(|w| w.database).map(|w| w.name)
@@ -349,11 +380,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use tessera_mesh::policy::Policy;
 
     #[test]
     fn every_workload_serves_its_own_contract_and_calls_only_what_it_may() {
-        let policy = Policy::contracts();
+        let policy = policy().unwrap_or_else(|err| panic!("{err}"));
         let names: BTreeSet<&str> = names().collect();
         assert_eq!(names.len(), WORKLOADS.len(), "a name is registered twice");
         // Each workload serves the package named after it, so the rules read from the
@@ -414,6 +444,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn k8s_network_policies_match_every_workloads_contract() {
+        let generated =
+            tessera_mesh::netpol::network_policies(&policy().unwrap_or_else(|err| panic!("{err}")));
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../k8s/base/networkpolicies-generated.yaml"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{err}"));
+        assert!(
+            committed == generated,
+            "k8s/base/networkpolicies-generated.yaml drifted from the contracts; regenerate it with \
+             `cargo run -p tessera-cli -- policy --netpol > k8s/base/networkpolicies-generated.yaml`"
+        );
+        // A workload whose contract is compiled in its own crate is in it too.
+        assert!(generated.contains("name: allow-to-digest\n"), "{generated}");
+    }
+
     /// caller → the methods it calls, from the registry.
     fn declared() -> BTreeSet<(String, String)> {
         WORKLOADS
@@ -431,7 +479,8 @@ mod tests {
     fn the_contracts_admit_each_workload_to_exactly_the_methods_it_declares() {
         // A workload's own methods are open to it without a rule, so only calls across
         // workloads count.
-        let granted: BTreeSet<(String, String)> = Policy::contracts()
+        let granted: BTreeSet<(String, String)> = policy()
+            .unwrap_or_else(|err| panic!("{err}"))
             .methods()
             .flat_map(|m| {
                 m.callers
@@ -461,7 +510,8 @@ mod tests {
         // it did not declare would be refused on every request.
         let gateway = find("gateway").unwrap_or_else(|| panic!("no gateway"));
         let upstreams: Vec<&str> = gateway.upstreams.iter().map(|u| u.name).collect();
-        let public: BTreeSet<String> = Policy::contracts()
+        let public: BTreeSet<String> = policy()
+            .unwrap_or_else(|err| panic!("{err}"))
             .methods()
             .filter(|m| m.public && upstreams.contains(&m.owner.as_str()))
             .map(|m| m.path.clone())

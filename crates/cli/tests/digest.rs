@@ -207,6 +207,18 @@ fn up_with_digest_runs_it_beside_the_five_and_grpcurl_reaches_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!listed.contains("tessera.posts.v1.PostService"), "{listed}");
+    // Its contract is compiled in its own crate; reflection describes it with the platform
+    // message it returns (PostService's Post, from the platform's contracts).
+    let out = up.grpcurl(
+        None,
+        &[&digest, "describe", "tessera.digest.v1.GetDigestResponse"],
+    );
+    let described = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        described.contains("repeated .tessera.posts.v1.Post posts = 1;"),
+        "{described}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Its access rule wants an end user; bad input names the field.
     let anonymous = up.fails(

@@ -13,8 +13,10 @@ pub mod tokens;
 /// The services Tessera is made of, in start order (dependencies first).
 pub const SERVICES: [&str; 5] = ["users", "posts", "comments", "notifications", "gateway"];
 
-/// Every workload the contracts define: [`SERVICES`] in start order, then any other owner of
-/// a contract (a service added beside the five, such as `examples/digest`), by name.
+/// Every workload Tessera's own contracts (`proto/`) define: [`SERVICES`] in start order, then
+/// any other owner of a contract there, by name. A service that compiles its contract in its
+/// own crate (`examples/digest`) is known to the binary that registers it instead
+/// ([`Settings::from_lookup_among`]).
 pub fn workloads() -> Vec<String> {
     let mut all: Vec<String> = SERVICES.iter().map(|s| (*s).to_owned()).collect();
     for owner in crate::policy::Policy::contracts().owners() {
@@ -333,14 +335,27 @@ fn cors_origins(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<String>, 
 
 impl Settings {
     /// Reads the settings of `service` through `lookup` (an environment-like map).
+    ///
+    /// The known workloads are the owners of Tessera's own contracts ([`workloads`]); a
+    /// binary that also runs services compiled in their own crates names them all with
+    /// [`Settings::from_lookup_among`].
     pub fn from_lookup(
         service: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        // A workload is known when a contract names it as the owner of a service (the package
-        // `tessera.<name>.v1`), so a new service registers here through its proto alone.
         let known = workloads();
-        if !known.iter().any(|w| w == service) {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        Self::from_lookup_among(service, &known, lookup)
+    }
+
+    /// [`Settings::from_lookup`] for a mesh of the workloads `known`: `service` must be one
+    /// of them, and `TESSERA_<NAME>_TARGET` is read for each.
+    pub fn from_lookup_among(
+        service: &str,
+        known: &[&str],
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if !known.contains(&service) {
             return Err(ConfigError::new(
                 "service",
                 format!(
@@ -362,7 +377,7 @@ impl Settings {
             )
         };
         let mut targets = BTreeMap::new();
-        for s in &known {
+        for s in known {
             let key = format!("TESSERA_{}_TARGET", s.to_ascii_uppercase());
             if let Some(t) = non_empty(lookup, &key) {
                 if !(t.starts_with("static:") || t.starts_with("dns:")) {
@@ -373,7 +388,7 @@ impl Settings {
                         ),
                     ));
                 }
-                targets.insert(s.to_owned(), t);
+                targets.insert((*s).to_owned(), t);
             }
         }
         let trust_domain = non_empty(lookup, "TESSERA_TRUST_DOMAIN")

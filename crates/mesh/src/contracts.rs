@@ -22,6 +22,14 @@ struct FileSet {
     file: Vec<File>,
 }
 
+/// A set whose files stay encoded, so sets can be merged without losing what prost-types
+/// would drop (the access rules).
+#[derive(Clone, PartialEq, Message)]
+struct RawSet {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    file: Vec<Vec<u8>>,
+}
+
 #[derive(Clone, PartialEq, Message)]
 struct File {
     #[prost(message, repeated, tag = "6")]
@@ -88,6 +96,7 @@ pub struct Contracts {
     methods: Vec<Method>,
     by_path: HashMap<String, usize>,
     descriptors: prost_types::FileDescriptorSet,
+    encoded: std::sync::Arc<[u8]>,
 }
 
 /// The owning workload of a package `tessera.<name>.v1`.
@@ -108,8 +117,41 @@ impl Contracts {
 
     /// Decodes a serialized `google.protobuf.FileDescriptorSet`.
     pub fn from_descriptor_set(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
-        let descriptors = prost_types::FileDescriptorSet::decode(bytes)?;
-        let rules = FileSet::decode(bytes)?;
+        Self::from_descriptor_sets(&[bytes])
+    }
+
+    /// Tessera's own contracts plus those of services compiled in their own crates (each
+    /// crate's `FILE_DESCRIPTOR_SET`), as one.
+    ///
+    /// A service outside this repository's `proto/` compiles its contract itself, importing
+    /// the mesh options (and whatever messages it reuses) from here; its set then holds those
+    /// imports too. A file is taken once, from the first set that has it, by its name.
+    ///
+    /// ```
+    /// use tessera_mesh::contracts::Contracts;
+    ///
+    /// // The same set twice is the set once.
+    /// let twice = Contracts::from_descriptor_sets(&[tessera::FILE_DESCRIPTOR_SET; 2]).unwrap();
+    /// let once = Contracts::tessera().unwrap();
+    /// assert_eq!(twice.methods().count(), once.methods().count());
+    /// assert!(twice.method("/tessera.posts.v1.PostService/GetPost").is_some());
+    /// ```
+    pub fn from_descriptor_sets(sets: &[&[u8]]) -> Result<Self, prost::DecodeError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut merged = RawSet::default();
+        for set in sets {
+            for file in RawSet::decode(*set)?.file {
+                let name = prost_types::FileDescriptorProto::decode(file.as_slice())?
+                    .name
+                    .unwrap_or_default();
+                if seen.insert(name) {
+                    merged.file.push(file);
+                }
+            }
+        }
+        let bytes = merged.encode_to_vec();
+        let descriptors = prost_types::FileDescriptorSet::decode(bytes.as_slice())?;
+        let rules = FileSet::decode(bytes.as_slice())?;
         let mut methods = Vec::new();
         for (file, file_rules) in descriptors.file.iter().zip(&rules.file) {
             let package = file.package();
@@ -158,6 +200,7 @@ impl Contracts {
             methods,
             by_path,
             descriptors,
+            encoded: bytes.into(),
         })
     }
 
@@ -179,6 +222,11 @@ impl Contracts {
     /// The whole decoded set (with source info), for reflection to filter and re-encode.
     pub fn descriptors(&self) -> &prost_types::FileDescriptorSet {
         &self.descriptors
+    }
+
+    /// The set encoded, options included: what reflection serves on the internal port.
+    pub fn encoded(&self) -> std::sync::Arc<[u8]> {
+        self.encoded.clone()
     }
 }
 

@@ -13,6 +13,8 @@ pub type MethodRule = crate::contracts::Method;
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     methods: BTreeMap<String, MethodRule>,
+    /// The contracts encoded, for reflection to describe.
+    descriptor_set: std::sync::Arc<[u8]>,
 }
 
 impl Policy {
@@ -22,7 +24,16 @@ impl Policy {
             .methods()
             .map(|m| (m.path.clone(), m.clone()))
             .collect();
-        Self { methods }
+        Self {
+            methods,
+            descriptor_set: contracts.encoded(),
+        }
+    }
+
+    /// The encoded descriptor set the rules were read from; the internal port's reflection
+    /// describes it.
+    pub fn descriptor_set(&self) -> &[u8] {
+        &self.descriptor_set
     }
 
     /// The rules of Tessera's own contracts.

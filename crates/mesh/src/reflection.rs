@@ -84,14 +84,16 @@ fn public_descriptor_set(advertise: &[String]) -> Result<Vec<u8>, prost::DecodeE
     Ok(set.encode_to_vec())
 }
 
-/// Adds gRPC health (this reporter) and reflection v1 and v1alpha to `routes`. With
-/// `advertise`, reflection lists only those services.
+/// Adds gRPC health (this reporter) and reflection v1 and v1alpha to `routes`, describing
+/// `contracts` (an encoded descriptor set, such as [`crate::policy::Policy::descriptor_set`]).
+/// With `advertise`, reflection lists only those services.
 pub fn with_health_and_reflection(
     routes: Routes,
     health: &HealthReporter,
     advertise: Option<&[String]>,
+    contracts: &[u8],
 ) -> Routes {
-    health_and_reflection(routes, health, advertise, false)
+    health_and_reflection(routes, health, advertise, Some(contracts))
 }
 
 /// [`with_health_and_reflection`] for the gateway's public port: reflection lists the
@@ -101,21 +103,23 @@ pub fn with_health_and_public_reflection(
     health: &HealthReporter,
     advertise: &[String],
 ) -> Routes {
-    health_and_reflection(routes, health, Some(advertise), true)
+    health_and_reflection(routes, health, Some(advertise), None)
 }
 
+/// `contracts`: the set to describe whole; `None` for the public port's filtered one.
 fn health_and_reflection(
     routes: Routes,
     health: &HealthReporter,
     advertise: Option<&[String]>,
-    public_only: bool,
+    contracts: Option<&[u8]>,
 ) -> Routes {
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
     );
     let mut routes = routes.add_service(health);
-    let contracts: std::borrow::Cow<'static, [u8]> = match advertise {
-        Some(names) if public_only => match public_descriptor_set(names) {
+    let contracts: std::borrow::Cow<'_, [u8]> = match (contracts, advertise) {
+        (Some(whole), _) => whole.into(),
+        (None, names) => match public_descriptor_set(names.unwrap_or_default()) {
             Ok(set) => set.into(),
             Err(err) => {
                 // Compiled in: a failure here is a build defect. Describe nothing then.
@@ -123,7 +127,6 @@ fn health_and_reflection(
                 Vec::new().into()
             }
         },
-        _ => tessera::FILE_DESCRIPTOR_SET.into(),
     };
     let configure = || {
         let mut builder = tonic_reflection::server::Builder::configure()

@@ -189,7 +189,8 @@ impl Workload {
         routes: Routes,
         served: Option<&[String]>,
     ) -> RequestPathService<Routes> {
-        let routes = with_health_and_reflection(routes, &self.health, served);
+        let routes =
+            with_health_and_reflection(routes, &self.health, served, self.policy.descriptor_set());
         let authorizer = Authorizer {
             me: self.tls.identity(),
             allow_operator: self.options.allow_operator,

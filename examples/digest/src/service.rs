@@ -4,10 +4,6 @@
 use std::sync::Arc;
 
 use tessera::{
-    digest::v1::{
-        FollowAuthorRequest, FollowAuthorResponse, GetDigestRequest, GetDigestResponse,
-        digest_service_server::DigestService,
-    },
     notifications::v1::{
         ListNotificationsRequest, notification_service_client::NotificationServiceClient,
     },
@@ -18,7 +14,13 @@ use tessera_mesh::{auth::end_user, errors::Violations};
 use tessera_store::Db;
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Error, MIGRATIONS};
+use crate::{
+    Error, MIGRATIONS,
+    v1::{
+        FollowAuthorRequest, FollowAuthorResponse, GetDigestRequest, GetDigestResponse,
+        digest_service_server::DigestService,
+    },
+};
 
 /// The DigestService implementation. Cheap to clone (shared state).
 #[derive(Clone)]

@@ -59,8 +59,15 @@ async fn spawn_public(limits: PublicLimits, max_concurrency: usize) -> Public {
         public: Some(public),
     };
     let health = tonic_health::server::HealthReporter::new();
-    let service =
-        GrpcService::new(with_health_and_reflection(Routes::default(), &health, None).prepare());
+    let service = GrpcService::new(
+        with_health_and_reflection(
+            Routes::default(),
+            &health,
+            None,
+            tessera::FILE_DESCRIPTOR_SET,
+        )
+        .prepare(),
+    );
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(workload.run(Routes::default(), &[], listeners, Some(service), shutdown));
     Public {

@@ -5,7 +5,6 @@
 use std::sync::{Arc, Mutex};
 
 use tessera::{
-    digest::v1::{FollowAuthorRequest, GetDigestRequest, digest_service_server::DigestService},
     notifications::v1::{
         ListNotificationsRequest, ListNotificationsResponse, MarkNotificationsReadRequest,
         MarkNotificationsReadResponse, SubscribeNotificationsRequest,
@@ -20,7 +19,10 @@ use tessera::{
     },
 };
 use tessera_client::Channel;
-use tessera_example_digest::{Digest, MIGRATIONS, follow_post_events};
+use tessera_example_digest::{
+    Digest, MIGRATIONS, follow_post_events,
+    v1::{FollowAuthorRequest, GetDigestRequest, digest_service_server::DigestService},
+};
 use tessera_mesh::errors::violated_fields;
 use tessera_store::testing::{self, TestDb};
 use tessera_testing::{
