@@ -133,7 +133,19 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// [`ErrorChain`] as a string.
+/// [`ErrorChain`] as a string: the error and each of its causes, for a log line or an
+/// INTERNAL status's logged cause.
+///
+/// ```
+/// use tessera_mesh::errors::error_chain;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("cannot open the digest database")]
+/// struct Open(#[source] std::io::Error);
+///
+/// let err = Open(std::io::Error::other("disk full"));
+/// assert_eq!(error_chain(&err), "cannot open the digest database: disk full");
+/// ```
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     ErrorChain(err).to_string()
 }

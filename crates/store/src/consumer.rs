@@ -170,18 +170,65 @@ pub const IDLE_CURSOR_WRITE: Duration = Duration::from_millis(200);
 /// and its request `after_sequence` as field 1, as every Tessera contract does; the loop reads
 /// them without knowing the message type.
 ///
-/// ```ignore
-/// struct PostEvents;
-/// impl tessera_store::Apply for PostEvents {
-///     const PRODUCER: &'static str = post_service_server::SERVICE_NAME;
+/// A consumer of posts' events that counts the posts it has seen, fed by an in-process
+/// PostService (in a service, the channel is `Clients::channel("posts")`):
+///
+/// ```
+/// use tessera::posts::v1::{
+///     PostCreated, WatchEventsResponse, post_service_server::{PostServiceServer, SERVICE_NAME},
+///     watch_events_response::Event,
+/// };
+/// use tessera_store::{Apply, Db, Migration, StoreError, Tx};
+///
+/// struct PostCount;
+///
+/// impl Apply for PostCount {
+///     const PRODUCER: &'static str = SERVICE_NAME;
 ///     const CURSOR: &'static str = "posts-events";
-///     type Event = posts::v1::WatchEventsResponse;
-///     async fn apply(&self, tx: &mut Tx, event: Self::Event) -> Result<(), StoreError> {
-///         if let Some(Event::PostDeleted(d)) = event.event { /* delete rows with &mut **tx */ }
+///     type Event = WatchEventsResponse;
+///
+///     // Only creations count here: the others cost no transaction.
+///     fn wants(&self, event: &WatchEventsResponse) -> bool {
+///         matches!(event.event, Some(Event::PostCreated(_)))
+///     }
+///
+///     async fn apply(&self, tx: &mut Tx, _event: WatchEventsResponse) -> Result<(), StoreError> {
+///         sqlx::query("UPDATE seen SET n = n + 1").execute(&mut **tx).await?;
 ///         Ok(())
 ///     }
 /// }
-/// tokio::spawn(tessera_store::follow(db, posts_channel, PostEvents, shutdown));
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// const MIGRATIONS: &[Migration] = &[Migration::portable(
+///     "seen",
+///     "CREATE TABLE seen (n BIGINT NOT NULL); INSERT INTO seen (n) VALUES (0)",
+/// )];
+/// let dir = tempfile::tempdir()?;
+/// let db = Db::open(dir.path().join("c.db").to_str().unwrap(), MIGRATIONS).await?;
+///
+/// // PostService's WatchEvents serving two creations (tessera-testing's fake).
+/// let posts = std::sync::Arc::new(tessera_testing::fakes::FakePosts::default());
+/// for sequence in [1, 2] {
+///     posts.log.push(WatchEventsResponse {
+///         sequence,
+///         event: Some(Event::PostCreated(PostCreated::default())),
+///         ..Default::default()
+///     });
+/// }
+/// let (stop, shutdown) = tokio::sync::watch::channel(false);
+/// let channel = PostServiceServer::from_arc(posts);
+/// let consumer = tokio::spawn(tessera_store::follow(db.clone(), channel, PostCount, shutdown));
+///
+/// // Each event applied once, its effect and the cursor committed together.
+/// while db.cursor("posts-events").await? < 2 {
+///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// }
+/// let (n,): (i64,) = sqlx::query_as("SELECT n FROM seen").fetch_one(db.pool()).await?;
+/// assert_eq!(n, 2);
+/// stop.send(true)?;
+/// consumer.await?;
+/// # Ok(()) }
 /// ```
 pub trait Apply: Send + Sync + 'static {
     /// The producer's gRPC service (its generated `SERVICE_NAME`, e.g.
@@ -226,7 +273,8 @@ pub trait Apply: Send + Sync + 'static {
 }
 
 /// Follows `A::PRODUCER`'s `WatchEvents` over `channel` until `shutdown` turns `true`,
-/// applying each event with `handler` exactly once (see [`run_consumer`] for the loop).
+/// applying each event with `handler` exactly once (see [`run_consumer`] for the loop; the
+/// example on [`Apply`] runs one to the end).
 pub async fn follow<A, T>(db: Db, channel: T, handler: A, shutdown: watch::Receiver<bool>)
 where
     A: Apply,
