@@ -186,6 +186,14 @@ async fn round(
         .arg(&data)
         .args(["--port-base", "0", "--log", "warn", "--replicas"])
         .arg(format!("posts={replicas},comments={replicas}"))
+        // The replicas go into their cgroups after they start, so their runtimes would size
+        // themselves to the machine's cores; a container started under the same quota gets
+        // one worker per (whole or part) core of it.
+        .arg("--worker-threads")
+        .arg({
+            let threads = worker_threads(opts.cores);
+            format!("posts={threads},comments={threads}")
+        })
         .env("DATABASE_URL", server.url_of(server.prefix()))
         // One client address would meet the per-address limit; this measures the replicas.
         .env("TESSERA_RATE_LIMIT_ADDR_PER_SEC", "1000000")
@@ -309,6 +317,13 @@ fn cores(cpu: Duration, wall: Duration) -> String {
     format!("{:.2}", cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9))
 }
 
+/// The worker threads a runtime started under a quota of `cores` gets (what
+/// `std::thread::available_parallelism` reads from the cgroup): one per whole or part core.
+fn worker_threads(cores: f64) -> usize {
+    // Saturating float-to-int: a quota is a small positive number of cores.
+    (cores.ceil() as usize).max(1)
+}
+
 /// The scenario C tables and, where scaling falls short, where the time went.
 pub fn render(outcome: &Outcome, opts: &Options) -> String {
     let (rounds, cgroups, seeded) = match outcome {
@@ -325,10 +340,11 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
     let base_rate = base.summary.throughput();
     let base_p99 = base.summary.percentile(99.0).as_secs_f64();
     let mut out = format!(
-        "GetPost through the gateway, {} in flight for {:.1}s per replica count; {seeded} posts on PostgreSQL; each posts and comments replica limited to {:.2} core ({cgroups}).\n\n",
+        "GetPost through the gateway, {} in flight for {:.1}s per replica count; {seeded} posts on PostgreSQL; each posts and comments replica limited to {:.2} core ({cgroups}) with {} async worker thread(s).\n\n",
         opts.concurrency,
         opts.time.as_secs_f64(),
-        opts.cores
+        opts.cores,
+        worker_threads(opts.cores),
     );
     let target = |n: usize| match n {
         2 => " (goal 1.8x)",

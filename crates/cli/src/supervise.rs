@@ -159,6 +159,10 @@ pub async fn run(args: &UpArgs, options: &MeshOptions) -> anyhow::Result<()> {
             options.database.as_ref(),
         );
         env.insert("TESSERA_LOG".into(), args.log.clone());
+        // Read by the runtime `tessera serve` builds.
+        if let Some(n) = options.worker_threads.get(name) {
+            env.insert("TOKIO_WORKER_THREADS".into(), n.to_string());
+        }
         let mut r = Replica {
             name,
             admin: addrs[name][replica].1.to_string(),

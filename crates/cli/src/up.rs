@@ -50,6 +50,12 @@ pub struct UpArgs {
     /// BASE+443+r. Needs DATABASE_URL: replicas share a database.
     #[arg(long, value_name = "SERVICE=N[,SERVICE=N]")]
     pub replicas: Option<String>,
+    /// Async worker threads of each process of a service, e.g. `posts=1` (1 to 64; with
+    /// `--replicas`, whose processes these are). Unset, a process starts one per CPU it may
+    /// use: its cgroup's CPU quota when it starts inside one, as a container does. Name it for
+    /// processes held to a quota after they start.
+    #[arg(long, value_name = "SERVICE=N[,SERVICE=N]")]
+    pub worker_threads: Option<String>,
     /// A PostgreSQL server: each service gets its own database there, `<db>_<service>` for
     /// the database `<db>` the URL names (`tessera` if none), created if missing. Unset:
     /// SQLite files under the data dir.
@@ -72,7 +78,23 @@ impl UpArgs {
             .map(|url| ServerUrl::parse(url).map_err(|e| ConfigError::new("DATABASE_URL", e)))
             .transpose()?;
         let replicas = match &self.replicas {
-            Some(spec) => parse_replicas(spec)?,
+            Some(spec) => parse_counts("--replicas", "replicas", spec, MAX_REPLICAS)?,
+            None => BTreeMap::new(),
+        };
+        let worker_threads = match &self.worker_threads {
+            Some(_) if self.replicas.is_none() => {
+                return Err(ConfigError::new(
+                    "--worker-threads",
+                    "needs --replicas: without it every service runs in this process, on one \
+                     runtime",
+                ));
+            }
+            Some(spec) => parse_counts(
+                "--worker-threads",
+                "worker threads",
+                spec,
+                MAX_WORKER_THREADS,
+            )?,
             None => BTreeMap::new(),
         };
         let with = match &self.with {
@@ -93,6 +115,7 @@ impl UpArgs {
         }
         Ok(MeshOptions {
             replicas,
+            worker_threads,
             database,
             with,
         })
@@ -134,10 +157,18 @@ fn parse_with(spec: &str) -> Result<Vec<String>, ConfigError> {
     Ok(with)
 }
 
-/// `SERVICE=N[,SERVICE=N]` into replicas per service.
-fn parse_replicas(spec: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
-    let bad = |message: String| Err(ConfigError::new("--replicas", message));
-    let mut replicas = BTreeMap::new();
+/// The most worker threads `--worker-threads` gives a process.
+const MAX_WORKER_THREADS: usize = 64;
+
+/// `SERVICE=N[,SERVICE=N]` (the value of `flag`) into a count per service, each 1 to `max`.
+fn parse_counts(
+    flag: &str,
+    what: &str,
+    spec: &str,
+    max: usize,
+) -> Result<BTreeMap<String, usize>, ConfigError> {
+    let bad = |message: String| Err(ConfigError::new(flag, message));
+    let mut counts = BTreeMap::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((name, count)) = part.split_once('=') else {
             return bad(format!("expected SERVICE=N, got {part:?}"));
@@ -151,18 +182,18 @@ fn parse_replicas(spec: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
             ));
         }
         let count: usize = match count.trim().parse() {
-            Ok(n) if (1..=MAX_REPLICAS).contains(&n) => n,
+            Ok(n) if (1..=max).contains(&n) => n,
             _ => {
                 return bad(format!(
-                    "{name}: expected a number of replicas from 1 to {MAX_REPLICAS}, got {count:?}"
+                    "{name}: expected a number of {what} from 1 to {max}, got {count:?}"
                 ));
             }
         };
-        if replicas.insert(name.to_owned(), count).is_some() {
+        if counts.insert(name.to_owned(), count).is_some() {
             return bad(format!("{name} is given twice"));
         }
     }
-    Ok(replicas)
+    Ok(counts)
 }
 
 /// What `tessera up` runs beyond the ports: replicas per service and where data lives.
@@ -170,6 +201,9 @@ fn parse_replicas(spec: &str) -> Result<BTreeMap<String, usize>, ConfigError> {
 pub struct MeshOptions {
     /// Replicas per service; a service not named runs one.
     pub replicas: BTreeMap<String, usize>,
+    /// Worker threads of each process of a service (`TOKIO_WORKER_THREADS`); not named: the
+    /// runtime's default.
+    pub worker_threads: BTreeMap<String, usize>,
     /// One database per service on this PostgreSQL server; SQLite files when `None`.
     pub database: Option<ServerUrl>,
     /// Optional workloads (`--with`) that run beside the five.
@@ -763,6 +797,7 @@ mod tests {
             port_base: 7000,
             log: "warn".into(),
             replicas: replicas.map(str::to_owned),
+            worker_threads: None,
             database_url: database_url.map(str::to_owned),
             with: None,
         }
@@ -800,6 +835,32 @@ mod tests {
         ] {
             let err = args(replicas, url).options().unwrap_err();
             assert_eq!(err.setting, setting, "{replicas:?} {url:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn worker_threads_per_service_of_replica_processes() {
+        let with = |replicas: Option<&str>, threads: &str| UpArgs {
+            worker_threads: Some(threads.to_owned()),
+            ..args(replicas, Some("postgres://u@h/shop"))
+        };
+        let options = with(Some("posts=2"), "posts=1,gateway=2")
+            .options()
+            .unwrap();
+        assert_eq!(options.worker_threads.get("posts"), Some(&1));
+        assert_eq!(options.worker_threads.get("gateway"), Some(&2));
+        assert_eq!(options.worker_threads.get("users"), None);
+        for (replicas, threads, message) in [
+            // Without --replicas every service shares this process's runtime.
+            (None, "posts=1", "needs --replicas"),
+            (Some("posts=2"), "posts=0", "from 1 to 64"),
+            (Some("posts=2"), "posts=65", "from 1 to 64"),
+            (Some("posts=2"), "blog=1", "unknown service"),
+            (Some("posts=2"), "posts=1,posts=2", "given twice"),
+        ] {
+            let err = with(replicas, threads).options().unwrap_err();
+            assert_eq!(err.setting, "--worker-threads", "{threads}: {err}");
+            assert!(err.message.contains(message), "{threads}: {err}");
         }
     }
 }

@@ -85,6 +85,10 @@ pub(crate) struct Inner {
     pub(crate) dirty: std::sync::atomic::AtomicBool,
 }
 
+/// A pooled connection idle this long is pinged before it is handed out (a server restart or
+/// a dropped TCP connection shows then, not in the caller's query).
+const IDLE_PING_AFTER: Duration = Duration::from_secs(30);
+
 /// How often SQLite's WAL is checkpointed after writes (and every
 /// `CHECKPOINT_IDLE_TICKS`-th tick regardless, for writes made outside [`crate::Tx`]).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -309,6 +313,19 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max.max(1))
             .acquire_timeout(options.acquire_timeout)
+            // sqlx pings a connection on every acquire by default: a round trip to
+            // PostgreSQL, or to the SQLite connection's thread, before every read and
+            // transaction. It also pings on every release, which already catches a connection
+            // that broke while in use; one idle for a while is still pinged before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 let setup = match backend {
                     Backend::Sqlite => format!(

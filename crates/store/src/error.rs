@@ -107,6 +107,37 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database could not take the call now but may soon: too busy for the write
+    /// ([`StoreError::is_busy`]), or the connection to it was lost (a server restart; the
+    /// pool drops the connection and dials a new one). Callers answer UNAVAILABLE, which
+    /// clients retry, rather than INTERNAL.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tessera_store::StoreError;
+    ///
+    /// assert!(StoreError::Busy(Duration::from_secs(5)).is_transient());
+    /// let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    /// assert!(StoreError::from(sqlx::Error::Io(reset)).is_transient());
+    /// assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_transient());
+    /// assert!(!StoreError::from(sqlx::Error::RowNotFound).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Busy(_) => true,
+            StoreError::Database(err) => matches!(
+                err,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &err

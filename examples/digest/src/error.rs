@@ -24,7 +24,7 @@ impl From<sqlx::Error> for Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match err {
-            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Store(e) if e.is_transient() => Status::unavailable(e.to_string()),
             Error::Upstream(what, status) => {
                 Status::new(status.code(), format!("{what}: {}", status.message()))
             }

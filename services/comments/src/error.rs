@@ -39,7 +39,7 @@ impl From<Error> for Status {
             Error::NotFound(what) => Status::not_found(format!("{what} not found")),
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::UserGone => Status::unauthenticated("the user no longer exists"),
-            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Store(e) if e.is_transient() => Status::unavailable(e.to_string()),
             e @ Error::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }

@@ -45,7 +45,7 @@ impl From<Error> for Status {
             Error::ReplicaFull(max) => Status::unavailable(format!(
                 "this replica serves its maximum of {max} subscriptions; try again shortly"
             )),
-            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Store(e) if e.is_transient() => Status::unavailable(e.to_string()),
             e @ Error::Store(_) => tessera_mesh::errors::internal(error_chain(&e)),
         }
     }

@@ -38,7 +38,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::StaleEtag => Status::aborted(err.to_string()),
             Error::AuthorDeleted => Status::failed_precondition(err.to_string()),
-            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Store(e) if e.is_transient() => Status::unavailable(e.to_string()),
             other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }

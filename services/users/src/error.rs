@@ -68,7 +68,7 @@ impl From<Error> for Status {
                 ),
                 after,
             ),
-            Error::Store(e) if e.is_busy() => Status::unavailable(e.to_string()),
+            Error::Store(e) if e.is_transient() => Status::unavailable(e.to_string()),
             other => tessera_mesh::errors::internal(error_chain(&other)),
         }
     }
