@@ -65,6 +65,8 @@ fn with_ca(url: &str, ca: &Path) -> String {
 
 pub(crate) struct Inner {
     pub(crate) pool: AnyPool,
+    /// Reads outside a transaction, on connections kept out of `pool` ([`Db::pool`]).
+    pub(crate) reads: crate::reads::Reads,
     pub(crate) backend: Backend,
     /// The highest outbox sequence committed through this handle.
     pub(crate) committed: watch::Sender<i64>,
@@ -87,7 +89,7 @@ pub(crate) struct Inner {
 
 /// A pooled connection idle this long is pinged before it is handed out (a server restart or
 /// a dropped TCP connection shows then, not in the caller's query).
-const IDLE_PING_AFTER: Duration = Duration::from_secs(30);
+pub(crate) const IDLE_PING_AFTER: Duration = Duration::from_secs(30);
 
 /// How often SQLite's WAL is checkpointed after writes (and every
 /// `CHECKPOINT_IDLE_TICKS`-th tick regardless, for writes made outside [`crate::Tx`]).
@@ -357,6 +359,8 @@ impl Db {
         let (committed, _) = watch::channel(0);
         let db = Db {
             inner: Arc::new(Inner {
+                // Half the pool may be kept for reads; the rest is for transactions.
+                reads: crate::reads::Reads::new(pool.clone(), (max / 2) as usize),
                 pool,
                 backend,
                 committed,
@@ -387,10 +391,11 @@ impl Db {
         self.inner.epoch.get().map(String::as_str)
     }
 
-    /// The pool, for reads outside a transaction: `sqlx::query(..).fetch_all(db.pool())`.
+    /// Where reads outside a transaction go: `sqlx::query(..).fetch_all(db.pool())`, as on
+    /// a sqlx pool (see [`Reads`](crate::Reads) for how it keeps its connections).
     /// Placeholders are `$1, $2, ...` on both engines.
-    pub fn pool(&self) -> &AnyPool {
-        &self.inner.pool
+    pub fn pool(&self) -> &crate::Reads {
+        &self.inner.reads
     }
 
     /// Begins a write transaction. On SQLite it takes the write lock up front
@@ -422,6 +427,7 @@ impl Db {
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        self.inner.reads.release();
         self.inner.pool.close().await;
     }
 }

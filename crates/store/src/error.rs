@@ -109,9 +109,10 @@ impl StoreError {
 
 impl StoreError {
     /// Whether the database could not take the call now but may soon: too busy for the write
-    /// ([`StoreError::is_busy`]), or the connection to it was lost (a server restart; the
-    /// pool drops the connection and dials a new one). Callers answer UNAVAILABLE, which
-    /// clients retry, rather than INTERNAL.
+    /// ([`StoreError::is_busy`]), no connection free in time, or the connection to it was
+    /// lost (I/O, a crashed SQLite worker, PostgreSQL ending the backend: a restart; the pool
+    /// drops the connection and dials a new one). Callers answer UNAVAILABLE, which clients
+    /// retry, rather than INTERNAL.
     ///
     /// ```
     /// use std::time::Duration;
@@ -126,12 +127,15 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Busy(_) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| crate::reads::server_ended_connection(&code)),
             StoreError::Database(err) => matches!(
                 err,
                 sqlx::Error::Io(_)
+                    | sqlx::Error::WorkerCrashed
                     | sqlx::Error::PoolTimedOut
                     | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
             ),
             _ => false,
         }

@@ -132,6 +132,7 @@ mod migrate;
 mod options;
 pub mod outbox;
 mod page;
+mod reads;
 pub mod testing;
 mod tx;
 
@@ -147,6 +148,7 @@ pub use migrate::Migration;
 pub use options::DbOptions;
 pub use outbox::{DEFAULT_OUTBOX_RETENTION, EVENT_BATCH, Event, PRUNE_EVERY};
 pub use page::{BadPageToken, PageToken};
+pub use reads::Reads;
 /// How services log an error that wraps a [`StoreError`] before answering with an opaque
 /// INTERNAL: the error and its causes on one line. (The mesh's own, re-exported.)
 pub use tessera_mesh::errors::error_chain;

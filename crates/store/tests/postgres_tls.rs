@@ -110,12 +110,16 @@ async fn statement_timeout_and_pool_size_apply() {
     );
     assert!(err.to_string().contains("statement timeout"), "{err}");
 
-    // One connection, held: the next caller waits out the acquire timeout and fails.
-    let held = db.pool().acquire().await.unwrap();
+    // One connection, held by a transaction: a read waits out the acquire timeout and fails.
+    let read = || sqlx::query("SELECT 1").fetch_one(db.pool());
+    let held = db.begin().await.unwrap();
     let started = Instant::now();
-    assert!(db.pool().acquire().await.is_err());
-    println!("second acquire failed after {:?}", started.elapsed());
+    assert!(read().await.is_err());
+    println!(
+        "a read beside the held connection failed after {:?}",
+        started.elapsed()
+    );
     drop(held);
-    assert!(db.pool().acquire().await.is_ok());
+    assert!(read().await.is_ok());
     db.close().await;
 }
