@@ -646,7 +646,7 @@ async fn open_db(dir: &Path, service: &str) -> Result<tessera_store::Db, BenchEr
     // Only the store's own tables (outbox, cursors), which the service has already.
     tessera_store::Db::open(&db(dir, service), &[])
         .await
-        .map_err(|e| setup(service)(e.to_string()))
+        .map_err(|e| setup(service)(tessera_mesh::errors::error_chain(&e)))
 }
 
 /// Each producer's last event sequence (before the mesh starts).
@@ -660,7 +660,7 @@ async fn last_events(dir: &Path) -> Result<BTreeMap<&'static str, i64>, BenchErr
         let seq = db
             .last_sequence()
             .await
-            .map_err(|e| setup(producer)(e.to_string()))?;
+            .map_err(|e| setup(producer)(tessera_mesh::errors::error_chain(&e)))?;
         db.close().await;
         last.insert(producer, seq);
     }
@@ -688,7 +688,7 @@ async fn wait_caught_up(
             let position = dbs[service]
                 .cursor(cursor)
                 .await
-                .map_err(|e| setup(service)(e.to_string()))?;
+                .map_err(|e| setup(service)(tessera_mesh::errors::error_chain(&e)))?;
             if position < last[producer] {
                 behind.push(format!(
                     "{service} {cursor} at {position} of {}",

@@ -91,6 +91,9 @@ pub(crate) struct Inner {
 /// a dropped TCP connection shows then, not in the caller's query).
 pub(crate) const IDLE_PING_AFTER: Duration = Duration::from_secs(30);
 
+/// How many times [`Db::close`] looks again for connections that came back late (5 ms apart).
+const CLOSE_RETRIES: u32 = 400;
+
 /// How often SQLite's WAL is checkpointed after writes (and every
 /// `CHECKPOINT_IDLE_TICKS`-th tick regardless, for writes made outside [`crate::Tx`]).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -427,8 +430,19 @@ impl Db {
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
-        self.inner.reads.release();
-        self.inner.pool.close().await;
+        self.inner.reads.close().await;
+        let pool = &self.inner.pool;
+        pool.close().await;
+        // sqlx's close can return while a connection is on its way back to the pool (the
+        // return pings first, and lands in the idle queue after close emptied it), leaving it
+        // open until the last handle drops: close again until none is left, for a bounded time.
+        for _ in 0..CLOSE_RETRIES {
+            if pool.size() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            pool.close().await;
+        }
     }
 }
 

@@ -11,7 +11,10 @@
 //! [`crate::db::IDLE_PING_AFTER`] is pinged before it is lent again.
 
 use std::{
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -30,6 +33,8 @@ pub struct Reads {
     pool: AnyPool,
     /// Connections kept out of the pool, not lent now, with when they came back.
     idle: Mutex<Vec<(PoolConnection<Any>, Instant)>>,
+    /// Set by [`Reads::close`]: a connection coming back then goes to the (closed) pool.
+    closed: AtomicBool,
     /// One permit per connection that may be kept; `None` when none may (a pool of one
     /// connection, which writes need too): reads then use the pool itself. Half the pool at
     /// most, so kept connections never starve the writers.
@@ -83,7 +88,7 @@ impl Drop for Lent<'_> {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.sound {
+        if self.sound && !self.reads.closed.load(Ordering::Acquire) {
             let mut idle = self
                 .reads
                 .idle
@@ -123,6 +128,7 @@ impl Reads {
         Self {
             pool,
             idle: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
             lendable: (keep > 0).then(|| Semaphore::new(keep)),
         }
     }
@@ -158,10 +164,21 @@ impl Reads {
         }
     }
 
-    /// Hands every kept connection back to the pool (before it closes).
-    pub(crate) fn release(&self) {
+    /// Hands every kept connection not lent now back to the pool, which pings each.
+    fn release(&self) {
         let kept = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
         drop(kept);
+    }
+
+    /// Closes the kept connections and keeps no more: the pool's own close does not wait for
+    /// connections handed back to it during it, so [`crate::Db::close`] closes these first.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let kept = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        for (conn, _) in kept {
+            // A connection that fails to close cleanly is gone all the same.
+            let _ = conn.close().await;
+        }
     }
 }
 

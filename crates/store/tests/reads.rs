@@ -164,3 +164,64 @@ async fn a_connection_the_server_ended_fails_one_read_as_unavailable_then_is_rep
     println!("reads after the backend was ended: {failures} failed, then pid {replaced}");
     db.close().await;
 }
+
+#[tokio::test]
+async fn a_kept_connection_sees_what_another_handle_committed() {
+    // Two handles on one SQLite file, as the bench and a running service are: the reader's
+    // kept connection must not hold on to an old snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.db");
+    let writer = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+    let reader = Db::open(path.to_str().unwrap(), &[]).await.unwrap();
+    for i in 0..200i64 {
+        let mut tx = writer.begin().await.unwrap();
+        sqlx::query("INSERT INTO items (id, n) VALUES ($1, $2)")
+            .bind(format!("x{i}"))
+            .bind(i)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM items")
+            .fetch_one(reader.pool())
+            .await
+            .unwrap();
+        assert_eq!(count, i + 1, "a stale read after commit {i}");
+        assert_eq!(reader.cursor("nobody").await.unwrap(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_closes_every_connection_before_it_returns() {
+    // On SQLite the last connection to close removes the WAL file: anything that copies the
+    // files after `close` (a backup, the bench's monolith) must find them settled.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("close.db");
+    let wal = dir.path().join("close.db-wal");
+    let open_handles = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p == &path)
+            .count()
+    };
+    for round in 0..60 {
+        let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+        // Kept connections and pooled ones, some still on their way back when close begins.
+        let reads = futures::future::join_all((0..8).map(|_| {
+            sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM items").fetch_one(db.pool())
+        }))
+        .await;
+        assert!(reads.iter().all(Result::is_ok), "round {round}");
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO items (id, n) VALUES ($1, 1)")
+            .bind(format!("r{round}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        db.close().await;
+        assert_eq!(open_handles(), 0, "round {round}: connections left open");
+        assert!(!wal.exists(), "round {round}: the WAL is still there");
+    }
+}
