@@ -107,14 +107,15 @@ struct RunArgs {
     /// Scenario C: replica counts of posts and comments, in order (ratios are to the first).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     c_replicas: Vec<usize>,
-    /// Scenario C: CPU quota of each posts and comments replica, in cores.
-    #[arg(long, default_value_t = 0.2)]
+    /// Scenario C: CPU quota of each posts and comments replica, in cores. Small enough that
+    /// three replicas, the gateway, PostgreSQL and the load generator fit in two cores.
+    #[arg(long, default_value_t = 0.1)]
     c_cores: f64,
     /// Scenario C: GetPost calls in flight.
     #[arg(long, default_value_t = 32)]
     c_concurrency: usize,
     /// Scenario C: seconds of each replica count's run.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 10.0)]
     c_secs: f64,
     /// Scenario C: posts seeded into PostgreSQL.
     #[arg(long, default_value_t = 2000)]
