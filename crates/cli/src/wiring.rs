@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::workloads::declared_only;
+use crate::workloads::{StartContext, StartFuture, Started, declared_only};
 use anyhow::Context;
 use tessera::{
     comments::v1::comment_service_server::CommentServiceServer,
@@ -17,7 +17,7 @@ use tessera_client::{Channel, ClientBuilder, Clients};
 use tessera_mesh::{
     auth::TokenKeys,
     config::Settings,
-    server::{GrpcService, Listeners, Workload, bind},
+    server::{Listeners, Workload, bind},
     shutdown::Shutdown,
     tls::{ClientTls, TlsFiles, TlsSource},
     token::Verifier,
@@ -42,7 +42,7 @@ pub async fn serve_one(mut settings: Settings) -> anyhow::Result<()> {
     let listeners = Listeners {
         grpc: bind(settings.grpc_addr).await?,
         admin: bind(settings.admin_addr).await?,
-        public: if settings.service == "gateway" {
+        public: if crate::workloads::find(&settings.service).is_some_and(|w| w.public) {
             Some(bind(settings.public_addr).await?)
         } else {
             None
@@ -152,141 +152,28 @@ pub async fn start(
     let max = settings.server.max_message_size;
     let stop = shutdown.receiver();
 
-    // What it serves comes from the registry, which reads it from the generated code.
+    // What it serves and how it starts come from the registry.
     let spec = crate::workloads::find(service)
         .ok_or_else(|| anyhow::anyhow!("unknown service {service:?}"))?;
-    let (routes, keys, public): (Routes, TokenKeys, Option<GrpcService>) = match service {
-        "users" => {
-            let config = tessera_users::UsersConfig {
-                bootstrap_admin: settings.bootstrap_admin.clone(),
-                hash_concurrency: settings.service_limits.password_hash_concurrency,
-                hash_queue: settings.service_limits.password_hash_queue,
-                login_failures_per_minute: settings.service_limits.login_failures_per_minute,
-                token_ttl: settings.tokens.access_token_ttl,
-                refresh_token_ttl: settings.tokens.refresh_token_ttl,
-                key_rotation: settings.tokens.signing_key_rotation,
-                key_encryption_key: Some(crate::keys::key_encryption_key(&settings)?),
-                ..Default::default()
-            };
-            let users = tessera_users::Users::open(&database(&settings)?, config).await?;
-            tokio::spawn(users.clone().maintain_keys(stop.clone()));
-            let keys = users.token_keys();
-            let server = UserServiceServer::new(users).max_decoding_message_size(max);
-            (Routes::new(server), keys, None)
-        }
-        "posts" => {
-            let posts = tessera_posts::Posts::open(&database(&settings)?)
-                .await?
-                .with_users(clients.users());
-            tokio::spawn(tessera_posts::follow_user_events(
-                posts.clone(),
-                clients.channel("users"),
-                stop.clone(),
-            ));
-            let server = PostServiceServer::new(posts).max_decoding_message_size(max);
-            (Routes::new(server), fetched_keys(&clients), None)
-        }
-        "comments" => {
-            let comments = tessera_comments::Comments::open(&database(&settings)?, clients.posts())
-                .await?
-                .with_users(clients.users());
-            tokio::spawn(tessera_comments::follow_post_events(
-                comments.clone(),
-                clients.channel("posts"),
-                stop.clone(),
-            ));
-            tokio::spawn(tessera_comments::follow_user_events(
-                comments.clone(),
-                clients.channel("users"),
-                stop.clone(),
-            ));
-            let server = CommentServiceServer::new(comments).max_decoding_message_size(max);
-            (Routes::new(server), fetched_keys(&clients), None)
-        }
-        "notifications" => {
-            let limits = tessera_notifications::SubscriptionLimits {
-                per_user: settings.service_limits.subscriptions_per_user,
-                per_replica: settings.service_limits.subscriptions_per_replica,
-                max_lifetime: settings.service_limits.subscription_max_lifetime,
-            };
-            let notifications = tessera_notifications::Notifications::open_with_limits(
-                &database(&settings)?,
-                limits,
-            )
-            .await?;
-            tokio::spawn(tessera_notifications::follow_comment_events(
-                notifications.clone(),
-                clients.channel("comments"),
-                stop.clone(),
-            ));
-            tokio::spawn(tessera_notifications::follow_user_events(
-                notifications.clone(),
-                clients.channel("users"),
-                stop.clone(),
-            ));
-            let server =
-                NotificationServiceServer::new(notifications).max_decoding_message_size(max);
-            (Routes::new(server), fetched_keys(&clients), None)
-        }
-        "gateway" => {
-            let keys = fetched_keys(&clients);
-            // Posts and profiles, kept fresh by following their owners' events.
-            let cache = tessera_gateway::Cache::new(Default::default());
-            tokio::spawn(tessera_gateway::cache::follow_post_events(
-                cache.clone(),
-                clients.posts(),
-                stop.clone(),
-            ));
-            tokio::spawn(tessera_gateway::cache::follow_user_events(
-                cache.clone(),
-                clients.users(),
-                stop.clone(),
-            ));
-            let feed =
-                tessera_gateway::Feed::new(clients.posts(), clients.comments(), clients.users())
-                    .with_cache(cache.clone());
-            let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
-            let mut upstreams = tessera_gateway::Upstreams::new();
-            for (upstream, unary) in &channels {
-                // Streams get connections of their own, so open subscriptions cannot
-                // starve the unary calls on the shared ones.
-                let target = settings.target(upstream).unwrap_or_default();
-                let streaming = builder
-                    .channel_to(upstream, target)
-                    .with_context(|| format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()))?;
-                upstreams.insert(
-                    upstream,
-                    declared_only(service, upstream, unary.clone()),
-                    declared_only(service, upstream, streaming),
-                );
-            }
-            let sizes = tessera_gateway::SizeLimits {
-                max_request: max,
-                max_response: max,
-                ..Default::default()
-            };
-            let limits = tessera_gateway::EdgeLimits {
-                rates: tessera_gateway::RateLimits::from(settings.rate_limits),
-                sizes,
-            };
-            let public =
-                tessera_gateway::public_service_cached(&upstreams, keys.clone(), limits, &cache)?;
-            (Routes::new(feed_server), keys, Some(public))
-        }
-        // A workload beyond the five starts from its registration.
-        other => match spec.start {
-            Some(start) => {
-                let ctx = crate::workloads::StartContext {
-                    database: database(&settings)?,
-                    clients: clients.clone(),
-                    max_message_size: max,
-                    stop: stop.clone(),
-                };
-                (start(ctx).await?, fetched_keys(&clients), None)
-            }
-            None => anyhow::bail!("unknown service {other:?}"),
+    let ctx = StartContext {
+        database: if spec.database {
+            database(&settings)?
+        } else {
+            String::new()
         },
+        clients: clients.clone(),
+        channels: channels
+            .iter()
+            .map(|(name, channel)| ((*name).to_owned(), channel.clone()))
+            .collect(),
+        builder: builder.clone(),
+        settings: settings.clone(),
+        max_message_size: max,
+        stop: stop.clone(),
     };
+    let started = (spec.start)(ctx).await?;
+    let keys = started.keys.unwrap_or_else(|| fetched_keys(&clients));
+    let (routes, public) = (started.routes, started.public);
 
     let upstreams: Vec<Channel> = channels.values().cloned().collect();
     let workload = Workload::new(
@@ -297,14 +184,9 @@ pub async fn start(
         settings.server.clone(),
     )
     .ready_when(crate::readiness::gate(keys, upstreams));
-    // The gateway's public port also answers HTTP/JSON, gRPC-Web, /openapi.json and `/`.
-    let workload = match settings.service.as_str() {
-        "gateway" => workload.with_public_edge(tessera_gateway::http_json::public_edge(
-            &settings.cors_origins,
-            max,
-            settings.server.public.body_timeout,
-        )?),
-        _ => workload,
+    let workload = match started.public_edge {
+        Some(edge) => workload.with_public_edge(edge),
+        None => workload,
     };
     Ok(tokio::spawn(async move {
         workload
@@ -312,4 +194,159 @@ pub async fn start(
             .await
             .map_err(anyhow::Error::from)
     }))
+}
+
+/// users: accounts, sessions and the token signing keys it rotates.
+pub(crate) fn start_users(ctx: StartContext) -> StartFuture {
+    Box::pin(async move {
+        let settings = &ctx.settings;
+        let config = tessera_users::UsersConfig {
+            bootstrap_admin: settings.bootstrap_admin.clone(),
+            hash_concurrency: settings.service_limits.password_hash_concurrency,
+            hash_queue: settings.service_limits.password_hash_queue,
+            login_failures_per_minute: settings.service_limits.login_failures_per_minute,
+            token_ttl: settings.tokens.access_token_ttl,
+            refresh_token_ttl: settings.tokens.refresh_token_ttl,
+            key_rotation: settings.tokens.signing_key_rotation,
+            key_encryption_key: Some(crate::keys::key_encryption_key(settings)?),
+            ..Default::default()
+        };
+        let users = tessera_users::Users::open(&ctx.database, config).await?;
+        tokio::spawn(users.clone().maintain_keys(ctx.stop.clone()));
+        // It signs the tokens, so it verifies them with its own keys.
+        let keys = users.token_keys();
+        let server = UserServiceServer::new(users).max_decoding_message_size(ctx.max_message_size);
+        Ok(Started {
+            keys: Some(keys),
+            ..Started::from(Routes::new(server))
+        })
+    })
+}
+
+/// posts, following users' events (a deleted author's posts go).
+pub(crate) fn start_posts(ctx: StartContext) -> StartFuture {
+    Box::pin(async move {
+        let posts = tessera_posts::Posts::open(&ctx.database)
+            .await?
+            .with_users(ctx.clients.users());
+        tokio::spawn(tessera_posts::follow_user_events(
+            posts.clone(),
+            ctx.clients.channel("users"),
+            ctx.stop.clone(),
+        ));
+        let server = PostServiceServer::new(posts).max_decoding_message_size(ctx.max_message_size);
+        Ok(Routes::new(server).into())
+    })
+}
+
+/// comments, following posts' and users' events.
+pub(crate) fn start_comments(ctx: StartContext) -> StartFuture {
+    Box::pin(async move {
+        let comments = tessera_comments::Comments::open(&ctx.database, ctx.clients.posts())
+            .await?
+            .with_users(ctx.clients.users());
+        tokio::spawn(tessera_comments::follow_post_events(
+            comments.clone(),
+            ctx.clients.channel("posts"),
+            ctx.stop.clone(),
+        ));
+        tokio::spawn(tessera_comments::follow_user_events(
+            comments.clone(),
+            ctx.clients.channel("users"),
+            ctx.stop.clone(),
+        ));
+        let server =
+            CommentServiceServer::new(comments).max_decoding_message_size(ctx.max_message_size);
+        Ok(Routes::new(server).into())
+    })
+}
+
+/// notifications, following comments' and users' events, with its subscription limits.
+pub(crate) fn start_notifications(ctx: StartContext) -> StartFuture {
+    Box::pin(async move {
+        let limits = &ctx.settings.service_limits;
+        let limits = tessera_notifications::SubscriptionLimits {
+            per_user: limits.subscriptions_per_user,
+            per_replica: limits.subscriptions_per_replica,
+            max_lifetime: limits.subscription_max_lifetime,
+        };
+        let notifications =
+            tessera_notifications::Notifications::open_with_limits(&ctx.database, limits).await?;
+        tokio::spawn(tessera_notifications::follow_comment_events(
+            notifications.clone(),
+            ctx.clients.channel("comments"),
+            ctx.stop.clone(),
+        ));
+        tokio::spawn(tessera_notifications::follow_user_events(
+            notifications.clone(),
+            ctx.clients.channel("users"),
+            ctx.stop.clone(),
+        ));
+        let server = NotificationServiceServer::new(notifications)
+            .max_decoding_message_size(ctx.max_message_size);
+        Ok(Routes::new(server).into())
+    })
+}
+
+/// gateway: FeedService on the internal port, and the public port that proxies the public
+/// methods (with its cache of posts and profiles, rate limits, HTTP/JSON and gRPC-Web).
+pub(crate) fn start_gateway(ctx: StartContext) -> StartFuture {
+    Box::pin(async move {
+        let (settings, clients, max) = (&ctx.settings, &ctx.clients, ctx.max_message_size);
+        let keys = fetched_keys(clients);
+        // Posts and profiles, kept fresh by following their owners' events.
+        let cache = tessera_gateway::Cache::new(Default::default());
+        tokio::spawn(tessera_gateway::cache::follow_post_events(
+            cache.clone(),
+            clients.posts(),
+            ctx.stop.clone(),
+        ));
+        tokio::spawn(tessera_gateway::cache::follow_user_events(
+            cache.clone(),
+            clients.users(),
+            ctx.stop.clone(),
+        ));
+        let feed = tessera_gateway::Feed::new(clients.posts(), clients.comments(), clients.users())
+            .with_cache(cache.clone());
+        let feed_server = FeedServiceServer::new(feed).max_decoding_message_size(max);
+        let service = settings.service.as_str();
+        let mut upstreams = tessera_gateway::Upstreams::new();
+        for (upstream, unary) in &ctx.channels {
+            // Streams get connections of their own, so open subscriptions cannot starve the
+            // unary calls on the shared ones.
+            let target = settings.target(upstream).unwrap_or_default();
+            let streaming = ctx
+                .builder
+                .channel_to(upstream, target)
+                .with_context(|| format!("TESSERA_{}_TARGET", upstream.to_ascii_uppercase()))?;
+            upstreams.insert(
+                upstream,
+                declared_only(service, upstream, unary.clone()),
+                declared_only(service, upstream, streaming),
+            );
+        }
+        let sizes = tessera_gateway::SizeLimits {
+            max_request: max,
+            max_response: max,
+            ..Default::default()
+        };
+        let limits = tessera_gateway::EdgeLimits {
+            rates: tessera_gateway::RateLimits::from(settings.rate_limits),
+            sizes,
+        };
+        let public =
+            tessera_gateway::public_service_cached(&upstreams, keys.clone(), limits, &cache)?;
+        // The public port also answers HTTP/JSON, gRPC-Web, /openapi.json and `/`.
+        let edge = tessera_gateway::http_json::public_edge(
+            &settings.cors_origins,
+            max,
+            settings.server.public.body_timeout,
+        )?;
+        Ok(Started {
+            routes: Routes::new(feed_server),
+            keys: Some(keys),
+            public: Some(public),
+            public_edge: Some(edge),
+        })
+    })
 }

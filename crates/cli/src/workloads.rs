@@ -1,6 +1,6 @@
 //! The one list of workloads the binary knows: what each serves, exactly which methods it
-//! calls on each upstream, whether it keeps a database or has a public port, and, for a
-//! workload beyond the five, how to start it. `serve` (required targets, upstream channels
+//! calls on each upstream, whether it keeps a database or has a public port, and how to
+//! start it. `serve` (required targets, upstream channels
 //! that refuse undeclared methods), `up` (ports, certificates, databases, the table), `certs`
 //! and the policy checks read it; adding a service is one entry here, naming the descriptor
 //! set its contract is compiled into (where its access rules and reflection come from), and
@@ -17,29 +17,67 @@ use tessera::{
     posts::v1::{post_service_methods as posts, post_service_server},
     users::v1::{user_service_methods as users, user_service_server},
 };
-use tessera_client::{Channel, Clients};
+use tessera_client::{Channel, ClientBuilder, Clients};
 use tessera_example_digest::v1::digest_service_server;
-use tessera_mesh::{contracts::Contracts, policy::Policy};
+use tessera_mesh::{
+    auth::TokenKeys,
+    config::Settings,
+    contracts::Contracts,
+    policy::Policy,
+    server::{GrpcService, PublicEdge},
+};
 use tokio::sync::watch;
 use tonic::{Status, body::Body, service::Routes};
 use tower::BoxError;
 
-/// What a workload beyond the five gets to start with.
+/// What a workload gets to start with.
 pub struct StartContext {
-    /// Its database: a SQLite path or a `postgres://` URL (only for `database: true`).
+    /// Its database: a SQLite path or a `postgres://` URL (empty unless `database: true`).
     pub database: String,
-    /// Typed clients of its upstreams (those without a target fail with FAILED_PRECONDITION).
+    /// Typed clients of its upstreams, each refusing the methods it did not declare (those
+    /// without a target fail with FAILED_PRECONDITION).
     pub clients: Clients,
+    /// The balanced mTLS channel to each upstream with a target, not yet limited to the
+    /// declared methods (the gateway's proxy wraps them itself).
+    pub channels: std::collections::BTreeMap<String, Channel>,
+    /// What made those channels, for more of them (the gateway's streaming connections).
+    pub builder: ClientBuilder,
+    /// All of its settings.
+    pub settings: Settings,
     /// The largest message its server decodes.
     pub max_message_size: usize,
     /// Turns `true` when the workload shuts down; background loops end on it.
     pub stop: watch::Receiver<bool>,
 }
 
-/// A started workload's routes; the mesh server wraps them (identity, rules, limits).
-pub type StartFuture = Pin<Box<dyn Future<Output = anyhow::Result<Routes>> + Send>>;
+/// A started workload: what the mesh server serves for it.
+pub struct Started {
+    /// Its gRPC service(s); the server wraps them (identity, rules, limits).
+    pub routes: Routes,
+    /// The keys that verify end-user tokens; `None`: fetched from UserService.GetJwks.
+    pub keys: Option<TokenKeys>,
+    /// The public port's service, for the workload with `public: true`.
+    pub public: Option<GrpcService>,
+    /// What answers in front of the public port's gRPC (HTTP/JSON and the like).
+    pub public_edge: Option<PublicEdge>,
+}
 
-/// How a workload beyond the five is started.
+impl From<Routes> for Started {
+    /// An internal-only workload that verifies tokens with the fetched keys.
+    fn from(routes: Routes) -> Self {
+        Self {
+            routes,
+            keys: None,
+            public: None,
+            public_edge: None,
+        }
+    }
+}
+
+/// A started workload, or why it could not start.
+pub type StartFuture = Pin<Box<dyn Future<Output = anyhow::Result<Started>> + Send>>;
+
+/// How a workload is started: its handlers, background loops and routes.
 pub type StartFn = fn(StartContext) -> StartFuture;
 
 /// One workload of the mesh.
@@ -63,8 +101,8 @@ pub struct WorkloadSpec {
     /// `tessera up` runs it only when asked (`--with NAME`); `certs` always issues its
     /// certificate.
     pub optional: bool,
-    /// How to start it; `None` for the five, whose wiring lives in `crate::wiring::start`.
-    pub start: Option<StartFn>,
+    /// How to start it (the five's are in `crate::wiring`).
+    pub start: StartFn,
     /// The encoded descriptor set its contract is in: `tessera::FILE_DESCRIPTOR_SET` for a
     /// contract under `proto/`, or the `FILE_DESCRIPTOR_SET` of a service that compiles its
     /// own (its access rules and reflection come from there).
@@ -104,7 +142,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         cursors: &[],
         public: false,
         optional: false,
-        start: None,
+        start: crate::wiring::start_users,
         contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
@@ -119,7 +157,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         cursors: &[tessera_posts::USER_EVENTS_CURSOR],
         public: false,
         optional: false,
-        start: None,
+        start: crate::wiring::start_posts,
         contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
@@ -144,7 +182,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         ],
         public: false,
         optional: false,
-        start: None,
+        start: crate::wiring::start_comments,
         contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
@@ -167,7 +205,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         ],
         public: false,
         optional: false,
-        start: None,
+        start: crate::wiring::start_notifications,
         contract: tessera::FILE_DESCRIPTOR_SET,
     },
     WorkloadSpec {
@@ -224,7 +262,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         cursors: &[],
         public: true,
         optional: false,
-        start: None,
+        start: crate::wiring::start_gateway,
         contract: tessera::FILE_DESCRIPTOR_SET,
     },
     // Another team's service (examples/digest): this entry is all the binary needs.
@@ -250,7 +288,7 @@ pub const WORKLOADS: &[WorkloadSpec] = &[
         cursors: &[tessera_example_digest::POST_EVENTS_CURSOR],
         public: false,
         optional: true,
-        start: Some(start_digest),
+        start: start_digest,
         contract: tessera_example_digest::FILE_DESCRIPTOR_SET,
     },
 ];
@@ -271,7 +309,8 @@ fn start_digest(ctx: StartContext) -> StartFuture {
         Ok(Routes::new(
             digest_service_server::DigestServiceServer::new(digest)
                 .max_decoding_message_size(ctx.max_message_size),
-        ))
+        )
+        .into())
     })
 }
 
@@ -432,7 +471,6 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(w.start.is_some(), w.optional, "{}", w.name);
         }
         assert_eq!(
             WORKLOADS
