@@ -259,16 +259,11 @@ impl Posts {
         // `Tx::lock_key`).
         tx.lock_key_shared(crate::consumers::AUTHOR_KEY, &post.author_id)
             .await?;
-        let deleted: Option<String> =
-            sqlx::query_scalar("SELECT author_id FROM deleted_authors WHERE author_id = $1")
-                .bind(&post.author_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if deleted.is_some() {
-            return Err(Error::AuthorDeleted);
-        }
-        sqlx::query(&format!(
-            "INSERT INTO posts ({POST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        // The author's tombstone is checked in the INSERT itself: one statement fewer, each
+        // a round trip to the SQLite connection's thread.
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO posts ({POST_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE NOT EXISTS (SELECT 1 FROM deleted_authors WHERE author_id = $2)"
         ))
         .bind(&post.post_id)
         .bind(&post.author_id)
@@ -279,7 +274,11 @@ impl Posts {
         .bind(post.update_time)
         .bind(&post.etag)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(Error::AuthorDeleted);
+        }
         if !request_id.is_empty() {
             sqlx::query(
                 "INSERT INTO create_requests (author_id, request_id, post_id) VALUES ($1, $2, $3)",
