@@ -166,16 +166,19 @@ impl Reads {
 
     /// Hands every kept connection not lent now back to the pool, which pings each.
     fn release(&self) {
-        let kept = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        drop(kept);
+        drop(self.take_idle());
+    }
+
+    /// The kept connections not lent now, taken out of the list.
+    fn take_idle(&self) -> Vec<(PoolConnection<Any>, Instant)> {
+        std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Closes the kept connections and keeps no more: the pool's own close does not wait for
     /// connections handed back to it during it, so [`crate::Db::close`] closes these first.
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let kept = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        for (conn, _) in kept {
+        for (conn, _) in self.take_idle() {
             // A connection that fails to close cleanly is gone all the same.
             let _ = conn.close().await;
         }
