@@ -8,16 +8,17 @@ use std::{
 };
 
 use sqlx::{
-    AnyConnection, AnyPool, Connection,
+    Any, AnyConnection, AnyPool, Connection,
     any::{AnyConnectOptions, AnyPoolOptions},
+    pool::PoolConnection,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     error::{Result, StoreError},
     migrate::Migration,
     options::DbOptions,
-    tx::Tx,
+    tx::{Tx, WriterTx},
 };
 
 /// Which database engine stands behind a [`Db`].
@@ -70,14 +71,19 @@ pub(crate) struct Inner {
     pub(crate) backend: Backend,
     /// The highest outbox sequence committed through this handle.
     pub(crate) committed: watch::Sender<i64>,
+    /// The events committed through this handle lately, for its event streams.
+    pub(crate) recent: std::sync::Mutex<crate::recent::Recent>,
     pub(crate) poll_interval: Duration,
-    /// SQLite only: write transactions of this handle take turns here, in arrival order,
-    /// before `BEGIN IMMEDIATE`. SQLite allows one writer at a time, and waiting writers
-    /// inside SQLite poll with growing sleeps (its busy handler), which put tens of
-    /// milliseconds on the p99 of concurrent writes; queued here they start the moment the
-    /// previous one commits. Other processes on the same file are still handled by the busy
-    /// timeout.
-    pub(crate) write_turn: Option<Arc<Semaphore>>,
+    /// SQLite only: the handle's writer connection. Write transactions of this handle take
+    /// turns for it, in arrival order, before `BEGIN IMMEDIATE`. SQLite allows one writer at a
+    /// time, and waiting writers inside SQLite poll with growing sleeps (its busy handler),
+    /// which put tens of milliseconds on the p99 of concurrent writes; queued here they start
+    /// the moment the previous one commits. Other processes on the same file are still
+    /// handled by the busy timeout. Between transactions the connection stays out of the pool
+    /// unless the pool has only one (see [`crate::tx::WriterTx`]).
+    pub(crate) writer: Option<Arc<Mutex<Option<PoolConnection<Any>>>>>,
+    /// Whether the writer connection stays out of the pool between transactions.
+    pub(crate) keep_writer: bool,
     /// How long a write transaction waits for its turn (the busy timeout).
     pub(crate) turn_timeout: Duration,
     pub(crate) outbox_retention: Option<Duration>,
@@ -85,6 +91,21 @@ pub(crate) struct Inner {
     pub(crate) epoch: OnceLock<String>,
     /// SQLite only: a transaction committed since the last checkpoint ([`checkpoints`]).
     pub(crate) dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // As for the kept reads: handing the writer back to the pool would spawn a task, and the
+        // runtime may be gone by now; the pool goes with this handle, so close it directly.
+        if let Some(conn) = self
+            .writer
+            .as_mut()
+            .and_then(|writer| Arc::get_mut(writer))
+            .and_then(|slot| slot.get_mut().take())
+        {
+            drop(conn.detach());
+        }
+    }
 }
 
 /// A pooled connection idle this long is pinged before it is handed out (a server restart or
@@ -367,8 +388,10 @@ impl Db {
                 pool,
                 backend,
                 committed,
+                recent: Default::default(),
                 poll_interval: options.poll_interval,
-                write_turn: (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1))),
+                writer: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(None))),
+                keep_writer: max >= 2,
                 turn_timeout: options.busy_timeout,
                 outbox_retention: options.outbox_retention,
                 epoch: OnceLock::new(),
@@ -409,28 +432,25 @@ impl Db {
     /// busy timeout, then [`StoreError::Busy`]); so never begin a second one while holding
     /// one in the same task.
     pub async fn begin(&self) -> Result<Tx> {
-        let turn = match &self.inner.write_turn {
-            Some(turn) => {
-                match tokio::time::timeout(self.inner.turn_timeout, turn.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(permit)) => Some(permit),
-                    // The semaphore is never closed; treat it like a timeout if it ever is.
-                    Ok(Err(_)) | Err(_) => return Err(StoreError::Busy(self.inner.turn_timeout)),
-                }
-            }
-            None => None,
+        let Some(writer) = &self.inner.writer else {
+            return Ok(Tx::pooled(self.inner.pool.begin().await?, self.clone()));
         };
-        let inner = match self.inner.backend {
-            Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.inner.pool.begin().await?,
-        };
-        Ok(Tx::new(inner, self.clone(), turn))
+        let turn = tokio::time::timeout(self.inner.turn_timeout, writer.clone().lock_owned())
+            .await
+            .map_err(|_| StoreError::Busy(self.inner.turn_timeout))?;
+        let tx = WriterTx::begin(turn, self, self.inner.keep_writer).await?;
+        Ok(Tx::writer(tx, self.clone()))
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.inner.reads.close().await;
+        if let Some(writer) = &self.inner.writer
+            && let Some(conn) = writer.lock().await.take()
+        {
+            // A connection that fails to close cleanly is gone all the same.
+            let _ = conn.close().await;
+        }
         let pool = &self.inner.pool;
         pool.close().await;
         // sqlx's close can return while a connection is on its way back to the pool (the

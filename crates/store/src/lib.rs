@@ -133,6 +133,7 @@ mod options;
 pub mod outbox;
 mod page;
 mod reads;
+mod recent;
 pub mod testing;
 mod tx;
 

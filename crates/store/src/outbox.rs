@@ -60,16 +60,22 @@ impl Tx {
         if self.backend() == Backend::Postgres {
             script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
         }
+        let now = now_micros();
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO tessera_outbox (sequence, create_time, payload) \
              SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox \
              RETURNING sequence",
         )
-        .bind(now_micros())
+        .bind(now)
         .bind(payload)
         .fetch_one(&mut **self)
         .await?;
         self.appended = Some(self.appended.map_or(seq, |s| s.max(seq)));
+        self.events.push(Event {
+            sequence: seq,
+            create_time: now,
+            payload: payload.to_vec(),
+        });
         if seq % PRUNE_EVERY == 0 {
             self.prune(seq).await?;
         }
@@ -109,6 +115,16 @@ impl Tx {
             }
             query.execute(&mut **self).await?;
         }
+        self.events.extend(
+            sequences
+                .iter()
+                .zip(payloads)
+                .map(|(&sequence, payload)| Event {
+                    sequence,
+                    create_time: now,
+                    payload: payload.clone(),
+                }),
+        );
         let newest = last + payloads.len() as i64;
         self.appended = Some(self.appended.map_or(newest, |s| s.max(newest)));
         if newest / PRUNE_EVERY > last / PRUNE_EVERY {
@@ -146,6 +162,12 @@ impl Tx {
         .rows_affected();
         if pruned > 0 {
             tracing::debug!(pruned, before = seq, "pruned the outbox");
+            // The handle's recent events must not serve what a read would call pruned.
+            let oldest: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
+                    .fetch_one(&mut **self)
+                    .await?;
+            self.pruned_to = oldest;
         }
         Ok(())
     }
@@ -202,6 +224,8 @@ impl Db {
             done: bool,
             /// Whether the first read is still to come (where a cursor ahead is noticed).
             first: bool,
+            /// Whether the last read returned fewer events than it could have.
+            caught_up: bool,
         }
         let state = State {
             db: self.clone(),
@@ -210,6 +234,7 @@ impl Db {
             wake: self.inner.committed.subscribe(),
             done: false,
             first: true,
+            caught_up: false,
         };
         futures::stream::unfold(state, |mut st| async move {
             if st.done {
@@ -220,43 +245,60 @@ impl Db {
                     st.after = event.sequence;
                     return Some((Ok(event), st));
                 }
-                // Mark the notification seen BEFORE reading: a commit after this point
-                // either shows up in the read or wakes `changed()` below.
-                st.wake.borrow_and_update();
-                match st.db.read_events(st.after, EVENT_BATCH).await {
-                    // Sequences have no holes (each is the previous maximum plus one, under
-                    // the outbox lock), so a jump means the events between were pruned.
-                    Ok(events) if events.first().is_some_and(|e| e.sequence > st.after + 1) => {
-                        st.done = true;
-                        let oldest = events[0].sequence;
-                        let after = st.after;
-                        return Some((Err(StoreError::Pruned { after, oldest }), st));
-                    }
-                    Ok(events) if !events.is_empty() => {
-                        st.buffer.extend(events);
-                        continue;
-                    }
-                    Ok(_) if std::mem::take(&mut st.first) && st.after > 0 => {
-                        // Nothing after the cursor: either it is up to date, or the outbox
-                        // went back below it (sequences never shrink otherwise: the newest
-                        // event is never pruned).
-                        match st.db.last_sequence().await {
-                            Ok(last) if last < st.after => {
-                                st.done = true;
-                                let after = st.after;
-                                return Some((Err(StoreError::Ahead { after, last }), st));
-                            }
-                            Ok(_) => {}
-                            Err(err) => {
-                                st.done = true;
-                                return Some((Err(err), st));
+                // The last read returned all there was: a commit since shows as a wake-up
+                // below, so reading again now would only find nothing.
+                if !std::mem::take(&mut st.caught_up) {
+                    // Mark the notification seen BEFORE reading: a commit after this point
+                    // either shows up in the read or wakes `changed()` below.
+                    st.wake.borrow_and_update();
+                    let kept = st
+                        .db
+                        .inner
+                        .recent
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .after(st.after, EVENT_BATCH as usize);
+                    let read = match kept {
+                        Some(events) => Ok(events),
+                        None => st.db.read_events(st.after, EVENT_BATCH).await,
+                    };
+                    match read {
+                        // Sequences have no holes (each is the previous maximum plus one,
+                        // under the outbox lock), so a jump means the events between were
+                        // pruned.
+                        Ok(events) if events.first().is_some_and(|e| e.sequence > st.after + 1) => {
+                            st.done = true;
+                            let oldest = events[0].sequence;
+                            let after = st.after;
+                            return Some((Err(StoreError::Pruned { after, oldest }), st));
+                        }
+                        Ok(events) if !events.is_empty() => {
+                            st.caught_up = events.len() < EVENT_BATCH as usize;
+                            st.buffer.extend(events);
+                            continue;
+                        }
+                        Ok(_) if std::mem::take(&mut st.first) && st.after > 0 => {
+                            // Nothing after the cursor: either it is up to date, or the outbox
+                            // went back below it (sequences never shrink otherwise: the newest
+                            // event is never pruned).
+                            match st.db.last_sequence().await {
+                                Ok(last) if last < st.after => {
+                                    st.done = true;
+                                    let after = st.after;
+                                    return Some((Err(StoreError::Ahead { after, last }), st));
+                                }
+                                Ok(_) => {}
+                                Err(err) => {
+                                    st.done = true;
+                                    return Some((Err(err), st));
+                                }
                             }
                         }
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        st.done = true;
-                        return Some((Err(err), st));
+                        Ok(_) => {}
+                        Err(err) => {
+                            st.done = true;
+                            return Some((Err(err), st));
+                        }
                     }
                 }
                 let poll = st.db.inner.poll_interval;

@@ -2,13 +2,16 @@
 
 use std::ops::{Deref, DerefMut};
 
-use sqlx::{Any, AnyConnection, Transaction};
-use tokio::sync::OwnedSemaphorePermit;
+use sqlx::{Any, AnyConnection, Database, Transaction, TransactionManager, pool::PoolConnection};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::{
     db::{Backend, Db},
     error::Result,
+    reads::connection_failed,
 };
+
+type Manager = <Any as Database>::TransactionManager;
 
 /// A write transaction. Dereferences to the connection, so queries run on it with
 /// `.execute(&mut *tx)`. Dropping it without [`Tx::commit`] rolls back.
@@ -37,38 +40,156 @@ use crate::{
 /// # Ok(()) }
 /// ```
 pub struct Tx {
-    inner: Transaction<'static, Any>,
+    conn: Conn,
     pub(crate) db: Db,
     /// The highest outbox sequence appended in this transaction.
     pub(crate) appended: Option<i64>,
-    /// SQLite: this handle's write turn, given back after the transaction (declared after
-    /// `inner`, so a rollback on drop is queued before the next writer starts).
-    _turn: Option<OwnedSemaphorePermit>,
+    /// The events appended, for the handle's recent events once committed.
+    pub(crate) events: Vec<crate::outbox::Event>,
+    /// The oldest outbox sequence left after this transaction pruned the outbox.
+    pub(crate) pruned_to: Option<i64>,
+}
+
+enum Conn {
+    /// PostgreSQL: a transaction on a connection from the pool.
+    Pooled(Transaction<'static, Any>),
+    /// SQLite: a transaction on the handle's writer connection.
+    Writer(WriterTx),
+}
+
+/// The handle's writer connection, held for one write transaction: holding it is the write
+/// turn (SQLite has one writer at a time), and the connection stays out of sqlx's pool between
+/// transactions, so no ping follows each one and its page cache stays warm (no other
+/// connection of the handle writes).
+pub(crate) struct WriterTx {
+    slot: OwnedMutexGuard<Option<PoolConnection<Any>>>,
+    /// A transaction was begun and not yet ended: dropping rolls it back.
+    open: bool,
+    /// Whether the connection stays kept after this transaction (not with a pool of one).
+    keep: bool,
+}
+
+impl WriterTx {
+    /// Begins `BEGIN IMMEDIATE` on the writer connection in `slot`, taking one from `db`'s pool
+    /// if there is none.
+    pub(crate) async fn begin(
+        mut slot: OwnedMutexGuard<Option<PoolConnection<Any>>>,
+        db: &Db,
+        keep: bool,
+    ) -> Result<Self> {
+        if slot.is_none() {
+            *slot = Some(db.inner.pool.acquire().await?);
+        }
+        // Open before BEGIN is sent: if this future is dropped part-way, the rollback queued on
+        // drop follows the BEGIN on the connection's thread.
+        let mut tx = WriterTx {
+            slot,
+            open: true,
+            keep,
+        };
+        if let Err(err) = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await {
+            tx.failed(&err);
+            return Err(err.into());
+        }
+        Ok(tx)
+    }
+
+    fn conn(&mut self) -> &mut AnyConnection {
+        self.slot
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("the writer slot is filled before a transaction"))
+    }
+
+    /// After a failed BEGIN, COMMIT or ROLLBACK: nothing is left to roll back, and a broken
+    /// connection goes back to the pool (which pings it and closes it if it is broken).
+    fn failed(&mut self, err: &sqlx::Error) {
+        self.open = false;
+        if connection_failed(err) {
+            drop(self.slot.take());
+        }
+    }
+}
+
+impl Drop for WriterTx {
+    fn drop(&mut self) {
+        if self.open
+            && let Some(conn) = self.slot.as_deref_mut()
+        {
+            // Queued on the connection before the next writer can use it (the slot's lock is
+            // released after this).
+            Manager::start_rollback(conn);
+        }
+        if !self.keep {
+            drop(self.slot.take());
+        }
+    }
 }
 
 impl Deref for Tx {
     type Target = AnyConnection;
     fn deref(&self) -> &AnyConnection {
-        &self.inner
+        match &self.conn {
+            Conn::Pooled(tx) => tx,
+            Conn::Writer(tx) => tx
+                .slot
+                .as_deref()
+                .unwrap_or_else(|| unreachable!("the writer slot is filled during a transaction")),
+        }
     }
 }
 
 impl DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.inner
+        match &mut self.conn {
+            Conn::Pooled(tx) => tx,
+            Conn::Writer(tx) => tx.conn(),
+        }
     }
 }
 
 impl Tx {
     /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
     pub async fn commit(self) -> Result<()> {
-        self.inner.commit().await?;
-        self.db
-            .inner
+        let Tx {
+            conn,
+            db,
+            appended,
+            events,
+            pruned_to,
+        } = self;
+        // SQLite: the write turn is held until the end of this function.
+        let _turn = match conn {
+            Conn::Pooled(tx) => {
+                tx.commit().await?;
+                None
+            }
+            Conn::Writer(mut tx) => {
+                if let Err(err) = Manager::commit(tx.conn()).await {
+                    tx.failed(&err);
+                    return Err(err.into());
+                }
+                tx.open = false;
+                Some(tx)
+            }
+        };
+        let inner = &db.inner;
+        inner
             .dirty
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(seq) = self.appended {
-            self.db.inner.committed.send_if_modified(|latest| {
+        if !events.is_empty() {
+            // Before the wake-up below, and while this transaction still holds the write turn
+            // (SQLite), so events arrive in sequence order.
+            let mut recent = inner
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            recent.push(events);
+            if let Some(oldest) = pruned_to {
+                recent.forget_before(oldest);
+            }
+        }
+        if let Some(seq) = appended {
+            inner.committed.send_if_modified(|latest| {
                 if seq > *latest {
                     *latest = seq;
                     true
@@ -82,7 +203,16 @@ impl Tx {
 
     /// Rolls back explicitly (dropping does the same, without waiting).
     pub async fn rollback(self) -> Result<()> {
-        self.inner.rollback().await?;
+        match self.conn {
+            Conn::Pooled(tx) => tx.rollback().await?,
+            Conn::Writer(mut tx) => {
+                if let Err(err) = Manager::rollback(tx.conn()).await {
+                    tx.failed(&err);
+                    return Err(err.into());
+                }
+                tx.open = false;
+            }
+        }
         Ok(())
     }
 
@@ -91,17 +221,23 @@ impl Tx {
         self.db.inner.backend
     }
 
-    /// A transaction of `db`, holding (SQLite) its write turn.
-    pub(crate) fn new(
-        inner: Transaction<'static, Any>,
-        db: Db,
-        turn: Option<OwnedSemaphorePermit>,
-    ) -> Self {
+    /// A transaction of `db` on a pooled connection.
+    pub(crate) fn pooled(inner: Transaction<'static, Any>, db: Db) -> Self {
+        Self::new(Conn::Pooled(inner), db)
+    }
+
+    /// A transaction of `db` on its writer connection.
+    pub(crate) fn writer(inner: WriterTx, db: Db) -> Self {
+        Self::new(Conn::Writer(inner), db)
+    }
+
+    fn new(conn: Conn, db: Db) -> Self {
         Tx {
-            inner,
+            conn,
             db,
             appended: None,
-            _turn: turn,
+            events: Vec::new(),
+            pruned_to: None,
         }
     }
 

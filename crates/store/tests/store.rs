@@ -578,6 +578,49 @@ async fn events_stream_catches_up_then_follows_live() {
     }
 }
 
+/// A handle's streams take the events it just committed from memory; events another handle
+/// committed in between, and a rolled-back append, must not make them skip or invent one.
+#[tokio::test]
+async fn streams_see_other_handles_events_and_no_rolled_back_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+    let b = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+    let append = |db: &Db, payload: &'static [u8]| {
+        let db = db.clone();
+        async move {
+            let mut tx = db.begin().await.unwrap();
+            tx.append_event(payload).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    let stream = a.events(0).take(5).map(|e| {
+        let e = e.unwrap();
+        (e.sequence, String::from_utf8(e.payload).unwrap())
+    });
+    let seen = tokio::spawn(stream.collect::<Vec<_>>());
+    append(&a, b"a1").await;
+    append(&b, b"b2").await;
+    append(&a, b"a3").await;
+    let mut tx = a.begin().await.unwrap();
+    tx.append_event(b"rolled back").await.unwrap();
+    tx.rollback().await.unwrap();
+    append(&a, b"a4").await;
+    append(&a, b"a5").await;
+    let seen = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .expect("the stream saw five events")
+        .unwrap();
+    let expected: Vec<(i64, String)> = ["a1", "b2", "a3", "a4", "a5"]
+        .iter()
+        .zip(1..)
+        .map(|(p, s)| (s, p.to_string()))
+        .collect();
+    assert_eq!(seen, expected);
+    a.close().await;
+    b.close().await;
+}
+
 #[tokio::test]
 async fn cursors_advance_atomically_with_the_effect() {
     let (dbs, _dir) = databases("cursors").await;
