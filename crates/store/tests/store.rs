@@ -69,6 +69,12 @@ async fn sqlite_file_uses_wal_and_foreign_keys() {
         .await
         .unwrap();
     assert_eq!(fk, 1);
+    // Reads take mapped pages in place rather than a `pread` per page.
+    let mapped: i64 = sqlx::query_scalar("PRAGMA mmap_size")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(mapped >= 64 << 20, "mmap_size {mapped}");
 }
 
 #[tokio::test]
