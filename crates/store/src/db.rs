@@ -80,7 +80,7 @@ pub(crate) struct Inner {
     /// which put tens of milliseconds on the p99 of concurrent writes; queued here they start
     /// the moment the previous one commits. Other processes on the same file are still
     /// handled by the busy timeout. Between transactions the connection stays out of the pool
-    /// unless the pool has only one (see [`crate::tx::WriterTx`]).
+    /// unless the pool is smaller than three (see [`crate::tx::WriterTx`]).
     pub(crate) writer: Option<Arc<Mutex<Option<PoolConnection<Any>>>>>,
     /// Whether the writer connection stays out of the pool between transactions.
     pub(crate) keep_writer: bool,
@@ -401,7 +401,9 @@ impl Db {
                 recent: Default::default(),
                 poll_interval: options.poll_interval,
                 writer: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(None))),
-                keep_writer: max >= 2,
+                // Kept only when that still leaves a pooled connection beside the kept reads,
+                // for the checkpoints.
+                keep_writer: max >= 3,
                 turn_timeout: options.busy_timeout,
                 outbox_retention: options.outbox_retention,
                 epoch: OnceLock::new(),

@@ -65,7 +65,7 @@ pub(crate) struct WriterTx {
     slot: OwnedMutexGuard<Option<PoolConnection<Any>>>,
     /// A transaction was begun and not yet ended: dropping rolls it back.
     open: bool,
-    /// Whether the connection stays kept after this transaction (not with a pool of one).
+    /// Whether the connection stays kept after this transaction (not with a small pool).
     keep: bool,
 }
 

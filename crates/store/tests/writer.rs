@@ -1,7 +1,8 @@
 //! Write transactions on SQLite run on the handle's one writer connection, kept out of the
 //! pool between them: one cancelled at any point (while queued, in BEGIN, mid-statement, in
-//! COMMIT) leaves nothing half done and the next writer a clean connection; a pool of one
-//! connection still serves reads between writes; `close` closes the writer too.
+//! COMMIT) leaves nothing half done and the next writer a clean connection; pools of one and
+//! two connections still serve reads and checkpoints between writes; `close` closes the writer
+//! too.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -84,25 +85,31 @@ async fn cancelled_writers_leave_nothing_behind_and_the_next_one_works() {
 }
 
 #[tokio::test]
-async fn a_pool_of_one_connection_still_reads_between_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = DbOptions {
-        max_connections: Some(1),
-        acquire_timeout: Duration::from_secs(5),
-        ..DbOptions::default()
-    };
-    let db = Db::open_with(
-        dir.path().join("one.db").to_str().unwrap(),
-        options,
-        MIGRATIONS,
-    )
-    .await
-    .unwrap();
-    for round in 0..5 {
-        write(&db, &format!("r{round}"), 3).await.unwrap();
-        assert_eq!(count(&db).await, 3 * (round + 1));
+async fn small_pools_still_read_and_checkpoint_between_writes() {
+    for size in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.db");
+        let options = DbOptions {
+            max_connections: Some(size),
+            acquire_timeout: Duration::from_secs(5),
+            ..DbOptions::default()
+        };
+        let db = Db::open_with(path.to_str().unwrap(), options, MIGRATIONS)
+            .await
+            .unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        for round in 0..5 {
+            write(&db, &format!("r{round}"), 200).await.unwrap();
+            assert_eq!(count(&db).await, 200 * (round + 1), "pool of {size}");
+        }
+        // The handle's checkpoint gets a connection too: the rows reach the database file
+        // while the handle is open.
+        tessera_testing::eventually!(
+            std::fs::metadata(&path).unwrap().len() > before,
+            "pool of {size}: a checkpoint grows the database file"
+        );
+        db.close().await;
     }
-    db.close().await;
 }
 
 #[tokio::test]
