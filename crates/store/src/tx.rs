@@ -100,12 +100,15 @@ impl WriterTx {
             .unwrap_or_else(|| unreachable!("the writer slot is filled before a transaction"))
     }
 
-    /// After a failed BEGIN, COMMIT or ROLLBACK: nothing is left to roll back, and a broken
-    /// connection goes back to the pool (which pings it and closes it if it is broken).
+    /// After a failed BEGIN, COMMIT or ROLLBACK. The transaction stays open (a COMMIT refused
+    /// by a deferred constraint leaves it active in SQLite), so drop still queues its rollback
+    /// (a no-op if nothing was begun); a broken connection gets that rollback now and goes back
+    /// to the pool, which pings it and closes it if it is broken.
     fn failed(&mut self, err: &sqlx::Error) {
-        self.open = false;
-        if connection_failed(err) {
-            drop(self.slot.take());
+        if connection_failed(err)
+            && let Some(mut conn) = self.slot.take()
+        {
+            Manager::start_rollback(&mut conn);
         }
     }
 }

@@ -9,10 +9,18 @@ use std::time::Duration;
 
 use tessera_store::{Db, DbOptions, Migration};
 
-const MIGRATIONS: &[Migration] = &[Migration::portable(
-    "items",
-    "CREATE TABLE items (id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
-)];
+const MIGRATIONS: &[Migration] = &[
+    Migration::portable(
+        "items",
+        "CREATE TABLE items (id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+    ),
+    // Checked at COMMIT: a way to make a COMMIT fail.
+    Migration::portable(
+        "item_tags",
+        "CREATE TABLE item_tags (item_id TEXT NOT NULL \
+         REFERENCES items (id) DEFERRABLE INITIALLY DEFERRED, tag TEXT NOT NULL)",
+    ),
+];
 
 async fn count(db: &Db) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM items")
@@ -110,6 +118,38 @@ async fn small_pools_still_read_and_checkpoint_between_writes() {
         );
         db.close().await;
     }
+}
+
+/// SQLite keeps a transaction open when its COMMIT is refused (here by a deferred foreign
+/// key): the writer must still roll it back, or every later writer fails.
+#[tokio::test]
+async fn a_refused_commit_is_rolled_back_and_the_next_writer_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("refused.db").to_str().unwrap(), MIGRATIONS)
+        .await
+        .unwrap();
+    for round in 0..3 {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO item_tags (item_id, tag) VALUES ('missing', 'x')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.append_event(b"refused").await.unwrap();
+        assert!(
+            tx.commit().await.is_err(),
+            "round {round}: the COMMIT is refused"
+        );
+        write(&db, &format!("after{round}"), 2).await.unwrap();
+    }
+    let orphans: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM item_tags")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(orphans, 0);
+    assert_eq!(count(&db).await, 6);
+    // Only the three committed transactions' events are in the outbox.
+    assert_eq!(db.last_sequence().await.unwrap(), 3);
+    db.close().await;
 }
 
 #[tokio::test]
