@@ -4,7 +4,9 @@
 //! libraries and answers `FeedService.GetPostThread` and `PostService.CreatePost` by calling
 //! their handlers directly: no internal hops, no mTLS between parts, no second token check.
 //! It serves one public TLS port (the gateway's certificate and public server) and
-//! verifies a bearer token once per call with the users' Ed25519 keys. GetPostThread is put
+//! checks a bearer token once per call as the mesh's services do: with the users' Ed25519
+//! keys behind the same bounded cache of verified tokens (`tessera_mesh::auth::TokenKeys`),
+//! so a token's signature is checked once per process in both. GetPostThread is put
 //! together as the gateway's `Feed` does it (GetPost and ListComments at once, then the
 //! authors in batches), so both give the same bytes for the same data; scenario B checks that.
 
@@ -34,10 +36,9 @@ use tessera::{
 use tessera_comments::Comments;
 use tessera_gateway::service::{DEFAULT_COMMENT_PAGE_SIZE, MAX_COMMENT_PAGE_SIZE, USER_BATCH};
 use tessera_mesh::{
-    auth::{EndUser, maybe_end_user},
+    auth::{EndUser, TokenKeys, maybe_end_user},
     errors::Violations,
     tls::{TlsFiles, TlsSource},
-    token::Verifier,
 };
 use tessera_posts::Posts;
 use tessera_users::Users;
@@ -99,7 +100,7 @@ impl Monolith {
             .add_service(PostServiceServer::new(self.posts.clone()));
         Authenticated {
             inner: routes,
-            verifier: Arc::new(self.users.verifier()),
+            keys: self.users.token_keys(),
         }
     }
 
@@ -235,7 +236,7 @@ impl FeedService for Monolith {
 #[derive(Clone)]
 pub struct Authenticated<S> {
     inner: S,
-    verifier: Arc<Verifier>,
+    keys: TokenKeys,
 }
 
 impl<S> tower::Service<http::Request<Body>> for Authenticated<S>
@@ -255,29 +256,35 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        if let Some(value) = req.headers().get(http::header::AUTHORIZATION) {
-            let token = value
+        let token = req.headers().get(http::header::AUTHORIZATION).map(|value| {
+            value
                 .to_str()
                 .ok()
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim)
-                .unwrap_or_default();
-            match self.verifier.verify(token) {
-                Ok(claims) => {
-                    let user = EndUser {
-                        claims,
-                        token: Arc::from(token),
-                    };
-                    req.extensions_mut().insert(user);
-                }
-                Err(e) => {
-                    let status = Status::unauthenticated(format!("invalid access token: {e}"));
-                    return Box::pin(async move { Ok(status.into_http()) });
+                .unwrap_or_default()
+                .to_owned()
+        });
+        let keys = self.keys.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            if let Some(token) = token {
+                match keys.verify(&token).await {
+                    Ok(claims) => {
+                        let user = EndUser {
+                            claims,
+                            token: Arc::from(token),
+                        };
+                        req.extensions_mut().insert(user);
+                    }
+                    Err(e) => {
+                        let status = Status::unauthenticated(format!("invalid access token: {e}"));
+                        return Ok(status.into_http());
+                    }
                 }
             }
-        }
-        let mut inner = self.inner.clone();
-        Box::pin(async move { inner.call(req).await })
+            inner.call(req).await
+        })
     }
 }
 
