@@ -130,11 +130,28 @@ const CHECKPOINT_IDLE_TICKS: u32 = 100;
 /// connections (and counted in RSS).
 const SQLITE_MMAP_BYTES: u64 = 256 << 20;
 
+/// A WAL this many frames long (8 MiB of 4 KiB pages) gets a second checkpoint with the write
+/// turn held, so that the next writer starts it over ([`checkpoints`]).
+pub(crate) const WAL_RESTART_FRAMES: i64 = 2048;
+
+/// The most a WAL file keeps on disk when SQLite starts it over (`journal_size_limit`): a
+/// burst (a migration, a consumer catching up) may grow it past that, and it is cut back.
+const WAL_KEEP_BYTES: u64 = 32 << 20;
+
 /// Copies SQLite's WAL into the database file off the write path, for as long as the handle
 /// lives. SQLite's own automatic checkpoint runs inside the commit that crosses 1000 WAL pages
 /// and syncs the database file there, so every few hundred writes one of them (and every writer
 /// queued behind it) waited for an fsync: the p99 of CreatePost at 16 in flight. A PASSIVE
 /// checkpoint here takes no write lock: writers keep appending to the WAL meanwhile.
+///
+/// That alone let the WAL grow for as long as writes kept coming (past 300 MiB in a minute of
+/// scenario B): SQLite starts the WAL over only in a write transaction that began after a
+/// checkpoint copied all of it, and with writers appending during every checkpoint none ever
+/// did. Each append then went to a new block of a growing file (allocated and zeroed by the
+/// filesystem, more page cache). So when the WAL holds [`WAL_RESTART_FRAMES`] or more, a second
+/// checkpoint runs holding this handle's write turn: it copies only what was appended during
+/// the first (then syncs, well under a millisecond here), and the next writer starts the WAL
+/// over.
 fn checkpoints(inner: std::sync::Weak<Inner>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -156,14 +173,42 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
             if inner.pool.is_closed() {
                 return;
             }
-            if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&inner.pool)
-                .await
-            {
+            if let Err(err) = checkpoint_and_restart(&inner).await {
                 tracing::debug!(error = %err, "WAL checkpoint failed; the next one retries");
             }
         }
     });
+}
+
+/// One round of [`checkpoints`]: a PASSIVE checkpoint, and a second one under the write turn
+/// when writers kept a long WAL from being started over.
+async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
+    // Copied in full or not, the WAL is started over only by a writer that begins after a
+    // checkpoint with no commit during it.
+    let frames = checkpoint(&mut *inner.pool.acquire().await?).await?;
+    if frames < WAL_RESTART_FRAMES {
+        return Ok(());
+    }
+    let Some(writer) = &inner.writer else {
+        return Ok(());
+    };
+    let mut turn = writer.lock().await;
+    match turn.as_deref_mut() {
+        // The kept writer connection is idle while the turn is held.
+        Some(conn) => checkpoint(conn).await?,
+        None => checkpoint(&mut *inner.pool.acquire().await?).await?,
+    };
+    Ok(())
+}
+
+/// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
+/// (-1 when the file is not in WAL mode).
+async fn checkpoint(conn: &mut AnyConnection) -> Result<i64> {
+    let (_busy, frames, _copied): (i64, i64, i64) =
+        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(conn)
+            .await?;
+    Ok(frames)
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
@@ -367,7 +412,8 @@ impl Db {
                     Backend::Sqlite => format!(
                         "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
                          PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL; \
-                         PRAGMA wal_autocheckpoint = 0; PRAGMA mmap_size = {SQLITE_MMAP_BYTES};"
+                         PRAGMA wal_autocheckpoint = 0; PRAGMA mmap_size = {SQLITE_MMAP_BYTES}; \
+                         PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
                     ),
                     Backend::Postgres => {
                         let mut setup = match &schema {
