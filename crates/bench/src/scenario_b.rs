@@ -867,7 +867,8 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
                 for ((server, p, server_pid), into) in servers.iter().zip(&mut merged) {
                     let call = make((*p).clone(), (*arg).clone());
                     let round = time / B_ROUNDS;
-                    let run = measure(name, server, call, concurrency, round, &[*server_pid]).await?;
+                    let run =
+                        measure(name, server, call, concurrency, round, &[*server_pid]).await?;
                     match into {
                         Some(total) => {
                             total.summary.merge(&run.summary);

@@ -91,6 +91,8 @@ pub(crate) struct Inner {
     pub(crate) epoch: OnceLock<String>,
     /// SQLite only: a transaction committed since the last checkpoint ([`checkpoints`]).
     pub(crate) dirty: std::sync::atomic::AtomicBool,
+    /// SQLite only: [`DbOptions::wal_restart_bytes`] in WAL frames.
+    pub(crate) wal_restart_frames: i64,
 }
 
 impl Drop for Inner {
@@ -130,13 +132,8 @@ const CHECKPOINT_IDLE_TICKS: u32 = 100;
 /// connections (and counted in RSS).
 const SQLITE_MMAP_BYTES: u64 = 256 << 20;
 
-/// A WAL this many frames long (8 MiB of 4 KiB pages) gets a second checkpoint with the write
-/// turn held, so that the next writer starts it over ([`checkpoints`]).
-pub(crate) const WAL_RESTART_FRAMES: i64 = 2048;
-
-/// The most a WAL file keeps on disk when SQLite starts it over (`journal_size_limit`): a
-/// burst (a migration, a consumer catching up) may grow it past that, and it is cut back.
-const WAL_KEEP_BYTES: u64 = 32 << 20;
+/// SQLite's page size (the default; the store never changes it), for WAL lengths in frames.
+const SQLITE_PAGE_BYTES: u64 = 4096;
 
 /// Copies SQLite's WAL into the database file off the write path, for as long as the handle
 /// lives. SQLite's own automatic checkpoint runs inside the commit that crosses 1000 WAL pages
@@ -148,10 +145,13 @@ const WAL_KEEP_BYTES: u64 = 32 << 20;
 /// scenario B): SQLite starts the WAL over only in a write transaction that began after a
 /// checkpoint copied all of it, and with writers appending during every checkpoint none ever
 /// did. Each append then went to a new block of a growing file (allocated and zeroed by the
-/// filesystem, more page cache). So when the WAL holds [`WAL_RESTART_FRAMES`] or more, a second
-/// checkpoint runs holding this handle's write turn: it copies only what was appended during
-/// the first (then syncs, well under a millisecond here), and the next writer starts the WAL
-/// over.
+/// filesystem, more page cache). So once the WAL holds [`DbOptions::wal_restart_bytes`], one
+/// more checkpoint runs holding this handle's write turn, and the next writer starts the WAL
+/// over. Writers wait for that one: 4 ms at the median in scenario B (2-25 ms; it copies
+/// little, so that is mostly its two syncs and its share of the core); at 16 CreatePosts in flight that is
+/// every 150 ms or so with the default 8 MiB, which still cost less CPU and latency than a
+/// longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit` cuts a WAL that
+/// a burst grew back when it starts over.
 fn checkpoints(inner: std::sync::Weak<Inner>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -180,13 +180,13 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
     });
 }
 
-/// One round of [`checkpoints`]: a PASSIVE checkpoint, and a second one under the write turn
-/// when writers kept a long WAL from being started over.
+/// One round of [`checkpoints`]: a PASSIVE checkpoint, and once the WAL is long, one more
+/// with the write turn held, so that the next writer starts the WAL over.
 async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     // Copied in full or not, the WAL is started over only by a writer that begins after a
     // checkpoint with no commit during it.
-    let frames = checkpoint(&mut *inner.pool.acquire().await?).await?;
-    if frames < WAL_RESTART_FRAMES {
+    let pass = checkpoint(&mut *inner.pool.acquire().await?).await?;
+    if pass.frames < inner.wal_restart_frames {
         return Ok(());
     }
     let Some(writer) = &inner.writer else {
@@ -201,14 +201,18 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     Ok(())
 }
 
-/// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
-/// (-1 when the file is not in WAL mode).
-async fn checkpoint(conn: &mut AnyConnection) -> Result<i64> {
+/// What one `PRAGMA wal_checkpoint(PASSIVE)` found.
+struct Pass {
+    /// Frames in the WAL (-1 when the file is not in WAL mode).
+    frames: i64,
+}
+
+async fn checkpoint(conn: &mut AnyConnection) -> Result<Pass> {
     let (_busy, frames, _copied): (i64, i64, i64) =
         sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(conn)
             .await?;
-    Ok(frames)
+    Ok(Pass { frames })
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
@@ -386,6 +390,10 @@ impl Db {
         };
 
         let busy_ms = options.busy_timeout.as_millis();
+        // What a WAL keeps on disk when it starts over (`journal_size_limit`).
+        let wal_keep_bytes = options.wal_restart_bytes.saturating_mul(4);
+        let wal_restart_frames =
+            i64::try_from(options.wal_restart_bytes / (SQLITE_PAGE_BYTES + 24)).unwrap_or(i64::MAX);
         let statement_timeout_ms = options.statement_timeout.map(|t| t.as_millis().max(1));
         let max = options.max_connections.unwrap_or(match backend {
             Backend::Sqlite => 8,
@@ -413,7 +421,7 @@ impl Db {
                         "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
                          PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL; \
                          PRAGMA wal_autocheckpoint = 0; PRAGMA mmap_size = {SQLITE_MMAP_BYTES}; \
-                         PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
+                         PRAGMA journal_size_limit = {wal_keep_bytes};"
                     ),
                     Backend::Postgres => {
                         let mut setup = match &schema {
@@ -454,6 +462,7 @@ impl Db {
                 outbox_retention: options.outbox_retention,
                 epoch: OnceLock::new(),
                 dirty: std::sync::atomic::AtomicBool::new(false),
+                wal_restart_frames,
             }),
         };
         if backend == Backend::Sqlite {

@@ -146,7 +146,7 @@ pub use cursor::CursorState;
 pub use db::{Backend, Db};
 pub use error::{Result, StoreError};
 pub use migrate::Migration;
-pub use options::DbOptions;
+pub use options::{DEFAULT_WAL_RESTART_BYTES, DbOptions};
 pub use outbox::{DEFAULT_OUTBOX_RETENTION, EVENT_BATCH, Event, PRUNE_EVERY};
 pub use page::{BadPageToken, PageToken};
 pub use reads::Reads;

@@ -170,13 +170,18 @@ async fn close_closes_the_writer_so_the_wal_is_gone() {
 
 /// SQLite starts its WAL over only in a write transaction that began after a checkpoint copied
 /// all of it. Writers that never pause commit during every checkpoint, so without the handle's
-/// second checkpoint under the write turn the WAL grew by everything written (here about
-/// 60 MiB).
+/// checkpoint under the write turn the WAL grew by everything written (here about 140 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_bounded_while_writes_never_pause() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("busy.db");
-    let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+    let options = DbOptions {
+        wal_restart_bytes: 4 << 20,
+        ..DbOptions::default()
+    };
+    let db = Db::open_with(path.to_str().unwrap(), options, MIGRATIONS)
+        .await
+        .unwrap();
     let wal = dir.path().join("busy.db-wal");
     let body = "x".repeat(12 * 1024);
     let (mut largest, mut written) = (0u64, 0u64);
@@ -204,7 +209,7 @@ async fn the_wal_stays_bounded_while_writes_never_pause() {
     // The key is in the table and its index: each row writes its text twice, and more pages.
     assert!(written > 30 << 20, "wrote {written} bytes");
     assert!(
-        largest < 24 << 20,
+        largest < 16 << 20,
         "the WAL grew to {largest} bytes for {written} bytes written"
     );
     db.close().await;
