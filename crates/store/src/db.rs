@@ -141,7 +141,7 @@ const SQLITE_PAGE_BYTES: u64 = 4096;
 /// queued behind it) waited for an fsync: the p99 of CreatePost at 16 in flight. A PASSIVE
 /// checkpoint here takes no write lock: writers keep appending to the WAL meanwhile.
 ///
-/// That alone let the WAL grow for as long as writes kept coming (past 300 MiB in a minute of
+/// That alone let the WAL grow for as long as writes kept coming (to 363 MiB in a minute of
 /// scenario B): SQLite starts the WAL over only in a write transaction that began after a
 /// checkpoint copied all of it, and with writers appending during every checkpoint none ever
 /// did. Each append then went to a new block of a growing file (allocated and zeroed by the
