@@ -148,10 +148,10 @@ const SQLITE_PAGE_BYTES: u64 = 4096;
 /// filesystem, more page cache). So once the WAL holds [`DbOptions::wal_restart_bytes`], one
 /// more checkpoint runs holding this handle's write turn, and the next writer starts the WAL
 /// over. Writers wait for that one: 4 ms at the median in scenario B (2-25 ms; it copies
-/// little, so that is mostly its two syncs and its share of the core); at 16 CreatePosts in flight that is
-/// every 150 ms or so with the default 8 MiB, which still cost less CPU and latency than a
-/// longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit` cuts a WAL that
-/// a burst grew back when it starts over.
+/// little, so most likely its two syncs and its share of the core); at 16 CreatePosts in
+/// flight that is every 150 ms or so with the default 8 MiB, which still cost less CPU and
+/// latency than a longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit`
+/// cuts a WAL that a burst grew back when it starts over.
 fn checkpoints(inner: std::sync::Weak<Inner>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -185,8 +185,8 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
 async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     // Copied in full or not, the WAL is started over only by a writer that begins after a
     // checkpoint with no commit during it.
-    let pass = checkpoint(&mut *inner.pool.acquire().await?).await?;
-    if pass.frames < inner.wal_restart_frames {
+    let frames = checkpoint(&mut *inner.pool.acquire().await?).await?;
+    if frames < inner.wal_restart_frames {
         return Ok(());
     }
     let Some(writer) = &inner.writer else {
@@ -201,18 +201,14 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     Ok(())
 }
 
-/// What one `PRAGMA wal_checkpoint(PASSIVE)` found.
-struct Pass {
-    /// Frames in the WAL (-1 when the file is not in WAL mode).
-    frames: i64,
-}
-
-async fn checkpoint(conn: &mut AnyConnection) -> Result<Pass> {
+/// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
+/// (-1 when the file is not in WAL mode).
+async fn checkpoint(conn: &mut AnyConnection) -> Result<i64> {
     let (_busy, frames, _copied): (i64, i64, i64) =
         sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(conn)
             .await?;
-    Ok(Pass { frames })
+    Ok(frames)
 }
 
 /// A service's database: a connection pool plus the live outbox notification. Cheap to clone;
