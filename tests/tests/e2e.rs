@@ -85,6 +85,18 @@ async fn comment(mesh: &TestMesh, user: &TestUser, post_id: &str, body: &str) ->
         .unwrap()
 }
 
+async fn delete_post(mesh: &TestMesh, user: &TestUser, post_id: &str) -> Result<(), Status> {
+    mesh.posts()
+        .delete_post(bearer(
+            &user.token,
+            DeletePostRequest {
+                post_id: post_id.into(),
+            },
+        ))
+        .await
+        .map(drop)
+}
+
 async fn get_post(mesh: &TestMesh, post_id: &str) -> Result<Post, Status> {
     Ok(mesh
         .posts()
@@ -329,15 +341,7 @@ async fn deleting_a_post_or_a_user_cascades() {
     assert_eq!(comments_on(&mesh, &doomed.post_id).await.unwrap().len(), 2);
     eventually!(notifications_of(&mesh, &alice).await?.notifications.len() == 2);
 
-    mesh.posts()
-        .delete_post(bearer(
-            &alice.token,
-            DeletePostRequest {
-                post_id: doomed.post_id.clone(),
-            },
-        ))
-        .await
-        .unwrap();
+    delete_post(&mesh, &alice, &doomed.post_id).await.unwrap();
     assert_eq!(code(get_post(&mesh, &doomed.post_id).await), Code::NotFound);
     eventually!(comments_on(&mesh, &doomed.post_id).await?.is_empty());
     eventually!(
@@ -444,6 +448,77 @@ async fn deleting_a_post_or_a_user_cascades() {
     mesh.shutdown().await;
 }
 
+/// A follower that names the kinds it wants gets only those, and progress markers for the
+/// rest: comments asks posts for deletions only, and its cursor still reaches the end of a
+/// run of new posts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_gets_only_the_kinds_it_names_and_its_cursor_keeps_up() {
+    use tessera::posts::v1::{WatchEventsRequest, watch_events_response::Event};
+
+    let mesh = spawn_mesh().await;
+    let alice = mesh.sign_up("alice", "Alice").await;
+    let doomed = create_post(&mesh, &alice, "Soon gone", "").await;
+    delete_post(&mesh, &alice, &doomed.post_id).await.unwrap();
+    for i in 0..3 {
+        create_post(&mesh, &alice, &format!("Kept {i}"), "").await;
+    }
+
+    // As comments' workload over mTLS, the way its consumer asks: PostDeleted is field 4.
+    let channel = mesh.internal_channel("comments", "posts").await.unwrap();
+    let mut posts = PostServiceClient::new(channel);
+    let mut stream = posts
+        .watch_events(WatchEventsRequest {
+            event_fields: vec![4],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(
+        stream: &mut tonic::Streaming<tessera::posts::v1::WatchEventsResponse>,
+    ) -> tessera::posts::v1::WatchEventsResponse {
+        tokio::time::timeout(BOUND, stream.message())
+            .await
+            .expect("an event within the bound")
+            .unwrap()
+            .unwrap()
+    }
+    let deleted = next(&mut stream).await;
+    assert_eq!(deleted.sequence, 2);
+    assert!(
+        matches!(&deleted.event, Some(Event::PostDeleted(d)) if d.post_id == doomed.post_id),
+        "{deleted:?}"
+    );
+    let marker = next(&mut stream).await;
+    assert_eq!(
+        (marker.sequence, marker.event),
+        (5, None),
+        "the three creations"
+    );
+    assert_eq!(marker.epoch, deleted.epoch);
+    drop(stream);
+
+    // A kind that is not an event is refused, naming the field.
+    let err = posts
+        .watch_events(WatchEventsRequest {
+            event_fields: vec![4, 7],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["event_fields[1]"]);
+
+    // comments' own consumer, following with the same filter, wrote its cursor past them.
+    let comments_db = mesh.data_dir().join("comments.db");
+    let db = tessera_store::Db::open(comments_db.to_str().unwrap(), &[])
+        .await
+        .unwrap();
+    eventually!(db.cursor("posts-events").await? == 5);
+    db.close().await;
+    mesh.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Write rules: idempotent creates, optimistic updates, ownership, validation.
 // ---------------------------------------------------------------------------------------
@@ -506,15 +581,7 @@ async fn writes_are_idempotent_optimistic_owned_and_validated() {
         .update_post(update("Bob was here", &updated.etag, &bob.token))
         .await;
     assert_eq!(code(foreign), Code::PermissionDenied);
-    let foreign_delete = mesh
-        .posts()
-        .delete_post(bearer(
-            &bob.token,
-            DeletePostRequest {
-                post_id: once.post_id.clone(),
-            },
-        ))
-        .await;
+    let foreign_delete = delete_post(&mesh, &bob, &once.post_id).await;
     assert_eq!(code(foreign_delete), Code::PermissionDenied);
     assert_eq!(get_post(&mesh, &once.post_id).await.unwrap(), updated);
 

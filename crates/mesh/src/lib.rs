@@ -18,6 +18,7 @@ pub mod context;
 pub mod contracts;
 pub mod edge;
 pub mod errors;
+pub mod events;
 pub mod headers;
 pub mod identity;
 pub mod metrics;

@@ -246,6 +246,15 @@ pub trait Apply: Send + Sync + 'static {
         true
     }
 
+    /// The kinds of event this consumer applies, one message per kind with that event set:
+    /// the producer then sends only those (`WatchEventsRequest.event_fields`), and progress
+    /// markers in place of the runs of others, so the events it has no use for are not even
+    /// encoded, sent and decoded. An event of another kind is never applied, whatever
+    /// [`Apply::wants`] says. Empty (the default): every kind is sent, and `wants` decides.
+    fn kinds(&self) -> Vec<Self::Event> {
+        Vec::new()
+    }
+
     /// Applies one event's effect inside `tx`, which also advances the cursor past it (and
     /// may hold other events of the same batch), so the effect commits together with the
     /// cursor or not at all. Events the service does not care about: return `Ok(())` (and
@@ -280,7 +289,12 @@ where
     A: Apply,
     T: WatchChannel,
 {
-    let producer = Producer { channel, handler };
+    let event_fields = tessera_mesh::events::event_fields(handler.kinds());
+    let producer = Producer {
+        channel,
+        handler,
+        event_fields,
+    };
     run_consumer(db, producer, shutdown).await;
 }
 
@@ -316,12 +330,16 @@ impl<T> WatchChannel for T where
 struct Producer<T, A> {
     channel: T,
     handler: A,
+    /// The kinds asked for ([`Apply::kinds`]); empty for all.
+    event_fields: Vec<i32>,
 }
 
 /// An event as it arrives: the envelope fields the loop needs, and the event itself.
 struct Watched<E> {
     sequence: i64,
     epoch: String,
+    /// The event's field number in the `event` oneof; `None` for a progress marker.
+    field: Option<i32>,
     event: E,
 }
 
@@ -339,6 +357,8 @@ struct Envelope {
 struct WatchRequest {
     #[prost(int64, tag = "1")]
     after_sequence: i64,
+    #[prost(int32, repeated, tag = "3")]
+    event_fields: Vec<i32>,
 }
 
 impl<T, A> Consumer for Producer<T, A>
@@ -361,7 +381,10 @@ where
         })?;
         let path = PathAndQuery::try_from(format!("/{}/WatchEvents", A::PRODUCER))
             .map_err(|err| Status::internal(format!("bad producer name {}: {err}", A::PRODUCER)))?;
-        let mut request = tonic::Request::new(WatchRequest { after_sequence });
+        let mut request = tonic::Request::new(WatchRequest {
+            after_sequence,
+            event_fields: self.event_fields.clone(),
+        });
         request
             .extensions_mut()
             .insert(GrpcMethod::new(A::PRODUCER, "WatchEvents"));
@@ -381,7 +404,12 @@ where
     }
 
     fn wants(&self, event: &Self::Event) -> bool {
-        self.handler.wants(&event.event)
+        // A progress marker only moves the cursor; a producer that does not know
+        // `event_fields` (an older version) sends every kind, and they are passed here.
+        event
+            .field
+            .is_some_and(|field| self.event_fields.is_empty() || self.event_fields.contains(&field))
+            && self.handler.wants(&event.event)
     }
 
     fn apply<'a>(
@@ -440,10 +468,12 @@ impl<E: Message + Default + Send + 'static> Decoder for WatchCodec<E> {
         let corrupt =
             |err: prost::DecodeError| Status::internal(format!("undecodable event: {err}"));
         let envelope = Envelope::decode(bytes.clone()).map_err(corrupt)?;
+        let field = tessera_mesh::events::event_field(&bytes);
         let event = E::decode(bytes).map_err(corrupt)?;
         Ok(Some(Watched {
             sequence: envelope.sequence,
             epoch: envelope.epoch,
+            field,
             event,
         }))
     }

@@ -61,8 +61,9 @@
 //! // in the service impl
 //! type WatchEventsStream = outbox::WatchStream<WatchEventsResponse>;
 //! async fn watch_events(&self, request: Request<WatchEventsRequest>) -> .. {
-//!     let after = request.into_inner().after_sequence;
-//!     Ok(Response::new(outbox::stream::<PostEvents>(&self.db, after)?))
+//!     let req = request.into_inner();
+//!     // Only the kinds the follower named (all if none), with progress markers between.
+//!     Ok(Response::new(outbox::stream::<PostEvents>(&self.db, req.after_sequence, &req.event_fields)?))
 //! }
 //! ```
 //!

@@ -411,18 +411,49 @@ pub async fn append<W: WatchEvents>(tx: &mut Tx, event: W::Event) -> Result<i64>
 /// service's message and stamped with its sequence, append time and the outbox epoch; the
 /// backlog first, then new events as they commit (see [`Db::events`]).
 ///
-/// A negative `after_sequence` is INVALID_ARGUMENT naming the field. A storage failure or a
-/// payload that does not decode as the message comes out as an opaque INTERNAL item, the cause
-/// logged; tonic ends the response with it and the client reconnects from its cursor.
+/// With `event_fields` (the request's, field numbers of the message's `event` oneof), only
+/// those kinds are sent, and a run of other events is reported by a progress marker: the
+/// message stamped with the run's last sequence and no event, once the stream has nothing
+/// else to send and the run is [`MARKER_DELAY`] old, or when it reaches [`MARKER_EVERY`]
+/// events. A follower's cursor thus keeps up with an outbox it mostly skips, for one message
+/// per many events.
+///
+/// A negative `after_sequence` is INVALID_ARGUMENT naming the field, and so is a field number
+/// that is not an event of the message. A storage failure or a payload that does not decode
+/// as the message comes out as an opaque INTERNAL item, the cause logged; tonic ends the
+/// response with it and the client reconnects from its cursor.
 pub fn stream<W: WatchEvents>(
     db: &Db,
     after_sequence: i64,
+    event_fields: &[i32],
 ) -> Result<WatchStream<W::Message>, Status> {
     if after_sequence < 0 {
         return Err(invalid_field("after_sequence", "must not be negative"));
     }
+    if event_fields.len() > MAX_EVENT_FIELDS {
+        return Err(invalid_field(
+            "event_fields",
+            &format!("must list at most {MAX_EVENT_FIELDS} kinds"),
+        ));
+    }
+    let mut violations = tessera_mesh::errors::Violations::new();
+    for (i, &field) in event_fields.iter().enumerate() {
+        violations.check(
+            !tessera_mesh::events::is_event_field::<W::Message>(field),
+            &format!("event_fields[{i}]"),
+            &format!("{field} is not an event of WatchEventsResponse"),
+        );
+    }
+    violations.into_result()?;
+    let wanted: Vec<i32> = event_fields.to_vec();
     let epoch = db.epoch().unwrap_or_default().to_owned();
-    let events = db.events(after_sequence).map(move |item| {
+    let events = db.events(after_sequence);
+    let events: Pin<Box<dyn Stream<Item = Result<Event>> + Send>> = if wanted.is_empty() {
+        Box::pin(events)
+    } else {
+        Box::pin(only(events, wanted))
+    };
+    let events = events.map(move |item| {
         let event = item.map_err(|err| match err {
             // The caller's cursor is not in what is kept (older than the retention, or ahead
             // of an outbox that went back): its own problem, said plainly.
@@ -443,4 +474,88 @@ pub fn stream<W: WatchEvents>(
         Ok(message)
     });
     Ok(Box::pin(events))
+}
+
+/// The most kinds a `WatchEvents` call may name (more than any service has).
+const MAX_EVENT_FIELDS: usize = 32;
+
+/// How old a run of events of other kinds gets before a marker reports it, once the stream
+/// has nothing else to send (see [`stream`]).
+pub const MARKER_DELAY: Duration = Duration::from_millis(250);
+
+/// How many events of other kinds pass before a marker reports them while more keep coming.
+pub const MARKER_EVERY: u32 = 1024;
+
+/// The events of `events` whose kind (the payload's event field) is in `wanted`; a run of
+/// others comes out as one event with an empty payload and the run's last sequence, which
+/// decodes as a message with no event: the progress marker of [`stream`].
+fn only(
+    events: impl Stream<Item = Result<Event>> + Send + 'static,
+    wanted: Vec<i32>,
+) -> impl Stream<Item = Result<Event>> + Send + 'static {
+    struct Run {
+        last: Event,
+        count: u32,
+        since: tokio::time::Instant,
+    }
+    struct State<S> {
+        events: Pin<Box<S>>,
+        wanted: Vec<i32>,
+        skipped: Option<Run>,
+    }
+    let marker = |run: Run| Event {
+        payload: Vec::new(),
+        ..run.last
+    };
+    let state = State {
+        events: Box::pin(events),
+        wanted,
+        skipped: None,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            let next = match &st.skipped {
+                Some(run) if run.count >= MARKER_EVERY => {
+                    let run = st.skipped.take()?;
+                    return Some((Ok(marker(run)), st));
+                }
+                // Whatever is ready comes first; the marker when nothing has come by the time
+                // the run is due.
+                Some(run) => {
+                    let due = run.since + MARKER_DELAY;
+                    match tokio::time::timeout_at(due, st.events.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            let run = st.skipped.take()?;
+                            return Some((Ok(marker(run)), st));
+                        }
+                    }
+                }
+                None => st.events.next().await,
+            };
+            match next? {
+                // A payload without an event field does not parse: passed on, to fail there.
+                Ok(event)
+                    if tessera_mesh::events::event_field(&event.payload)
+                        .is_none_or(|field| st.wanted.contains(&field)) =>
+                {
+                    // Its sequence moves the follower's cursor past the run too.
+                    st.skipped = None;
+                    return Some((Ok(event), st));
+                }
+                Ok(event) => {
+                    let (count, since) = match st.skipped.take() {
+                        Some(run) => (run.count + 1, run.since),
+                        None => (1, tokio::time::Instant::now()),
+                    };
+                    st.skipped = Some(Run {
+                        last: event,
+                        count,
+                        since,
+                    });
+                }
+                Err(err) => return Some((Err(err), st)),
+            }
+        }
+    })
 }

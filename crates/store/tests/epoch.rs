@@ -64,7 +64,7 @@ impl Consumer for Follower {
     }
 
     async fn open(&self, after: i64) -> Result<Self::Stream, Status> {
-        outbox::stream::<UserEvents>(&self.source, after)
+        outbox::stream::<UserEvents>(&self.source, after, &[])
     }
 
     fn sequence(&self, event: &Self::Event) -> i64 {
@@ -132,7 +132,7 @@ async fn an_outbox_has_one_epoch_for_life_and_streams_it() {
         }
         assert!(epoch.len() >= 16, "{name}: a random id: {epoch}");
         append(&db, "u1").await;
-        let first = outbox::stream::<UserEvents>(&db, 0)
+        let first = outbox::stream::<UserEvents>(&db, 0, &[])
             .unwrap()
             .next()
             .await
@@ -159,7 +159,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
     for (name, db) in fresh("epoch_ahead", &dir).await {
         append(&db, "u1").await;
         append(&db, "u2").await;
-        let refused = outbox::stream::<UserEvents>(&db, 5)
+        let refused = outbox::stream::<UserEvents>(&db, 5, &[])
             .unwrap()
             .next()
             .await
@@ -171,7 +171,7 @@ async fn a_cursor_ahead_of_the_outbox_is_out_of_range() {
             "{name}: {refused:?}"
         );
         // Up to date is not ahead: the stream waits and delivers the next event.
-        let mut live = outbox::stream::<UserEvents>(&db, 2).unwrap();
+        let mut live = outbox::stream::<UserEvents>(&db, 2, &[]).unwrap();
         append(&db, "u3").await;
         let next = tokio::time::timeout(Duration::from_secs(10), live.next())
             .await

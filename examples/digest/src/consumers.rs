@@ -19,12 +19,18 @@ impl Apply for PostEvents {
     const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
 
-    // An edit changes nothing the digest keeps (id, author, create time): no transaction.
-    fn wants(&self, event: &WatchEventsResponse) -> bool {
-        matches!(
-            event.event,
-            Some(Event::PostCreated(_) | Event::PostDeleted(_))
-        )
+    // An edit changes nothing the digest keeps (id, author, create time): posts does not
+    // send them.
+    fn kinds(&self) -> Vec<WatchEventsResponse> {
+        [
+            Event::PostCreated(Default::default()),
+            Event::PostDeleted(Default::default()),
+        ]
+        .map(|event| WatchEventsResponse {
+            event: Some(event),
+            ..Default::default()
+        })
+        .into()
     }
 
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {

@@ -56,9 +56,12 @@ impl Apply for PostEvents {
     const CURSOR: &'static str = POST_EVENTS_CURSOR;
     type Event = PostEvent;
 
-    // New and edited posts concern no comment: no transaction for them.
-    fn wants(&self, event: &PostEvent) -> bool {
-        matches!(event.event, Some(PostKind::PostDeleted(_)))
+    // New and edited posts concern no comment: posts does not send them.
+    fn kinds(&self) -> Vec<PostEvent> {
+        vec![PostEvent {
+            event: Some(PostKind::PostDeleted(Default::default())),
+            ..Default::default()
+        }]
     }
 
     async fn apply(&self, tx: &mut Tx, event: PostEvent) -> Result<(), StoreError> {
@@ -88,8 +91,11 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
 
-    fn wants(&self, event: &UserEvent) -> bool {
-        matches!(event.event, Some(UserKind::UserDeleted(_)))
+    fn kinds(&self) -> Vec<UserEvent> {
+        vec![UserEvent {
+            event: Some(UserKind::UserDeleted(Default::default())),
+            ..Default::default()
+        }]
     }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {

@@ -383,9 +383,11 @@ impl CommentService for Comments {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let after = request.into_inner().after_sequence;
+        let req = request.into_inner();
         Ok(Response::new(outbox::stream::<CommentEvents>(
-            &self.db, after,
+            &self.db,
+            req.after_sequence,
+            &req.event_fields,
         )?))
     }
 }

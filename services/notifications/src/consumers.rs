@@ -205,9 +205,12 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = UserEvent;
 
-    // Only a deletion removes notifications: other user events cost no transaction.
-    fn wants(&self, event: &UserEvent) -> bool {
-        matches!(event.event, Some(UserKind::UserDeleted(_)))
+    // Only a deletion removes notifications: users sends no other kind.
+    fn kinds(&self) -> Vec<UserEvent> {
+        vec![UserEvent {
+            event: Some(UserKind::UserDeleted(Default::default())),
+            ..Default::default()
+        }]
     }
 
     async fn apply(&self, tx: &mut Tx, event: UserEvent) -> Result<(), StoreError> {

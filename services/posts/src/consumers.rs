@@ -25,9 +25,12 @@ impl Apply for UserEvents {
     const CURSOR: &'static str = USER_EVENTS_CURSOR;
     type Event = WatchEventsResponse;
 
-    // Only a deletion touches posts: other user events cost no transaction.
-    fn wants(&self, event: &WatchEventsResponse) -> bool {
-        matches!(event.event, Some(Event::UserDeleted(_)))
+    // Only a deletion touches posts: users sends no other kind.
+    fn kinds(&self) -> Vec<WatchEventsResponse> {
+        vec![WatchEventsResponse {
+            event: Some(Event::UserDeleted(Default::default())),
+            ..Default::default()
+        }]
     }
 
     async fn apply(&self, tx: &mut Tx, event: WatchEventsResponse) -> Result<(), StoreError> {

@@ -575,6 +575,7 @@ impl PostService for Posts {
         Ok(Response::new(outbox::stream::<PostEvents>(
             self.db(),
             after,
+            &req.event_fields,
         )?))
     }
 }

@@ -879,6 +879,7 @@ impl UserService for Users {
         Ok(Response::new(outbox::stream::<UserEvents>(
             self.db(),
             after,
+            &req.event_fields,
         )?))
     }
 }

@@ -388,7 +388,7 @@ async fn watch_events_replays_then_follows() {
         .unwrap();
 
         let mut stream = c
-            .watch_events(WatchEventsRequest { after_sequence: 0 })
+            .watch_events(WatchEventsRequest::default())
             .await
             .unwrap()
             .into_inner();
@@ -425,6 +425,7 @@ async fn watch_events_replays_then_follows() {
         let mut resumed = c
             .watch_events(WatchEventsRequest {
                 after_sequence: second.sequence,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -433,10 +434,41 @@ async fn watch_events_replays_then_follows() {
         assert_eq!(next.sequence, third.sequence);
 
         let err = c
-            .watch_events(WatchEventsRequest { after_sequence: -1 })
+            .watch_events(WatchEventsRequest {
+                after_sequence: -1,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert_eq!(violated_fields(&err), ["after_sequence"]);
+
+        // Deletions only: the creation before the deletion is passed over (the deletion's
+        // sequence moves a cursor past it), the one after comes as a progress marker.
+        let mut deletions = c
+            .watch_events(WatchEventsRequest {
+                after_sequence: 0,
+                event_fields: vec![4],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let deleted = deletions.next().await.unwrap().unwrap();
+        assert_eq!(deleted.sequence, second.sequence);
+        assert!(matches!(deleted.event, Some(Event::CommentDeleted(_))));
+        let marker = tokio::time::timeout(tessera_testing::BOUND, deletions.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((marker.sequence, marker.event), (third.sequence, None));
+        let err = c
+            .watch_events(WatchEventsRequest {
+                after_sequence: 0,
+                event_fields: vec![3, 5],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["event_fields[1]"]);
     }
 }
