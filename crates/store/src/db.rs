@@ -81,7 +81,10 @@ pub(crate) struct Inner {
     /// the moment the previous one commits. Other processes on the same file are still
     /// handled by the busy timeout. Between transactions the connection stays out of the pool
     /// unless the pool is smaller than three (see [`crate::tx::WriterTx`]).
-    pub(crate) writer: Option<Arc<Mutex<Option<PoolConnection<Any>>>>>,
+    pub(crate) writer: Option<Arc<Mutex<Writer>>>,
+    /// SQLite only: how many write transactions are waiting for their turn. A commit with
+    /// one waiting opens the next transaction in the same round trip ([`Writer::begun`]).
+    pub(crate) queued: std::sync::atomic::AtomicUsize,
     /// Whether the writer connection stays out of the pool between transactions.
     pub(crate) keep_writer: bool,
     /// How long a write transaction waits for its turn (the busy timeout).
@@ -103,7 +106,7 @@ impl Drop for Inner {
             .writer
             .as_mut()
             .and_then(|writer| Arc::get_mut(writer))
-            .and_then(|slot| slot.get_mut().take())
+            .and_then(|slot| slot.get_mut().conn.take())
         {
             drop(conn.detach());
         }
@@ -173,6 +176,14 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
             if inner.pool.is_closed() {
                 return;
             }
+            // A transaction begun for a writer that gave up: nobody else is waiting (a free
+            // turn goes to the first waiter, never to `try_lock`).
+            if let Some(writer) = &inner.writer
+                && let Ok(mut turn) = writer.try_lock()
+                && let Err(err) = turn.end_begun().await
+            {
+                tracing::debug!(error = %err, "ending an unused write transaction failed");
+            }
             if let Err(err) = checkpoint_and_restart(&inner).await {
                 tracing::debug!(error = %err, "WAL checkpoint failed; the next one retries");
             }
@@ -193,12 +204,59 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
         return Ok(());
     };
     let mut turn = writer.lock().await;
-    match turn.as_deref_mut() {
+    // A transaction opened for a writer that then gave up waiting: it has written nothing,
+    // and a checkpoint cannot run inside it.
+    turn.end_begun().await?;
+    match turn.conn.as_deref_mut() {
         // The kept writer connection is idle while the turn is held.
         Some(conn) => checkpoint(conn).await?,
         None => checkpoint(&mut *inner.pool.acquire().await?).await?,
     };
     Ok(())
+}
+
+/// Counts a write transaction waiting for its turn while it lives (dropped when the turn
+/// comes, or when the wait is given up).
+struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The handle's writer connection, behind its turn (see [`Inner::writer`]).
+#[derive(Default)]
+pub(crate) struct Writer {
+    /// Filled by the first write transaction; kept between transactions unless the pool is
+    /// small.
+    pub(crate) conn: Option<PoolConnection<Any>>,
+    /// The previous transaction committed with another waiting, and opened that one's
+    /// transaction (`BEGIN IMMEDIATE`) in the same round trip to the connection's thread: the
+    /// next holder of the turn finds its transaction begun. Under a queue of writers that is
+    /// one round trip (two thread switches) fewer per transaction.
+    pub(crate) begun: bool,
+}
+
+impl Writer {
+    /// Ends a transaction begun for a writer that never took it (it gave up waiting), so the
+    /// connection does not hold SQLite's write lock with no writer.
+    pub(crate) async fn end_begun(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.begun)
+            && let Some(conn) = self.conn.as_deref_mut()
+        {
+            <<Any as sqlx::Database>::TransactionManager as sqlx::TransactionManager>::commit(conn)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
@@ -450,7 +508,9 @@ impl Db {
                 committed,
                 recent: Default::default(),
                 poll_interval: options.poll_interval,
-                writer: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(None))),
+                writer: (backend == Backend::Sqlite)
+                    .then(|| Arc::new(Mutex::new(Writer::default()))),
+                queued: std::sync::atomic::AtomicUsize::new(0),
                 // Kept only when that still leaves a pooled connection beside the kept reads,
                 // for the checkpoints.
                 keep_writer: max >= 3,
@@ -498,19 +558,28 @@ impl Db {
         let Some(writer) = &self.inner.writer else {
             return Ok(Tx::pooled(self.inner.pool.begin().await?, self.clone()));
         };
+        let queued = Queued::new(&self.inner.queued);
         let turn = tokio::time::timeout(self.inner.turn_timeout, writer.clone().lock_owned())
             .await
             .map_err(|_| StoreError::Busy(self.inner.turn_timeout))?;
+        drop(queued);
         let tx = WriterTx::begin(turn, self, self.inner.keep_writer).await?;
         Ok(Tx::writer(tx, self.clone()))
+    }
+
+    /// How many write transactions are waiting for this handle's write turn (SQLite; always
+    /// 0 on PostgreSQL, whose transactions do not take turns).
+    pub fn writers_waiting(&self) -> usize {
+        self.inner.queued.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.inner.reads.close().await;
         if let Some(writer) = &self.inner.writer
-            && let Some(conn) = writer.lock().await.take()
+            && let Some(conn) = writer.lock().await.conn.take()
         {
+            // Closing ends a transaction begun for nobody (it wrote nothing).
             // A connection that fails to close cleanly is gone all the same.
             let _ = conn.close().await;
         }

@@ -2,11 +2,12 @@
 
 use std::ops::{Deref, DerefMut};
 
-use sqlx::{Any, AnyConnection, Database, Transaction, TransactionManager, pool::PoolConnection};
+use futures::StreamExt;
+use sqlx::{Any, AnyConnection, Database, Transaction, TransactionManager};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::{
-    db::{Backend, Db},
+    db::{Backend, Db, Writer},
     error::Result,
     reads::connection_failed,
 };
@@ -62,7 +63,7 @@ enum Conn {
 /// transactions, so no ping follows each one and its page cache stays warm (no other
 /// connection of the handle writes).
 pub(crate) struct WriterTx {
-    slot: OwnedMutexGuard<Option<PoolConnection<Any>>>,
+    slot: OwnedMutexGuard<Writer>,
     /// A transaction was begun and not yet ended: dropping rolls it back.
     open: bool,
     /// Whether the connection stays kept after this transaction (not with a small pool).
@@ -71,14 +72,21 @@ pub(crate) struct WriterTx {
 
 impl WriterTx {
     /// Begins `BEGIN IMMEDIATE` on the writer connection in `slot`, taking one from `db`'s pool
-    /// if there is none.
+    /// if there is none; or takes the transaction the previous writer began for it.
     pub(crate) async fn begin(
-        mut slot: OwnedMutexGuard<Option<PoolConnection<Any>>>,
+        mut slot: OwnedMutexGuard<Writer>,
         db: &Db,
         keep: bool,
     ) -> Result<Self> {
-        if slot.is_none() {
-            *slot = Some(db.inner.pool.acquire().await?);
+        if std::mem::take(&mut slot.begun) && slot.conn.is_some() {
+            return Ok(WriterTx {
+                slot,
+                open: true,
+                keep,
+            });
+        }
+        if slot.conn.is_none() {
+            slot.conn = Some(db.inner.pool.acquire().await?);
         }
         // Open before BEGIN is sent: if this future is dropped part-way, the rollback queued on
         // drop follows the BEGIN on the connection's thread.
@@ -87,7 +95,19 @@ impl WriterTx {
             open: true,
             keep,
         };
-        if let Err(err) = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await {
+        let mut begun = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await;
+        if let Err(sqlx::Error::InvalidSavePointStatement) = begun {
+            // sqlx counts a transaction SQLite does not have: a commit that was also to open
+            // the next transaction ([`WriterTx::commit`]) was cut off between its two
+            // statements. The connection is closed; the transaction begins on another.
+            tracing::warn!("the writer connection lost count of its transaction; reconnecting");
+            if let Some(conn) = tx.slot.conn.take() {
+                let _ = conn.close().await;
+            }
+            tx.slot.conn = Some(db.inner.pool.acquire().await?);
+            begun = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await;
+        }
+        if let Err(err) = begun {
             tx.failed(&err);
             return Err(err.into());
         }
@@ -96,8 +116,46 @@ impl WriterTx {
 
     fn conn(&mut self) -> &mut AnyConnection {
         self.slot
+            .conn
             .as_deref_mut()
             .unwrap_or_else(|| unreachable!("the writer slot is filled before a transaction"))
+    }
+
+    /// Commits, and with `next` also begins the next writer's transaction in the same round
+    /// trip (see [`Writer::begun`]).
+    async fn commit(&mut self, next: bool) -> std::result::Result<(), sqlx::Error> {
+        if !next {
+            return Manager::commit(self.conn()).await;
+        }
+        // sqlx's count of open transactions stays at one across both statements, as it is
+        // for SQLite. Each statement reports as it completes: how many did says which failed.
+        let mut done = 0;
+        let mut results = sqlx::raw_sql("COMMIT; BEGIN IMMEDIATE").execute_many(self.conn());
+        let failed = loop {
+            match results.next().await {
+                Some(Ok(_)) => done += 1,
+                Some(Err(err)) => break Some(err),
+                None => break None,
+            }
+        };
+        drop(results);
+        match failed {
+            None if done == 2 => {
+                self.slot.begun = true;
+                Ok(())
+            }
+            // The COMMIT failed: as for a plain commit.
+            Some(err) if done == 0 => Err(err),
+            // Committed, but the next transaction is not open while sqlx counts one: this
+            // connection is put aside (the next writer takes another from the pool).
+            failed => {
+                tracing::warn!(error = ?failed, "beginning the next write transaction failed; reconnecting");
+                if let Some(conn) = self.slot.conn.take() {
+                    let _ = conn.close().await;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// After a failed BEGIN, COMMIT or ROLLBACK. The transaction stays open (a COMMIT refused
@@ -106,7 +164,7 @@ impl WriterTx {
     /// to the pool, which pings it and closes it if it is broken.
     fn failed(&mut self, err: &sqlx::Error) {
         if connection_failed(err)
-            && let Some(mut conn) = self.slot.take()
+            && let Some(mut conn) = self.slot.conn.take()
         {
             Manager::start_rollback(&mut conn);
         }
@@ -116,14 +174,14 @@ impl WriterTx {
 impl Drop for WriterTx {
     fn drop(&mut self) {
         if self.open
-            && let Some(conn) = self.slot.as_deref_mut()
+            && let Some(conn) = self.slot.conn.as_deref_mut()
         {
             // Queued on the connection before the next writer can use it (the slot's lock is
             // released after this).
             Manager::start_rollback(conn);
         }
         if !self.keep {
-            drop(self.slot.take());
+            drop(self.slot.conn.take());
         }
     }
 }
@@ -133,10 +191,11 @@ impl Deref for Tx {
     fn deref(&self) -> &AnyConnection {
         match &self.conn {
             Conn::Pooled(tx) => tx,
-            Conn::Writer(tx) => tx
-                .slot
-                .as_deref()
-                .unwrap_or_else(|| unreachable!("the writer slot is filled during a transaction")),
+            Conn::Writer(tx) => {
+                tx.slot.conn.as_deref().unwrap_or_else(|| {
+                    unreachable!("the writer slot is filled during a transaction")
+                })
+            }
         }
     }
 }
@@ -167,7 +226,9 @@ impl Tx {
                 None
             }
             Conn::Writer(mut tx) => {
-                if let Err(err) = Manager::commit(tx.conn()).await {
+                let next =
+                    tx.keep && db.inner.queued.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                if let Err(err) = tx.commit(next).await {
                     tx.failed(&err);
                     return Err(err.into());
                 }

@@ -55,11 +55,13 @@ async fn cancelled_writers_leave_nothing_behind_and_the_next_one_works() {
     for round in 0..200u64 {
         let tag = format!("cut{round}");
         let cut = tokio::time::timeout(Duration::from_micros(round * 20), write(&db, &tag, 20));
-        let ok = format!("ok{round}");
-        let other = write(&db, &ok, 1);
-        let (cut, other) = tokio::join!(cut, other);
+        // Two others: one is usually waiting when the cut one commits, so its COMMIT also
+        // opens the next transaction, and the cut lands in that too.
+        let (ok, ok2) = (format!("ok{round}"), format!("ok{round}b"));
+        let (cut, other, other2) = tokio::join!(cut, write(&db, &ok, 1), write(&db, &ok2, 1));
         other.unwrap();
-        committed += 1;
+        other2.unwrap();
+        committed += 2;
         let cut_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE id LIKE $1")
             .bind(format!("{tag}-%"))
             .fetch_one(db.pool())
@@ -165,6 +167,77 @@ async fn close_closes_the_writer_so_the_wal_is_gone() {
     // And the data is in the file.
     let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
     assert_eq!(count(&db).await, 10);
+    db.close().await;
+}
+
+/// A COMMIT with a writer waiting also opens that writer's transaction; refused, it opens
+/// nothing, and the waiting writer begins its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_with_a_writer_waiting_leaves_it_a_clean_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("refused.db").to_str().unwrap(), MIGRATIONS)
+        .await
+        .unwrap();
+    for round in 0..20 {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO item_tags (item_id, tag) VALUES ('missing', 'x')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let waiting = tokio::spawn({
+            let db = db.clone();
+            async move { write(&db, &format!("after{round}"), 2).await }
+        });
+        // Until the other writer is queued for the turn (it cannot get further).
+        tessera_testing::eventually!(db.writers_waiting() == 1);
+        assert!(tx.commit().await.is_err(), "round {round}: refused");
+        waiting.await.unwrap().unwrap();
+    }
+    let orphans: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM item_tags")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!((orphans, count(&db).await), (0, 40));
+    db.close().await;
+}
+
+/// A writer that gives up waiting after the COMMIT before it opened its transaction leaves
+/// that transaction to nobody: the handle ends it, so other processes can write the file.
+/// (One thread: the writer is cut off exactly between the COMMIT and taking its turn.)
+#[tokio::test]
+async fn a_transaction_opened_for_a_writer_that_gave_up_is_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gave-up.db");
+    let db = Db::open(path.to_str().unwrap(), MIGRATIONS).await.unwrap();
+    for round in 0..5 {
+        let tx = db.begin().await.unwrap();
+        let waiting = tokio::spawn({
+            let db = db.clone();
+            async move { db.begin().await.map(drop) }
+        });
+        tessera_testing::eventually!(db.writers_waiting() == 1);
+        // The commit opens the waiting writer's transaction; the writer is gone before it
+        // runs again to take it.
+        tx.commit().await.unwrap();
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // Another process on the same file: its write waits (busy timeout) for the write
+        // lock, which the handle gives up without a writer of its own coming.
+        let other = Db::open_with(
+            path.to_str().unwrap(),
+            DbOptions {
+                busy_timeout: Duration::from_secs(10),
+                ..DbOptions::default()
+            },
+            MIGRATIONS,
+        )
+        .await
+        .unwrap();
+        write(&other, &format!("other{round}"), 1).await.unwrap();
+        other.close().await;
+    }
+    write(&db, "mine", 1).await.unwrap();
+    assert_eq!(count(&db).await, 6);
     db.close().await;
 }
 
