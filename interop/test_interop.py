@@ -292,3 +292,60 @@ def test_internal_port_refuses_a_client_without_a_certificate(mesh):
         with pytest.raises(grpc.RpcError) as err:
             health.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_follower_names_the_kinds_it_wants_and_gets_a_marker_for_the_rest(mesh, public, stubs):
+    """As comments' workload: PostService.WatchEvents with event_fields=[4] (post_deleted)."""
+    users = stubs["users_grpc"].UserServiceStub(public)
+    posts_public = stubs["posts_grpc"].PostServiceStub(public)
+    u, p = stubs["users"], stubs["posts"]
+    users.CreateUser(
+        u.CreateUserRequest(
+            username="pywatcher",
+            email="pywatcher@example.com",
+            password="a python password",
+            display_name="Python Watcher",
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    token = users.Login(
+        u.LoginRequest(username="pywatcher", password="a python password"), timeout=CALL_TIMEOUT
+    ).access_token
+    auth = (("authorization", f"Bearer {token}"),)
+
+    certs = pathlib.Path(mesh["operator"]["cert"]).parent.parent / "comments"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read(mesh["ca"]),
+        private_key=read(certs / "tls.key"),
+        certificate_chain=read(certs / "tls.crt"),
+    )
+    with grpc.secure_channel(mesh["services"]["posts"]["grpc"], creds) as channel:
+        posts = stubs["posts_grpc"].PostServiceStub(channel)
+        stream = posts.WatchEvents(
+            p.WatchEventsRequest(from_now=True, event_fields=[4]), timeout=CALL_TIMEOUT
+        )
+        stream.initial_metadata()  # from here on, every commit is in the stream
+
+        def create(title):
+            return posts_public.CreatePost(
+                p.CreatePostRequest(title=title, body="b"), metadata=auth, timeout=CALL_TIMEOUT
+            ).post
+
+        doomed = create("soon gone")
+        posts_public.DeletePost(
+            p.DeletePostRequest(post_id=doomed.post_id), metadata=auth, timeout=CALL_TIMEOUT
+        )
+        create("kept")
+        deleted = next(stream)
+        assert deleted.WhichOneof("event") == "post_deleted"
+        assert deleted.post_deleted.post_id == doomed.post_id
+        marker = next(stream)
+        assert marker.WhichOneof("event") is None, marker
+        assert marker.sequence == deleted.sequence + 1
+        assert marker.epoch == deleted.epoch
+        stream.cancel()
+
+        bad = posts.WatchEvents(p.WatchEventsRequest(event_fields=[4, 9]), timeout=CALL_TIMEOUT)
+        with pytest.raises(grpc.RpcError) as err:
+            next(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
