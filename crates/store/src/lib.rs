@@ -91,7 +91,9 @@
 //! across reconnects, crashes, restarts and concurrent replicas. Errors reconnect with
 //! backoff. Events a consumer has no use for ([`Apply::wants`] false) cost no transaction:
 //! the cursor passes them in memory and is written with the next applied batch or after
-//! [`IDLE_CURSOR_WRITE`]. ([`Consumer`] is the same loop over any stream of events.)
+//! [`IDLE_CURSOR_WRITE`]. A consumer that names the kinds it applies ([`Apply::kinds`]) is
+//! not even sent the others: the producer's stream skips them and sends a progress marker in
+//! their place now and then, which moves the cursor the same way. ([`Consumer`] is the same loop over any stream of events.)
 //!
 //! Each outbox has an epoch ([`Db::epoch`]), a random id drawn when it is created and sent
 //! with every `WatchEvents` event. The cursor records the epoch it follows
