@@ -149,6 +149,22 @@ def internal(mesh, service, operator=True):
     return grpc.secure_channel(mesh["services"][service]["grpc"], creds)
 
 
+def sign_up(users, u, username, display_name):
+    """Creates `username` through the public port and logs in; the LoginResponse."""
+    users.CreateUser(
+        u.CreateUserRequest(
+            username=username,
+            email=f"{username}@example.com",
+            password="a python password",
+            display_name=display_name,
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    return users.Login(
+        u.LoginRequest(username=username, password="a python password"), timeout=CALL_TIMEOUT
+    )
+
+
 def test_public_health_is_serving(public):
     health = health_pb2_grpc.HealthStub(public)
     resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT)
@@ -230,18 +246,7 @@ def test_refresh_rotates_reuse_and_logout_end_the_session(public, stubs):
     users = stubs["users_grpc"].UserServiceStub(public)
     posts = stubs["posts_grpc"].PostServiceStub(public)
     u, p = stubs["users"], stubs["posts"]
-    users.CreateUser(
-        u.CreateUserRequest(
-            username="pyrefresh",
-            email="pyrefresh@example.com",
-            password="a python password",
-            display_name="Python Refresh",
-        ),
-        timeout=CALL_TIMEOUT,
-    )
-    login = users.Login(
-        u.LoginRequest(username="pyrefresh", password="a python password"), timeout=CALL_TIMEOUT
-    )
+    login = sign_up(users, u, "pyrefresh", "Python Refresh")
     assert login.refresh_token and login.expires_in == 900
 
     refreshed = users.RefreshToken(
@@ -299,18 +304,7 @@ def test_a_follower_names_the_kinds_it_wants_and_gets_a_marker_for_the_rest(mesh
     users = stubs["users_grpc"].UserServiceStub(public)
     posts_public = stubs["posts_grpc"].PostServiceStub(public)
     u, p = stubs["users"], stubs["posts"]
-    users.CreateUser(
-        u.CreateUserRequest(
-            username="pywatcher",
-            email="pywatcher@example.com",
-            password="a python password",
-            display_name="Python Watcher",
-        ),
-        timeout=CALL_TIMEOUT,
-    )
-    token = users.Login(
-        u.LoginRequest(username="pywatcher", password="a python password"), timeout=CALL_TIMEOUT
-    ).access_token
+    token = sign_up(users, u, "pywatcher", "Python Watcher").access_token
     auth = (("authorization", f"Bearer {token}"),)
 
     certs = pathlib.Path(mesh["operator"]["cert"]).parent.parent / "comments"
