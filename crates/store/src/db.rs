@@ -150,9 +150,9 @@ const SQLITE_PAGE_BYTES: u64 = 4096;
 /// did. Each append then went to a new block of a growing file (allocated and zeroed by the
 /// filesystem, more page cache). So once the WAL holds [`DbOptions::wal_restart_bytes`], one
 /// more checkpoint runs holding this handle's write turn, and the next writer starts the WAL
-/// over. Writers wait for that one: 4 ms at the median in scenario B (2-25 ms; not its syncs
-/// alone, an fsync takes a fraction of a millisecond on that VM; the hand-offs between tasks
-/// on the one saturated core are the likely rest, not measured); at 16 CreatePosts in
+/// over. Writers wait for that one: 4 ms at the median in scenario B (2-25 ms; not its syncs,
+/// an fsync takes a fraction of a millisecond on that VM, nor the hand-offs to this task: run
+/// inside a commit's own round trip it was no faster); at 16 CreatePosts in
 /// flight that is every 150 ms or so with the default 8 MiB, which still cost less CPU and
 /// latency than a longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit`
 /// cuts a WAL that a burst grew back when it starts over.
