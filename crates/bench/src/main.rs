@@ -104,6 +104,15 @@ struct RunArgs {
     /// Seconds of each scenario B throughput run (the one-in-flight runs take --latency-secs).
     #[arg(long, default_value_t = 4.0)]
     b_secs: f64,
+    /// Scenario B's calls to measure (e.g. only `create-post`, to count what one costs with
+    /// `perf stat` over its rounds).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "get-post-thread,create-post"
+    )]
+    b_calls: Vec<scenario_b::Call>,
     /// Scenario C: replica counts of posts and comments, in order (ratios are to the first).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     c_replicas: Vec<usize>,
@@ -330,6 +339,7 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
             sources: 64,
             writers: 200,
             per_service: !args.no_per_service,
+            calls: args.b_calls.clone(),
         };
         println!("\n== Scenario B: end to end through the gateway ==");
         let results = scenario_b::run(&opts).await?;

@@ -77,6 +77,17 @@ pub struct Options {
     pub writers: usize,
     /// Also run each service alone (`tessera serve`) for per-service memory.
     pub per_service: bool,
+    /// The calls measured, in this order.
+    pub calls: Vec<Call>,
+}
+
+/// A call scenario B measures through the public port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Call {
+    /// FeedService.GetPostThread on a seeded post, anonymously.
+    GetPostThread,
+    /// PostService.CreatePost as one of the writers.
+    CreatePost,
 }
 
 /// What was seeded.
@@ -852,10 +863,15 @@ pub async fn run(opts: &Options) -> Result<Results, BenchError> {
         + procfs::stat_cpu(mono_pid)?
         + procfs::stat_cpu(std::process::id())?;
     type MakeCall = fn(Pool, Arc<Vec<String>>) -> CallFn;
-    let calls: [(&'static str, MakeCall, &Arc<Vec<String>>); 2] = [
-        ("GetPostThread", thread_call, &posts),
-        ("CreatePost", create_post_call, &tokens),
-    ];
+    let calls = opts
+        .calls
+        .iter()
+        .map(|call| -> (&'static str, MakeCall, &Arc<Vec<String>>) {
+            match call {
+                Call::GetPostThread => ("GetPostThread", thread_call, &posts),
+                Call::CreatePost => ("CreatePost", create_post_call, &tokens),
+            }
+        });
     // Interleaved: at each concurrency, B_ROUNDS alternating rounds of mesh and monolith,
     // each a share of the time, merged per server. The VM's speed drifts within seconds (the
     // monolith once went from 3150 to 2250 CreatePosts/s between the halves of one 4 s run),
