@@ -96,6 +96,10 @@ pub(crate) struct Inner {
     pub(crate) dirty: std::sync::atomic::AtomicBool,
     /// SQLite only: [`DbOptions::wal_restart_bytes`] in WAL frames.
     pub(crate) wal_restart_frames: i64,
+    /// SQLite only: an event appended in a commit's own round trip reached a prune point
+    /// ([`crate::outbox::PRUNE_EVERY`]); the next such commit prunes the outbox up to this
+    /// sequence first (0: nothing due).
+    pub(crate) prune_due: std::sync::atomic::AtomicI64,
 }
 
 impl Drop for Inner {
@@ -519,6 +523,7 @@ impl Db {
                 outbox_retention: options.outbox_retention,
                 epoch: OnceLock::new(),
                 dirty: std::sync::atomic::AtomicBool::new(false),
+                prune_due: std::sync::atomic::AtomicI64::new(0),
                 wal_restart_frames,
             }),
         };

@@ -45,9 +45,11 @@
 //!
 //! # The outbox
 //!
-//! In the transaction that makes a change, append the event as the last write. Convention:
-//! the payload is the service's prost-encoded `WatchEventsResponse` with only the `event`
-//! oneof set ([`outbox::append`]); the `WatchEvents` handler decodes it and fills in
+//! In the transaction that makes a change, append the event: [`outbox::append_on_commit`]
+//! appends it when the transaction commits (after its other writes, and under load in the
+//! COMMIT's own round trip); [`outbox::append`] appends it at once and returns its sequence.
+//! Convention: the payload is the service's prost-encoded `WatchEventsResponse` with only the
+//! `event` oneof set; the `WatchEvents` handler decodes it and fills in
 //! `sequence`, `create_time` and the epoch from the [`Event`] ([`outbox::stream`]). A service
 //! declares its message once with [`watch_events!`]; the store lists no services:
 //!
@@ -55,7 +57,7 @@
 //! tessera_store::watch_events!(PostEvents = tessera::posts::v1);
 //!
 //! // in the write path
-//! outbox::append::<PostEvents>(&mut tx, Event::PostDeleted(..)).await?;
+//! outbox::append_on_commit::<PostEvents>(&mut tx, Event::PostDeleted(..));
 //! tx.commit().await?;
 //!
 //! // in the service impl
@@ -75,7 +77,8 @@
 //! new commits (woken by [`Tx::commit`], no busy polling). [`Db::read_events`] reads one page.
 //!
 //! The outbox keeps a week of events by default ([`DbOptions::outbox_retention`]): every
-//! [`PRUNE_EVERY`] appends, older events are deleted in the appending transaction, the newest
+//! [`PRUNE_EVERY`] appends, older events are deleted in the appending transaction (for an
+//! event appended in the COMMIT's round trip, in the next transaction that appends), the newest
 //! always kept. A reader whose cursor is older than what is kept gets [`StoreError::Pruned`]
 //! (OUT_OF_RANGE from `WatchEvents`) rather than a silent gap; a consumer keeps retrying and
 //! logging it until an operator resynchronises it.

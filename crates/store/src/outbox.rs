@@ -42,6 +42,12 @@ pub const EVENT_BATCH: i64 = 256;
 /// How many appends apart the outbox is pruned (in the appending transaction).
 pub const PRUNE_EVERY: i64 = 256;
 
+/// A commit that appends one event in its own round trip, and begins the next writer's
+/// transaction (see `WriterTx::commit`): the append is [`Tx::append_event`]'s for SQLite.
+pub(crate) const APPEND_COMMIT_BEGIN: &str = "INSERT INTO tessera_outbox (sequence, create_time, payload) \
+     SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox RETURNING sequence; \
+     COMMIT; BEGIN IMMEDIATE";
+
 /// The most outbox rows one prune looks at (and deletes).
 const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
 
@@ -49,6 +55,15 @@ const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
 pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Tx {
+    /// Appends an event to the outbox when this transaction commits, after its other
+    /// statements: what [`Tx::append_event`] does, without the sequence (known once
+    /// committed). Under load it costs no round trip of its own: on SQLite with another writer
+    /// waiting, one such event goes in the commit's round trip (`INSERT ... ; COMMIT; BEGIN
+    /// IMMEDIATE`); otherwise the events are appended just before the COMMIT.
+    pub fn append_on_commit(&mut self, payload: Vec<u8>) {
+        self.on_commit.push(payload);
+    }
+
     /// Appends an event to the outbox in this transaction and returns its sequence.
     ///
     /// Sequences are strictly increasing, and commit in sequence order: the append takes
@@ -134,7 +149,7 @@ impl Tx {
     }
 
     /// Deletes what the retention no longer keeps, up to `seq` (just appended, so kept).
-    async fn prune(&mut self, seq: i64) -> Result<()> {
+    pub(crate) async fn prune(&mut self, seq: i64) -> Result<()> {
         let Some(retention) = self.db.inner.outbox_retention else {
             return Ok(());
         };
@@ -405,6 +420,12 @@ pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 /// (see [`Tx::append_event`]).
 pub async fn append<W: WatchEvents>(tx: &mut Tx, event: W::Event) -> Result<i64> {
     tx.append_event(&W::message(event).encode_to_vec()).await
+}
+
+/// [`append`] when the transaction commits ([`Tx::append_on_commit`]): for a service's writes,
+/// which need not know the sequence, and then spend no round trip of their own on it.
+pub fn append_on_commit<W: WatchEvents>(tx: &mut Tx, event: W::Event) {
+    tx.append_on_commit(W::message(event).encode_to_vec());
 }
 
 /// The body of a `WatchEvents` handler: every event after `after_sequence`, decoded as the

@@ -9,6 +9,8 @@ use tokio::sync::OwnedMutexGuard;
 use crate::{
     db::{Backend, Db, Writer},
     error::Result,
+    now_micros,
+    outbox::{APPEND_COMMIT_BEGIN, Event, PRUNE_EVERY},
     reads::connection_failed,
 };
 
@@ -49,6 +51,8 @@ pub struct Tx {
     pub(crate) events: Vec<crate::outbox::Event>,
     /// The oldest outbox sequence left after this transaction pruned the outbox.
     pub(crate) pruned_to: Option<i64>,
+    /// Events to append when the transaction commits ([`Tx::append_on_commit`]).
+    pub(crate) on_commit: Vec<Vec<u8>>,
 }
 
 enum Conn {
@@ -122,30 +126,62 @@ impl WriterTx {
     }
 
     /// Commits, and with `next` also begins the next writer's transaction in the same round
-    /// trip (see [`Writer::begun`]).
-    async fn commit(&mut self, next: bool) -> std::result::Result<(), sqlx::Error> {
+    /// trip (see [`Writer::begun`]). With `event` (its create time and payload, and `next`),
+    /// first appends it to the outbox in that round trip too, and returns its sequence: a
+    /// write that appends one event then costs its statements plus this one round trip.
+    async fn commit(
+        &mut self,
+        next: bool,
+        event: Option<(i64, &[u8])>,
+    ) -> std::result::Result<Option<i64>, sqlx::Error> {
         if !next {
-            return Manager::commit(self.conn()).await;
+            debug_assert!(event.is_none(), "an event is folded in only with `next`");
+            return Manager::commit(self.conn()).await.map(|()| None);
         }
-        // sqlx's count of open transactions stays at one across both statements, as it is
-        // for SQLite. Each statement reports as it completes: how many did says which failed.
+        // sqlx's count of open transactions stays at one across these statements, as it is
+        // for SQLite. Each statement reports as it completes (the worker stops at the first
+        // error): how many did says which failed.
+        // Several statements in one prepared query, with parameters: SQLite alone does this
+        // (sqlx deprecates it for that reason, not for SQLite); `raw_sql` takes no parameters.
+        #[allow(deprecated)]
+        let (mut results, lead) = match event {
+            Some((create_time, payload)) => (
+                sqlx::query(APPEND_COMMIT_BEGIN)
+                    .bind(create_time)
+                    .bind(payload)
+                    .fetch_many(self.conn()),
+                1,
+            ),
+            None => (
+                sqlx::raw_sql("COMMIT; BEGIN IMMEDIATE").fetch_many(self.conn()),
+                0,
+            ),
+        };
         let mut done = 0;
-        let mut results = sqlx::raw_sql("COMMIT; BEGIN IMMEDIATE").execute_many(self.conn());
+        let mut sequence = None;
         let failed = loop {
             match results.next().await {
-                Some(Ok(_)) => done += 1,
+                Some(Ok(sqlx::Either::Left(_))) => done += 1,
+                Some(Ok(sqlx::Either::Right(row))) => match sqlx::Row::try_get::<i64, _>(&row, 0) {
+                    Ok(seq) => sequence = Some(seq),
+                    Err(err) => break Some(err),
+                },
                 Some(Err(err)) => break Some(err),
                 None => break None,
             }
         };
         drop(results);
         match failed {
-            None if done == 2 => {
+            None if done == lead + 2 => {
                 self.slot.begun = true;
-                Ok(())
+                Ok(sequence)
             }
-            // The COMMIT failed: as for a plain commit.
-            Some(err) if done == 0 => Err(err),
+            // The append or the COMMIT failed: the transaction is still open, as after a
+            // plain commit that failed.
+            Some(err) if done <= lead => Err(err),
+            None if done <= lead => Err(sqlx::Error::Protocol(
+                "the statements of a commit ended before the COMMIT".into(),
+            )),
             // Committed, but the next transaction is not open while sqlx counts one: this
             // connection is put aside (the next writer takes another from the pool).
             failed => {
@@ -153,7 +189,7 @@ impl WriterTx {
                 if let Some(conn) = self.slot.conn.take() {
                     let _ = conn.close().await;
                 }
-                Ok(())
+                Ok(sequence)
             }
         }
     }
@@ -211,13 +247,49 @@ impl DerefMut for Tx {
 
 impl Tx {
     /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
-    pub async fn commit(self) -> Result<()> {
+    pub async fn commit(mut self) -> Result<()> {
+        // One event, with another writer waiting (the case under load), goes in the commit's
+        // own round trip ([`WriterTx::commit`]); otherwise the events are appended here, as
+        // [`Tx::append_event`] would have.
+        let fold = match &self.conn {
+            Conn::Writer(tx) => {
+                self.on_commit.len() == 1
+                    && tx.keep
+                    && self
+                        .db
+                        .inner
+                        .queued
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        > 0
+            }
+            Conn::Pooled(_) => false,
+        };
+        let on_commit = std::mem::take(&mut self.on_commit);
+        if !on_commit.is_empty() {
+            // A prune point an earlier folded append reached (it could not prune after its
+            // COMMIT); under the outbox lock, as a prune in `append_event` is.
+            let due = self
+                .db
+                .inner
+                .prune_due
+                .swap(0, std::sync::atomic::Ordering::Relaxed);
+            if due > 0 {
+                self.prune(due).await?;
+            }
+        }
+        match on_commit.as_slice() {
+            _ if fold => {}
+            [] => {}
+            [payload] => drop(self.append_event(payload).await?),
+            payloads => drop(self.append_events(payloads).await?),
+        }
         let Tx {
             conn,
             db,
-            appended,
-            events,
+            mut appended,
+            mut events,
             pruned_to,
+            on_commit: _,
         } = self;
         // SQLite: the write turn is held until the end of this function.
         let _turn = match conn {
@@ -228,9 +300,30 @@ impl Tx {
             Conn::Writer(mut tx) => {
                 let next =
                     tx.keep && db.inner.queued.load(std::sync::atomic::Ordering::Relaxed) > 0;
-                if let Err(err) = tx.commit(next).await {
-                    tx.failed(&err);
-                    return Err(err.into());
+                let create_time = now_micros();
+                let event = on_commit
+                    .first()
+                    .filter(|_| fold)
+                    .map(|payload| (create_time, payload.as_slice()));
+                match tx.commit(next || fold, event).await {
+                    Err(err) => {
+                        tx.failed(&err);
+                        return Err(err.into());
+                    }
+                    Ok(Some(sequence)) => {
+                        appended = Some(appended.map_or(sequence, |s| s.max(sequence)));
+                        if sequence % PRUNE_EVERY == 0 {
+                            db.inner
+                                .prune_due
+                                .store(sequence, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        events.extend(on_commit.into_iter().map(|payload| Event {
+                            sequence,
+                            create_time,
+                            payload,
+                        }));
+                    }
+                    Ok(None) => {}
                 }
                 tx.open = false;
                 Some(tx)
@@ -302,6 +395,7 @@ impl Tx {
             appended: None,
             events: Vec::new(),
             pruned_to: None,
+            on_commit: Vec::new(),
         }
     }
 

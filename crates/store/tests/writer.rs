@@ -2,12 +2,15 @@
 //! pool between them: one cancelled at any point (while queued, in BEGIN, mid-statement, in
 //! COMMIT) leaves nothing half done and the next writer a clean connection; pools of one and
 //! two connections still serve reads and checkpoints between writes; `close` closes the writer
-//! too; the WAL stays bounded under writes that never pause.
+//! too; the WAL stays bounded under writes that never pause; events appended in a commit's
+//! own round trip arrive in order, go with a refused commit, and still get the outbox pruned.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use tessera_store::{Db, DbOptions, Migration};
+use futures::StreamExt;
+
+use tessera_store::{Db, DbOptions, Event, Migration, StoreError};
 
 const MIGRATIONS: &[Migration] = &[
     Migration::portable(
@@ -29,7 +32,8 @@ async fn count(db: &Db) -> i64 {
         .unwrap()
 }
 
-/// One transaction inserting `rows` rows, with an event, committed.
+/// One transaction inserting `rows` rows, with an event, committed. The event is appended at
+/// the commit: with a writer waiting, in the commit's own round trip.
 async fn write(db: &Db, tag: &str, rows: i64) -> Result<(), tessera_store::StoreError> {
     let mut tx = db.begin().await?;
     for n in 0..rows {
@@ -39,7 +43,7 @@ async fn write(db: &Db, tag: &str, rows: i64) -> Result<(), tessera_store::Store
             .execute(&mut *tx)
             .await?;
     }
-    tx.append_event(tag.as_bytes()).await?;
+    tx.append_on_commit(tag.as_bytes().to_vec());
     tx.commit().await
 }
 
@@ -284,6 +288,150 @@ async fn the_wal_stays_bounded_while_writes_never_pause() {
     assert!(
         largest < 16 << 20,
         "the WAL grew to {largest} bytes for {written} bytes written"
+    );
+    db.close().await;
+}
+
+/// Starts a writer that queues for the turn behind the transaction held now, and returns once
+/// it is waiting: the held one's commit then sends its event with the COMMIT.
+async fn queue_behind(db: &Db, tag: String) -> tokio::task::JoinHandle<()> {
+    let waiting = tokio::spawn({
+        let db = db.clone();
+        async move { write(&db, &tag, 1).await.unwrap() }
+    });
+    tessera_testing::eventually!(db.writers_waiting() == 1);
+    waiting
+}
+
+async fn next_event(
+    events: &mut (impl futures::Stream<Item = Result<Event, StoreError>> + Unpin),
+) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("the event arrives")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_appended_in_the_commit_arrive_in_order_with_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("fold.db").to_str().unwrap(), MIGRATIONS)
+        .await
+        .unwrap();
+    // Subscribed before the writes.
+    let mut events = Box::pin(db.events(0));
+    for round in 0..30 {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO items (id, n) VALUES ($1, 0)")
+            .bind(format!("held{round}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.append_on_commit(format!("held{round}").into_bytes());
+        let waiting = queue_behind(&db, format!("queued{round}")).await;
+        tx.commit().await.unwrap();
+        waiting.await.unwrap();
+    }
+    let wanted = (0..30).flat_map(|round| [format!("held{round}"), format!("queued{round}")]);
+    for (i, want) in wanted.enumerate() {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.sequence, i as i64 + 1);
+        assert_eq!(String::from_utf8(event.payload).unwrap(), want);
+    }
+    // The stream has caught up and waits. A folded event that no later commit follows must
+    // wake it by itself.
+    let mut tx = db.begin().await.unwrap();
+    tx.append_on_commit(b"last".to_vec());
+    let waiting = tokio::spawn({
+        let db = db.clone();
+        async move { db.begin().await.unwrap().commit().await.unwrap() }
+    });
+    tessera_testing::eventually!(db.writers_waiting() == 1);
+    tx.commit().await.unwrap();
+    waiting.await.unwrap();
+    let last = next_event(&mut events).await;
+    assert_eq!((last.sequence, last.payload.as_slice()), (61, &b"last"[..]));
+    assert_eq!(count(&db).await, 60);
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_drops_the_event_it_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(
+        dir.path().join("refused-event.db").to_str().unwrap(),
+        MIGRATIONS,
+    )
+    .await
+    .unwrap();
+    for round in 0..10 {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO item_tags (item_id, tag) VALUES ('missing', 'x')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.append_on_commit(b"refused".to_vec());
+        let waiting = queue_behind(&db, format!("after{round}")).await;
+        assert!(tx.commit().await.is_err(), "round {round}: refused");
+        waiting.await.unwrap();
+    }
+    let kept = db.read_events(0, 100).await.unwrap();
+    let tags: Vec<String> = kept
+        .iter()
+        .map(|e| String::from_utf8(e.payload.clone()).unwrap())
+        .collect();
+    let want: Vec<String> = (0..10).map(|round| format!("after{round}")).collect();
+    assert_eq!(tags, want);
+    assert_eq!(
+        kept.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    db.close().await;
+}
+
+/// An append made in the COMMIT's round trip cannot prune after it: the prune point it reaches
+/// is pruned by the next commit that appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_appended_in_the_commit_still_get_the_outbox_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DbOptions {
+        outbox_retention: Some(Duration::ZERO),
+        ..DbOptions::default()
+    };
+    let db = Db::open_with(
+        dir.path().join("pruned.db").to_str().unwrap(),
+        options,
+        MIGRATIONS,
+    )
+    .await
+    .unwrap();
+    let total = 3 * tessera_store::PRUNE_EVERY;
+    for _ in 0..total {
+        let mut tx = db.begin().await.unwrap();
+        tx.append_on_commit(b"e".to_vec());
+        // A writer without events waits behind each: every event is appended in the COMMIT's
+        // round trip.
+        let waiting = tokio::spawn({
+            let db = db.clone();
+            async move {
+                let tx = db.begin().await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+        tessera_testing::eventually!(db.writers_waiting() == 1);
+        tx.commit().await.unwrap();
+        waiting.await.unwrap();
+    }
+    assert_eq!(db.last_sequence().await.unwrap(), total);
+    let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tessera_outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    // Pruned at each prune point: what is left is at most what came after the last one.
+    assert!(
+        kept <= tessera_store::PRUNE_EVERY + 1,
+        "{kept} of {total} events kept"
     );
     db.close().await;
 }

@@ -133,8 +133,7 @@ async fn cascade(tx: &mut Tx, column: &'static str, value: &str) -> Result<(), S
                 comment_id,
                 post_id,
             }),
-        )
-        .await?;
+        );
     }
     if count > 0 {
         tracing::info!(column, value, count, "cascaded comment deletion");

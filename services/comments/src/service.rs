@@ -225,8 +225,7 @@ impl Comments {
                 comment: Some(stored.clone()),
                 post_author_id: post_author_id.to_owned(),
             }),
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(stored)
     }
@@ -336,16 +335,15 @@ impl Comments {
                 comment_id: req.comment_id,
                 post_id,
             }),
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(())
     }
 }
 
-/// Appends one event to the outbox, as the last write of `tx`.
-pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), tessera_store::StoreError> {
-    outbox::append::<CommentEvents>(tx, event).await.map(drop)
+/// Appends one event to the outbox when `tx` commits.
+pub(crate) fn append(tx: &mut Tx, event: Event) {
+    outbox::append_on_commit::<CommentEvents>(tx, event);
 }
 
 #[tonic::async_trait]

@@ -44,8 +44,8 @@ impl Apply for UserEvents {
 }
 
 /// Records the author as deleted (so a still-valid token cannot post again) and deletes
-/// their posts, appending PostDeleted for each. All row changes come before the appends,
-/// which take the outbox lock (see `Tx::append_event`).
+/// their posts, appending PostDeleted for each when the transaction commits (after all its
+/// row changes: the appends take the outbox lock, see `Tx::append_event`).
 async fn delete_author(tx: &mut Tx, author_id: &str) -> Result<usize, StoreError> {
     // Waits for creates that passed the tombstone check (see `Posts::insert_post`).
     tx.lock_key(AUTHOR_KEY, author_id).await?;
@@ -68,7 +68,7 @@ async fn delete_author(tx: &mut Tx, author_id: &str) -> Result<usize, StoreError
         .await?;
     post_ids.sort();
     for (_, post_id) in &post_ids {
-        append(tx, post_deleted(post_id, author_id)).await?;
+        append(tx, post_deleted(post_id, author_id));
     }
     Ok(post_ids.len())
 }

@@ -15,7 +15,7 @@ use tessera_mesh::{
     auth::{UserClaims, end_user},
     errors::{Violations, invalid_field},
 };
-use tessera_store::{Db, PageToken, StoreError, Tx, now_micros, outbox, timestamp};
+use tessera_store::{Db, PageToken, Tx, now_micros, outbox, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, MIGRATIONS};
@@ -192,10 +192,10 @@ impl Posts {
     }
 }
 
-/// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
-pub(crate) async fn append(tx: &mut Tx, event: Event) -> Result<(), StoreError> {
-    outbox::append::<PostEvents>(tx, event).await?;
-    Ok(())
+/// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox)
+/// when `tx` commits.
+pub(crate) fn append(tx: &mut Tx, event: Event) {
+    outbox::append_on_commit::<PostEvents>(tx, event);
 }
 
 /// Deletes a post with its request-id records and appends PostDeleted, inside `tx`.
@@ -213,7 +213,7 @@ async fn delete_post_in(tx: &mut Tx, post_id: &str, author_id: &str) -> Result<b
         .bind(post_id)
         .execute(&mut **tx)
         .await?;
-    append(tx, post_deleted(post_id, author_id)).await?;
+    append(tx, post_deleted(post_id, author_id));
     Ok(true)
 }
 
@@ -294,8 +294,7 @@ impl Posts {
             Event::PostCreated(PostCreated {
                 post: Some(post.to_proto()),
             }),
-        )
-        .await?;
+        );
         tx.commit().await?;
         Ok(())
     }
@@ -518,9 +517,7 @@ impl PostService for Posts {
             Event::PostUpdated(PostUpdated {
                 post: Some(updated.to_proto()),
             }),
-        )
-        .await
-        .map_err(Error::from)?;
+        );
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(UpdatePostResponse {
             post: Some(updated.to_proto()),

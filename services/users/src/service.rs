@@ -466,7 +466,7 @@ impl Users {
         let event = Event::UserCreated(UserCreated {
             user: Some(user.to_proto(false)),
         });
-        append(&mut tx, event).await?;
+        append(&mut tx, event);
         tx.commit().await?;
         Ok(())
     }
@@ -549,10 +549,10 @@ impl Users {
     }
 }
 
-/// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox).
-async fn append(tx: &mut Tx, event: Event) -> Result<(), Error> {
-    outbox::append::<UserEvents>(tx, event).await?;
-    Ok(())
+/// Appends a WatchEvents payload (only the oneof set; sequence and time come from the outbox)
+/// when `tx` commits.
+fn append(tx: &mut Tx, event: Event) {
+    outbox::append_on_commit::<UserEvents>(tx, event);
 }
 
 #[tonic::async_trait]
@@ -805,7 +805,7 @@ impl UserService for Users {
             let event = Event::UserUpdated(UserUpdated {
                 user: Some(user.to_proto(false)),
             });
-            append(&mut tx, event).await?;
+            append(&mut tx, event);
         }
         tx.commit().await.map_err(Error::from)?;
         tracing::info!(user_id = %req.user_id, role, by = %caller.sub, "role changed");
@@ -855,8 +855,7 @@ impl UserService for Users {
             Event::UserDeleted(UserDeleted {
                 user_id: req.user_id.clone(),
             }),
-        )
-        .await?;
+        );
         tx.commit().await.map_err(Error::from)?;
         tracing::info!(user_id = %req.user_id, by = %caller.sub, "user deleted");
         Ok(Response::new(DeleteUserResponse {}))
