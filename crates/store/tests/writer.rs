@@ -292,12 +292,18 @@ async fn the_wal_stays_bounded_while_writes_never_pause() {
     db.close().await;
 }
 
-/// Starts a writer that queues for the turn behind the transaction held now, and returns once
-/// it is waiting: the held one's commit then sends its event with the COMMIT.
-async fn queue_behind(db: &Db, tag: String) -> tokio::task::JoinHandle<()> {
+/// Starts a writer that queues for the turn behind the transaction held now (writing a row
+/// and an event named `tag`, or nothing), and returns once it is waiting: the held one's
+/// commit then sends its event with the COMMIT.
+async fn queue_behind(db: &Db, tag: Option<String>) -> tokio::task::JoinHandle<()> {
     let waiting = tokio::spawn({
         let db = db.clone();
-        async move { write(&db, &tag, 1).await.unwrap() }
+        async move {
+            match tag {
+                Some(tag) => write(&db, &tag, 1).await.unwrap(),
+                None => db.begin().await.unwrap().commit().await.unwrap(),
+            }
+        }
     });
     tessera_testing::eventually!(db.writers_waiting() == 1);
     waiting
@@ -329,7 +335,7 @@ async fn events_appended_in_the_commit_arrive_in_order_with_their_rows() {
             .await
             .unwrap();
         tx.append_on_commit(format!("held{round}").into_bytes());
-        let waiting = queue_behind(&db, format!("queued{round}")).await;
+        let waiting = queue_behind(&db, Some(format!("queued{round}"))).await;
         tx.commit().await.unwrap();
         waiting.await.unwrap();
     }
@@ -343,11 +349,7 @@ async fn events_appended_in_the_commit_arrive_in_order_with_their_rows() {
     // wake it by itself.
     let mut tx = db.begin().await.unwrap();
     tx.append_on_commit(b"last".to_vec());
-    let waiting = tokio::spawn({
-        let db = db.clone();
-        async move { db.begin().await.unwrap().commit().await.unwrap() }
-    });
-    tessera_testing::eventually!(db.writers_waiting() == 1);
+    let waiting = queue_behind(&db, None).await;
     tx.commit().await.unwrap();
     waiting.await.unwrap();
     let last = next_event(&mut events).await;
@@ -372,7 +374,7 @@ async fn a_refused_commit_drops_the_event_it_carried() {
             .await
             .unwrap();
         tx.append_on_commit(b"refused".to_vec());
-        let waiting = queue_behind(&db, format!("after{round}")).await;
+        let waiting = queue_behind(&db, Some(format!("after{round}"))).await;
         assert!(tx.commit().await.is_err(), "round {round}: refused");
         waiting.await.unwrap();
     }
@@ -412,14 +414,7 @@ async fn events_appended_in_the_commit_still_get_the_outbox_pruned() {
         tx.append_on_commit(b"e".to_vec());
         // A writer without events waits behind each: every event is appended in the COMMIT's
         // round trip.
-        let waiting = tokio::spawn({
-            let db = db.clone();
-            async move {
-                let tx = db.begin().await.unwrap();
-                tx.commit().await.unwrap();
-            }
-        });
-        tessera_testing::eventually!(db.writers_waiting() == 1);
+        let waiting = queue_behind(&db, None).await;
         tx.commit().await.unwrap();
         waiting.await.unwrap();
     }
