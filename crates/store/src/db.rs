@@ -8,9 +8,8 @@ use std::{
 };
 
 use sqlx::{
-    Any, AnyConnection, AnyPool, Connection,
+    AnyConnection, AnyPool, Connection,
     any::{AnyConnectOptions, AnyPoolOptions},
-    pool::PoolConnection,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -78,15 +77,13 @@ pub(crate) struct Inner {
     /// turns for it, in arrival order, before `BEGIN IMMEDIATE`. SQLite allows one writer at a
     /// time, and waiting writers inside SQLite poll with growing sleeps (its busy handler),
     /// which put tens of milliseconds on the p99 of concurrent writes; queued here they start
-    /// the moment the previous one commits. Other processes on the same file are still
-    /// handled by the busy timeout. Between transactions the connection stays out of the pool
-    /// unless the pool is smaller than three (see [`crate::tx::WriterTx`]).
+    /// the moment the previous one commits. Another process writing the same file is waited
+    /// for with async pauses, up to the busy timeout ([`crate::tx::WriterTx::begin`]).
     pub(crate) writer: Option<Arc<Mutex<Writer>>>,
-    /// SQLite only: how many write transactions are waiting for their turn. A commit with
-    /// one waiting opens the next transaction in the same round trip ([`Writer::begun`]).
+    /// SQLite only: the file and the settings of the writer connection.
+    pub(crate) writer_file: Option<(std::path::PathBuf, Vec<String>)>,
+    /// SQLite only: how many write transactions are waiting for their turn.
     pub(crate) queued: std::sync::atomic::AtomicUsize,
-    /// Whether the writer connection stays out of the pool between transactions.
-    pub(crate) keep_writer: bool,
     /// How long a write transaction waits for its turn (the busy timeout).
     pub(crate) turn_timeout: Duration,
     pub(crate) outbox_retention: Option<Duration>,
@@ -96,24 +93,16 @@ pub(crate) struct Inner {
     pub(crate) dirty: std::sync::atomic::AtomicBool,
     /// SQLite only: [`DbOptions::wal_restart_bytes`] in WAL frames.
     pub(crate) wal_restart_frames: i64,
-    /// SQLite only: an event appended in a commit's own round trip reached a prune point
-    /// ([`crate::outbox::PRUNE_EVERY`]); the next such commit prunes the outbox up to this
-    /// sequence first (0: nothing due).
-    pub(crate) prune_due: std::sync::atomic::AtomicI64,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // As for the kept reads: handing the writer back to the pool would spawn a task, and the
-        // runtime may be gone by now; the pool goes with this handle, so close it directly.
-        if let Some(conn) = self
-            .writer
-            .as_mut()
-            .and_then(|writer| Arc::get_mut(writer))
-            .and_then(|slot| slot.get_mut().conn.take())
-        {
-            drop(conn.detach());
-        }
+impl Inner {
+    /// Opens the writer connection (SQLite only).
+    pub(crate) fn open_writer(&self) -> Result<crate::inline::InlineConn> {
+        let (path, pragmas) = self
+            .writer_file
+            .as_ref()
+            .ok_or_else(|| StoreError::Config("no writer connection on PostgreSQL".into()))?;
+        Ok(crate::inline::InlineConn::open(path, pragmas)?)
     }
 }
 
@@ -154,10 +143,8 @@ const SQLITE_PAGE_BYTES: u64 = 4096;
 /// did. Each append then went to a new block of a growing file (allocated and zeroed by the
 /// filesystem, more page cache). So once the WAL holds [`DbOptions::wal_restart_bytes`], one
 /// more checkpoint runs holding this handle's write turn, and the next writer starts the WAL
-/// over. Writers wait for that one: 4 ms at the median in scenario B (2-25 ms; not its syncs,
-/// an fsync takes a fraction of a millisecond on that VM, nor the hand-offs to this task: run
-/// inside a commit's own round trip it was no faster); at 16 CreatePosts in
-/// flight that is every 150 ms or so with the default 8 MiB, which still cost less CPU and
+/// over. Writers wait for that one: 5-7 ms at the median in scenario B on the VM's disk, 0.35
+/// ms on tmpfs (it syncs the WAL and the database file); at 16 CreatePosts in flight that is every 150 ms or so with the default 8 MiB, which still cost less CPU and
 /// latency than a longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit`
 /// cuts a WAL that a burst grew back when it starts over.
 fn checkpoints(inner: std::sync::Weak<Inner>) {
@@ -181,14 +168,6 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
             if inner.pool.is_closed() {
                 return;
             }
-            // A transaction begun for a writer that gave up: nobody else is waiting (a free
-            // turn goes to the first waiter, never to `try_lock`).
-            if let Some(writer) = &inner.writer
-                && let Ok(mut turn) = writer.try_lock()
-                && let Err(err) = turn.end_begun().await
-            {
-                tracing::debug!(error = %err, "ending an unused write transaction failed");
-            }
             if let Err(err) = checkpoint_and_restart(&inner).await {
                 tracing::debug!(error = %err, "WAL checkpoint failed; the next one retries");
             }
@@ -208,15 +187,21 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     let Some(writer) = &inner.writer else {
         return Ok(());
     };
+    // On the writer connection, idle while the turn is held, but on a blocking thread: it takes
+    // milliseconds, and the connection otherwise runs statements on the task that calls it.
     let mut turn = writer.lock().await;
-    // A transaction opened for a writer that then gave up waiting: it has written nothing,
-    // and a checkpoint cannot run inside it.
-    turn.end_begun().await?;
-    match turn.conn.as_deref_mut() {
-        // The kept writer connection is idle while the turn is held.
-        Some(conn) => checkpoint(conn).await?,
-        None => checkpoint(&mut *inner.pool.acquire().await?).await?,
+    let mut conn = match turn.conn.take() {
+        Some(conn) => conn,
+        None => inner.open_writer()?,
     };
+    let (conn, checkpointed) = tokio::task::spawn_blocking(move || {
+        let checkpointed = conn.checkpoint();
+        (conn, checkpointed)
+    })
+    .await
+    .map_err(|e| StoreError::Config(format!("the checkpoint's thread failed: {e}")))?;
+    turn.conn = Some(conn);
+    checkpointed?;
     Ok(())
 }
 
@@ -240,28 +225,9 @@ impl Drop for Queued<'_> {
 /// The handle's writer connection, behind its turn (see [`Inner::writer`]).
 #[derive(Default)]
 pub(crate) struct Writer {
-    /// Filled by the first write transaction; kept between transactions unless the pool is
-    /// small.
-    pub(crate) conn: Option<PoolConnection<Any>>,
-    /// The previous transaction committed with another waiting, and opened that one's
-    /// transaction (`BEGIN IMMEDIATE`) in the same round trip to the connection's thread: the
-    /// next holder of the turn finds its transaction begun. Under a queue of writers that is
-    /// one round trip (two thread switches) fewer per transaction.
-    pub(crate) begun: bool,
-}
-
-impl Writer {
-    /// Ends a transaction begun for a writer that never took it (it gave up waiting), so the
-    /// connection does not hold SQLite's write lock with no writer.
-    pub(crate) async fn end_begun(&mut self) -> Result<()> {
-        if std::mem::take(&mut self.begun)
-            && let Some(conn) = self.conn.as_deref_mut()
-        {
-            <<Any as sqlx::Database>::TransactionManager as sqlx::TransactionManager>::commit(conn)
-                .await?;
-        }
-        Ok(())
-    }
+    /// Opened by the first write transaction and kept; closed and opened again only if a
+    /// rollback failed.
+    pub(crate) conn: Option<crate::inline::InlineConn>,
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
@@ -290,7 +256,10 @@ impl std::fmt::Debug for Db {
 }
 
 /// Runs SQL without parameters, possibly several statements (simple query protocol).
-pub(crate) async fn script(conn: &mut AnyConnection, sql: &str) -> Result<()> {
+pub(crate) async fn script<'c, E>(conn: E, sql: &str) -> Result<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
     sqlx::Executor::execute(conn, sql).await?;
     Ok(())
 }
@@ -458,6 +427,26 @@ impl Db {
             Backend::Sqlite => 8,
             Backend::Postgres => 10,
         });
+        // The writer connection's own settings: those of the pooled connections, but with no
+        // busy timeout (it runs on the caller's thread, which must not sleep in SQLite).
+        let writer_file = match backend {
+            Backend::Sqlite => {
+                let options: sqlx::sqlite::SqliteConnectOptions = url
+                    .parse()
+                    .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+                let pragmas = [
+                    "PRAGMA journal_mode = WAL".to_owned(),
+                    "PRAGMA foreign_keys = ON".to_owned(),
+                    "PRAGMA busy_timeout = 0".to_owned(),
+                    "PRAGMA synchronous = NORMAL".to_owned(),
+                    "PRAGMA wal_autocheckpoint = 0".to_owned(),
+                    format!("PRAGMA mmap_size = {SQLITE_MMAP_BYTES}"),
+                    format!("PRAGMA journal_size_limit = {wal_keep_bytes}"),
+                ];
+                Some((options.get_filename().to_owned(), pragmas.to_vec()))
+            }
+            Backend::Postgres => None,
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -516,14 +505,11 @@ impl Db {
                 writer: (backend == Backend::Sqlite)
                     .then(|| Arc::new(Mutex::new(Writer::default()))),
                 queued: std::sync::atomic::AtomicUsize::new(0),
-                // Kept only when that still leaves a pooled connection beside the kept reads,
-                // for the checkpoints.
-                keep_writer: max >= 3,
+                writer_file,
                 turn_timeout: options.busy_timeout,
                 outbox_retention: options.outbox_retention,
                 epoch: OnceLock::new(),
                 dirty: std::sync::atomic::AtomicBool::new(false),
-                prune_due: std::sync::atomic::AtomicI64::new(0),
                 wal_restart_frames,
             }),
         };
@@ -569,7 +555,7 @@ impl Db {
             .await
             .map_err(|_| StoreError::Busy(self.inner.turn_timeout))?;
         drop(queued);
-        let tx = WriterTx::begin(turn, self, self.inner.keep_writer).await?;
+        let tx = WriterTx::begin(turn, self).await?;
         Ok(Tx::writer(tx, self.clone()))
     }
 
@@ -585,9 +571,7 @@ impl Db {
         if let Some(writer) = &self.inner.writer
             && let Some(conn) = writer.lock().await.conn.take()
         {
-            // Closing ends a transaction begun for nobody (it wrote nothing).
-            // A connection that fails to close cleanly is gone all the same.
-            let _ = conn.close().await;
+            drop(conn);
         }
         let pool = &self.inner.pool;
         pool.close().await;

@@ -46,8 +46,8 @@
 //! # The outbox
 //!
 //! In the transaction that makes a change, append the event: [`outbox::append_on_commit`]
-//! appends it when the transaction commits (after its other writes, and under load in the
-//! COMMIT's own round trip); [`outbox::append`] appends it at once and returns its sequence.
+//! appends it when the transaction commits (after its other writes, just before the
+//! COMMIT); [`outbox::append`] appends it at once and returns its sequence.
 //! Convention: the payload is the service's prost-encoded `WatchEventsResponse` with only the
 //! `event` oneof set; the `WatchEvents` handler decodes it and fills in
 //! `sequence`, `create_time` and the epoch from the [`Event`] ([`outbox::stream`]). A service
@@ -77,8 +77,7 @@
 //! new commits (woken by [`Tx::commit`], no busy polling). [`Db::read_events`] reads one page.
 //!
 //! The outbox keeps a week of events by default ([`DbOptions::outbox_retention`]): every
-//! [`PRUNE_EVERY`] appends, older events are deleted in the appending transaction (for an
-//! event appended in the COMMIT's round trip, in the next transaction that appends), the newest
+//! [`PRUNE_EVERY`] appends, older events are deleted in the appending transaction, the newest
 //! always kept. A reader whose cursor is older than what is kept gets [`StoreError::Pruned`]
 //! (OUT_OF_RANGE from `WatchEvents`) rather than a silent gap; a consumer keeps retrying and
 //! logging it until an operator resynchronises it.
@@ -134,6 +133,7 @@ mod consumer;
 mod cursor;
 mod db;
 mod error;
+mod inline;
 mod migrate;
 mod options;
 pub mod outbox;
@@ -159,7 +159,7 @@ pub use reads::Reads;
 /// How services log an error that wraps a [`StoreError`] before answering with an opaque
 /// INTERNAL: the error and its causes on one line. (The mesh's own, re-exported.)
 pub use tessera_mesh::errors::error_chain;
-pub use tx::Tx;
+pub use tx::{Tx, TxConn};
 
 /// Now, in microseconds since the Unix epoch (how Tessera stores times).
 ///

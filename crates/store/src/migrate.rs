@@ -135,9 +135,9 @@ impl Db {
             let mut tx = self.begin().await?;
             if backend == Backend::Postgres {
                 // CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL.
-                script(&mut tx, "SELECT pg_advisory_xact_lock(7365735)::text").await?;
+                script(&mut *tx, "SELECT pg_advisory_xact_lock(7365735)::text").await?;
             }
-            script(&mut tx, store_tables).await?;
+            script(&mut *tx, store_tables).await?;
             // The outbox's epoch is drawn once, when its tables are created (or, for an
             // outbox older than epochs, on the first start that knows them), and never
             // changes: a recreated database has a new one, which consumers notice.
@@ -161,7 +161,7 @@ impl Db {
             let version = i as i64 + 1;
             let mut tx = self.begin().await?;
             if backend == Backend::Postgres {
-                script(&mut tx, "LOCK TABLE tessera_migrations IN EXCLUSIVE MODE").await?;
+                script(&mut *tx, "LOCK TABLE tessera_migrations IN EXCLUSIVE MODE").await?;
             }
             let applied: Option<String> =
                 sqlx::query_scalar("SELECT name FROM tessera_migrations WHERE version = $1")
@@ -182,7 +182,7 @@ impl Db {
                 }
                 None => {}
             }
-            script(&mut tx, migration.sql(backend))
+            script(&mut *tx, migration.sql(backend))
                 .await
                 .map_err(|e| StoreError::Migration {
                     version,

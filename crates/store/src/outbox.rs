@@ -42,12 +42,6 @@ pub const EVENT_BATCH: i64 = 256;
 /// How many appends apart the outbox is pruned (in the appending transaction).
 pub const PRUNE_EVERY: i64 = 256;
 
-/// A commit that appends one event in its own round trip, and begins the next writer's
-/// transaction (see `WriterTx::commit`): the append is [`Tx::append_event`]'s for SQLite.
-pub(crate) const APPEND_COMMIT_BEGIN: &str = "INSERT INTO tessera_outbox (sequence, create_time, payload) \
-     SELECT COALESCE(MAX(sequence), 0) + 1, $1, $2 FROM tessera_outbox RETURNING sequence; \
-     COMMIT; BEGIN IMMEDIATE";
-
 /// The most outbox rows one prune looks at (and deletes).
 const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
 
@@ -57,9 +51,7 @@ pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600
 impl Tx {
     /// Appends an event to the outbox when this transaction commits, after its other
     /// statements: what [`Tx::append_event`] does, without the sequence (known once
-    /// committed). Under load it costs no round trip of its own: on SQLite with another writer
-    /// waiting, one such event goes in the commit's round trip (`INSERT ... ; COMMIT; BEGIN
-    /// IMMEDIATE`); otherwise the events are appended just before the COMMIT.
+    /// committed). The events are appended just before the COMMIT.
     pub fn append_on_commit(&mut self, payload: Vec<u8>) {
         self.on_commit.push(payload);
     }
@@ -73,7 +65,7 @@ impl Tx {
     /// lock-order deadlocks.
     pub async fn append_event(&mut self, payload: &[u8]) -> Result<i64> {
         if self.backend() == Backend::Postgres {
-            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+            script(&mut **self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
         }
         let now = now_micros();
         let seq: i64 = sqlx::query_scalar(
@@ -105,7 +97,7 @@ impl Tx {
             return Ok(Vec::new());
         }
         if self.backend() == Backend::Postgres {
-            script(self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
+            script(&mut **self, "LOCK TABLE tessera_outbox IN EXCLUSIVE MODE").await?;
         }
         // Under the outbox lock: nobody else appends between the read and the insert.
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(sequence), 0) FROM tessera_outbox")
@@ -423,7 +415,7 @@ pub async fn append<W: WatchEvents>(tx: &mut Tx, event: W::Event) -> Result<i64>
 }
 
 /// [`append`] when the transaction commits ([`Tx::append_on_commit`]): for a service's writes,
-/// which need not know the sequence, and then spend no round trip of their own on it.
+/// which need not know the sequence.
 pub fn append_on_commit<W: WatchEvents>(tx: &mut Tx, event: W::Event) {
     tx.append_on_commit(W::message(event).encode_to_vec());
 }

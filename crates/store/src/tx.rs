@@ -2,19 +2,18 @@
 
 use std::ops::{Deref, DerefMut};
 
-use futures::StreamExt;
-use sqlx::{Any, AnyConnection, Database, Transaction, TransactionManager};
+use futures::{future::BoxFuture, stream::BoxStream};
+use sqlx::{
+    Any, Describe, Either, Execute, Executor, Transaction,
+    any::{AnyQueryResult, AnyRow, AnyStatement, AnyTypeInfo},
+};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::{
     db::{Backend, Db, Writer},
     error::Result,
-    now_micros,
-    outbox::{APPEND_COMMIT_BEGIN, Event, PRUNE_EVERY},
-    reads::connection_failed,
+    inline::{InlineConn, SqliteFailure},
 };
-
-type Manager = <Any as Database>::TransactionManager;
 
 /// A write transaction. Dereferences to the connection, so queries run on it with
 /// `.execute(&mut *tx)`. Dropping it without [`Tx::commit`] rolls back.
@@ -43,7 +42,7 @@ type Manager = <Any as Database>::TransactionManager;
 /// # Ok(()) }
 /// ```
 pub struct Tx {
-    conn: Conn,
+    conn: TxConn,
     pub(crate) db: Db,
     /// The highest outbox sequence appended in this transaction.
     pub(crate) appended: Option<i64>,
@@ -55,6 +54,16 @@ pub struct Tx {
     pub(crate) on_commit: Vec<Vec<u8>>,
 }
 
+/// What a [`Tx`] dereferences to: run queries on it with `.execute(&mut *tx)`, as on a
+/// sqlx connection.
+pub struct TxConn(Conn);
+
+impl std::fmt::Debug for TxConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxConn").finish_non_exhaustive()
+    }
+}
+
 enum Conn {
     /// PostgreSQL: a transaction on a connection from the pool.
     Pooled(Transaction<'static, Any>),
@@ -63,184 +72,169 @@ enum Conn {
 }
 
 /// The handle's writer connection, held for one write transaction: holding it is the write
-/// turn (SQLite has one writer at a time), and the connection stays out of sqlx's pool between
-/// transactions, so no ping follows each one and its page cache stays warm (no other
-/// connection of the handle writes).
+/// turn (SQLite has one writer at a time). It is the store's own connection, not one of sqlx's
+/// pool, and runs its statements on the task that holds the turn ([`crate::inline`]).
 pub(crate) struct WriterTx {
     slot: OwnedMutexGuard<Writer>,
     /// A transaction was begun and not yet ended: dropping rolls it back.
     open: bool,
-    /// Whether the connection stays kept after this transaction (not with a small pool).
-    keep: bool,
 }
 
+/// The longest pause between two tries of a `BEGIN IMMEDIATE` that another process's write
+/// lock refused.
+const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl WriterTx {
-    /// Begins `BEGIN IMMEDIATE` on the writer connection in `slot`, taking one from `db`'s pool
-    /// if there is none; or takes the transaction the previous writer began for it.
-    pub(crate) async fn begin(
-        mut slot: OwnedMutexGuard<Writer>,
-        db: &Db,
-        keep: bool,
-    ) -> Result<Self> {
-        if std::mem::take(&mut slot.begun) && slot.conn.is_some() {
-            return Ok(WriterTx {
-                slot,
-                open: true,
-                keep,
-            });
-        }
+    /// Begins `BEGIN IMMEDIATE` on the writer connection in `slot`, opening it first if there
+    /// is none. While another process holds the file's write lock, tries again with growing
+    /// async pauses (the task's thread is never put to sleep) for up to the busy timeout.
+    pub(crate) async fn begin(mut slot: OwnedMutexGuard<Writer>, db: &Db) -> Result<Self> {
         if slot.conn.is_none() {
-            slot.conn = Some(db.inner.pool.acquire().await?);
+            slot.conn = Some(db.inner.open_writer()?);
         }
-        // Open before BEGIN is sent: if this future is dropped part-way, the rollback queued on
-        // drop follows the BEGIN on the connection's thread.
-        let mut tx = WriterTx {
-            slot,
-            open: true,
-            keep,
-        };
-        let mut begun = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await;
-        if let Err(sqlx::Error::InvalidSavePointStatement) = begun {
-            // sqlx counts a transaction SQLite does not have: a commit that was also to open
-            // the next transaction ([`WriterTx::commit`]) was cut off between its two
-            // statements. The connection is closed; the transaction begins on another.
-            tracing::warn!("the writer connection lost count of its transaction; reconnecting");
-            if let Some(conn) = tx.slot.conn.take() {
-                let _ = conn.close().await;
+        let mut tx = WriterTx { slot, open: false };
+        let deadline = tokio::time::Instant::now() + db.inner.turn_timeout;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match tx.conn().batch("BEGIN IMMEDIATE") {
+                Ok(()) => break,
+                Err(err)
+                    if SqliteFailure::is_busy(&err) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+                Err(err) => {
+                    tx.failed();
+                    return Err(err.into());
+                }
             }
-            tx.slot.conn = Some(db.inner.pool.acquire().await?);
-            begun = Manager::begin(tx.conn(), Some("BEGIN IMMEDIATE".into())).await;
         }
-        if let Err(err) = begun {
-            tx.failed(&err);
-            return Err(err.into());
-        }
+        tx.open = true;
         Ok(tx)
     }
 
-    fn conn(&mut self) -> &mut AnyConnection {
+    fn conn(&mut self) -> &mut InlineConn {
         self.slot
             .conn
-            .as_deref_mut()
-            .unwrap_or_else(|| unreachable!("the writer slot is filled before a transaction"))
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("the writer slot is filled during a transaction"))
     }
 
-    /// Commits, and with `next` also begins the next writer's transaction in the same round
-    /// trip (see [`Writer::begun`]). With `event` (its create time and payload, and `next`),
-    /// first appends it to the outbox in that round trip too, and returns its sequence: a
-    /// write that appends one event then costs its statements plus this one round trip.
-    async fn commit(
-        &mut self,
-        next: bool,
-        event: Option<(i64, &[u8])>,
-    ) -> std::result::Result<Option<i64>, sqlx::Error> {
-        if !next {
-            debug_assert!(event.is_none(), "an event is folded in only with `next`");
-            return Manager::commit(self.conn()).await.map(|()| None);
+    /// Commits. On failure the transaction stays open (a COMMIT refused by a deferred
+    /// constraint leaves it active in SQLite), and dropping this rolls it back.
+    fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
+        let committed = self.conn().batch("COMMIT");
+        if committed.is_err() {
+            self.failed();
+        } else {
+            self.open = false;
         }
-        // sqlx's count of open transactions stays at one across these statements, as it is
-        // for SQLite. Each statement reports as it completes (the worker stops at the first
-        // error): how many did says which failed.
-        // Several statements in one prepared query, with parameters: SQLite alone does this
-        // (sqlx deprecates it for that reason, not for SQLite); `raw_sql` takes no parameters.
-        #[allow(deprecated)]
-        let (mut results, lead) = match event {
-            Some((create_time, payload)) => (
-                sqlx::query(APPEND_COMMIT_BEGIN)
-                    .bind(create_time)
-                    .bind(payload)
-                    .fetch_many(self.conn()),
-                1,
-            ),
-            None => (
-                sqlx::raw_sql("COMMIT; BEGIN IMMEDIATE").fetch_many(self.conn()),
-                0,
-            ),
-        };
-        let mut done = 0;
-        let mut sequence = None;
-        let failed = loop {
-            match results.next().await {
-                Some(Ok(sqlx::Either::Left(_))) => done += 1,
-                Some(Ok(sqlx::Either::Right(row))) => match sqlx::Row::try_get::<i64, _>(&row, 0) {
-                    Ok(seq) => sequence = Some(seq),
-                    Err(err) => break Some(err),
-                },
-                Some(Err(err)) => break Some(err),
-                None => break None,
-            }
-        };
-        drop(results);
-        match failed {
-            None if done == lead + 2 => {
-                self.slot.begun = true;
-                Ok(sequence)
-            }
-            // The append or the COMMIT failed: the transaction is still open, as after a
-            // plain commit that failed.
-            Some(err) if done <= lead => Err(err),
-            None if done <= lead => Err(sqlx::Error::Protocol(
-                "the statements of a commit ended before the COMMIT".into(),
-            )),
-            // Committed, but the next transaction is not open while sqlx counts one: this
-            // connection is put aside (the next writer takes another from the pool).
-            failed => {
-                tracing::warn!(error = ?failed, "beginning the next write transaction failed; reconnecting");
-                if let Some(conn) = self.slot.conn.take() {
-                    let _ = conn.close().await;
-                }
-                Ok(sequence)
-            }
-        }
+        committed
     }
 
-    /// After a failed BEGIN, COMMIT or ROLLBACK. The transaction stays open (a COMMIT refused
-    /// by a deferred constraint leaves it active in SQLite), so drop still queues its rollback
-    /// (a no-op if nothing was begun); a broken connection gets that rollback now and goes back
-    /// to the pool, which pings it and closes it if it is broken.
-    fn failed(&mut self, err: &sqlx::Error) {
-        if connection_failed(err)
-            && let Some(mut conn) = self.slot.conn.take()
-        {
-            Manager::start_rollback(&mut conn);
-        }
+    fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
+        let rolled_back = self.conn().batch("ROLLBACK");
+        self.failed();
+        self.open = false;
+        rolled_back
+    }
+
+    /// After a statement of BEGIN, COMMIT or ROLLBACK failed: records whether a transaction is
+    /// still open. One still open after a ROLLBACK should be impossible; the connection is then
+    /// closed (which rolls back) and the next writer opens another.
+    fn failed(&mut self) {
+        let Some(conn) = self.slot.conn.as_ref() else {
+            self.open = false;
+            return;
+        };
+        self.open = !conn.is_autocommit();
     }
 }
 
 impl Drop for WriterTx {
     fn drop(&mut self) {
-        if self.open
-            && let Some(conn) = self.slot.conn.as_deref_mut()
-        {
-            // Queued on the connection before the next writer can use it (the slot's lock is
-            // released after this).
-            Manager::start_rollback(conn);
+        if !self.open {
+            return;
         }
-        if !self.keep {
+        // On this thread, before the next writer gets the connection (the turn is released
+        // after this). A rollback cannot wait on anything.
+        let rolled_back = self.conn().batch("ROLLBACK");
+        if rolled_back.is_err() || !self.conn().is_autocommit() {
+            tracing::warn!(error = ?rolled_back.err(), "rolling back a write transaction failed; reconnecting");
             drop(self.slot.conn.take());
         }
     }
 }
 
 impl Deref for Tx {
-    type Target = AnyConnection;
-    fn deref(&self) -> &AnyConnection {
-        match &self.conn {
-            Conn::Pooled(tx) => tx,
-            Conn::Writer(tx) => {
-                tx.slot.conn.as_deref().unwrap_or_else(|| {
-                    unreachable!("the writer slot is filled during a transaction")
-                })
-            }
-        }
+    type Target = TxConn;
+    fn deref(&self) -> &TxConn {
+        &self.conn
     }
 }
 
 impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        match &mut self.conn {
-            Conn::Pooled(tx) => tx,
-            Conn::Writer(tx) => tx.conn(),
+    fn deref_mut(&mut self) -> &mut TxConn {
+        &mut self.conn
+    }
+}
+
+impl<'c> Executor<'c> for &'c mut TxConn {
+    type Database = Any;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, std::result::Result<Either<AnyQueryResult, AnyRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Any>,
+    {
+        match &mut self.0 {
+            Conn::Pooled(tx) => (&mut **tx).fetch_many(query),
+            Conn::Writer(tx) => tx.conn().fetch_many(query),
+        }
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, std::result::Result<Option<AnyRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Any>,
+    {
+        match &mut self.0 {
+            Conn::Pooled(tx) => (&mut **tx).fetch_optional(query),
+            Conn::Writer(tx) => tx.conn().fetch_optional(query),
+        }
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [AnyTypeInfo],
+    ) -> BoxFuture<'e, std::result::Result<AnyStatement<'q>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        match &mut self.0 {
+            Conn::Pooled(tx) => (&mut **tx).prepare_with(sql, parameters),
+            Conn::Writer(tx) => tx.conn().prepare_with(sql, parameters),
+        }
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> BoxFuture<'e, std::result::Result<Describe<Any>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        match &mut self.0 {
+            Conn::Pooled(tx) => (&mut **tx).describe(sql),
+            Conn::Writer(tx) => tx.conn().describe(sql),
         }
     }
 }
@@ -248,37 +242,7 @@ impl DerefMut for Tx {
 impl Tx {
     /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
     pub async fn commit(mut self) -> Result<()> {
-        // One event, with another writer waiting (the case under load), goes in the commit's
-        // own round trip ([`WriterTx::commit`]); otherwise the events are appended here, as
-        // [`Tx::append_event`] would have.
-        let fold = match &self.conn {
-            Conn::Writer(tx) => {
-                self.on_commit.len() == 1
-                    && tx.keep
-                    && self
-                        .db
-                        .inner
-                        .queued
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        > 0
-            }
-            Conn::Pooled(_) => false,
-        };
-        let on_commit = std::mem::take(&mut self.on_commit);
-        if !on_commit.is_empty() {
-            // A prune point an earlier folded append reached (it could not prune after its
-            // COMMIT); under the outbox lock, as a prune in `append_event` is.
-            let due = self
-                .db
-                .inner
-                .prune_due
-                .swap(0, std::sync::atomic::Ordering::Relaxed);
-            if due > 0 {
-                self.prune(due).await?;
-            }
-        }
-        match on_commit.as_slice() {
-            _ if fold => {}
+        match std::mem::take(&mut self.on_commit).as_slice() {
             [] => {}
             [payload] => drop(self.append_event(payload).await?),
             payloads => drop(self.append_events(payloads).await?),
@@ -286,46 +250,19 @@ impl Tx {
         let Tx {
             conn,
             db,
-            mut appended,
-            mut events,
+            appended,
+            events,
             pruned_to,
             on_commit: _,
         } = self;
         // SQLite: the write turn is held until the end of this function.
-        let _turn = match conn {
+        let _turn = match conn.0 {
             Conn::Pooled(tx) => {
                 tx.commit().await?;
                 None
             }
             Conn::Writer(mut tx) => {
-                let next =
-                    tx.keep && db.inner.queued.load(std::sync::atomic::Ordering::Relaxed) > 0;
-                let create_time = now_micros();
-                let event = on_commit
-                    .first()
-                    .filter(|_| fold)
-                    .map(|payload| (create_time, payload.as_slice()));
-                match tx.commit(next || fold, event).await {
-                    Err(err) => {
-                        tx.failed(&err);
-                        return Err(err.into());
-                    }
-                    Ok(Some(sequence)) => {
-                        appended = Some(appended.map_or(sequence, |s| s.max(sequence)));
-                        if sequence % PRUNE_EVERY == 0 {
-                            db.inner
-                                .prune_due
-                                .store(sequence, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        events.extend(on_commit.into_iter().map(|payload| Event {
-                            sequence,
-                            create_time,
-                            payload,
-                        }));
-                    }
-                    Ok(None) => {}
-                }
-                tx.open = false;
+                tx.commit()?;
                 Some(tx)
             }
         };
@@ -360,15 +297,9 @@ impl Tx {
 
     /// Rolls back explicitly (dropping does the same, without waiting).
     pub async fn rollback(self) -> Result<()> {
-        match self.conn {
+        match self.conn.0 {
             Conn::Pooled(tx) => tx.rollback().await?,
-            Conn::Writer(mut tx) => {
-                if let Err(err) = Manager::rollback(tx.conn()).await {
-                    tx.failed(&err);
-                    return Err(err.into());
-                }
-                tx.open = false;
-            }
+            Conn::Writer(mut tx) => tx.rollback()?,
         }
         Ok(())
     }
@@ -390,7 +321,7 @@ impl Tx {
 
     fn new(conn: Conn, db: Db) -> Self {
         Tx {
-            conn,
+            conn: TxConn(conn),
             db,
             appended: None,
             events: Vec::new(),
