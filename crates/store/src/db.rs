@@ -144,9 +144,10 @@ const SQLITE_PAGE_BYTES: u64 = 4096;
 /// filesystem, more page cache). So once the WAL holds [`DbOptions::wal_restart_bytes`], one
 /// more checkpoint runs holding this handle's write turn, and the next writer starts the WAL
 /// over. Writers wait for that one: 5-7 ms at the median in scenario B on the VM's disk, 0.35
-/// ms on tmpfs (it syncs the WAL and the database file); at 16 CreatePosts in flight that is every 150 ms or so with the default 8 MiB, which still cost less CPU and
-/// latency than a longer WAL (see [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit`
-/// cuts a WAL that a burst grew back when it starts over.
+/// ms on tmpfs (it syncs the WAL and the database file), and every call in flight waits with
+/// them; hence a threshold large enough to make it rare (see
+/// [`crate::DEFAULT_WAL_RESTART_BYTES`]). `journal_size_limit` cuts a WAL that a burst grew
+/// back when it starts over.
 fn checkpoints(inner: std::sync::Weak<Inner>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -419,7 +420,7 @@ impl Db {
 
         let busy_ms = options.busy_timeout.as_millis();
         // What a WAL keeps on disk when it starts over (`journal_size_limit`).
-        let wal_keep_bytes = options.wal_restart_bytes.saturating_mul(4);
+        let wal_keep_bytes = options.wal_restart_bytes.saturating_mul(2);
         let wal_restart_frames =
             i64::try_from(options.wal_restart_bytes / (SQLITE_PAGE_BYTES + 24)).unwrap_or(i64::MAX);
         let statement_timeout_ms = options.statement_timeout.map(|t| t.as_millis().max(1));

@@ -36,14 +36,20 @@ pub struct DbOptions {
     /// SQLite only: once the WAL holds this many bytes, a checkpoint runs with the write turn
     /// held (writers wait for it, a few milliseconds) so that the next writer starts the WAL
     /// over. Under writes that never pause the WAL is otherwise never started over and grows
-    /// by everything written. Its file is cut back to four times this when it starts over.
+    /// by everything written. Its file is cut back to twice this when it starts over.
     pub wal_restart_bytes: u64,
 }
 
-/// [`DbOptions::wal_restart_bytes`] by default. In scenario B a CreatePost cost the mesh
-/// 327-346 µs of CPU with 8 MiB and 363-371 µs with 64 MiB (alternating runs): a longer WAL
-/// is slower to look pages up in, and the first 64 MiB go to new blocks of the file.
-pub const DEFAULT_WAL_RESTART_BYTES: u64 = 8 << 20;
+/// [`DbOptions::wal_restart_bytes`] by default. Each start-over holds every writer of the
+/// database for the few milliseconds of its checkpoint, and at 16 CreatePosts in flight in
+/// scenario B those holds were most of the slowest calls (a trace of every call put the
+/// stalls that caught all sixteen at once on them). With writes on the calling task, four
+/// alternating pairs gave the mesh's p99 10.9-11.7 ms at 32 MiB against 11.8-13.9 ms at 8 MiB,
+/// and the monolith's 9.6-11.1 against 11.3-13.5, at the same CPU per request; with writes on
+/// sqlx's connection threads, whose CPU hid it, 32 MiB had shown no gain and 64 MiB had cost
+/// more CPU (a longer WAL is slower to look pages up in, and the first of it goes to new
+/// blocks of the file).
+pub const DEFAULT_WAL_RESTART_BYTES: u64 = 32 << 20;
 
 /// The pool settings every [`Db`] of this process starts from ([`DbOptions::default`]),
 /// set once by the binary from its configuration; services open their databases with
