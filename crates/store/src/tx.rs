@@ -133,10 +133,11 @@ impl WriterTx {
         committed
     }
 
+    /// Rolls back; a transaction still open after that (which should not happen) is left to
+    /// drop, which closes the connection.
     fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
         let rolled_back = self.conn().batch("ROLLBACK");
         self.failed();
-        self.open = false;
         rolled_back
     }
 
