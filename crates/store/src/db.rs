@@ -200,7 +200,9 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
         (conn, checkpointed)
     })
     .await
-    .map_err(|e| StoreError::Config(format!("the checkpoint's thread failed: {e}")))?;
+    // Only a panic in SQLite's code gets here; the connection went with it and the next
+    // writer opens another.
+    .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
     turn.conn = Some(conn);
     checkpointed?;
     Ok(())
@@ -254,6 +256,20 @@ impl std::fmt::Debug for Db {
             .field("backend", &self.inner.backend)
             .finish_non_exhaustive()
     }
+}
+
+/// The settings of every SQLite connection of a handle: WAL, checkpointed by the handle's own
+/// task ([`checkpoints`]), files mapped for reads ([`SQLITE_MMAP_BYTES`]).
+fn sqlite_pragmas(busy_ms: u128, wal_keep_bytes: u64) -> Vec<String> {
+    vec![
+        "PRAGMA journal_mode = WAL".to_owned(),
+        "PRAGMA foreign_keys = ON".to_owned(),
+        format!("PRAGMA busy_timeout = {busy_ms}"),
+        "PRAGMA synchronous = NORMAL".to_owned(),
+        "PRAGMA wal_autocheckpoint = 0".to_owned(),
+        format!("PRAGMA mmap_size = {SQLITE_MMAP_BYTES}"),
+        format!("PRAGMA journal_size_limit = {wal_keep_bytes}"),
+    ]
 }
 
 /// Runs SQL without parameters, possibly several statements (simple query protocol).
@@ -435,16 +451,10 @@ impl Db {
                 let options: sqlx::sqlite::SqliteConnectOptions = url
                     .parse()
                     .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
-                let pragmas = [
-                    "PRAGMA journal_mode = WAL".to_owned(),
-                    "PRAGMA foreign_keys = ON".to_owned(),
-                    "PRAGMA busy_timeout = 0".to_owned(),
-                    "PRAGMA synchronous = NORMAL".to_owned(),
-                    "PRAGMA wal_autocheckpoint = 0".to_owned(),
-                    format!("PRAGMA mmap_size = {SQLITE_MMAP_BYTES}"),
-                    format!("PRAGMA journal_size_limit = {wal_keep_bytes}"),
-                ];
-                Some((options.get_filename().to_owned(), pragmas.to_vec()))
+                Some((
+                    options.get_filename().to_owned(),
+                    sqlite_pragmas(0, wal_keep_bytes),
+                ))
             }
             Backend::Postgres => None,
         };
@@ -466,12 +476,7 @@ impl Db {
             })
             .after_connect(move |conn, _meta| {
                 let setup = match backend {
-                    Backend::Sqlite => format!(
-                        "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
-                         PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL; \
-                         PRAGMA wal_autocheckpoint = 0; PRAGMA mmap_size = {SQLITE_MMAP_BYTES}; \
-                         PRAGMA journal_size_limit = {wal_keep_bytes};"
-                    ),
+                    Backend::Sqlite => sqlite_pragmas(busy_ms, wal_keep_bytes).join("; "),
                     Backend::Postgres => {
                         let mut setup = match &schema {
                             Some(s) => format!("SET search_path TO \"{s}\";"),

@@ -123,12 +123,12 @@ fn run_statement(
     out: &mut Vec<Either<AnyQueryResult, AnyRow>>,
 ) -> Result<(), sqlx::Error> {
     bind(stmt, values, anonymous)?;
-    let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let names: Vec<UStr> = stmt.column_names().into_iter().map(UStr::new).collect();
     let column_names: Arc<sqlx_core::HashMap<UStr, usize>> = Arc::new(
         names
             .iter()
             .enumerate()
-            .map(|(i, name)| (UStr::new(name), i))
+            .map(|(i, name)| (name.clone(), i))
             .collect(),
     );
     let mut taken = rows(out);
@@ -145,7 +145,7 @@ fn run_statement(
             let kind = value_kind(row.get_ref(ordinal).map_err(map_error)?)?;
             columns.push(AnyColumn {
                 ordinal,
-                name: UStr::new(name),
+                name: name.clone(),
                 type_info: AnyTypeInfo {
                     kind: type_kind(&kind),
                 },
