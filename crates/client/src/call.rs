@@ -191,12 +191,25 @@ impl Shared {
             let Some(this_try) = this_try else {
                 return Err(Error::DeadlineExceeded.into());
             };
-            let result = self
+            let mut result = self
                 .dispatch(http::Request::from_parts(
                     this_try,
                     Body::new(Full::new(body.clone())),
                 ))
                 .await;
+            // A replica that dies between a response's headers and its end would otherwise
+            // fail an idempotent call that another replica can answer: read the one message
+            // and its trailers here, where the call can still go again.
+            if method.idempotent
+                && !method.server_streaming
+                && let Ok(response) = result
+            {
+                result = if unavailable(&response) {
+                    Ok(response)
+                } else {
+                    read_whole(response, self.policy.max_replay_bytes).await
+                };
+            }
 
             let retryable = match &result {
                 Ok(response) => method.idempotent && unavailable(response),
@@ -328,6 +341,39 @@ async fn buffer(mut body: Body, limit: usize) -> Result<Buffered, BoxError> {
             all.freeze()
         }
     }))
+}
+
+/// Reads a response's body to its end (data and trailers) if it fits in `limit` bytes; past
+/// that the frames read so far go first and the rest streams through.
+async fn read_whole(
+    response: http::Response<Body>,
+    limit: usize,
+) -> Result<http::Response<Body>, BoxError> {
+    let (parts, mut body) = response.into_parts();
+    let mut frames = VecDeque::new();
+    let mut len = 0usize;
+    let rest = loop {
+        if len > limit {
+            break body;
+        }
+        match body.frame().await {
+            None => break Body::empty(),
+            Some(Ok(frame)) => {
+                len = len.saturating_add(frame.data_ref().map_or(0, Bytes::len));
+                frames.push_back(frame);
+            }
+            Some(Err(status)) => {
+                return Err(Error::ResponseCut {
+                    source: Box::new(status),
+                }
+                .into());
+            }
+        }
+    };
+    Ok(http::Response::from_parts(
+        parts,
+        Body::new(Prefixed { frames, rest }),
+    ))
 }
 
 /// Frames already read, then the rest of the body.

@@ -69,6 +69,15 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The connection failed after a response's headers and before its end. Only unary
+    /// responses of idempotent methods are read whole before they are handed on, so only
+    /// those see this (and are sent again elsewhere, as after a failure before the headers).
+    #[error("the connection failed while a response was read")]
+    ResponseCut {
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
     /// No replica of the target could take a call for a whole connect timeout (none resolved,
     /// or none reachable); until one can, calls fail at once instead of waiting.
     #[error("no ready replica of {target}")]
@@ -90,7 +99,7 @@ impl Error {
     pub(crate) fn retryable(&self, idempotent: bool) -> bool {
         match self {
             Self::Transport { sent: false, .. } => true,
-            Self::Transport { sent: true, .. } => idempotent,
+            Self::Transport { sent: true, .. } | Self::ResponseCut { .. } => idempotent,
             _ => false,
         }
     }
@@ -103,6 +112,7 @@ impl From<Error> for Status {
             Error::Connect { .. }
             | Error::Handshake { .. }
             | Error::Transport { .. }
+            | Error::ResponseCut { .. }
             | Error::NoReadyReplica { .. } => Status::unavailable(error_chain(&error)),
             Error::NoTarget(_) => Status::failed_precondition(error.to_string()),
             Error::InvalidTarget { .. }

@@ -218,3 +218,114 @@ async fn requests_over_the_replay_limit_are_sent_once() {
         .unwrap();
     assert_eq!(user.user_id.len(), 1000);
 }
+
+/// A replica that answers every call with a response's headers and then, before any of its
+/// body, closes the connection: a process that died mid-response. Counts the calls it got.
+struct CutsAfterHeaders {
+    addr: std::net::SocketAddr,
+    calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutsAfterHeaders {
+    async fn start() -> Self {
+        use http_body_util::StreamBody;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        type Never = futures::stream::Pending<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let cut = Arc::new(tokio::sync::Notify::new());
+                    let cut_later = cut.clone();
+                    let service = hyper::service::service_fn(move |_request| {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        // Long enough for the headers to arrive first, on any loaded machine.
+                        let cut = cut_later.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            cut.notify_one();
+                        });
+                        let response = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(StreamBody::new(futures::stream::pending() as Never))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    // Dropping the connection closes the socket.
+                    tokio::select! {
+                        _ = connection => {}
+                        () = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        CutsAfterHeaders { addr, calls, task }
+    }
+}
+
+impl Drop for CutsAfterHeaders {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_call_cut_after_its_headers_goes_again_elsewhere() {
+    let _serial = serial().await;
+    let cutter = CutsAfterHeaders::start().await;
+
+    // Alone, the cut shows as a lost connection (UNAVAILABLE), after every try.
+    let alone = ClientBuilder::plaintext()
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .channel(&format!("static:{}", cutter.addr))
+        .unwrap();
+    let status = UserServiceClient::new(alone)
+        .get_user(GetUserRequest {
+            user_id: "u".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("while a response was read"),
+        "{status:?}"
+    );
+    assert_eq!(cutter.calls.load(Ordering::SeqCst), 3, "three tries");
+
+    // Beside a healthy replica, every GetUser the cut one took is answered by the other.
+    let healthy = Replica::start().await;
+    let channel = ClientBuilder::plaintext()
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .channel(&format!("static:{},{}", cutter.addr, healthy.addr))
+        .unwrap();
+    let mut client = UserServiceClient::new(channel);
+    let before = cutter.calls.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let mut calls = 0;
+    while cutter.calls.load(Ordering::SeqCst) < before + 3 {
+        assert!(
+            calls < 2000 && started.elapsed() < Duration::from_secs(30),
+            "the cut replica got {} of {calls} calls",
+            cutter.calls.load(Ordering::SeqCst) - before
+        );
+        let reply = client
+            .get_user(GetUserRequest {
+                user_id: "u".into(),
+            })
+            .await;
+        assert!(reply.is_ok(), "call {calls}: {reply:?}");
+        calls += 1;
+    }
+    assert!(healthy.behaviour.gets() >= 3);
+}
