@@ -120,11 +120,11 @@ struct RunArgs {
     /// three replicas, the gateway, PostgreSQL and the load generator fit in two cores.
     #[arg(long, default_value_t = 0.1)]
     c_cores: f64,
-    /// Scenario C: GetPost calls in flight.
+    /// Scenario C: GetPost calls in flight per posts replica (N replicas get N times this).
     #[arg(long, default_value_t = 32)]
     c_concurrency: usize,
-    /// Scenario C: seconds of each replica count's run.
-    #[arg(long, default_value_t = 10.0)]
+    /// Scenario C: seconds of each of a replica count's two windows.
+    #[arg(long, default_value_t = 6.0)]
     c_secs: f64,
     /// Scenario C: posts seeded into PostgreSQL.
     #[arg(long, default_value_t = 2000)]
@@ -356,7 +356,7 @@ async fn run(args: RunArgs) -> Result<(), BenchError> {
             database_url,
             replicas: args.c_replicas.clone(),
             cores: args.c_cores.clamp(0.01, 64.0),
-            concurrency: args.c_concurrency.max(1),
+            per_replica: args.c_concurrency.max(1),
             time: secs(args.c_secs),
             posts: args.c_posts.max(1),
             tessera,

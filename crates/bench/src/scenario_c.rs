@@ -40,9 +40,11 @@ pub struct Options {
     pub replicas: Vec<usize>,
     /// CPU quota of each posts and comments replica, in cores.
     pub cores: f64,
-    /// Calls in flight.
-    pub concurrency: usize,
-    /// Length of each round's measured load.
+    /// Calls in flight per posts replica: N replicas are offered N times the load of one, so
+    /// each replica count is measured at the same queue per replica (its capacity), not with
+    /// one fixed load spread thinner as replicas are added.
+    pub per_replica: usize,
+    /// Length of each measured window (each replica count gets two).
     pub time: Duration,
     /// Posts seeded (GetPost reads them).
     pub posts: usize,
@@ -76,6 +78,25 @@ pub struct Round {
     pub throttling: Throttling,
     /// The whole machine's CPU over the window.
     pub machine: MachineCpu,
+}
+
+impl Round {
+    /// Adds a second window of the same replica count.
+    fn absorb(&mut self, other: Round) {
+        self.summary.merge(&other.summary);
+        for (group, cpu) in other.cpu {
+            *self.cpu.entry(group).or_default() += cpu;
+        }
+        self.throttling.add(&other.throttling);
+        self.machine.busy += other.machine.busy;
+        self.machine.steal += other.machine.steal;
+        self.machine.total += other.machine.total;
+    }
+
+    /// Calls in flight in this round's windows.
+    fn concurrency(&self, opts: &Options) -> usize {
+        opts.per_replica * self.replicas
+    }
 }
 
 /// Scenario C's result: measured, or skipped and why.
@@ -231,12 +252,13 @@ async fn round(
         )
         .await?;
         let call = get_post_call(pool, posts.clone());
-        closed_loop(call.clone(), opts.concurrency, Duration::from_secs(1)).await;
+        let concurrency = opts.per_replica * replicas;
+        closed_loop(call.clone(), concurrency, Duration::from_secs(1)).await;
 
         let cpu_before = sample(&groups);
         let throttled_before: Vec<Throttling> = cages.iter().map(|(_, c)| c.throttling()).collect();
         let machine_before = MachineCpu::now()?;
-        let summary = closed_loop(call, opts.concurrency, opts.time).await;
+        let summary = closed_loop(call, concurrency, opts.time).await;
         let machine = MachineCpu::now()?.since(&machine_before);
         let cpu_after = sample(&groups);
         let mut throttling = Throttling::default();
@@ -301,10 +323,15 @@ pub async fn run(opts: &Options) -> Result<Outcome, BenchError> {
         posts.len(),
         started.elapsed().as_secs_f64()
     );
-    let mut rounds = Vec::new();
-    for &n in &opts.replicas {
-        rounds.push(round(opts, &root, &server, &posts, n.max(1)).await?);
-        println!("{n} replica(s) done");
+    let mut rounds: Vec<Round> = Vec::new();
+    let order = measurement_order(&opts.replicas);
+    for (i, &(n, slot)) in order.iter().enumerate() {
+        let measured = round(opts, &root, &server, &posts, n).await?;
+        match rounds.get_mut(slot) {
+            Some(first) => first.absorb(measured),
+            None => rounds.push(measured),
+        }
+        println!("{n} replica(s) done ({}/{})", i + 1, order.len());
     }
     Ok(Outcome::Ran {
         rounds,
@@ -324,6 +351,28 @@ fn worker_threads(cores: f64) -> usize {
     (cores.ceil() as usize).max(1)
 }
 
+/// Each replica count twice, in mirrored order (1, 2, 3, 3, 2, 1), with the slot of the
+/// result its windows add up in. The VM's speed drifts over minutes (its steal moved 1-10%
+/// between runs of one build), and a drift steady over the run then weighs on every count
+/// alike instead of on the last one.
+fn measurement_order(replicas: &[usize]) -> Vec<(usize, usize)> {
+    let asked = replicas.iter().map(|n| (*n).max(1)).enumerate();
+    asked
+        .clone()
+        .chain(asked.rev())
+        .map(|(slot, n)| (n, slot))
+        .collect()
+}
+
+/// [`measurement_order`]'s replica counts, for the report.
+fn mirrored(replicas: &[usize]) -> String {
+    measurement_order(replicas)
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The scenario C tables and, where scaling falls short, where the time went.
 pub fn render(outcome: &Outcome, opts: &Options) -> String {
     let (rounds, cgroups, seeded) = match outcome {
@@ -340,9 +389,10 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
     let base_rate = base.summary.throughput();
     let base_p99 = base.summary.percentile(99.0).as_secs_f64();
     let mut out = format!(
-        "GetPost through the gateway, {} in flight for {:.1}s per replica count; {seeded} posts on PostgreSQL; each posts and comments replica limited to {:.2} core ({cgroups}) with {} async worker thread(s).\n\n",
-        opts.concurrency,
+        "GetPost through the gateway, {} in flight per posts replica, two windows of {:.1}s per replica count in the order {}; {seeded} posts on PostgreSQL; each posts and comments replica limited to {:.2} core ({cgroups}) with {} async worker thread(s).\n\n",
+        opts.per_replica,
         opts.time.as_secs_f64(),
+        mirrored(&opts.replicas),
         opts.cores,
         worker_threads(opts.cores),
     );
@@ -365,6 +415,7 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
             };
             vec![
                 r.replicas.to_string(),
+                r.concurrency(opts).to_string(),
                 format!("{:.0}", s.throughput()),
                 format!(
                     "{:.2}x{}",
@@ -385,6 +436,7 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
     out.push_str(&table(
         &[
             "posts replicas",
+            "in flight",
             "req/s",
             "÷ 1 replica",
             "p50 ms",
@@ -417,12 +469,20 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
                 "{:.0}%",
                 100.0 * busy.as_secs_f64() / r.machine.total.as_secs_f64().max(1e-9)
             ));
+            row.push(format!(
+                "{:.1}%",
+                100.0 * r.machine.steal.as_secs_f64() / r.machine.total.as_secs_f64().max(1e-9)
+            ));
             row
         })
         .collect();
     let mut header = vec!["replicas"];
     header.extend(GROUPS);
-    header.extend(["everything else (PostgreSQL, other users)", "machine busy"]);
+    header.extend([
+        "everything else (PostgreSQL, other users)",
+        "machine busy",
+        "steal",
+    ]);
     out.push_str(&table(&header, &rows));
     // The verdict and its reason, from the same figures.
     for r in rounds.iter().skip(1) {
@@ -472,4 +532,19 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_count_is_measured_twice_in_mirrored_order_into_its_own_slot() {
+        assert_eq!(
+            measurement_order(&[1, 2, 3]),
+            vec![(1, 0), (2, 1), (3, 2), (3, 2), (2, 1), (1, 0)]
+        );
+        assert_eq!(mirrored(&[1, 3]), "1, 3, 3, 1");
+        assert_eq!(measurement_order(&[0]), vec![(1, 0), (1, 0)]);
+    }
 }
