@@ -351,6 +351,16 @@ fn worker_threads(cores: f64) -> usize {
     (cores.ceil() as usize).max(1)
 }
 
+/// A ratio for a verdict, cut (not rounded) to two decimals: 1.7996 is short of 1.8, and
+/// "1.80x, short of the 1.8x goal" read as a contradiction.
+fn ratio(gain: f64) -> String {
+    let two = format!("{gain:.2}");
+    match two.parse::<f64>() {
+        Ok(rounded) if rounded > gain => format!("{:.2}x", rounded - 0.01),
+        _ => format!("{two}x"),
+    }
+}
+
 /// Each replica count twice, in mirrored order (1, 2, 3, 3, 2, 1), with the slot of the
 /// result its windows add up in. The VM's speed drifts over minutes (its steal moved 1-10%
 /// between runs of one build), and a drift steady over the run then weighs on every count
@@ -494,8 +504,9 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
         };
         if gain >= goal {
             out.push_str(&format!(
-                "\n{} replicas: {gain:.2}x, goal {goal}x met.",
-                r.replicas
+                "\n{} replicas: {}, goal {goal}x met.",
+                r.replicas,
+                ratio(gain)
             ));
             continue;
         }
@@ -526,8 +537,9 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
             )
         };
         out.push_str(&format!(
-            "\n{} replicas: {gain:.2}x, short of the {goal}x goal; {reason}.",
-            r.replicas
+            "\n{} replicas: {}, short of the {goal}x goal; {reason}.",
+            r.replicas,
+            ratio(gain)
         ));
     }
     out.push('\n');
@@ -546,5 +558,13 @@ mod tests {
         );
         assert_eq!(mirrored(&[1, 3]), "1, 3, 3, 1");
         assert_eq!(measurement_order(&[0]), vec![(1, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn a_ratio_just_short_of_a_goal_does_not_print_as_the_goal() {
+        assert_eq!(ratio(1.7996), "1.79x");
+        assert_eq!(ratio(1.7949), "1.79x");
+        assert_eq!(ratio(2.5), "2.50x");
+        assert_eq!(ratio(2.691), "2.69x");
     }
 }
