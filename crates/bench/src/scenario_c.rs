@@ -351,12 +351,13 @@ fn worker_threads(cores: f64) -> usize {
     (cores.ceil() as usize).max(1)
 }
 
-/// A ratio for a verdict, cut (not rounded) to two decimals: 1.7996 is short of 1.8, and
-/// "1.80x, short of the 1.8x goal" read as a contradiction.
-fn ratio(gain: f64) -> String {
+/// A ratio for a verdict, as the table rounds it, except that a ratio short of its goal is cut
+/// to two decimals where rounding would reach the goal: 1.7975 printed as "1.80x, short of
+/// the 1.8x goal" read as a contradiction.
+fn ratio(gain: f64, goal: f64) -> String {
     let two = format!("{gain:.2}");
     match two.parse::<f64>() {
-        Ok(rounded) if rounded > gain => format!("{:.2}x", rounded - 0.01),
+        Ok(rounded) if gain < goal && rounded >= goal => format!("{:.2}x", rounded - 0.01),
         _ => format!("{two}x"),
     }
 }
@@ -506,7 +507,7 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
             out.push_str(&format!(
                 "\n{} replicas: {}, goal {goal}x met.",
                 r.replicas,
-                ratio(gain)
+                ratio(gain, goal)
             ));
             continue;
         }
@@ -539,7 +540,7 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
         out.push_str(&format!(
             "\n{} replicas: {}, short of the {goal}x goal; {reason}.",
             r.replicas,
-            ratio(gain)
+            ratio(gain, goal)
         ));
     }
     out.push('\n');
@@ -562,9 +563,11 @@ mod tests {
 
     #[test]
     fn a_ratio_just_short_of_a_goal_does_not_print_as_the_goal() {
-        assert_eq!(ratio(1.7996), "1.79x");
-        assert_eq!(ratio(1.7949), "1.79x");
-        assert_eq!(ratio(2.5), "2.50x");
-        assert_eq!(ratio(2.691), "2.69x");
+        assert_eq!(ratio(1.7975, 1.8), "1.79x");
+        assert_eq!(ratio(1.7949, 1.8), "1.79x");
+        assert_eq!(ratio(2.5, 2.5), "2.50x");
+        // Elsewhere as the table rounds it.
+        assert_eq!(ratio(1.9388, 1.8), "1.94x");
+        assert_eq!(ratio(2.691, 2.5), "2.69x");
     }
 }

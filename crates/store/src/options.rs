@@ -41,15 +41,16 @@ pub struct DbOptions {
 }
 
 /// [`DbOptions::wal_restart_bytes`] by default. Each start-over holds every writer of the
-/// database for the few milliseconds of its checkpoint, and at 16 CreatePosts in flight in
-/// scenario B those holds were most of the slowest calls (a trace of every call put the
-/// stalls that caught all sixteen at once on them). With writes on the calling task, four
-/// alternating pairs gave the mesh's p99 10.9-11.7 ms at 32 MiB against 11.8-13.9 ms at 8 MiB,
-/// and the monolith's 9.6-11.1 against 11.3-13.5, at the same CPU per request; with writes on
-/// sqlx's connection threads, whose CPU hid it, 32 MiB had shown no gain and 64 MiB had cost
-/// more CPU (a longer WAL is slower to look pages up in, and the first of it goes to new
-/// blocks of the file).
-pub const DEFAULT_WAL_RESTART_BYTES: u64 = 32 << 20;
+/// database for the few milliseconds of its checkpoint, and every call in flight waits it out:
+/// at 16 CreatePosts in flight in scenario B, a trace of every call put the slowest ones, all
+/// sixteen held at once, on those holds. At 32 MiB the WAL still started over two to three
+/// times a second at that load, about 1% of the calls behind a hold: the p99's edge. In
+/// alternating runs on a quick VM, 64 MiB gave the mesh's p99 6.4-6.9 ms against 6.5-7.7 at
+/// 32 MiB and the monolith's 5.7-6.4 against 6.6-8.0, at the same CPU per request. (Earlier, 32
+/// against 8 MiB: 10.9-11.7 against 11.8-13.9 ms on a slow VM; with writes on sqlx's connection
+/// threads, whose CPU hid it, 64 MiB had cost more CPU.) The WAL file it leaves on disk is that
+/// size, up to twice it after a burst.
+pub const DEFAULT_WAL_RESTART_BYTES: u64 = 64 << 20;
 
 /// The pool settings every [`Db`] of this process starts from ([`DbOptions::default`]),
 /// set once by the binary from its configuration; services open their databases with
