@@ -92,11 +92,6 @@ impl Round {
         self.machine.steal += other.machine.steal;
         self.machine.total += other.machine.total;
     }
-
-    /// Calls in flight in this round's windows.
-    fn concurrency(&self, opts: &Options) -> usize {
-        opts.per_replica * self.replicas
-    }
 }
 
 /// Scenario C's result: measured, or skipped and why.
@@ -252,7 +247,7 @@ async fn round(
         )
         .await?;
         let call = get_post_call(pool, posts.clone());
-        let concurrency = opts.per_replica * replicas;
+        let concurrency = in_flight(opts, replicas);
         closed_loop(call.clone(), concurrency, Duration::from_secs(1)).await;
 
         let cpu_before = sample(&groups);
@@ -351,6 +346,11 @@ fn worker_threads(cores: f64) -> usize {
     (cores.ceil() as usize).max(1)
 }
 
+/// Calls in flight at `replicas` replicas.
+fn in_flight(opts: &Options, replicas: usize) -> usize {
+    opts.per_replica * replicas
+}
+
 /// A ratio for a verdict, as the table rounds it, except that a ratio short of its goal is cut
 /// to two decimals where rounding would reach the goal: 1.7975 printed as "1.80x, short of
 /// the 1.8x goal" read as a contradiction.
@@ -426,7 +426,7 @@ pub fn render(outcome: &Outcome, opts: &Options) -> String {
             };
             vec![
                 r.replicas.to_string(),
-                r.concurrency(opts).to_string(),
+                in_flight(opts, r.replicas).to_string(),
                 format!("{:.0}", s.throughput()),
                 format!(
                     "{:.2}x{}",

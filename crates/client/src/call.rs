@@ -197,11 +197,10 @@ impl Shared {
                     Body::new(Full::new(body.clone())),
                 ))
                 .await;
-            // A replica that dies between a response's headers and its end would otherwise
-            // fail an idempotent call that another replica can answer: read the one message
-            // and its trailers here, where the call can still go again.
-            if method.idempotent
-                && !method.server_streaming
+            // A unary response is read to its end here, inside the call's deadline (a replica
+            // silent after its headers would otherwise hold the caller past it) and where an
+            // idempotent call cut off mid-response can still go again.
+            if !method.server_streaming
                 && let Ok(response) = result
             {
                 result = if unavailable(&response) {

@@ -69,9 +69,9 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// The connection failed after a response's headers and before its end. Only unary
-    /// responses of idempotent methods are read whole before they are handed on, so only
-    /// those see this (and are sent again elsewhere, as after a failure before the headers).
+    /// The connection failed after a unary response's headers and before its end (unary
+    /// responses are read whole before they are handed on). An idempotent call is sent again
+    /// elsewhere, as after a failure before the headers.
     #[error("the connection failed while a response was read")]
     ResponseCut {
         /// Why.

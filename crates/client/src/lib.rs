@@ -4,9 +4,10 @@
 //! the replicas of a target (`static:` lists, `dns:` names re-resolved for Kubernetes headless
 //! Services), balance calls with power of two choices over peak-EWMA latency, carry the
 //! remaining deadline, the end user's token and the trace context of the call being handled,
-//! and retry idempotent methods on UNAVAILABLE or a lost connection under a retry budget (a
-//! unary response of an idempotent method is read to its end before it is handed on, so a
-//! replica that dies in the middle of one is retried around too).
+//! and retry idempotent methods on UNAVAILABLE or a lost connection under a retry budget. A
+//! unary response is read to its end before it is handed on, within the call's deadline: a
+//! replica silent after the headers fails the call at the deadline, and an idempotent call
+//! whose replica dies in the middle of a response is retried around.
 //!
 //! Errors reach callers as `tonic::Status`: UNAVAILABLE when no replica could be reached
 //! (after a connect timeout of waiting, then at once until one is back), DEADLINE_EXCEEDED

@@ -219,8 +219,9 @@ async fn requests_over_the_replay_limit_are_sent_once() {
     assert_eq!(user.user_id.len(), 1000);
 }
 
-/// A replica that answers every call with a response's headers and then, before any of its
-/// body, closes the connection: a process that died mid-response. Counts the calls it got.
+/// A replica that answers every call with a response's headers and then sends none of its
+/// body: after `cut_after`, it closes the connection (a process that died mid-response); without,
+/// it stays silent. Counts the calls it got.
 struct CutsAfterHeaders {
     addr: std::net::SocketAddr,
     calls: Arc<AtomicUsize>,
@@ -228,7 +229,7 @@ struct CutsAfterHeaders {
 }
 
 impl CutsAfterHeaders {
-    async fn start() -> Self {
+    async fn start(cut_after: Option<Duration>) -> Self {
         use http_body_util::StreamBody;
         use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -248,12 +249,13 @@ impl CutsAfterHeaders {
                     let cut_later = cut.clone();
                     let service = hyper::service::service_fn(move |_request| {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        // Long enough for the headers to arrive first, on any loaded machine.
-                        let cut = cut_later.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            cut.notify_one();
-                        });
+                        if let Some(after) = cut_after {
+                            let cut = cut_later.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(after).await;
+                                cut.notify_one();
+                            });
+                        }
                         let response = http::Response::builder()
                             .header("content-type", "application/grpc")
                             .body(StreamBody::new(futures::stream::pending() as Never))
@@ -283,14 +285,15 @@ impl Drop for CutsAfterHeaders {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_call_cut_after_its_headers_goes_again_elsewhere() {
     let _serial = serial().await;
-    let cutter = CutsAfterHeaders::start().await;
+    // Long enough for the headers to arrive first, on any loaded machine.
+    let cutter = CutsAfterHeaders::start(Some(Duration::from_millis(50))).await;
 
     // Alone, the cut shows as a lost connection (UNAVAILABLE), after every try.
     let alone = ClientBuilder::plaintext()
         .retry_backoff(Duration::from_millis(1), Duration::from_millis(2))
         .channel(&format!("static:{}", cutter.addr))
         .unwrap();
-    let status = UserServiceClient::new(alone)
+    let status = UserServiceClient::new(alone.clone())
         .get_user(GetUserRequest {
             user_id: "u".into(),
         })
@@ -302,6 +305,17 @@ async fn an_idempotent_call_cut_after_its_headers_goes_again_elsewhere() {
         "{status:?}"
     );
     assert_eq!(cutter.calls.load(Ordering::SeqCst), 3, "three tries");
+    // A call with no idempotency level sees the same status, after one try.
+    let status = UserServiceClient::new(alone.clone())
+        .create_user(CreateUserRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        cutter.calls.load(Ordering::SeqCst),
+        4,
+        "a create is not retried"
+    );
 
     // Beside a healthy replica, every GetUser the cut one took is answered by the other.
     let healthy = Replica::start().await;
@@ -328,4 +342,37 @@ async fn an_idempotent_call_cut_after_its_headers_goes_again_elsewhere() {
         calls += 1;
     }
     assert!(healthy.behaviour.gets() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_replica_silent_after_its_headers_ends_at_its_deadline() {
+    let _serial = serial().await;
+    let silent = CutsAfterHeaders::start(None).await;
+    let channel = ClientBuilder::plaintext()
+        .timeout(Duration::from_millis(300))
+        .channel(&format!("static:{}", silent.addr))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        UserServiceClient::new(channel.clone()).get_user(GetUserRequest {
+            user_id: "u".into(),
+        }),
+    )
+    .await
+    .expect("the call's deadline bounds a body that never comes")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The same for a call with no idempotency level, sent once.
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        UserServiceClient::new(channel).create_user(CreateUserRequest::default()),
+    )
+    .await
+    .expect("the call's deadline bounds a body that never comes")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(silent.calls.load(Ordering::SeqCst), 2);
 }
