@@ -180,8 +180,9 @@ impl Tx {
     }
 }
 
-/// Rows per INSERT of [`Tx::append_events`]: binding a statement's parameters costs the
-/// square of their number on SQLite (each is looked up by name in a list).
+/// Rows per INSERT of [`Tx::append_events`]. SQLite looks a parameter's name up in a list, so
+/// reading all of a statement's names costs the square of their number: the writer connection
+/// does it once per statement text and keeps the answer, and each chunk size is one text.
 const APPEND_CHUNK: usize = 128;
 
 impl Db {

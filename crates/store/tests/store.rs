@@ -81,16 +81,26 @@ async fn sqlite_file_uses_wal_and_foreign_keys() {
 async fn placeholders_bind_by_number_on_both_backends() {
     let (dbs, _dir) = databases("placeholders").await;
     for db in dbs {
-        let mut tx = db.begin().await.unwrap();
-        // $2 before $1, and $1 used twice.
-        sqlx::query("INSERT INTO items (id, name, n) VALUES ($2, $1 || '-' || $2, $3)")
-            .bind("alpha")
-            .bind("id-1")
-            .bind(7_i64)
-            .execute(&mut *tx)
+        // $2 before $1, and $2 used twice; the second run of the same text takes the
+        // parameter numbers the writer connection kept from the first.
+        for (name, id, n) in [("beta", "id-0", 6_i64), ("alpha", "id-1", 7)] {
+            let mut tx = db.begin().await.unwrap();
+            sqlx::query("INSERT INTO items (id, name, n) VALUES ($2, $1 || '-' || $2, $3)")
+                .bind(name)
+                .bind(id)
+                .bind(n)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let beta: String = sqlx::query_scalar("SELECT name FROM items WHERE id = $1 AND n = $2")
+            .bind("id-0")
+            .bind(6_i64)
+            .fetch_one(db.pool())
             .await
             .unwrap();
-        tx.commit().await.unwrap();
+        assert_eq!(beta, "beta-id-0");
         let row = sqlx::query("SELECT id, name, n FROM items WHERE n = $1 AND id = $2")
             .bind(7_i64)
             .bind("id-1")
