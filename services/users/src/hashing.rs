@@ -11,8 +11,9 @@
 //! than `spawn_blocking` under a semaphore: measured, the latter still grew the users
 //! process past 256 MiB with one hash at a time. Each hash may land on another thread of the
 //! blocking pool, glibc gives threads their own malloc arenas, and allocating and freeing
-//! 19 MiB per hash fragments them. Here the hashing memory is `concurrency` × the memory
-//! cost, allocated once.
+//! 19 MiB per hash fragments them. Here the hashing memory is at most `concurrency` × the
+//! memory cost: a thread keeps it while more hashes wait, and gives it back to the system
+//! once none does (see [`MEMORY`]), so an idle process does not hold it.
 //!
 //! A call's admission moves into its job: a caller that gives up (its deadline passed, the
 //! client went away) does not free a place while its hash is still running or queued.
@@ -20,7 +21,11 @@
 use std::{
     cell::RefCell,
     panic::AssertUnwindSafe,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
 };
 
 use argon2::{
@@ -40,6 +45,29 @@ pub(crate) struct Hashing {
     /// One permit per call running or waiting; failing to take one is how a full queue shows.
     admitted: Arc<Semaphore>,
     jobs: mpsc::Sender<Job>,
+    /// What the threads hold; the tests read it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    memory: Arc<MemoryStats>,
+}
+
+/// What the hashing threads hold of argon2 memory, and how often they allocated it.
+#[derive(Default)]
+struct MemoryStats {
+    /// Bytes kept by all hashing threads between hashes.
+    kept: AtomicUsize,
+    /// Times a hashing thread allocated its memory.
+    allocations: AtomicUsize,
+}
+
+/// What a hashing thread needs to know after each job.
+struct Worker {
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    admitted: Arc<Semaphore>,
+    /// `concurrency + queue`: the permits of `admitted` when nothing is admitted.
+    places: usize,
+    /// Jobs running on any hashing thread.
+    running: Arc<AtomicUsize>,
+    memory: Arc<MemoryStats>,
 }
 
 fn argon2id(params: argon2::Params) -> Argon2<'static> {
@@ -47,16 +75,37 @@ fn argon2id(params: argon2::Params) -> Argon2<'static> {
 }
 
 /// One hashing thread: runs jobs until the sender is gone.
-fn worker(jobs: &Mutex<mpsc::Receiver<Job>>) {
+fn worker(w: &Worker) {
+    let mut kept = 0;
     loop {
         // The lock is held only while waiting for the next job, not while running it.
-        let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let next = w.jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(job) = next else {
             return;
         };
+        w.running.fetch_add(1, Ordering::SeqCst);
         // A panicking job must not take the thread with it; its caller sees the reply
         // channel closed, and its admission is dropped while unwinding.
         let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+        w.running.fetch_sub(1, Ordering::SeqCst);
+        // The job gave up its admission: what is still admitted runs on another thread or
+        // waits. Nothing waiting, this thread's memory goes back to the system.
+        let admitted = w.places.saturating_sub(w.admitted.available_permits());
+        let waiting = admitted.saturating_sub(w.running.load(Ordering::SeqCst));
+        let (now, allocated) = MEMORY.with_borrow_mut(|memory| {
+            let allocated = std::mem::take(&mut memory.allocated);
+            if waiting == 0 {
+                memory.blocks = Vec::new();
+            }
+            (memory.bytes(), allocated)
+        });
+        w.memory.allocations.fetch_add(allocated, Ordering::Relaxed);
+        if now >= kept {
+            w.memory.kept.fetch_add(now - kept, Ordering::Relaxed);
+        } else {
+            w.memory.kept.fetch_sub(kept - now, Ordering::Relaxed);
+        }
+        kept = now;
     }
 }
 
@@ -70,17 +119,28 @@ impl Hashing {
         let concurrency = concurrency.max(1);
         let (sender, receiver) = mpsc::channel();
         let receiver = Arc::new(Mutex::new(receiver));
+        let places = concurrency.saturating_add(queue);
+        let admitted = Arc::new(Semaphore::new(places));
+        let memory = Arc::new(MemoryStats::default());
+        let running = Arc::new(AtomicUsize::new(0));
         for i in 0..concurrency {
-            let receiver = Arc::clone(&receiver);
+            let w = Worker {
+                jobs: Arc::clone(&receiver),
+                admitted: Arc::clone(&admitted),
+                places,
+                running: Arc::clone(&running),
+                memory: Arc::clone(&memory),
+            };
             std::thread::Builder::new()
                 .name(format!("password-hash-{i}"))
-                .spawn(move || worker(&receiver))
+                .spawn(move || worker(&w))
                 .map_err(|e| Error::Password(format!("cannot start a hashing thread: {e}")))?;
         }
         Ok(Self {
             params,
-            admitted: Arc::new(Semaphore::new(concurrency.saturating_add(queue))),
+            admitted,
             jobs: sender,
+            memory,
         })
     }
 
@@ -125,11 +185,33 @@ impl Hashing {
     }
 }
 
+/// argon2 memory is reserved at least this large (in 1 KiB blocks): past glibc's largest
+/// mmap threshold (32 MiB on 64-bit), so it is always a mapping of its own, given back to the
+/// system whole when dropped. At the default cost of 19 MiB, freeing a smaller block would
+/// raise glibc's threshold to its size, the next one would come from the thread's heap, and
+/// freeing that keeps it resident. Only the blocks a hash uses are ever touched.
+const RESERVE_BLOCKS: usize = 33 << 10;
+
+/// A thread's argon2 memory.
+#[derive(Default)]
+struct Memory {
+    blocks: Vec<Block>,
+    /// Times it was allocated since the worker last looked.
+    allocated: usize,
+}
+
+impl Memory {
+    fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<Block>()
+    }
+}
+
 thread_local! {
-    /// This thread's argon2 memory, kept from one hash to the next: allocating and freeing
-    /// 19 MiB per hash fragments the heap, and the process grows well past the memory the
-    /// hashes in flight need. Grows to the largest cost seen (stored hashes keep their own).
-    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+    /// This thread's argon2 memory, kept from one hash to the next while more wait:
+    /// allocating and freeing 19 MiB per hash fragments the heap, and the process grows well
+    /// past the memory the hashes in flight need. Grows to the largest cost seen (stored
+    /// hashes keep their own); a hashing thread drops it when no hash waits ([`worker`]).
+    static MEMORY: RefCell<Memory> = RefCell::new(Memory::default());
 }
 
 /// argon2 of `password` and `salt` into `out`, over this thread's kept memory. argon2 writes
@@ -140,12 +222,18 @@ fn compute(
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), argon2::Error> {
-    MEMORY.with_borrow_mut(|blocks| {
+    MEMORY.with_borrow_mut(|memory| {
         let needed = argon2.params().block_count();
-        if blocks.len() < needed {
-            blocks.resize(needed, Block::default());
+        if memory.blocks.len() < needed {
+            if memory.blocks.capacity() < needed {
+                // Reserved anew, not grown: growing a Vec copies what it held.
+                memory.blocks = Vec::with_capacity(needed.max(RESERVE_BLOCKS));
+                memory.allocated += 1;
+            }
+            memory.blocks.resize(needed, Block::default());
         }
-        argon2.hash_password_into_with_memory(password, salt, out, &mut blocks[..needed])
+        let blocks = &mut memory.blocks[..needed];
+        argon2.hash_password_into_with_memory(password, salt, out, blocks)
     })
 }
 
@@ -246,6 +334,94 @@ mod tests {
             let _ = rx.recv();
             Ok(())
         })
+    }
+
+    /// 8 MiB of argon2 memory, one pass: a few milliseconds a hash.
+    fn roomy() -> argon2::Params {
+        argon2::Params::new(8 << 10, 1, 1, None).unwrap()
+    }
+
+    /// Hashes waiting behind one another share one allocation of the thread's memory, and
+    /// once none waits the memory is given back: an idle service keeps none of it.
+    #[tokio::test]
+    async fn memory_is_kept_while_hashes_wait_and_given_back_after() {
+        let h = Arc::new(Hashing::new(roomy(), 1, 8).unwrap());
+        // The thread is held until all six hashes wait behind it.
+        let (release, job) = blocker();
+        let held = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.run(job).await }
+        });
+        until("the blocker runs", || h.admitted.available_permits() == 8).await;
+        let hashes = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move {
+                let hashes = (0..6).map(|i| h.hash(format!("password {i}")));
+                futures::future::join_all(hashes).await
+            }
+        });
+        until("six hashes wait", || h.admitted.available_permits() == 2).await;
+        drop(release);
+        held.await.unwrap().unwrap();
+        for phc in hashes.await.unwrap() {
+            assert!(phc.unwrap().starts_with("$argon2id$v=19$m=8192,t=1,p=1$"));
+        }
+        until("the memory is given back", || {
+            h.memory.allocations.load(Ordering::Relaxed) == 1
+                && h.memory.kept.load(Ordering::Relaxed) == 0
+        })
+        .await;
+
+        // Alone, a hash allocates again and gives it back again.
+        let phc = h.hash("alone".into()).await.unwrap();
+        assert!(h.verify(phc, "alone".into()).await.unwrap());
+        until("the memory is given back again", || {
+            h.memory.allocations.load(Ordering::Relaxed) == 3
+                && h.memory.kept.load(Ordering::Relaxed) == 0
+        })
+        .await;
+    }
+
+    /// While a job waits, the thread that ended the hash before it keeps its memory.
+    #[tokio::test]
+    async fn memory_is_kept_for_a_waiting_job() {
+        let h = Arc::new(Hashing::new(roomy(), 1, 2).unwrap());
+        let run = |job: Box<dyn FnOnce() -> Result<(), Error> + Send>| {
+            let h = Arc::clone(&h);
+            tokio::spawn(async move { h.run(job).await })
+        };
+        // A blocker, a hash and a second blocker, queued in that order.
+        let (release_first, first) = blocker();
+        let first = run(Box::new(first));
+        until("the first blocker runs", || {
+            h.admitted.available_permits() == 2
+        })
+        .await;
+        let hash = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.hash("between".into()).await }
+        });
+        until("the hash waits", || h.admitted.available_permits() == 1).await;
+        let (release_second, second) = blocker();
+        let second = run(Box::new(second));
+        until("the second blocker waits", || {
+            h.admitted.available_permits() == 0
+        })
+        .await;
+
+        drop(release_first);
+        first.await.unwrap().unwrap();
+        hash.await.unwrap().unwrap();
+        until("the thread kept its memory for the job behind", || {
+            h.memory.kept.load(Ordering::Relaxed) >= 8 << 20
+        })
+        .await;
+        drop(release_second);
+        second.await.unwrap().unwrap();
+        until("the memory is given back", || {
+            h.memory.kept.load(Ordering::Relaxed) == 0
+        })
+        .await;
     }
 
     #[tokio::test]
