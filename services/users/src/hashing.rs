@@ -372,11 +372,11 @@ mod tests {
         })
         .await;
 
-        // Alone, a hash allocates again and gives it back again.
-        let phc = h.hash("alone".into()).await.unwrap();
-        assert!(h.verify(phc, "alone".into()).await.unwrap());
+        // Alone, a hash allocates again and gives it back again. (Nothing else is sent
+        // until then: a call sent right after the reply may find the memory still kept.)
+        h.hash("alone".into()).await.unwrap();
         until("the memory is given back again", || {
-            h.memory.allocations.load(Ordering::Relaxed) == 3
+            h.memory.allocations.load(Ordering::Relaxed) == 2
                 && h.memory.kept.load(Ordering::Relaxed) == 0
         })
         .await;
