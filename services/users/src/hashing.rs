@@ -59,14 +59,9 @@ struct MemoryStats {
     allocations: AtomicUsize,
 }
 
-/// What a hashing thread needs to know after each job.
+/// What a hashing thread works with.
 struct Worker {
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
-    admitted: Arc<Semaphore>,
-    /// `concurrency + queue`: the permits of `admitted` when nothing is admitted.
-    places: usize,
-    /// Jobs running on any hashing thread.
-    running: Arc<AtomicUsize>,
     memory: Arc<MemoryStats>,
 }
 
@@ -74,39 +69,57 @@ fn argon2id(params: argon2::Params) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// One hashing thread: runs jobs until the sender is gone.
+/// One hashing thread: runs jobs until the sender is gone. Its argon2 memory is kept while
+/// jobs follow one another and given back to the system before it waits for one: when no job
+/// is queued, or another thread already waits for the next.
 fn worker(w: &Worker) {
     let mut kept = 0;
     loop {
-        // The lock is held only while waiting for the next job, not while running it.
-        let next = w.jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(job) = next else {
-            return;
+        // The lock is held only while taking or waiting for the next job, not while running it.
+        let jobs = match w.jobs.try_lock() {
+            Ok(jobs) => jobs,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                give_back(&w.memory, &mut kept);
+                w.jobs.lock().unwrap_or_else(|p| p.into_inner())
+            }
         };
-        w.running.fetch_add(1, Ordering::SeqCst);
+        let job = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) => {
+                give_back(&w.memory, &mut kept);
+                let Ok(job) = jobs.recv() else {
+                    return;
+                };
+                job
+            }
+        };
+        drop(jobs);
         // A panicking job must not take the thread with it; its caller sees the reply
         // channel closed, and its admission is dropped while unwinding.
         let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
-        w.running.fetch_sub(1, Ordering::SeqCst);
-        // The job gave up its admission: what is still admitted runs on another thread or
-        // waits. Nothing waiting, this thread's memory goes back to the system.
-        let admitted = w.places.saturating_sub(w.admitted.available_permits());
-        let waiting = admitted.saturating_sub(w.running.load(Ordering::SeqCst));
-        let (now, allocated) = MEMORY.with_borrow_mut(|memory| {
-            let allocated = std::mem::take(&mut memory.allocated);
-            if waiting == 0 {
-                memory.blocks = Vec::new();
-            }
-            (memory.bytes(), allocated)
-        });
-        w.memory.allocations.fetch_add(allocated, Ordering::Relaxed);
-        if now >= kept {
-            w.memory.kept.fetch_add(now - kept, Ordering::Relaxed);
-        } else {
-            w.memory.kept.fetch_sub(kept - now, Ordering::Relaxed);
-        }
-        kept = now;
+        account(&w.memory, &mut kept);
     }
+}
+
+/// Drops this thread's argon2 memory, and says so in `stats`.
+fn give_back(stats: &MemoryStats, kept: &mut usize) {
+    MEMORY.with_borrow_mut(|memory| memory.blocks = Vec::new());
+    account(stats, kept);
+}
+
+/// Brings `stats` up to date with this thread's memory; `kept` is what it last said.
+fn account(stats: &MemoryStats, kept: &mut usize) {
+    let (now, allocated) =
+        MEMORY.with_borrow_mut(|memory| (memory.bytes(), std::mem::take(&mut memory.allocated)));
+    stats.allocations.fetch_add(allocated, Ordering::Relaxed);
+    if now >= *kept {
+        stats.kept.fetch_add(now - *kept, Ordering::Relaxed);
+    } else {
+        stats.kept.fetch_sub(*kept - now, Ordering::Relaxed);
+    }
+    *kept = now;
 }
 
 impl Hashing {
@@ -119,16 +132,10 @@ impl Hashing {
         let concurrency = concurrency.max(1);
         let (sender, receiver) = mpsc::channel();
         let receiver = Arc::new(Mutex::new(receiver));
-        let places = concurrency.saturating_add(queue);
-        let admitted = Arc::new(Semaphore::new(places));
         let memory = Arc::new(MemoryStats::default());
-        let running = Arc::new(AtomicUsize::new(0));
         for i in 0..concurrency {
             let w = Worker {
                 jobs: Arc::clone(&receiver),
-                admitted: Arc::clone(&admitted),
-                places,
-                running: Arc::clone(&running),
                 memory: Arc::clone(&memory),
             };
             std::thread::Builder::new()
@@ -138,7 +145,7 @@ impl Hashing {
         }
         Ok(Self {
             params,
-            admitted,
+            admitted: Arc::new(Semaphore::new(concurrency.saturating_add(queue))),
             jobs: sender,
             memory,
         })
