@@ -93,6 +93,9 @@ pub(crate) struct Inner {
     pub(crate) dirty: std::sync::atomic::AtomicBool,
     /// SQLite only: [`DbOptions::wal_restart_bytes`] in WAL frames.
     pub(crate) wal_restart_frames: i64,
+    /// SQLite only: write transactions queued for the turn share a COMMIT
+    /// ([`DbOptions::group_commit`], off once the schema declares a deferrable constraint).
+    pub(crate) group_commit: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -158,6 +161,14 @@ fn checkpoints(inner: std::sync::Weak<Inner>) {
             let Some(inner) = inner.upgrade() else {
                 return;
             };
+            // A group whose last writer went away while queued: nobody else holds the turn.
+            if let Some(writer) = &inner.writer
+                && let Ok(mut turn) = writer.try_lock()
+                && turn.group.is_some()
+                && let Err(err) = turn.commit_group(&inner)
+            {
+                tracing::warn!(error = %err, "committing an abandoned write group failed");
+            }
             idle += 1;
             let dirty = inner
                 .dirty
@@ -191,6 +202,10 @@ async fn checkpoint_and_restart(inner: &Inner) -> Result<()> {
     // On the writer connection, idle while the turn is held, but on a blocking thread: it takes
     // milliseconds, and the connection otherwise runs statements on the task that calls it.
     let mut turn = writer.lock().await;
+    // Its members wait for a writer that may not come; the checkpoint needs it ended anyway.
+    if let Err(err) = turn.commit_group(inner) {
+        tracing::warn!(error = %err, "committing a write group failed");
+    }
     let mut conn = match turn.conn.take() {
         Some(conn) => conn,
         None => inner.open_writer()?,
@@ -231,6 +246,63 @@ pub(crate) struct Writer {
     /// Opened by the first write transaction and kept; closed and opened again only if a
     /// rollback failed.
     pub(crate) conn: Option<crate::inline::InlineConn>,
+    /// The write transactions released into the connection's open SQLite transaction and
+    /// waiting for its COMMIT ([`crate::group`]); `Some` while a transaction is open.
+    pub(crate) group: Option<crate::group::Group>,
+}
+
+impl Writer {
+    /// The connection, filled while a transaction is open.
+    pub(crate) fn connection(&mut self) -> &mut crate::inline::InlineConn {
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("the writer connection is open during a transaction"))
+    }
+
+    /// Commits the open group, if any, and tells its members and the handle's event streams.
+    /// On failure the transaction is rolled back and the members get the error too.
+    pub(crate) fn commit_group(&mut self, inner: &Inner) -> std::result::Result<(), sqlx::Error> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        match self.connection().batch("COMMIT") {
+            Ok(()) => {
+                group.committed(inner);
+                Ok(())
+            }
+            Err(err) => {
+                // A COMMIT refused (by a deferred constraint) leaves the transaction open.
+                group.failed(&err);
+                self.roll_back();
+                Err(err)
+            }
+        }
+    }
+
+    /// Rolls back the connection's open transaction, if any, with its group (whose members
+    /// learn it failed). A transaction still open after that (which should not happen) goes
+    /// with the connection, and the next writer opens another.
+    pub(crate) fn roll_back(&mut self) {
+        self.group = None;
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if conn.is_autocommit() {
+            return;
+        }
+        let rolled_back = conn.batch("ROLLBACK");
+        if rolled_back.is_err() || !conn.is_autocommit() {
+            tracing::warn!(error = ?rolled_back.err(), "rolling back a write transaction failed; reconnecting");
+            self.close();
+        }
+    }
+
+    /// Closes the connection, which rolls back what is open on it; an open group's members
+    /// learn it failed.
+    pub(crate) fn close(&mut self) {
+        self.group = None;
+        drop(self.conn.take());
+    }
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on `conn`; returns how many frames the WAL holds
@@ -517,6 +589,9 @@ impl Db {
                 epoch: OnceLock::new(),
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 wal_restart_frames,
+                group_commit: std::sync::atomic::AtomicBool::new(
+                    options.group_commit && backend == Backend::Sqlite,
+                ),
             }),
         };
         if backend == Backend::Sqlite {
@@ -574,10 +649,12 @@ impl Db {
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.inner.reads.close().await;
-        if let Some(writer) = &self.inner.writer
-            && let Some(conn) = writer.lock().await.conn.take()
-        {
-            drop(conn);
+        if let Some(writer) = &self.inner.writer {
+            let mut turn = writer.lock().await;
+            if let Err(err) = turn.commit_group(&self.inner) {
+                tracing::warn!(error = %err, "committing a write group failed");
+            }
+            turn.close();
         }
         let pool = &self.inner.pool;
         pool.close().await;

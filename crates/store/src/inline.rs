@@ -317,6 +317,26 @@ impl SqliteFailure {
             if db.try_downcast_ref::<SqliteFailure>()
                 .is_some_and(|f| f.code & 0xff == rusqlite::ffi::SQLITE_BUSY))
     }
+
+    /// The SQLite code (if SQLite's) and message of `err`, to hand to others as an error of
+    /// their own ([`SqliteFailure::rebuild`]).
+    pub(crate) fn parts(err: &sqlx::Error) -> (Option<i32>, String) {
+        match err {
+            sqlx::Error::Database(db) => match db.try_downcast_ref::<SqliteFailure>() {
+                Some(failure) => (Some(failure.code), failure.message.clone()),
+                None => (None, db.message().to_owned()),
+            },
+            other => (None, other.to_string()),
+        }
+    }
+
+    /// An error from [`SqliteFailure::parts`].
+    pub(crate) fn rebuild(code: Option<i32>, message: String) -> sqlx::Error {
+        match code {
+            Some(code) => sqlx::Error::Database(Box::new(SqliteFailure { code, message })),
+            None => sqlx::Error::Protocol(message),
+        }
+    }
 }
 
 impl std::fmt::Display for SqliteFailure {

@@ -133,6 +133,7 @@ mod consumer;
 mod cursor;
 mod db;
 mod error;
+mod group;
 mod inline;
 mod migrate;
 mod options;

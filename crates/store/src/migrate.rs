@@ -204,6 +204,20 @@ impl Db {
             tx.commit().await?;
             tracing::info!(version, name = migration.name, "applied migration");
         }
+        if backend == Backend::Sqlite {
+            // A deferred constraint is checked at COMMIT: in a group, one transaction's
+            // violation would fail the others' (see `DbOptions::group_commit`).
+            let deferrable: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sqlite_master WHERE sql LIKE '%DEFERRABLE%'",
+            )
+            .fetch_one(self.pool())
+            .await?;
+            if deferrable > 0 {
+                self.inner
+                    .group_commit
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 }

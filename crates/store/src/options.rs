@@ -38,6 +38,13 @@ pub struct DbOptions {
     /// over. Under writes that never pause the WAL is otherwise never started over and grows
     /// by everything written. Its file is cut back to twice this when it starts over.
     pub wal_restart_bytes: u64,
+    /// SQLite only: write transactions that queue for the writer connection share one SQLite
+    /// transaction (a savepoint each) and one COMMIT, which writes the pages they all
+    /// changed once. Each still commits or fails whole and returns only once committed; if
+    /// the shared COMMIT fails, all of them fail. Off by itself for a schema that declares
+    /// a `DEFERRABLE` constraint (checked at COMMIT, where one member's violation would fail
+    /// the others).
+    pub group_commit: bool,
 }
 
 /// [`DbOptions::wal_restart_bytes`] by default. Each start-over holds every writer of the
@@ -80,6 +87,7 @@ impl Default for DbOptions {
             statement_timeout: None,
             ca_file: None,
             wal_restart_bytes: DEFAULT_WAL_RESTART_BYTES,
+            group_commit: true,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Write transactions, and the key locks that order writers of related rows.
 
-use std::ops::{Deref, DerefMut};
+use std::{
+    ops::{Deref, DerefMut},
+    sync::{Arc, atomic::Ordering},
+};
 
 use futures::{future::BoxFuture, stream::BoxStream};
 use sqlx::{
@@ -10,8 +13,9 @@ use sqlx::{
 use tokio::sync::OwnedMutexGuard;
 
 use crate::{
-    db::{Backend, Db, Writer},
+    db::{Backend, Db, Inner, Writer},
     error::Result,
+    group::{self, Group},
     inline::{InlineConn, SqliteFailure},
 };
 
@@ -73,10 +77,14 @@ enum Conn {
 
 /// The handle's writer connection, held for one write transaction: holding it is the write
 /// turn (SQLite has one writer at a time). It is the store's own connection, not one of sqlx's
-/// pool, and runs its statements on the task that holds the turn ([`crate::inline`]).
+/// pool, and runs its statements on the task that holds the turn ([`crate::inline`]). The
+/// transaction is a savepoint in the connection's SQLite transaction, which the write
+/// transactions queued behind it may share ([`crate::group`]).
 pub(crate) struct WriterTx {
-    slot: OwnedMutexGuard<Writer>,
-    /// A transaction was begun and not yet ended: dropping rolls it back.
+    /// The write turn; `None` once handed on to the next member of this one's group.
+    slot: Option<OwnedMutexGuard<Writer>>,
+    inner: Arc<Inner>,
+    /// This transaction's savepoint is open: dropping rolls it back.
     open: bool,
 }
 
@@ -85,85 +93,129 @@ pub(crate) struct WriterTx {
 const BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl WriterTx {
-    /// Begins `BEGIN IMMEDIATE` on the writer connection in `slot`, opening it first if there
-    /// is none. While another process holds the file's write lock, tries again with growing
-    /// async pauses (the task's thread is never put to sleep) for up to the busy timeout.
+    /// Begins a write transaction on the writer connection in `slot`: joins the group open on
+    /// it, or else opens the connection if there is none and runs `BEGIN IMMEDIATE`. While
+    /// another process holds the file's write lock, tries again with growing async pauses (the
+    /// task's thread is never put to sleep) for up to the busy timeout.
     pub(crate) async fn begin(mut slot: OwnedMutexGuard<Writer>, db: &Db) -> Result<Self> {
-        if slot.conn.is_none() {
-            slot.conn = Some(db.inner.open_writer()?);
-        }
-        let mut tx = WriterTx { slot, open: false };
-        let deadline = tokio::time::Instant::now() + db.inner.turn_timeout;
-        let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            match tx.conn().batch("BEGIN IMMEDIATE") {
-                Ok(()) => break,
-                Err(err)
-                    if SqliteFailure::is_busy(&err) && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
-                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
-                }
-                Err(err) => {
-                    tx.failed();
-                    return Err(err.into());
+        if slot.group.is_none() {
+            if slot.conn.is_none() {
+                slot.conn = Some(db.inner.open_writer()?);
+            }
+            let deadline = tokio::time::Instant::now() + db.inner.turn_timeout;
+            let mut pause = std::time::Duration::from_millis(1);
+            loop {
+                match slot.connection().batch("BEGIN IMMEDIATE") {
+                    Ok(()) => break,
+                    Err(err)
+                        if SqliteFailure::is_busy(&err)
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+                        pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                    }
+                    Err(err) => {
+                        slot.roll_back();
+                        return Err(err.into());
+                    }
                 }
             }
+            slot.group = Some(Group::new());
         }
+        let mut tx = WriterTx {
+            slot: Some(slot),
+            inner: db.inner.clone(),
+            open: false,
+        };
+        // On failure, dropping `tx` ends the transaction if it holds nothing else.
+        tx.conn().batch(group::SAVEPOINT)?;
         tx.open = true;
         Ok(tx)
     }
 
-    fn conn(&mut self) -> &mut InlineConn {
+    fn writer(&mut self) -> &mut Writer {
         self.slot
-            .conn
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("the writer slot is filled during a transaction"))
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("the turn is held until the transaction ends"))
     }
 
-    /// Commits. On failure the transaction stays open (a COMMIT refused by a deferred
-    /// constraint leaves it active in SQLite), and dropping this rolls it back.
-    fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
-        let committed = self.conn().batch("COMMIT");
-        if committed.is_err() {
-            self.failed();
-        } else {
+    fn conn(&mut self) -> &mut InlineConn {
+        self.writer().connection()
+    }
+
+    /// Releases this transaction into its group, then commits the group or, with another
+    /// writer waiting for the turn, hands the turn on to it and waits for the group's outcome.
+    /// On failure to release, dropping this rolls the savepoint back.
+    async fn commit(
+        mut self,
+        events: Vec<crate::outbox::Event>,
+        appended: Option<i64>,
+        pruned_to: Option<i64>,
+    ) -> Result<()> {
+        self.conn().batch(group::RELEASE)?;
+        self.open = false;
+        let inner = self.inner.clone();
+        self.writer()
+            .group
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a transaction is open"))
+            .join(events, appended, pruned_to);
+        if inner.group_commit.load(Ordering::Relaxed) {
+            // Writers that have a request in hand run now and queue behind this one.
+            tokio::task::yield_now().await;
+            let group = self
+                .writer()
+                .group
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("the turn was held"));
+            if inner.queued.load(Ordering::Relaxed) > 0 && group.members < group::MAX_GROUP {
+                let done = group.outcome();
+                self.slot = None;
+                return group::wait(done).await;
+            }
+        }
+        self.writer().commit_group(&inner)?;
+        Ok(())
+    }
+
+    /// Rolls this transaction's savepoint back; on failure, dropping this tries again and
+    /// then closes the connection.
+    fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
+        let rolled_back = self.conn().batch(group::ROLLBACK_SAVEPOINT);
+        if rolled_back.is_ok() {
             self.open = false;
         }
-        committed
-    }
-
-    /// Rolls back; a transaction still open after that (which should not happen) is left to
-    /// drop, which closes the connection.
-    fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
-        let rolled_back = self.conn().batch("ROLLBACK");
-        self.failed();
         rolled_back
-    }
-
-    /// After a statement of BEGIN, COMMIT or ROLLBACK failed: records whether a transaction is
-    /// still open. One still open after a ROLLBACK should be impossible; the connection is then
-    /// closed (which rolls back) and the next writer opens another.
-    fn failed(&mut self) {
-        let Some(conn) = self.slot.conn.as_ref() else {
-            self.open = false;
-            return;
-        };
-        self.open = !conn.is_autocommit();
     }
 }
 
 impl Drop for WriterTx {
     fn drop(&mut self) {
-        if !self.open {
+        let Some(writer) = self.slot.as_deref_mut() else {
             return;
-        }
+        };
         // On this thread, before the next writer gets the connection (the turn is released
         // after this). A rollback cannot wait on anything.
-        let rolled_back = self.conn().batch("ROLLBACK");
-        if rolled_back.is_err() || !self.conn().is_autocommit() {
-            tracing::warn!(error = ?rolled_back.err(), "rolling back a write transaction failed; reconnecting");
-            drop(self.slot.conn.take());
+        if self.open {
+            let rolled_back = writer.connection().batch(group::ROLLBACK_SAVEPOINT);
+            if let Err(err) = rolled_back {
+                tracing::warn!(error = ?err, "rolling back a write transaction failed; reconnecting");
+                writer.close();
+                return;
+            }
+        }
+        // Left without committing (failed, cancelled, or cancelled after its release): the
+        // group it was in ends here, committed if others are in it. Not left open for a writer
+        // waiting for the turn: this one may have seen the others' rows (a unique key it
+        // collided with, say) and its caller may read them next outside the transaction.
+        match writer.group.as_ref().map(|group| group.members) {
+            None => {}
+            Some(0) => writer.roll_back(),
+            Some(_) => {
+                if let Err(err) = writer.commit_group(&self.inner) {
+                    tracing::warn!(error = ?err, "committing a write group failed");
+                }
+            }
         }
     }
 }
@@ -242,6 +294,9 @@ impl<'c> Executor<'c> for &'c mut TxConn {
 
 impl Tx {
     /// Commits, then wakes every [`Db::events`] stream of this handle if events were appended.
+    /// On SQLite the commit may be shared with the write transactions queued behind this one
+    /// (see [`DbOptions::group_commit`](crate::DbOptions::group_commit)); either way this
+    /// returns once the data is committed, or with the error that stopped it.
     pub async fn commit(mut self) -> Result<()> {
         match std::mem::take(&mut self.on_commit).as_slice() {
             [] => {}
@@ -256,44 +311,16 @@ impl Tx {
             pruned_to,
             on_commit: _,
         } = self;
-        // SQLite: the write turn is held until the end of this function.
-        let _turn = match conn.0 {
+        match conn.0 {
             Conn::Pooled(tx) => {
                 tx.commit().await?;
-                None
+                let mut group = Group::new();
+                group.join(events, appended, pruned_to);
+                group.committed(&db.inner);
+                Ok(())
             }
-            Conn::Writer(mut tx) => {
-                tx.commit()?;
-                Some(tx)
-            }
-        };
-        let inner = &db.inner;
-        inner
-            .dirty
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        if !events.is_empty() {
-            // Before the wake-up below, and while this transaction still holds the write turn
-            // (SQLite), so events arrive in sequence order.
-            let mut recent = inner
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            recent.push(events);
-            if let Some(oldest) = pruned_to {
-                recent.forget_before(oldest);
-            }
+            Conn::Writer(tx) => tx.commit(events, appended, pruned_to).await,
         }
-        if let Some(seq) = appended {
-            inner.committed.send_if_modified(|latest| {
-                if seq > *latest {
-                    *latest = seq;
-                    true
-                } else {
-                    false
-                }
-            });
-        }
-        Ok(())
     }
 
     /// Rolls back explicitly (dropping does the same, without waiting).
