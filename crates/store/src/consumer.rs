@@ -866,6 +866,9 @@ async fn apply_batch<C: Consumer>(
     let last = through;
     let at_last = |err| (last, err);
     let mut tx = db.begin().await.map_err(at_last)?;
+    // A batch is many writes in one transaction already; waiting for the writers queued
+    // behind it to share its COMMIT would only hold up its consumer's next read.
+    tx.hand_over = false;
     let mut position = lock_cursor(&mut tx, name).await.map_err(at_last)?;
     let start = position;
     if let Some(epoch) = record_epoch {

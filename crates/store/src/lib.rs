@@ -41,7 +41,9 @@
 //! dereferences to the connection (`sqlx::query(..).execute(&mut *tx)`), then
 //! [`Tx::commit`]. A UNIQUE/PRIMARY KEY collision comes back as
 //! [`StoreError::UniqueViolation`] (map it to ALREADY_EXISTS, or re-read on a `request_id`
-//! race).
+//! race). On SQLite, write transactions queued for the one writer share a COMMIT, each in a
+//! savepoint of its own ([`DbOptions::group_commit`]): a transaction may see the rows of one
+//! committing ahead of it in its group, and `commit` returns only once both are committed.
 //!
 //! # The outbox
 //!

@@ -56,6 +56,9 @@ pub struct Tx {
     pub(crate) pruned_to: Option<i64>,
     /// Events to append when the transaction commits ([`Tx::append_on_commit`]).
     pub(crate) on_commit: Vec<Vec<u8>>,
+    /// SQLite: whether the commit may hand the turn to a writer queued behind it and wait for
+    /// the shared COMMIT ([`crate::group`]); false commits at once.
+    pub(crate) hand_over: bool,
 }
 
 /// What a [`Tx`] dereferences to: run queries on it with `.execute(&mut *tx)`, as on a
@@ -151,6 +154,7 @@ impl WriterTx {
         events: Vec<crate::outbox::Event>,
         appended: Option<i64>,
         pruned_to: Option<i64>,
+        hand_over: bool,
     ) -> Result<()> {
         self.conn().batch(group::RELEASE)?;
         self.open = false;
@@ -160,7 +164,7 @@ impl WriterTx {
             .as_mut()
             .unwrap_or_else(|| unreachable!("a transaction is open"))
             .join(events, appended, pruned_to);
-        if inner.group_commit.load(Ordering::Relaxed) {
+        if hand_over && inner.group_commit.load(Ordering::Relaxed) {
             // Writers that have a request in hand run now and queue behind this one.
             tokio::task::yield_now().await;
             let group = self
@@ -310,6 +314,7 @@ impl Tx {
             events,
             pruned_to,
             on_commit: _,
+            hand_over,
         } = self;
         match conn.0 {
             Conn::Pooled(tx) => {
@@ -319,7 +324,7 @@ impl Tx {
                 group.committed(&db.inner);
                 Ok(())
             }
-            Conn::Writer(tx) => tx.commit(events, appended, pruned_to).await,
+            Conn::Writer(tx) => tx.commit(events, appended, pruned_to, hand_over).await,
         }
     }
 
@@ -355,6 +360,7 @@ impl Tx {
             events: Vec::new(),
             pruned_to: None,
             on_commit: Vec::new(),
+            hand_over: true,
         }
     }
 
