@@ -20,7 +20,7 @@ use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tessera_mesh::{identity::SpiffeId, tls::ClientTls};
+use tessera_mesh::{coalesce::Coalesce, identity::SpiffeId, tls::ClientTls};
 use tokio::net::TcpStream;
 use tonic::body::Body;
 use tower::Service;
@@ -119,7 +119,7 @@ impl Connector {
                     .connect(self.inner.server_name.clone(), tcp)
                     .await
                     .map_err(connect_error)?;
-                handshake(addr, TokioIo::new(tls)).await
+                handshake(addr, TokioIo::new(Coalesce::new(tls))).await
             }
         }
     }

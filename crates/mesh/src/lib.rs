@@ -13,6 +13,7 @@
 mod admin;
 pub mod auth;
 pub mod certs;
+pub mod coalesce;
 pub mod config;
 pub mod context;
 pub mod contracts;

@@ -15,6 +15,7 @@ use tower::{Layer, Service, util::BoxCloneSyncService};
 use crate::{
     admin::{self, AdminService},
     auth::TokenKeys,
+    coalesce::Coalesce,
     identity::{SpiffeId, spiffe_id_from_der},
     metrics::Metrics,
     policy::Policy,
@@ -478,7 +479,14 @@ where
                     let mut service = service.clone();
                     async move { service.call(req).await }
                 });
-            let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
+            // Internal connections carry many calls at once; the public port's carry a
+            // client's few (see `coalesce`).
+            let io = if mutual {
+                Coalesce::new(stream)
+            } else {
+                Coalesce::off(stream)
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), hyper_service);
             if let Err(err) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(peer = %remote_addr, error = %err, "connection ended with an error");
             }

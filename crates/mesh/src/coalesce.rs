@@ -1,0 +1,296 @@
+//! Writes of one HTTP/2 connection gathered into fewer TLS records and socket writes.
+//!
+//! hyper's HTTP/2 connection task writes and flushes as soon as one call has something to
+//! send, and the runtime polls it right after the call that woke it. With sixteen calls in
+//! flight on one internal connection, that was sixteen TLS records and sixteen `writev`s (each
+//! a trip through the kernel's loopback, receive side included) where one would carry them
+//! all. [`Coalesce`] holds a flush back once: the connection task goes to the back of the
+//! runtime's queue, the other calls that are ready run and add their frames, and the next
+//! flush sends everything at once. With nothing else ready the task runs again at once, so a
+//! lone call waits for no timer, only for one more poll.
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Past this many bytes held, writes go through without waiting for a flush.
+const MAX_HELD: usize = 64 * 1024;
+
+/// An I/O stream whose writes are held until a flush, and whose first flush after a write
+/// yields to the runtime once before it goes through.
+#[derive(Debug)]
+pub struct Coalesce<T> {
+    inner: T,
+    held: Vec<u8>,
+    /// How much of `held` the inner stream has taken.
+    sent: usize,
+    /// Whether a flush has already yielded for what is held.
+    yielded: bool,
+    /// Off: every write goes straight through.
+    on: bool,
+}
+
+impl<T> Coalesce<T> {
+    /// Holds writes until a flush, and yields once before the flush goes through.
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            held: Vec::new(),
+            sent: 0,
+            yielded: false,
+            on: true,
+        }
+    }
+
+    /// A stream that writes straight through (one type for streams both ways).
+    pub fn off(inner: T) -> Self {
+        Self {
+            on: false,
+            ..Self::new(inner)
+        }
+    }
+
+    /// The stream written to.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesce<T> {
+    /// Writes out everything held.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.held.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.held.clear();
+        self.sent = 0;
+        // A large burst must not keep its buffer for the life of the connection.
+        if self.held.capacity() > MAX_HELD {
+            self.held = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.on {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if this.held.len() + buf.len() > MAX_HELD {
+            ready!(this.poll_send_held(cx))?;
+            if buf.len() >= MAX_HELD {
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            }
+        }
+        this.held.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.on {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.held.len() + len > MAX_HELD {
+            ready!(this.poll_send_held(cx))?;
+            if len >= MAX_HELD {
+                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+            }
+        }
+        for buf in bufs {
+            this.held.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.on || self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.held.is_empty() {
+            this.yielded = false;
+            return Pin::new(&mut this.inner).poll_flush(cx);
+        }
+        if !this.yielded {
+            // Woken while it runs, the task is queued behind the tasks already ready (tokio
+            // treats it as a yield), which is the point.
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(this.poll_send_held(cx))?;
+        this.yielded = false;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_held(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        task::Wake,
+    };
+
+    use super::*;
+
+    /// An inner stream that records each write it is given.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<Vec<u8>>,
+        flushes: usize,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn write(io: &mut Coalesce<Recorder>, cx: &mut Context<'_>, bytes: &[u8]) {
+        let n = Pin::new(io).poll_write(cx, bytes);
+        assert!(matches!(n, Poll::Ready(Ok(n)) if n == bytes.len()));
+    }
+
+    #[test]
+    fn writes_wait_for_a_flush_that_yields_once_then_go_in_one_write() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = wakes.clone().into();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesce::new(Recorder::default());
+
+        write(&mut io, &mut cx, b"one ");
+        write(&mut io, &mut cx, b"two ");
+        assert!(io.get_ref().writes.is_empty(), "held until a flush");
+
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_pending());
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the task is woken to come back"
+        );
+        assert!(io.get_ref().writes.is_empty());
+
+        // What the other calls add meanwhile goes with it.
+        let bufs = [IoSlice::new(b"three "), IoSlice::new(b"four")];
+        assert!(matches!(
+            Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs),
+            Poll::Ready(Ok(10))
+        ));
+        assert!(matches!(
+            Pin::new(&mut io).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.get_ref().writes, vec![b"one two three four".to_vec()]);
+        assert_eq!(io.get_ref().flushes, 1);
+
+        // The next round yields again; a flush with nothing held does not.
+        assert!(matches!(
+            Pin::new(&mut io).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        write(&mut io, &mut cx, b"five");
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_pending());
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(io.get_ref().writes.len(), 2);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_large_write_goes_through_after_what_is_held() {
+        let waker = Arc::new(Wakes::default()).into();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesce::new(Recorder::default());
+        write(&mut io, &mut cx, b"head");
+        let big = vec![7u8; MAX_HELD + 1];
+        write(&mut io, &mut cx, &big);
+        assert_eq!(io.get_ref().writes, vec![b"head".to_vec(), big]);
+    }
+
+    #[test]
+    fn shutdown_sends_what_is_held_first() {
+        let waker = Arc::new(Wakes::default()).into();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesce::new(Recorder::default());
+        write(&mut io, &mut cx, b"goaway");
+        assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_ready());
+        assert_eq!(io.get_ref().writes, vec![b"goaway".to_vec()]);
+        assert!(io.get_ref().shut);
+    }
+
+    #[test]
+    fn off_writes_straight_through() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = wakes.clone().into();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesce::off(Recorder::default());
+        write(&mut io, &mut cx, b"now");
+        assert_eq!(io.get_ref().writes, vec![b"now".to_vec()]);
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+    }
+}
