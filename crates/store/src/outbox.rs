@@ -45,6 +45,16 @@ pub const PRUNE_EVERY: i64 = 256;
 /// The most outbox rows one prune looks at (and deletes).
 const PRUNE_WINDOW: i64 = 4 * PRUNE_EVERY;
 
+/// The first event from `$1` to `$2` still within the retention (appended at `$3` or later).
+/// Both bounds on the sequence, and the first match ends it: with two upper bounds and no lower
+/// one, SQLite ranged over one of them and read the whole outbox below the newest event on every
+/// prune (4 ms of CPU every 256 appends with 28k events kept, holding the write turn).
+const FIRST_KEPT: &str = "SELECT sequence FROM tessera_outbox \
+     WHERE sequence >= $1 AND sequence <= $2 AND create_time >= $3 ORDER BY sequence LIMIT 1";
+
+/// Deletes the events from `$1` up to, not including, `$2`.
+const DELETE_PREFIX: &str = "DELETE FROM tessera_outbox WHERE sequence >= $1 AND sequence < $2";
+
 /// The default outbox retention: a week, far longer than a consumer should be down.
 pub const DEFAULT_OUTBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -158,18 +168,31 @@ impl Tx {
         let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(sequence) FROM tessera_outbox")
             .fetch_one(&mut **self)
             .await?;
-        let window_end = oldest.unwrap_or(seq).saturating_add(PRUNE_WINDOW - 1);
-        let pruned = sqlx::query(
-            "DELETE FROM tessera_outbox WHERE sequence < $1 AND sequence <= $3 AND sequence < \
-             COALESCE((SELECT MIN(sequence) FROM tessera_outbox \
-                       WHERE sequence <= $3 AND create_time >= $2), $1)",
-        )
-        .bind(seq)
-        .bind(cutoff)
-        .bind(window_end)
-        .execute(&mut **self)
-        .await?
-        .rows_affected();
+        let Some(oldest) = oldest else {
+            return Ok(());
+        };
+        let last = seq
+            .saturating_sub(1)
+            .min(oldest.saturating_add(PRUNE_WINDOW - 1));
+        if last < oldest {
+            return Ok(());
+        }
+        let first_kept: Option<i64> = sqlx::query_scalar(FIRST_KEPT)
+            .bind(oldest)
+            .bind(last)
+            .bind(cutoff)
+            .fetch_optional(&mut **self)
+            .await?;
+        let end = first_kept.unwrap_or(last + 1);
+        if end <= oldest {
+            return Ok(());
+        }
+        let pruned = sqlx::query(DELETE_PREFIX)
+            .bind(oldest)
+            .bind(end)
+            .execute(&mut **self)
+            .await?
+            .rows_affected();
         if pruned > 0 {
             tracing::debug!(pruned, before = seq, "pruned the outbox");
             // The handle's recent events must not serve what a read would call pruned.
@@ -575,4 +598,74 @@ fn only(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rusqlite::{Connection, StatementStatus, params};
+
+    use super::*;
+
+    /// An outbox of `len` events, the first `expired` of them appended long ago.
+    fn outbox(len: i64, expired: i64) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE tessera_outbox (sequence INTEGER PRIMARY KEY, \
+             create_time BIGINT NOT NULL, payload BLOB NOT NULL)",
+        )
+        .unwrap();
+        let tx = conn.unchecked_transaction().unwrap();
+        {
+            let mut insert = tx
+                .prepare("INSERT INTO tessera_outbox VALUES (?1, ?2, zeroblob(200))")
+                .unwrap();
+            for seq in 1..=len {
+                let time = if seq <= expired { 0 } else { 1_000 };
+                insert.execute(params![seq, time]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        conn
+    }
+
+    /// What one prune's two statements return and how many SQLite VM steps they took.
+    fn prune_steps(conn: &Connection, seq: i64) -> (usize, i32) {
+        let oldest = 1;
+        let last = (seq - 1).min(oldest + PRUNE_WINDOW - 1);
+        let mut first = conn.prepare(FIRST_KEPT).unwrap();
+        let first_kept: Option<i64> = first
+            .query_row(params![oldest, last, 500], |row| row.get(0))
+            .ok();
+        let end = first_kept.unwrap_or(last + 1);
+        let mut delete = conn.prepare(DELETE_PREFIX).unwrap();
+        let pruned = delete.execute(params![oldest, end]).unwrap();
+        let steps =
+            first.get_status(StatementStatus::VmStep) + delete.get_status(StatementStatus::VmStep);
+        (pruned, steps)
+    }
+
+    /// A prune reads what it may delete and no more, however many events the outbox keeps:
+    /// it runs in an appending transaction, holding the write turn.
+    #[test]
+    fn a_prune_costs_the_same_whatever_the_outbox_keeps() {
+        // Nothing expired: nothing goes.
+        let (pruned_small, steps_small) = prune_steps(&outbox(2_000, 0), 2_000);
+        let (pruned_large, steps_large) = prune_steps(&outbox(40_000, 0), 40_000);
+        assert_eq!((pruned_small, pruned_large), (0, 0));
+        assert_eq!(steps_small, steps_large, "work grew with the outbox");
+        assert!(steps_large < 100, "{steps_large} steps to delete nothing");
+
+        // Everything expired: one window goes, and the work is the window's.
+        let (pruned_small, steps_small) = prune_steps(&outbox(2_000, 2_000), 2_000);
+        let (pruned_large, steps_large) = prune_steps(&outbox(40_000, 40_000), 40_000);
+        assert_eq!(pruned_small, PRUNE_WINDOW as usize);
+        assert_eq!(pruned_large, PRUNE_WINDOW as usize);
+        assert_eq!(steps_small, steps_large, "work grew with the outbox");
+
+        // Part expired: the prefix up to the first kept event goes.
+        let (pruned, _) = prune_steps(&outbox(40_000, 300), 40_000);
+        assert_eq!(pruned, 300);
+    }
 }
