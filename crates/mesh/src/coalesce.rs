@@ -222,6 +222,8 @@ mod tests {
         writes: Vec<Vec<u8>>,
         flushes: usize,
         shut: bool,
+        /// A peer that reads nothing: every write waits.
+        stalled: bool,
     }
 
     impl AsyncWrite for Recorder {
@@ -230,6 +232,9 @@ mod tests {
             _cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if self.stalled {
+                return Poll::Pending;
+            }
             self.get_mut().writes.push(buf.to_vec());
             Poll::Ready(Ok(buf.len()))
         }
@@ -366,6 +371,42 @@ mod tests {
         let big = vec![7u8; MAX_HELD + 1];
         write(&mut io, &mut cx, &big);
         assert_eq!(io.get_ref().writes, vec![b"head".to_vec(), big]);
+    }
+
+    #[test]
+    fn a_peer_that_reads_nothing_holds_back_the_writer_not_memory() {
+        let waker = Arc::new(Wakes::default()).into();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesce::new(Recorder {
+            stalled: true,
+            ..Recorder::default()
+        });
+        let frame = [1u8; 1000];
+        let mut taken = 0;
+        for _ in 0..1000 {
+            match Pin::new(&mut io).poll_write(&mut cx, &frame) {
+                Poll::Ready(Ok(n)) => taken += n,
+                Poll::Pending => break,
+                Poll::Ready(Err(err)) => panic!("{err}"),
+            }
+        }
+        assert!(
+            taken <= MAX_HELD,
+            "held {taken} bytes for a peer that reads nothing"
+        );
+        assert!(
+            taken + frame.len() > MAX_HELD,
+            "pending before the cap: {taken}"
+        );
+        assert!(Pin::new(&mut io).poll_write(&mut cx, &frame).is_pending());
+
+        // Once the peer reads again, what was held goes first, then the rest.
+        io.inner.stalled = false;
+        assert!(matches!(
+            Pin::new(&mut io).poll_write(&mut cx, &frame),
+            Poll::Ready(Ok(1000))
+        ));
+        assert_eq!(io.get_ref().writes.concat().len(), taken);
     }
 
     #[test]

@@ -171,12 +171,9 @@ impl Tx {
         let Some(oldest) = oldest else {
             return Ok(());
         };
-        let last = seq
-            .saturating_sub(1)
-            .min(oldest.saturating_add(PRUNE_WINDOW - 1));
-        if last < oldest {
+        let Some(last) = prune_window(oldest, seq) else {
             return Ok(());
-        }
+        };
         let first_kept: Option<i64> = sqlx::query_scalar(FIRST_KEPT)
             .bind(oldest)
             .bind(last)
@@ -600,6 +597,15 @@ fn only(
     })
 }
 
+/// The last event one prune may delete, from `oldest`: never the one just appended (`seq`),
+/// and at most [`PRUNE_WINDOW`] of them. None when there is nothing before `seq`.
+fn prune_window(oldest: i64, seq: i64) -> Option<i64> {
+    let last = seq
+        .saturating_sub(1)
+        .min(oldest.saturating_add(PRUNE_WINDOW - 1));
+    (last >= oldest).then_some(last)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -633,7 +639,7 @@ mod tests {
     /// What one prune's two statements return and how many SQLite VM steps they took.
     fn prune_steps(conn: &Connection, seq: i64) -> (usize, i32) {
         let oldest = 1;
-        let last = (seq - 1).min(oldest + PRUNE_WINDOW - 1);
+        let last = prune_window(oldest, seq).unwrap();
         let mut first = conn.prepare(FIRST_KEPT).unwrap();
         let first_kept: Option<i64> = first
             .query_row(params![oldest, last, 500], |row| row.get(0))
